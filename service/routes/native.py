@@ -1,0 +1,42 @@
+"""The native API: /complete for base models, /chat and /chat/render for instruct models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from service import serving
+from service.deps import GatewayDep
+from service.protocol import (
+    ChatRequest,
+    ChatResponse,
+    CompleteRequest,
+    CompleteResponse,
+    RenderRequest,
+    RenderResponse,
+)
+
+router = APIRouter(tags=["native"])
+STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON body, or SSE when stream=true"}
+}
+
+
+@router.post("/complete", response_model=CompleteResponse, responses=STREAM_DOC)
+async def complete(request: CompleteRequest, gateway: GatewayDep) -> Response:
+    """Continue text on a base model (few-shot `examples` build a pattern prompt)."""
+    return await serving.complete(gateway, request)
+
+
+@router.post("/chat", response_model=ChatResponse, responses=STREAM_DOC)
+async def chat(request: ChatRequest, gateway: GatewayDep) -> Response:
+    """Next assistant turn on an instruct model; the chat template is rendered here."""
+    return await serving.chat(gateway, request)
+
+
+@router.post("/chat/render", response_model=RenderResponse)
+async def render(request: RenderRequest, gateway: GatewayDep) -> dict[str, Any]:
+    """The exact prompt text and token ids a /chat request would send to the worker."""
+    return await serving.render(gateway, request)

