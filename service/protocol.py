@@ -55,6 +55,9 @@ class Sampling(Strict):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=16, description="Completions per request.")
     stream: bool = False
+    return_token_ids: bool | None = Field(
+        default=None, description="Also return the prompt token ids the worker received (and output ids)."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -134,6 +137,7 @@ class CompleteResponse(BaseModel):
     finish_reason: str | None
     usage: Usage
     choices: list[Choice] = Field(description="Every completion when n > 1 (the first is also `text`).")
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids.")
 
 
 class AssistantMessage(BaseModel):
@@ -154,6 +158,7 @@ class ChatResponse(BaseModel):
     finish_reason: str | None
     usage: Usage
     choices: list[ChatChoice] = Field(description="Every reply when n > 1 (the first is also `message`).")
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids.")
 
 
 class RenderResponse(BaseModel):

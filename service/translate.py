@@ -21,6 +21,12 @@ def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(data.get("choices") or [], key=lambda choice: int(choice.get("index", 0)))
 
 
+def _prompt_token_ids(data: dict[str, Any]) -> dict[str, Any]:
+    choices = data.get("choices") or [{}]
+    ids = choices[0].get("prompt_token_ids")
+    return {"prompt_token_ids": ids} if ids is not None else {}
+
+
 def native_complete(data: dict[str, Any], model: str) -> dict[str, Any]:
     """/complete answer: the first completion's text on top, all of them in `choices`."""
     choices = [
@@ -35,6 +41,7 @@ def native_complete(data: dict[str, Any], model: str) -> dict[str, Any]:
         "finish_reason": first["finish_reason"],
         "usage": _usage(data),
         "choices": choices,
+        **_prompt_token_ids(data),
     }
 
 
@@ -58,6 +65,7 @@ def native_chat(data: dict[str, Any], model: str) -> dict[str, Any]:
         "finish_reason": first["finish_reason"],
         "usage": _usage(data),
         "choices": choices,
+        **_prompt_token_ids(data),
     }
 
 

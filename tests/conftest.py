@@ -1,0 +1,24 @@
+"""Shared fixtures: a clean GATEWAY_* environment for every test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def clean_gateway_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No GATEWAY_* variable from the caller's shell leaks into a test's settings."""
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e runs against the real embedded stack."""
+    for item in items:
+        if "/tests/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.e2e)

@@ -1,0 +1,84 @@
+"""/chat and /chat/render on the real instruct model (SmolLM2 135M Instruct)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from transformers import AutoTokenizer
+
+from tests.e2e.conftest import INSTRUCT_MODEL
+from tests.e2e.sse import stream_post
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_greedy_chat_answers_paris(client: httpx.Client) -> None:
+    response = client.post("/chat", json={"messages": QUESTION, "temperature": 0, "max_tokens": 40})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == INSTRUCT_MODEL
+    assert body["message"]["role"] == "assistant"
+    assert "Paris" in body["message"]["content"]
+
+
+def test_chat_stops_at_the_end_of_turn(client: httpx.Client) -> None:
+    body = client.post("/chat", json={"messages": QUESTION, "temperature": 0, "max_tokens": 200}).json()
+    assert body["finish_reason"] == "stop"
+    assert "<|im_end|>" not in body["message"]["content"]
+    assert body["usage"]["completion_tokens"] < 200
+
+
+def test_worker_receives_exactly_the_rendered_prompt(client: httpx.Client) -> None:
+    rendered = client.post("/chat/render", json={"messages": QUESTION}).json()
+    body = client.post("/chat", json={"messages": QUESTION, "max_tokens": 1, "return_token_ids": True}).json()
+    assert body["prompt_token_ids"] == rendered["token_ids"]
+    assert body["usage"]["prompt_tokens"] == rendered["num_tokens"]
+
+
+def test_render_equals_transformers_own_rendering(client: httpx.Client, model_dirs: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs[INSTRUCT_MODEL])
+    conversations = [
+        QUESTION,
+        [
+            {"role": "system", "content": "You answer in one word."},
+            {"role": "user", "content": "Colour of the sky?"},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "And grass? Ünïcödé ✓"},
+        ],
+    ]
+    for messages in conversations:
+        rendered = client.post("/chat/render", json={"messages": messages}).json()
+        expected_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        expected_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        assert rendered["prompt"] == expected_text
+        assert rendered["token_ids"] == list(expected_ids["input_ids"])
+        assert rendered["prompt"].startswith("<|im_start|>system\n")
+        assert rendered["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_streamed_chat_matches_the_unstreamed_one(client: httpx.Client) -> None:
+    request = {"messages": QUESTION, "temperature": 0, "max_tokens": 24}
+    whole = client.post("/chat", json=request).json()
+    events, done = stream_post(client, "/chat", {**request, "stream": True})
+    assert done
+    *pieces, last = events
+    assert all(set(event) <= {"index", "delta", "finish_reason"} for event in pieces)
+    assert "".join(event["delta"] for event in pieces) == whole["message"]["content"]
+    assert last["finish_reason"] == whole["finish_reason"]
+    assert last["usage"] == whole["usage"]
+
+
+def test_text_parts_are_accepted_as_content(client: httpx.Client) -> None:
+    parts = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is the capital "},
+                {"type": "text", "text": "of France?"},
+            ],
+        }
+    ]
+    as_parts = client.post("/chat/render", json={"messages": parts}).json()
+    as_text = client.post("/chat/render", json={"messages": QUESTION}).json()
+    assert as_parts["token_ids"] == as_text["token_ids"]

@@ -1,0 +1,95 @@
+"""The real gateway app (uvicorn, in-process, lifespan on) in front of a scripted stand-in worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.gateway import Gateway
+from service.settings import ModelKind, ModelSpec, Settings
+from service.supervisor import free_port
+from tests.integration.standin import Script, build_app
+
+# SmolLM2's small tokenizer for both models keeps start-up quick; the stand-in ignores token ids.
+TOKENIZER = "builtin:smollm2-135m-instruct"
+
+
+@contextlib.asynccontextmanager
+async def serve_in_background(app: object) -> AsyncIterator[str]:
+    """Serve an ASGI app on a free loopback port until the block ends."""
+    port = free_port("127.0.0.1")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture(scope="session")
+def script() -> Script:
+    return Script()
+
+
+@pytest.fixture(autouse=True)
+def fresh_script(script: Script) -> None:
+    """Every test starts from a well-behaved stand-in with an empty record."""
+    fresh = Script()
+    for name in ("mode", "healthy", "token_delay", "tokens", "bodies", "open_streams", "aborted_streams"):
+        setattr(script, name, getattr(fresh, name))
+
+
+@pytest.fixture(scope="session")
+async def standin_url(script: Script) -> AsyncIterator[str]:
+    async with serve_in_background(build_app(script)) as url:
+        yield url
+
+
+def standin_settings(url: str) -> Settings:
+    """Two models in external mode, both answered by the stand-in."""
+    return Settings(
+        models=[
+            ModelSpec(name="base", kind=ModelKind.BASE, tokenizer=TOKENIZER, urls=[url]),  # type: ignore[list-item]
+            ModelSpec(name="chat", kind=ModelKind.INSTRUCT, tokenizer=TOKENIZER, urls=[url]),  # type: ignore[list-item]
+        ],
+        health_interval=0.1,
+        default_max_tokens=100,
+    )
+
+
+@pytest.fixture(scope="session")
+async def gateway_app(standin_url: str) -> AsyncIterator[FastAPI]:
+    app = create_app(standin_settings(standin_url))
+    async with serve_in_background(app) as url:
+        app.state.url = url
+        yield app
+
+
+@pytest.fixture
+def gateway(gateway_app: FastAPI) -> Gateway:
+    """The running app's shared state (pools, outstanding counts)."""
+    state: Gateway = gateway_app.state.gateway
+    return state
+
+
+@pytest.fixture
+async def http(gateway_app: FastAPI, script: Script) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the gateway, once the stand-in is seen healthy."""
+    async with httpx.AsyncClient(base_url=gateway_app.state.url, timeout=10) as client:
+        for _ in range(100):
+            if (await client.get("/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        yield client

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.settings import ModelKind, ModelSpec, Settings
+from service.supervisor import launch_plan, plan_core_binding
+
+
+def test_one_worker_is_left_to_vllm() -> None:
+    assert plan_core_binding(1, [0, 1]) == [None]
+
+
+def test_two_workers_on_two_cores_get_one_each() -> None:
+    assert plan_core_binding(2, [0, 1]) == ["0", "1"]
+
+
+def test_cores_split_as_evenly_as_possible() -> None:
+    assert plan_core_binding(3, [0, 1, 2, 3, 4, 5, 6]) == ["0,1,2", "3,4", "5,6"]
+
+
+def test_more_workers_than_cores_share_round_robin() -> None:
+    assert plan_core_binding(3, [0, 1]) == ["0", "1", "0"]
+
+
+def test_launch_plan_runs_vllm_openai_server(tmp_path: Path) -> None:
+    spec = ModelSpec(
+        name="m", kind=ModelKind.BASE, source="builtin:m", max_model_len=1024,
+        engine_args=["--max-num-seqs", "4"], engine_env={"EXTRA": "1"},
+    )  # fmt: skip
+    settings = Settings(cache_dir=tmp_path, engine_python="/py", worker_kv_cache_gib=2)
+    plan = launch_plan(spec, settings, port=9001, cores="1", replica=0)
+    assert plan.argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    argv = " ".join(plan.argv)
+    assert f"--model {tmp_path}/models/m --served-model-name m" in argv
+    assert "--port 9001" in argv and "--max-model-len 1024" in argv and "--enforce-eager" in argv
+    assert argv.endswith("--max-num-seqs 4")
+    assert plan.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert plan.env["EXTRA"] == "1"
+    assert plan.log_path == tmp_path / "logs" / "m-0.log"
