@@ -8,11 +8,16 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service import __version__
+from service.drain import Drain, DrainMiddleware
 from service.errors import install_error_handlers
 from service.gateway import Gateway
-from service.pool import ModelPool, Worker, monitor_health
+from service.guards import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
+from service.metrics import Metrics
+from service.observe import ObservabilityMiddleware
+from service.pool import Capacity, ModelPool, Worker, monitor_health
 from service.routes import health, native, openai
 from service.settings import Settings
 from service.supervisor import WorkerProcess, build_embedded
@@ -28,7 +33,10 @@ def _pools(settings: Settings) -> tuple[dict[str, ModelPool], list[WorkerProcess
     for spec in settings.models:
         for url in spec.urls:
             endpoints.setdefault(spec.name, []).append(Worker(model=spec.name, url=str(url).rstrip("/")))
-    pools = {spec.name: ModelPool(spec, endpoints.get(spec.name, [])) for spec in settings.models}
+    capacity = Capacity(
+        settings.max_in_flight_per_worker, settings.max_queue_per_model, settings.queue_timeout
+    )
+    pools = {spec.name: ModelPool(spec, endpoints.get(spec.name, []), capacity) for spec in settings.models}
     return pools, processes
 
 
@@ -38,7 +46,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     tokenizers = await asyncio.to_thread(load_tokenizers, settings)
     pools, processes = _pools(settings)
     client = build_client(settings)
-    app.state.gateway = Gateway(settings, pools, tokenizers, UpstreamClient(client))
+    app.state.gateway = Gateway(
+        settings, pools, tokenizers, UpstreamClient(client), app.state.metrics, app.state.drain
+    )
     app.state.processes = processes
     supervisors = [asyncio.create_task(process.supervise()) for process in processes]
     monitor = asyncio.create_task(monitor_health(client, list(pools.values()), settings.health_interval))
@@ -52,6 +62,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("gateway stopped; %d worker process(es) terminated", len(processes))
 
 
+def _served_pools(app: FastAPI) -> list[ModelPool]:
+    gateway: Gateway | None = getattr(app.state, "gateway", None)
+    return list(gateway.pools.values()) if gateway else []
+
+
 def create_app(settings: Settings) -> FastAPI:
     """A gateway app for `settings`; its lifespan launches workers and owns every resource."""
     app = FastAPI(
@@ -61,6 +76,24 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics(lambda: _served_pools(app))
+    app.state.drain = Drain(settings.drain_timeout)
+    # Added innermost first: observability wraps everything, so rejected requests are counted too.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        open_paths = OPEN_PATHS if settings.metrics_require_key else OPEN_PATHS | {"/metrics"}
+        keys = [key.get_secret_value() for key in settings.api_keys]
+        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths, rate_limit=settings.rate_limit)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id"],
+        )
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai.router)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.gateway import Gateway
+from service.observe import RequestRecord
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -15,4 +16,11 @@ def get_gateway(request: Request) -> Gateway:
     return gateway
 
 
+def get_record(request: Request) -> RequestRecord:
+    """This generation request's record, opened by the observability middleware."""
+    record: RequestRecord = request.state.record
+    return record
+
+
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+RecordDep = Annotated[RequestRecord, Depends(get_record)]

@@ -6,9 +6,11 @@
     │   └── NotAChatModel             400 invalid_request_error / model_not_chat (param: model)
     ├── ModelNotFound                 404 invalid_request_error / model_not_found (param: model)
     ├── NoHealthyWorker               503 service_unavailable
+    ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
     ├── UpstreamRejected              the worker's own 4xx status and envelope, passed through
     ├── UpstreamUnavailable           502 upstream_error (connection refused, reset, malformed answer)
-    └── UpstreamTimeout               504 timeout
+    ├── UpstreamTimeout               504 timeout
+    └── ClientDisconnected            499 (nobody reads it; counted as a disconnect, not an error)
 
 Envelope: {"error": {"message", "type", "param", "code"}}. Messages never carry stack traces.
 """
@@ -34,6 +36,7 @@ class GatewayError(Exception):
     status_code = 500
     error_type = "internal_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -88,6 +91,18 @@ class NoHealthyWorker(GatewayError):
         super().__init__(f"No healthy worker for model '{model}' right now; retry shortly.")
 
 
+class Overloaded(GatewayError):
+    """Every worker slot is taken and the queue is full or the wait ran out: come back later."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "overloaded"
+
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(f"Model '{model}' is at capacity ({why}); retry shortly.")
+        self.headers = {"Retry-After": "1"}
+
+
 class UpstreamRejected(GatewayError):
     """A worker answered 4xx: its status and error object reach the client unchanged."""
 
@@ -110,6 +125,18 @@ class UpstreamRejected(GatewayError):
 class UpstreamUnavailable(GatewayError):
     status_code = 502
     error_type = "upstream_error"
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        # True when the worker failed before answering: another replica may serve the request.
+        self.retryable = retryable
+
+
+class ClientDisconnected(GatewayError):
+    """The client left before its answer was ready; the worker's request has been aborted."""
+
+    status_code = 499
+    error_type = "client_closed_request"
 
 
 class UpstreamTimeout(GatewayError):
@@ -152,26 +179,37 @@ def _validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
 
+def _note_failure(request: Request, error_type: str) -> None:
+    record = getattr(request.state, "record", None)
+    if record is not None:
+        record.failed(error_type)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every failure, validation included, to the envelope with the right status."""
 
     @app.exception_handler(GatewayError)
-    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.envelope(), status_code=exc.status_code)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        if not isinstance(exc, ClientDisconnected):
+            _note_failure(request, exc.error_type)
+        return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_error(exc)
+        _note_failure(request, "invalid_request_error")
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        _note_failure(request, error_type)
         return JSONResponse(
             error_body(str(exc.detail), error_type), status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
+        _note_failure(request, "internal_error")
         return JSONResponse(error_body("Internal error in the gateway.", "internal_error"), status_code=500)

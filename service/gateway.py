@@ -5,31 +5,34 @@ resolve the model, tokenize, fit the context, send to a worker, shape the answer
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import time
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import Response
+from starlette.types import Receive
 
-from service.errors import ContextLengthExceeded, GatewayError, ModelNotFound, NotAChatModel, error_body
+from service.drain import Drain, StreamWatch
+from service.errors import (
+    ClientDisconnected,
+    ContextLengthExceeded,
+    GatewayError,
+    ModelNotFound,
+    NotAChatModel,
+    UpstreamUnavailable,
+)
+from service.metrics import Metrics
+from service.observe import RequestRecord
 from service.pool import ModelPool, Worker
 from service.settings import ModelKind, Settings
+from service.streaming import Relay, RelayResponse
 from service.templates import INLINE_TOKENIZE_CHARS, ModelTokenizer, RenderedPrompt
 from service.translate import StreamTranslator
 from service.upstream import UpstreamClient, iter_sse_data
 
 log = logging.getLogger(__name__)
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-DONE_EVENT = b"data: [DONE]\n\n"
-
-
-def sse_event(payload: dict[str, Any]) -> bytes:
-    """One server-sent event carrying a JSON payload."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, cap: int) -> int:
@@ -60,6 +63,8 @@ class Gateway:
     pools: dict[str, ModelPool]
     tokenizers: dict[str, ModelTokenizer]
     upstream: UpstreamClient
+    metrics: Metrics
+    drain: Drain
 
     def resolve(self, name: str | None, default_kind: ModelKind) -> ModelPool:
         """The named model, or the first one of `default_kind`."""
@@ -73,12 +78,11 @@ class Gateway:
             raise ModelNotFound(name, list(self.pools))
         return pool
 
-    def resolve_chat(self, name: str | None) -> ModelPool:
-        """An instruct model for chat; base models are refused with a pointer to /complete."""
-        pool = self.resolve(name, ModelKind.INSTRUCT)
+    @staticmethod
+    def require_chat(pool: ModelPool) -> None:
+        """Chat needs an instruct model; base models are refused with a pointer to /complete."""
         if pool.kind is not ModelKind.INSTRUCT:
             raise NotAChatModel(pool.name)
-        return pool
 
     async def encode(self, pool: ModelPool, text: str) -> list[int]:
         """Token ids of a raw prompt; long prompts are tokenized off the event loop."""
@@ -89,7 +93,10 @@ class Gateway:
 
     async def render(self, pool: ModelPool, messages: Sequence[dict[str, str]]) -> RenderedPrompt:
         """Chat template rendering and tokenizing, off the event loop."""
-        return await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages)
+        started = time.perf_counter()
+        rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages)
+        self.metrics.render.labels(pool.name).observe(time.perf_counter() - started)
+        return rendered
 
     def context_of(self, pool: ModelPool) -> int:
         """The model's context length; unknown only while no worker has answered yet."""
@@ -122,75 +129,101 @@ class Gateway:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def generate(self, pool: ModelPool, body: dict[str, Any]) -> dict[str, Any]:
-        """A non-streamed completion from the least busy healthy worker."""
-        with pool.lease() as worker:
-            return await self.upstream.complete(worker, body)
+    async def generate(self, pool: ModelPool, body: dict[str, Any], record: RequestRecord) -> dict[str, Any]:
+        """A non-streamed completion; aborted upstream if the client leaves before it is ready."""
+        data = await _unless_client_leaves(self._complete(pool, body), record)
+        record.set_usage(data.get("usage"))
+        record.token_sent()  # a whole answer: its first token reaches the client now
+        return data
+
+    async def _complete(self, pool: ModelPool, body: dict[str, Any]) -> dict[str, Any]:
+        worker = await self._acquire(pool)
+        try:
+            try:
+                return await self.upstream.complete(worker, body)
+            except UpstreamUnavailable as exc:
+                retry = await self._failover(pool, worker, exc)
+                pool.release(worker)
+                worker = retry
+                return await self.upstream.complete(worker, body)
+        finally:
+            pool.release(worker)
 
     async def stream(
         self,
         pool: ModelPool,
         body: dict[str, Any],
-        make_translator: Callable[[], StreamTranslator] | None,
+        record: RequestRecord,
+        translator: StreamTranslator | None,
+        forward_usage: bool = True,
     ) -> Response:
-        """A streamed completion: errors before the first byte are ordinary error responses;
-        after it, an SSE error event then `[DONE]`. `None` translator passes events through."""
-        worker = pool.acquire()
+        """A streamed completion: errors before the first byte are ordinary error responses
+        (after one retry on another replica); after it, an SSE error event then `[DONE]`.
+        A `None` translator passes the worker's events through."""
+        worker = await self._acquire(pool)
         try:
-            response = await self.upstream.open_stream(worker, body)
+            try:
+                response = await self.upstream.open_stream(worker, body)
+            except UpstreamUnavailable as exc:
+                retry = await self._failover(pool, worker, exc)
+                pool.release(worker)
+                worker = retry
+                response = await self.upstream.open_stream(worker, body)
         except BaseException:
             pool.release(worker)
             raise
 
+        watch = StreamWatch()
+        self.drain.streams.add(watch)
+
         async def close() -> None:
+            self.drain.streams.discard(watch)
             await response.aclose()
             pool.release(worker)
 
-        translator = make_translator() if make_translator else None
-        events = _relay(iter_sse_data(response, worker), translator, worker)
-        return RelayResponse(events, on_close=close)
+        settings = self.settings
+        payloads = iter_sse_data(
+            response, worker, settings.first_token_timeout, settings.idle_token_timeout, watch
+        )
+        relay = Relay(worker, record, translator, forward_usage)
+        return RelayResponse(relay, payloads, on_close=close)
+
+    async def _failover(self, pool: ModelPool, failed: Worker, exc: UpstreamUnavailable) -> Worker:
+        """Another healthy replica for a request whose worker failed before answering, or `exc`."""
+        if not exc.retryable or not any(w.healthy and w is not failed for w in pool.workers):
+            raise exc
+        log.warning("worker %s failed (%s); retrying on another replica", failed.label, exc.message)
+        return await self._acquire(pool, exclude=failed)
+
+    async def _acquire(self, pool: ModelPool, exclude: Worker | None = None) -> Worker:
+        started = time.perf_counter()
+        worker = await pool.acquire(exclude)
+        self.metrics.queue_wait.labels(pool.name).observe(time.perf_counter() - started)
+        return worker
 
 
-class RelayResponse(StreamingResponse):
-    """An event stream whose upstream side is closed exactly once, however the client leaves
-    (even before the first byte), so the worker aborts the generation and the slot is freed."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self._on_close = on_close
-        self._closed = False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if not self._closed:
-                self._closed = True
-                await self._on_close()
+T = TypeVar("T")
 
 
-async def _relay(
-    payloads: AsyncIterator[str], translator: StreamTranslator | None, worker: Worker
-) -> AsyncIterator[bytes]:
+async def _unless_client_leaves(work: Coroutine[Any, Any, T], record: RequestRecord) -> T:
+    """Run `work`; if the client disconnects first, cancel it (closing the upstream request, so
+    the worker aborts the generation) and raise ClientDisconnected."""
+    if record.receive is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_gone(record.receive))
     try:
-        async for payload in payloads:
-            if translator is None:
-                yield b"data: " + payload.encode() + b"\n\n"
-                continue
-            chunk = json.loads(payload)
-            if "error" in chunk:
-                yield sse_event(chunk)
-                break
-            for event in translator.on_chunk(chunk):
-                yield sse_event(event)
-        else:
-            if translator is not None:
-                for event in translator.finish():
-                    yield sse_event(event)
-    except GatewayError as exc:
-        log.warning("stream from worker %s broke: %s", worker.label, exc.message)
-        yield sse_event(exc.envelope())
-    except ValueError:
-        log.warning("worker %s sent a malformed stream event", worker.label)
-        yield sse_event(error_body("The model worker sent a malformed event.", "upstream_error"))
-    yield DONE_EVENT
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        record.disconnected = True
+        raise ClientDisconnected("The client disconnected before the answer was ready.")
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _client_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterator
+from collections import deque
 from dataclasses import dataclass, field
 
 import httpx
 
-from service.errors import NoHealthyWorker
+from service.errors import NoHealthyWorker, Overloaded
 from service.settings import ModelKind, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -34,12 +33,23 @@ class Worker:
         return self.url.removeprefix("http://").removeprefix("https://")
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """How much a model's pool admits: slots per worker, then a bounded FIFO queue."""
+
+    per_worker: int = 16
+    queue: int = 64
+    queue_timeout: float = 30.0
+
+
 @dataclass
 class ModelPool:
-    """A served model and its workers."""
+    """A served model, its workers, and the queue of requests waiting for a worker slot."""
 
     spec: ModelSpec
     workers: list[Worker] = field(default_factory=list)
+    capacity: Capacity = field(default_factory=Capacity)
+    _waiters: deque[asyncio.Future[Worker]] = field(default_factory=deque)
 
     @property
     def name(self) -> str:
@@ -60,32 +70,73 @@ class ModelPool:
     def ready(self) -> bool:
         return any(worker.healthy for worker in self.workers)
 
-    def pick(self) -> Worker:
-        """The healthy worker with the fewest requests outstanding."""
-        healthy = [worker for worker in self.workers if worker.healthy]
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def pick(self, exclude: Worker | None = None) -> Worker:
+        """The healthy worker with the fewest requests outstanding (ignoring slot limits)."""
+        healthy = [worker for worker in self.workers if worker.healthy and worker is not exclude]
         if not healthy:
             raise NoHealthyWorker(self.name)
         return min(healthy, key=lambda worker: worker.outstanding)
 
-    def acquire(self) -> Worker:
-        """Pick a worker and count a request against it; pair with `release`."""
-        worker = self.pick()
-        worker.outstanding += 1
-        return worker
+    def _free_worker(self, exclude: Worker | None = None) -> Worker | None:
+        worker = self.pick(exclude)
+        return worker if worker.outstanding < self.capacity.per_worker else None
 
-    @staticmethod
-    def release(worker: Worker) -> None:
-        """The request counted by `acquire` is over."""
-        worker.outstanding -= 1
+    async def acquire(self, exclude: Worker | None = None) -> Worker:
+        """A slot on the least busy healthy worker, waiting in line if all are full.
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[Worker]:
-        """`acquire` for the duration of a block."""
-        worker = self.acquire()
+        Raises NoHealthyWorker when none is healthy, Overloaded when the line is full or the wait
+        runs out; nothing has been sent upstream then. Pair with `release`.
+        """
+        worker = self._free_worker(exclude) if not self._waiters else None
+        if worker is not None:
+            worker.outstanding += 1
+            return worker
+        if len(self._waiters) >= self.capacity.queue:
+            raise Overloaded(self.name, "its queue is full")
+        pending: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+        self._waiters.append(pending)
         try:
-            yield worker
-        finally:
-            self.release(worker)
+            await asyncio.wait({pending}, timeout=self.capacity.queue_timeout)
+        except BaseException:
+            self._forget(pending)
+            raise
+        if not pending.done():
+            self._forget(pending)
+            raise Overloaded(self.name, f"no worker slot freed within {self.capacity.queue_timeout:g} s")
+        return pending.result()
+
+    def _forget(self, pending: asyncio.Future[Worker]) -> None:
+        """Leave the line; a slot handed over meanwhile goes back."""
+        if pending in self._waiters:
+            self._waiters.remove(pending)
+        if pending.done() and not pending.cancelled():
+            self.release(pending.result())
+        else:
+            pending.cancel()
+
+    def release(self, worker: Worker) -> None:
+        """The request counted by `acquire` is over: its slot goes to the next in line."""
+        worker.outstanding -= 1
+        self.hand_over()
+
+    def hand_over(self) -> None:
+        """Give free slots to waiting requests, first come first served."""
+        while self._waiters:
+            try:
+                worker = self._free_worker()
+            except NoHealthyWorker:
+                return
+            if worker is None:
+                return
+            pending = self._waiters.popleft()
+            if pending.done():
+                continue
+            worker.outstanding += 1
+            pending.set_result(worker)
 
 
 async def check_worker(client: httpx.AsyncClient, worker: Worker) -> bool:
@@ -112,4 +163,6 @@ async def monitor_health(client: httpx.AsyncClient, pools: list[ModelPool], inte
     while True:
         workers = [worker for pool in pools for worker in pool.workers]
         await asyncio.gather(*(check_worker(client, worker) for worker in workers))
+        for pool in pools:
+            pool.hand_over()  # a worker that came back can take waiting requests
         await asyncio.sleep(interval)

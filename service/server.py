@@ -2,25 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+from types import FrameType
 
 import uvicorn
 
 from service.app import create_app
+from service.drain import Drain
+from service.logs import configure_logging
 from service.settings import Settings
 
 
-def configure_logging(level: str) -> None:
-    """Plain timestamped lines on stderr."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per health probe drowns everything else.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM first drains (see service.drain); a second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self._drain_task is not None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        loop = asyncio.get_event_loop()
+        self._drain_task = loop.create_task(self._drain_then_exit(sig))
+
+    async def _drain_then_exit(self, sig: int) -> None:
+        try:
+            await self.drain.run()
+        finally:
+            super().handle_exit(sig, None)
 
 
 def serve(settings: Settings) -> int:
     """Serve until SIGINT/SIGTERM; the lifespan stops every worker before returning."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger(__name__).info(
         "serving on http://%s:%d; models: %s", settings.host, settings.port,
         ", ".join(f"{m.name} ({m.kind.value})" for m in settings.models),
@@ -29,15 +48,18 @@ def serve(settings: Settings) -> int:
     stopped_by: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopped_by.append(signum))
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep the handlers configure_logging installed
         loop="auto",
         http="auto",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=5,  # the drain already gave requests their time
     )
+    DrainingServer(config, app.state.drain).run()
     if stopped_by:
         logging.getLogger(__name__).info("stopped by %s", signal.Signals(stopped_by[0]).name)
     return 0

@@ -6,9 +6,11 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
+from service.caps import enforce_caps
 from service.errors import InvalidRequest
 from service.fewshot import build_few_shot
 from service.gateway import Gateway
+from service.observe import RequestRecord
 from service.pool import ModelPool
 from service.protocol import ChatRequest, CompleteRequest, RenderRequest, V1ChatRequest, V1CompletionRequest
 from service.settings import ModelKind
@@ -16,9 +18,11 @@ from service.templates import messages_as_dicts
 from service.translate import NativeStream, OpenAIChatStream, native_chat, native_complete, openai_chat
 
 
-async def complete(gateway: Gateway, request: CompleteRequest) -> Response:
+async def complete(gateway: Gateway, request: CompleteRequest, record: RequestRecord) -> Response:
     """POST /complete: raw continuation, or a few-shot pattern when examples are given."""
+    enforce_caps(request, gateway.settings)
     pool = gateway.resolve(request.model, ModelKind.BASE)
+    record.admit(pool.name)
     params = request.engine_params()
     prompt = request.prompt
     if request.examples:
@@ -27,24 +31,29 @@ async def complete(gateway: Gateway, request: CompleteRequest) -> Response:
     ids = await gateway.encode(pool, prompt)
     body = gateway.completion_body(pool, [ids], request.max_tokens, params, request.stream)
     if request.stream:
-        return await gateway.stream(pool, body, lambda: NativeStream(pool.name, "text"))
-    return JSONResponse(native_complete(await gateway.generate(pool, body), pool.name))
+        return await gateway.stream(pool, body, record, NativeStream(pool.name, "text"))
+    return JSONResponse(native_complete(await gateway.generate(pool, body, record), pool.name))
 
 
-async def chat(gateway: Gateway, request: ChatRequest) -> Response:
+async def chat(gateway: Gateway, request: ChatRequest, record: RequestRecord) -> Response:
     """POST /chat: the next assistant turn, rendered with the model's own chat template."""
-    pool = gateway.resolve_chat(request.model)
+    enforce_caps(request, gateway.settings)
+    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    record.admit(pool.name)
+    gateway.require_chat(pool)
     rendered = await gateway.render(pool, messages_as_dicts(request.messages))
     params = request.engine_params()
     body = gateway.completion_body(pool, [rendered.token_ids], request.max_tokens, params, request.stream)
     if request.stream:
-        return await gateway.stream(pool, body, lambda: NativeStream(pool.name, "delta"))
-    return JSONResponse(native_chat(await gateway.generate(pool, body), pool.name))
+        return await gateway.stream(pool, body, record, NativeStream(pool.name, "delta"))
+    return JSONResponse(native_chat(await gateway.generate(pool, body, record), pool.name))
 
 
 async def render(gateway: Gateway, request: RenderRequest) -> dict[str, Any]:
     """POST /chat/render: the exact prompt text and token ids a /chat request would send."""
-    pool = gateway.resolve_chat(request.model)
+    enforce_caps(request, gateway.settings)
+    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    gateway.require_chat(pool)
     rendered = await gateway.render(pool, messages_as_dicts(request.messages))
     return {
         "model": pool.name,
@@ -54,23 +63,29 @@ async def render(gateway: Gateway, request: RenderRequest) -> dict[str, Any]:
     }
 
 
-async def v1_completions(gateway: Gateway, request: V1CompletionRequest) -> Response:
+async def v1_completions(gateway: Gateway, request: V1CompletionRequest, record: RequestRecord) -> Response:
     """POST /v1/completions: OpenAI text completion; the worker's answer passes through."""
+    enforce_caps(request, gateway.settings)
     pool = gateway.resolve(request.model, ModelKind.BASE)
+    record.admit(pool.name)
     prompts = await _prompt_ids(gateway, pool, request.prompt)
     body = gateway.completion_body(pool, prompts, request.max_tokens, request.engine_params(), request.stream)
     if request.stream:
-        # Events pass through untouched, so usage comes only if the client asked for it.
-        body.pop("stream_options", None)
-        if request.stream_options:
-            body["stream_options"] = request.stream_options.model_dump()
-        return await gateway.stream(pool, body, None)
-    return JSONResponse(await gateway.generate(pool, body))
+        options = request.stream_options
+        if options and options.continuous_usage_stats:
+            body["stream_options"] = options.model_dump()
+        # The gateway always asks for usage (to count tokens); the client gets it only if it asked.
+        forward_usage = bool(options and options.include_usage)
+        return await gateway.stream(pool, body, record, None, forward_usage)
+    return JSONResponse(await gateway.generate(pool, body, record))
 
 
-async def v1_chat(gateway: Gateway, request: V1ChatRequest) -> Response:
+async def v1_chat(gateway: Gateway, request: V1ChatRequest, record: RequestRecord) -> Response:
     """POST /v1/chat/completions: rendered server-side, generated as a completion, shaped as chat."""
-    pool = gateway.resolve_chat(request.model)
+    enforce_caps(request, gateway.settings)
+    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    record.admit(pool.name)
+    gateway.require_chat(pool)
     rendered = await gateway.render(pool, messages_as_dicts(request.messages))
     top = request.top_logprobs or 0
     body = gateway.completion_body(
@@ -78,8 +93,8 @@ async def v1_chat(gateway: Gateway, request: V1ChatRequest) -> Response:
     )
     if request.stream:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return await gateway.stream(pool, body, lambda: OpenAIChatStream(pool.name, include_usage, top))
-    return JSONResponse(openai_chat(await gateway.generate(pool, body), pool.name, top))
+        return await gateway.stream(pool, body, record, OpenAIChatStream(pool.name, include_usage, top))
+    return JSONResponse(openai_chat(await gateway.generate(pool, body, record), pool.name, top))
 
 
 async def _prompt_ids(gateway: Gateway, pool: ModelPool, prompt: str | list[Any]) -> list[list[int]]:

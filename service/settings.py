@@ -8,11 +8,11 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -117,8 +117,53 @@ class Settings(BaseSettings):
         description="Cap on max_tokens when a request omits it (rest of context otherwise).",
     )
     connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to connect to a worker.")
-    read_timeout: float = Field(default=600.0, gt=0, description="Seconds without bytes from a worker.")
+    read_timeout: float = Field(default=600.0, gt=0, description="Seconds a non-streamed answer may take.")
+    first_token_timeout: float = Field(default=300.0, gt=0, description="Seconds to a stream's first token.")
+    idle_token_timeout: float = Field(default=60.0, gt=0, description="Seconds between a stream's tokens.")
+    max_in_flight_per_worker: int = Field(default=32, ge=1, description="Requests one worker serves at once.")
+    max_queue_per_model: int = Field(default=128, ge=0, description="Requests waiting for a slot, per model.")
+    queue_timeout: float = Field(default=30.0, gt=0, description="Seconds a request may wait for a slot.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys (comma-separated); empty: no auth."
+    )
+    metrics_require_key: bool = Field(default=False, description="Whether /metrics needs a key too.")
+    rate_limit: str | None = Field(default=None, description="Per-key limit such as `600/minute`.")
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma-separated); empty: CORS off."
+    )
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body.")
+    max_n: int = Field(default=8, ge=1, le=16, description="Largest `n`.")
+    max_stop: int = Field(default=8, ge=1, le=16, description="Most `stop` sequences.")
+    max_tokens_limit: int | None = Field(
+        default=None, ge=1, description="Largest `max_tokens`; unset: the context."
+    )
+    max_logprobs: int = Field(default=20, ge=0, le=20, description="Largest `logprobs` / `top_logprobs`.")
+    max_messages: int = Field(default=256, ge=1, le=1024, description="Most chat messages.")
+    max_prompt_chars: int = Field(
+        default=1_000_000, ge=1, description="Longest prompt (all messages) in characters."
+    )
+    drain_timeout: float = Field(default=30.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
     log_level: str = Field(default="info", description="debug, info, warning or error.")
+    log_format: Literal["json", "text"] = Field(default="json", description="json lines, or text for people.")
+
+    @field_validator("api_keys", "cors_allow_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parsable_rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            from limits import parse
+
+            try:
+                parse(value)
+            except ValueError as exc:
+                raise ValueError("expected a rate such as `600/minute` or `10/second`") from exc
+        return value
 
     @field_validator("log_level")
     @classmethod

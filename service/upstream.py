@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from service.drain import ShuttingDown, StreamWatch
 from service.errors import GatewayError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from service.pool import Worker
 from service.settings import Settings
@@ -30,7 +32,10 @@ def _translate(exc: httpx.HTTPError, worker: Worker) -> GatewayError:
     if isinstance(exc, httpx.ConnectError):
         # Passive ejection: the next health check brings it back when it answers again.
         worker.healthy = False
-    return UpstreamUnavailable(f"The worker for model '{worker.model}' failed: {type(exc).__name__}.")
+    return UpstreamUnavailable(
+        f"The worker for model '{worker.model}' failed: {type(exc).__name__}.",
+        retryable=isinstance(exc, httpx.TransportError),
+    )
 
 
 def _rejection(response: httpx.Response, body: bytes, worker: Worker) -> GatewayError:
@@ -42,6 +47,7 @@ def _rejection(response: httpx.Response, body: bytes, worker: Worker) -> Gateway
         return UpstreamRejected(response.status_code, parsed)
     return UpstreamUnavailable(
         f"The worker for model '{worker.model}' answered HTTP {response.status_code}.",
+        retryable=response.status_code >= 500,
     )
 
 
@@ -85,15 +91,48 @@ class UpstreamClient:
         return response
 
 
-async def iter_sse_data(response: httpx.Response, worker: Worker) -> AsyncIterator[str]:
-    """The `data:` payloads of a worker's event stream, up to (not including) `[DONE]`."""
+async def iter_sse_data(
+    response: httpx.Response,
+    worker: Worker,
+    first_timeout: float,
+    idle_timeout: float,
+    watch: StreamWatch | None = None,
+) -> AsyncIterator[str]:
+    """The `data:` payloads of a worker's event stream, up to (not including) `[DONE]`.
+
+    The first payload must come within `first_timeout` seconds, each next one within `idle_timeout`.
+    A `watch` lets a graceful drain end the stream early.
+    """
+    lines = response.aiter_lines()
+    first = True
     try:
-        async for line in response.aiter_lines():
+        while True:
+            if watch is not None and watch.ending:
+                raise ShuttingDown(watch.ending)
+            timeout = first_timeout if first else idle_timeout
+            try:
+                async with asyncio.timeout(timeout) as pending:
+                    if watch is not None:
+                        watch.timeout = pending
+                    line = await anext(lines)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                if watch is not None and watch.ending:
+                    raise ShuttingDown(watch.ending) from exc
+                waited = "first token" if first else "next token"
+                raise UpstreamTimeout(
+                    f"The worker for model '{worker.model}' sent no {waited} within {timeout:g} s."
+                ) from exc
+            finally:
+                if watch is not None:
+                    watch.timeout = None
             if not line.startswith("data:"):
                 continue
             payload = line[5:].strip()
             if payload == "[DONE]":
                 return
+            first = False
             yield payload
     except httpx.HTTPError as exc:
         raise _translate(exc, worker) from exc

@@ -1,11 +1,12 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from service.deps import GatewayDep
+from service.metrics import CONTENT_TYPE, Metrics
 
 router = APIRouter(tags=["health"])
 
@@ -18,9 +19,18 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(gateway: GatewayDep) -> JSONResponse:
-    """200 when every model has a healthy worker; else 503 naming the models that have none."""
+    """200 when every model has a healthy worker; else 503 naming the models that have none.
+    Draining (after SIGTERM): 503 at once."""
     models = {pool.name: pool.ready for pool in gateway.pools.values()}
     waiting = [name for name, up in models.items() if not up]
-    status = 200 if not waiting else 503
-    body = {"status": "ready" if not waiting else "not ready", "models": models, "not_ready": waiting}
-    return JSONResponse(body, status_code=status)
+    ok = not waiting and not gateway.drain.draining
+    status = "draining" if gateway.drain.draining else "ready" if ok else "not ready"
+    body = {"status": status, "models": models, "not_ready": waiting}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.exposition(), media_type=CONTENT_TYPE)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service import serving
-from service.deps import GatewayDep
+from service.deps import GatewayDep, RecordDep
 from service.protocol import (
     ChatRequest,
     ChatResponse,
@@ -25,15 +25,15 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/complete", response_model=CompleteResponse, responses=STREAM_DOC)
-async def complete(request: CompleteRequest, gateway: GatewayDep) -> Response:
+async def complete(request: CompleteRequest, gateway: GatewayDep, record: RecordDep) -> Response:
     """Continue text on a base model (few-shot `examples` build a pattern prompt)."""
-    return await serving.complete(gateway, request)
+    return await serving.complete(gateway, request, record)
 
 
 @router.post("/chat", response_model=ChatResponse, responses=STREAM_DOC)
-async def chat(request: ChatRequest, gateway: GatewayDep) -> Response:
+async def chat(request: ChatRequest, gateway: GatewayDep, record: RecordDep) -> Response:
     """Next assistant turn on an instruct model; the chat template is rendered here."""
-    return await serving.chat(gateway, request)
+    return await serving.chat(gateway, request, record)
 
 
 @router.post("/chat/render", response_model=RenderResponse)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service import serving
-from service.deps import GatewayDep
+from service.deps import GatewayDep, RecordDep
 from service.protocol import V1ChatRequest, V1CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -16,15 +16,15 @@ CREATED = 1_700_000_000
 
 
 @router.post("/completions")
-async def completions(request: V1CompletionRequest, gateway: GatewayDep) -> Response:
+async def completions(request: V1CompletionRequest, gateway: GatewayDep, record: RecordDep) -> Response:
     """OpenAI text completion (any model; base models are what it is for)."""
-    return await serving.v1_completions(gateway, request)
+    return await serving.v1_completions(gateway, request, record)
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: V1ChatRequest, gateway: GatewayDep) -> Response:
+async def chat_completions(request: V1ChatRequest, gateway: GatewayDep, record: RecordDep) -> Response:
     """OpenAI chat completion on an instruct model."""
-    return await serving.v1_chat(gateway, request)
+    return await serving.v1_chat(gateway, request, record)
 
 
 @router.get("/models")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -47,7 +48,7 @@ def script() -> Script:
 def fresh_script(script: Script) -> None:
     """Every test starts from a well-behaved stand-in with an empty record."""
     fresh = Script()
-    for name in ("mode", "healthy", "token_delay", "tokens", "bodies", "open_streams", "aborted_streams"):
+    for name in fresh.__dataclass_fields__:
         setattr(script, name, getattr(fresh, name))
 
 
@@ -57,16 +58,27 @@ async def standin_url(script: Script) -> AsyncIterator[str]:
         yield url
 
 
-def standin_settings(url: str) -> Settings:
-    """Two models in external mode, both answered by the stand-in."""
+def standin_settings(*urls: str, **overrides: Any) -> Settings:
+    """Two models in external mode, both answered by the stand-in(s)."""
     return Settings(
         models=[
-            ModelSpec(name="base", kind=ModelKind.BASE, tokenizer=TOKENIZER, urls=[url]),  # type: ignore[list-item]
-            ModelSpec(name="chat", kind=ModelKind.INSTRUCT, tokenizer=TOKENIZER, urls=[url]),  # type: ignore[list-item]
+            ModelSpec(name="base", kind=ModelKind.BASE, tokenizer=TOKENIZER, urls=list(urls)),
+            ModelSpec(name="chat", kind=ModelKind.INSTRUCT, tokenizer=TOKENIZER, urls=list(urls)),
         ],
-        health_interval=0.1,
-        default_max_tokens=100,
+        **{"health_interval": 0.1, "default_max_tokens": 100, **overrides},
     )
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """A gateway app with `settings`, served, and a client of it once every model is ready."""
+    app = create_app(settings)
+    async with serve_in_background(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for _ in range(200):
+            if (await client.get("/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        yield app, client
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +105,20 @@ async def http(gateway_app: FastAPI, script: Script) -> AsyncIterator[httpx.Asyn
                 break
             await asyncio.sleep(0.05)
         yield client
+
+
+@contextlib.asynccontextmanager
+async def extra_standin() -> AsyncIterator[tuple[Script, str]]:
+    """Another stand-in worker with its own script (for multi-replica tests)."""
+    script = Script()
+    async with serve_in_background(build_app(script)) as url:
+        yield script, url
+
+
+async def eventually(condition: Callable[[], object], seconds: float = 10.0) -> None:
+    """Wait until `condition()` is true, failing after `seconds`."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")

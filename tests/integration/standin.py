@@ -28,13 +28,15 @@ TOKENS = ["Hello", ",", " world", "!"]
 class Script:
     """What the stand-in does next, and what it saw."""
 
-    mode: str = "ok"  # ok | reject | fail | garbage | die_mid_stream | slow
+    mode: str = "ok"  # ok | reject | fail | garbage | die_mid_stream
+    first_token_delay: float = 0.0  # before the first streamed token, or before a whole answer
     healthy: bool = True
     token_delay: float = 0.0
     tokens: list[str] = field(default_factory=lambda: list(TOKENS))
     bodies: list[dict[str, Any]] = field(default_factory=list)
     open_streams: int = 0
     aborted_streams: int = 0
+    aborted_answers: int = 0  # non-streamed requests whose client left while they were computed
 
 
 def completion(body: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
@@ -83,12 +85,21 @@ def build_app(script: Script) -> Starlette:
             return PlainTextResponse("<html>not json</html>", status_code=200)
         if body.get("stream"):
             return StreamingResponse(stream(body), media_type="text/event-stream")
+        waited = 0.0
+        while waited < script.first_token_delay:
+            if await request.is_disconnected():
+                script.aborted_answers += 1
+                return PlainTextResponse("", status_code=499)
+            await asyncio.sleep(0.01)
+            waited += 0.01
         return JSONResponse(completion(body, script.tokens))
 
     async def stream(body: dict[str, Any]) -> AsyncIterator[bytes]:
         script.open_streams += 1
         finished = False
         try:
+            if script.first_token_delay:
+                await asyncio.sleep(script.first_token_delay)
             for position, token in enumerate(script.tokens):
                 if script.mode == "die_mid_stream" and position == 2:
                     raise ConnectionResetError("stand-in dies mid-stream")

@@ -91,7 +91,16 @@ async def test_v1_completions_stream_passes_events_through(http: httpx.AsyncClie
         payloads = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
     assert payloads[-1] == "[DONE]"
     assert [json.loads(p)["choices"][0]["text"] for p in payloads[:-1]] == ["Hello", ",", " world", "!"]
-    assert "stream_options" not in script.bodies[-1]
+    # The gateway asks for usage to count tokens, but the client did not, so it gets none.
+    assert script.bodies[-1]["stream_options"] == {"include_usage": True}
+
+
+async def test_v1_completions_stream_forwards_usage_when_asked(http: httpx.AsyncClient) -> None:
+    request = {"model": "base", "prompt": "x", "stream": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", "/v1/completions", json=request) as response:
+        payloads = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+    last = json.loads(payloads[-2])
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4
 
 
 async def test_models_endpoint_reports_kind_and_learned_context(http: httpx.AsyncClient) -> None:

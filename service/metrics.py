@@ -1,0 +1,111 @@
+"""Prometheus metrics: the names dashboards and alerts rely on, one registry per app.
+
+Totals are Counters and latencies `_seconds` Histograms with explicit buckets (1 ms to 10 min), so
+several gateway processes or pods aggregate with `sum()`/`histogram_quantile()`. With
+`PROMETHEUS_MULTIPROC_DIR` set, prometheus-client's multiprocess mode merges processes on one host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.pool import ModelPool
+
+# 1 ms .. 10 min, roughly x2.5 per step: fine where people look (10 ms - 10 s), bounded elsewhere.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+ENDPOINTS = {
+    "/complete": "complete",
+    "/chat": "chat",
+    "/v1/completions": "v1_completions",
+    "/v1/chat/completions": "v1_chat_completions",
+}
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class WorkerHealthCollector(Collector):
+    """`gateway_worker_up`, read from the pools at scrape time (no state to keep in sync)."""
+
+    def __init__(self, pools: Callable[[], Iterable[ModelPool]]) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("gateway_worker_up", "1 healthy, 0 not", labels=["model", "worker"])
+        for pool in self._pools():
+            for worker in pool.workers:
+                family.add_metric([pool.name, worker.label], 1.0 if worker.healthy else 0.0)
+        yield family
+
+
+class Metrics:
+    """Every gateway metric, registered in its own registry (tests build many apps)."""
+
+    def __init__(self, pools: Callable[[], Iterable[ModelPool]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._pools = pools
+        registry = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Finished requests", ["endpoint", "model", "status"], registry=registry
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds", "Arrival to last byte", ["endpoint", "model", "status"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds", "Arrival to first generated token sent to the client",
+            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.itl = Histogram(
+            "gateway_inter_token_latency_seconds", "Gap between streamed tokens", ["endpoint", "model"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds", "Time waiting for a worker slot", ["model"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.render = Histogram(
+            "gateway_template_render_seconds", "Chat template rendering and tokenizing", ["model"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("gateway_prompt_tokens", "Prompt tokens", ["model"], registry=registry)
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens", "Generated tokens", ["model"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Admitted and not yet finished", ["model"],
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.disconnects = Counter(
+            "gateway_client_disconnects",
+            "Clients gone before the end",
+            ["endpoint", "model"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "gateway_errors", "Failures by OpenAI error type", ["endpoint", "type"], registry=registry
+        )
+        registry.register(WorkerHealthCollector(pools))
+
+    def exposition(self) -> bytes:
+        """The text format for GET /metrics (merged across processes in multiprocess mode)."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            merged.register(WorkerHealthCollector(self._pools))
+            return generate_latest(merged)
+        return generate_latest(self.registry)

@@ -1,0 +1,158 @@
+"""Per-request observation: request ids, one record per generation request that becomes metrics
+and one structured log line when the request ends. A pure ASGI middleware (no BaseHTTPMiddleware:
+it hides disconnects and costs throughput)."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import ENDPOINTS, Metrics
+
+log = logging.getLogger("gateway.access")
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+REQUEST_ID_HEADER = b"x-request-id"
+VALID_REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")  # visible ASCII, bounded: safe to log and echo
+UNKNOWN_MODEL = "unknown"
+
+
+@dataclass
+class RequestRecord:
+    """What one generation request did, filled in as it goes and reported when it ends."""
+
+    metrics: Metrics
+    request_id: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str = UNKNOWN_MODEL
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    error_type: str | None = None
+    disconnected: bool = False
+    admitted: bool = False
+    receive: Receive | None = None  # the client's side, to notice it leaving mid-request
+
+    def admit(self, model: str) -> None:
+        """The request is for a served model: it counts as in flight until it ends."""
+        self.model = model
+        self.admitted = True
+        self.metrics.in_flight.labels(model).inc()
+
+    def token_sent(self) -> None:
+        """A generated token (or a whole non-streamed answer) reached the client's side."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        elif self.last_token_at is not None:
+            self.metrics.itl.labels(self.endpoint, self.model).observe(now - self.last_token_at)
+        self.last_token_at = now
+
+    def set_usage(self, usage: dict[str, int] | None) -> None:
+        if usage:
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    def failed(self, error_type: str) -> None:
+        self.error_type = error_type
+
+    def finish(self) -> None:
+        """Report the request: metrics, then one log line."""
+        m = self.metrics
+        ended = time.perf_counter()
+        duration = ended - self.started
+        status = str(self.status or 500)
+        m.requests.labels(self.endpoint, self.model, status).inc()
+        m.duration.labels(self.endpoint, self.model, status).observe(duration)
+        ttft = None
+        if self.first_token_at is not None:
+            ttft = self.first_token_at - self.started
+            m.ttft.labels(self.endpoint, self.model).observe(ttft)
+        if self.prompt_tokens:
+            m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+        if self.completion_tokens:
+            m.completion_tokens.labels(self.model).inc(self.completion_tokens)
+        if self.error_type is not None:
+            m.errors.labels(self.endpoint, self.error_type).inc()
+        if self.disconnected:
+            m.disconnects.labels(self.endpoint, self.model).inc()
+        if self.admitted:
+            m.in_flight.labels(self.model).dec()
+        log.info(
+            "%s model=%s status=%s tokens=%d+%d ttft=%s duration=%.3fs%s",
+            self.endpoint, self.model, status, self.prompt_tokens, self.completion_tokens,
+            f"{ttft:.3f}s" if ttft is not None else "-", duration,
+            " (client disconnected)" if self.disconnected else "",
+            extra={
+                "request_id": self.request_id,
+                "endpoint": self.endpoint,
+                "model": self.model,
+                "status": int(status),
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "ttft_s": round(ttft, 4) if ttft is not None else None,
+                "duration_s": round(duration, 4),
+                "error_type": self.error_type,
+                "client_disconnected": self.disconnected,
+            },
+        )  # fmt: skip
+
+
+class ObservabilityMiddleware:
+    """Gives every request an id (the client's `X-Request-Id` if sane, else a new one), echoes it on
+    the response, and reports every generation request when it ends, however it ends."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        endpoint = ENDPOINTS.get(scope["path"])
+        record = RequestRecord(self.metrics, request_id, endpoint, receive=receive) if endpoint else None
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["record"] = record
+        token = request_id_var.set(request_id)
+        header = (REQUEST_ID_HEADER, request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+                if record is not None:
+                    record.status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if record is not None:
+                record.finish()
+            request_id_var.reset(token)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == REQUEST_ID_HEADER and VALID_REQUEST_ID.match(value):
+            return str(value.decode())
+    return uuid.uuid4().hex
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        return True
