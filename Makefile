@@ -6,7 +6,7 @@ EXTRAS ?= cpu,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install prepare run test test-unit lint check clean
+.PHONY: install browser prepare run test test-unit lint check clean
 
 install: $(STAMP)
 
@@ -26,7 +26,13 @@ prepare: install
 run: prepare
 	$(BIN)/llm-gateway serve
 
-test: prepare
+# Page tests drive Debian's Chromium through Playwright (never a browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+test: prepare browser
 	$(BIN)/pytest
 
 test-unit: install

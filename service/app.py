@@ -9,16 +9,19 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from service import __version__
+from service.discovery import discover, keep_discovering
 from service.drain import Drain, DrainMiddleware
 from service.errors import install_error_handlers
 from service.gateway import Gateway
 from service.guards import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
 from service.metrics import Metrics
 from service.observe import ObservabilityMiddleware
+from service.openapi import install_openapi
 from service.pool import Capacity, ModelPool, Worker, monitor_health
-from service.routes import health, native, openai
+from service.routes import health, native, openai, playground
 from service.settings import Settings
 from service.supervisor import WorkerProcess, build_embedded
 from service.templates import load_tokenizers
@@ -30,9 +33,6 @@ log = logging.getLogger(__name__)
 def _pools(settings: Settings) -> tuple[dict[str, ModelPool], list[WorkerProcess]]:
     endpoints: dict[str, list[Worker]] = {}
     processes = build_embedded(settings, endpoints)
-    for spec in settings.models:
-        for url in spec.urls:
-            endpoints.setdefault(spec.name, []).append(Worker(model=spec.name, url=str(url).rstrip("/")))
     capacity = Capacity(
         settings.max_in_flight_per_worker, settings.max_queue_per_model, settings.queue_timeout
     )
@@ -45,19 +45,24 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     tokenizers = await asyncio.to_thread(load_tokenizers, settings)
     pools, processes = _pools(settings)
+    await discover(list(pools.values()))
     client = build_client(settings)
     app.state.gateway = Gateway(
         settings, pools, tokenizers, UpstreamClient(client), app.state.metrics, app.state.drain
     )
     app.state.processes = processes
     supervisors = [asyncio.create_task(process.supervise()) for process in processes]
-    monitor = asyncio.create_task(monitor_health(client, list(pools.values()), settings.health_interval))
+    monitor = asyncio.create_task(
+        monitor_health(client, list(pools.values()), settings.health_interval, settings.health_timeout)
+    )
+    discovery = asyncio.create_task(keep_discovering(list(pools.values()), settings.discovery_interval))
     try:
         yield
     finally:
         monitor.cancel()
+        discovery.cancel()
         await asyncio.gather(*(process.stop() for process in processes), return_exceptions=True)
-        await asyncio.gather(*supervisors, monitor, return_exceptions=True)
+        await asyncio.gather(*supervisors, monitor, discovery, return_exceptions=True)
         await client.aclose()
         log.info("gateway stopped; %d worker process(es) terminated", len(processes))
 
@@ -95,7 +100,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(health.router)
+    app.include_router(playground.router)
+    app.mount("/static", StaticFiles(directory=playground.STATIC_DIR), name="static")
     return app

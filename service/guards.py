@@ -15,7 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Open without a key: probes, and the playground page (it holds no secret; it asks for the key).
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+OPEN_PREFIXES = ("/static/",)
 DISCARD_FACTOR = 16  # how much of an oversized body is read and dropped before answering 413
 
 
@@ -106,6 +108,9 @@ class ApiKeyMiddleware:
         self.limit: RateLimitItem | None = parse(rate_limit) if rate_limit else None
         self.limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
 
+    def _is_open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(OPEN_PREFIXES)
+
     def _key_index(self, scope: Scope) -> int | None:
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
@@ -119,7 +124,7 @@ class ApiKeyMiddleware:
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.digests or scope["path"] in self.open_paths:
+        if scope["type"] != "http" or not self.digests or self._is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         index = self._key_index(scope)

@@ -26,6 +26,7 @@ class Worker:
     healthy: bool = False
     outstanding: int = 0
     max_model_len: int | None = None
+    picked: int = 0  # when it was last picked (a pool-wide count), to share load among equals
 
     @property
     def label(self) -> str:
@@ -50,6 +51,7 @@ class ModelPool:
     workers: list[Worker] = field(default_factory=list)
     capacity: Capacity = field(default_factory=Capacity)
     _waiters: deque[asyncio.Future[Worker]] = field(default_factory=deque)
+    _picks: int = 0
 
     @property
     def name(self) -> str:
@@ -79,7 +81,7 @@ class ModelPool:
         healthy = [worker for worker in self.workers if worker.healthy and worker is not exclude]
         if not healthy:
             raise NoHealthyWorker(self.name)
-        return min(healthy, key=lambda worker: worker.outstanding)
+        return min(healthy, key=lambda worker: (worker.outstanding, worker.picked))
 
     def _free_worker(self, exclude: Worker | None = None) -> Worker | None:
         worker = self.pick(exclude)
@@ -93,7 +95,7 @@ class ModelPool:
         """
         worker = self._free_worker(exclude) if not self._waiters else None
         if worker is not None:
-            worker.outstanding += 1
+            self._take(worker)
             return worker
         if len(self._waiters) >= self.capacity.queue:
             raise Overloaded(self.name, "its queue is full")
@@ -135,17 +137,24 @@ class ModelPool:
             pending = self._waiters.popleft()
             if pending.done():
                 continue
-            worker.outstanding += 1
+            self._take(worker)
             pending.set_result(worker)
 
+    def _take(self, worker: Worker) -> None:
+        self._picks += 1
+        worker.picked = self._picks
+        worker.outstanding += 1
 
-async def check_worker(client: httpx.AsyncClient, worker: Worker) -> bool:
+
+async def check_worker(
+    client: httpx.AsyncClient, worker: Worker, probe_seconds: float = HEALTH_TIMEOUT_SECONDS
+) -> bool:
     """Probe a worker's /health; learn its context length the first time it answers."""
     try:
-        response = await client.get(f"{worker.url}/health", timeout=HEALTH_TIMEOUT_SECONDS)
+        response = await client.get(f"{worker.url}/health", timeout=probe_seconds)
         healthy = response.status_code == 200
         if healthy and worker.max_model_len is None:
-            models = await client.get(f"{worker.url}/v1/models", timeout=HEALTH_TIMEOUT_SECONDS)
+            models = await client.get(f"{worker.url}/v1/models", timeout=probe_seconds)
             entries = models.json().get("data", [])
             worker.max_model_len = next(
                 (e.get("max_model_len") for e in entries if e.get("max_model_len")), None
@@ -158,11 +167,16 @@ async def check_worker(client: httpx.AsyncClient, worker: Worker) -> bool:
     return healthy
 
 
-async def monitor_health(client: httpx.AsyncClient, pools: list[ModelPool], interval: float) -> None:
+async def monitor_health(
+    client: httpx.AsyncClient,
+    pools: list[ModelPool],
+    interval: float,
+    probe_seconds: float = HEALTH_TIMEOUT_SECONDS,
+) -> None:
     """Check every worker every `interval` seconds, forever (cancel to stop)."""
     while True:
         workers = [worker for pool in pools for worker in pool.workers]
-        await asyncio.gather(*(check_worker(client, worker) for worker in workers))
+        await asyncio.gather(*(check_worker(client, worker, probe_seconds) for worker in workers))
         for pool in pools:
             pool.hand_over()  # a worker that came back can take waiting requests
         await asyncio.sleep(interval)

@@ -193,7 +193,8 @@ class OpenAISampling(Sampling):
     user: str | None = Field(default=None, max_length=256)
 
 
-PromptField = str | list[str] | list[int] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+PromptField = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class V1CompletionRequest(OpenAISampling):

@@ -57,6 +57,7 @@ def serve(settings: Settings) -> int:
         log_config=None,  # keep the handlers configure_logging installed
         loop="auto",
         http="auto",
+        lifespan="on",  # a failing start-up stops the server instead of serving without state
         timeout_graceful_shutdown=5,  # the drain already gave requests their time
     )
     DrainingServer(config, app.state.drain).run()

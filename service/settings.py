@@ -5,6 +5,7 @@ Invalid configuration stops start-up with a message naming the field (pydantic d
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -109,6 +110,10 @@ class Settings(BaseSettings):
     worker_kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per CPU worker.")
     worker_cpu_binding: bool = Field(default=True, description="Spread embedded workers over the CPU cores.")
     health_interval: float = Field(default=2.0, gt=0, description="Seconds between worker health checks.")
+    health_timeout: float = Field(default=2.0, gt=0, description="Seconds a health check may take.")
+    discovery_interval: float = Field(
+        default=10.0, gt=0, description="Seconds between re-resolving worker names."
+    )
     restart_backoff_initial: float = Field(default=1.0, gt=0, description="First restart delay in seconds.")
     restart_backoff_max: float = Field(default=60.0, gt=0, description="Longest restart delay in seconds.")
     default_max_tokens: int = Field(
@@ -179,7 +184,8 @@ class Settings(BaseSettings):
         if isinstance(data, dict) and data.get("models_file"):
             path = Path(data["models_file"])
             try:
-                loaded = yaml.safe_load(path.read_text())
+                # ${VAR} in the file is taken from the environment (e.g. model ids in compose).
+                loaded = yaml.safe_load(os.path.expandvars(path.read_text()))
             except (OSError, yaml.YAMLError) as exc:
                 raise ValueError(f"models_file {path}: {exc}") from exc
             if not isinstance(loaded, dict) or not isinstance(loaded.get("models"), list):

@@ -27,9 +27,10 @@ def build_client(settings: Settings) -> httpx.AsyncClient:
 
 
 def _translate(exc: httpx.HTTPError, worker: Worker) -> GatewayError:
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
         return UpstreamTimeout(f"The worker for model '{worker.model}' did not answer in time.")
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        # The request never reached the worker: safe to send elsewhere.
         # Passive ejection: the next health check brings it back when it answers again.
         worker.healthy = False
     return UpstreamUnavailable(

@@ -19,18 +19,15 @@ from service.protocol import (
 )
 
 router = APIRouter(tags=["native"])
-STREAM_DOC: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "JSON body, or SSE when stream=true"}
-}
 
 
-@router.post("/complete", response_model=CompleteResponse, responses=STREAM_DOC)
+@router.post("/complete", response_model=CompleteResponse)
 async def complete(request: CompleteRequest, gateway: GatewayDep, record: RecordDep) -> Response:
     """Continue text on a base model (few-shot `examples` build a pattern prompt)."""
     return await serving.complete(gateway, request, record)
 
 
-@router.post("/chat", response_model=ChatResponse, responses=STREAM_DOC)
+@router.post("/chat", response_model=ChatResponse)
 async def chat(request: ChatRequest, gateway: GatewayDep, record: RecordDep) -> Response:
     """Next assistant turn on an instruct model; the chat template is rendered here."""
     return await serving.chat(gateway, request, record)

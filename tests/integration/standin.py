@@ -145,7 +145,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     args, _ = parser.parse_known_args()
-    script = Script(healthy=os.environ.get("STANDIN_HEALTHY", "1") == "1")
+    script = Script(
+        healthy=os.environ.get("STANDIN_HEALTHY", "1") == "1",
+        first_token_delay=float(os.environ.get("STANDIN_FIRST_TOKEN_DELAY", "0")),
+        token_delay=float(os.environ.get("STANDIN_TOKEN_DELAY", "0")),
+    )
     uvicorn.run(build_app(script), host=args.host, port=args.port, log_level="warning")
 
 

@@ -1,0 +1,115 @@
+"""Deployment files: every Kubernetes manifest validates against the Kubernetes schemas (strict),
+the compose file against the compose-spec schema, and both agree with the gateway's own config."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+KUBERNETES_VERSION = kubernetes_validate.latest_version()
+ALLOWED_KUSTOMIZE_KEYS = {"apiVersion", "kind", "resources", "labels", "images"}
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """The resources a kustomization applies. Only plain `resources` (plus labels and image tags,
+    which change no structure) are used, so reading them is rendering them."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(kustomization) <= ALLOWED_KUSTOMIZE_KEYS, set(kustomization) - ALLOWED_KUSTOMIZE_KEYS
+    documents: list[dict[str, Any]] = []
+    for entry in kustomization["resources"]:
+        path = directory / entry
+        if path.is_dir():
+            documents += render(path)
+        else:
+            documents += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return documents
+
+
+def by_kind(documents: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in documents if doc["kind"] == kind}
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -> None:
+    documents = render(K8S / "overlays" / overlay)
+    for document in documents:
+        if document["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: checked below, not in the core schemas
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    kinds = sorted(doc["kind"] for doc in documents)
+    assert kinds == sorted(
+        ["Deployment"] * 3 + ["Service"] * 3
+        + ["PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "ConfigMap", "Secret"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_topology_is_what_the_gateway_expects(
+    overlay: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    documents = render(K8S / "overlays" / overlay)
+    deployments, services = by_kind(documents, "Deployment"), by_kind(documents, "Service")
+    assert deployments["llm-gateway"]["spec"]["replicas"] >= 2
+    for model in ("base", "instruct"):
+        assert services[f"vllm-{model}"]["spec"]["clusterIP"] == "None"  # headless: one address per pod
+        container = deployments[f"vllm-{model}"]["spec"]["template"]["spec"]["containers"][0]
+        assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container)
+        limits = container["resources"]["limits"]
+        assert ("nvidia.com/gpu" in limits) == (overlay == "gpu")
+    monitor = by_kind(documents, "ServiceMonitor")["llm-gateway"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == services["llm-gateway"]["spec"]["selector"]
+    models_yaml = by_kind(documents, "ConfigMap")["llm-gateway-models"]["data"]["models.yaml"]
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(models_yaml)
+    settings = Settings(models_file=models_file)
+    assert {(m.name, m.kind.value, str(m.urls[0])) for m in settings.models} == {
+        ("base", "base", "http://vllm-base:8000/"), ("instruct", "instruct", "http://vllm-instruct:8000/"),
+    }  # fmt: skip
+    hpa = by_kind(documents, "HorizontalPodAutoscaler")["llm-gateway"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "llm-gateway"
+
+
+def test_compose_file_validates_against_the_compose_spec() -> None:
+    schema_file = files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    jsonschema.validate(compose, schema)
+    services = compose["services"]
+    assert services["vllm-base"]["profiles"] == ["gpu"] and services["all-in-one"]["profiles"] == ["cpu"]
+    devices = services["vllm-instruct"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert {"prometheus", "grafana"} <= set(services)
+
+
+def test_compose_models_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BASE_MODEL", "org/base-model")
+    monkeypatch.setenv("INSTRUCT_MODEL", "org/instruct-model")
+    settings = Settings(models_file=ROOT / "deploy" / "compose" / "models.gpu.yaml")
+    assert [m.tokenizer for m in settings.models] == ["org/base-model", "org/instruct-model"]
+
+
+def test_dockerfile_is_non_root_with_a_healthcheck_and_both_targets() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "AS gateway" in dockerfile and "AS cpu" in dockerfile
+    assert "HEALTHCHECK" in dockerfile and "/health" in dockerfile
+    last_user = [line for line in dockerfile.splitlines() if line.startswith("USER ")][-1]
+    assert last_user != "USER root"
+
+
+def test_the_validation_catches_a_typo() -> None:
+    deployment = by_kind(render(K8S / "overlays" / "cpu"), "Deployment")["llm-gateway"]
+    deployment["spec"]["replicass"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
