@@ -25,7 +25,7 @@ from service.routes import health, native, openai, playground
 from service.settings import Settings
 from service.supervisor import WorkerProcess, build_embedded
 from service.templates import load_tokenizers
-from service.upstream import UpstreamClient, build_client
+from service.upstream import UpstreamClient, build_session
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +43,30 @@ def _pools(settings: Settings) -> tuple[dict[str, ModelPool], list[WorkerProcess
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    tokenizers = await asyncio.to_thread(load_tokenizers, settings)
     pools, processes = _pools(settings)
-    await discover(list(pools.values()))
-    client = build_client(settings)
-    app.state.gateway = Gateway(
-        settings, pools, tokenizers, UpstreamClient(client), app.state.metrics, app.state.drain
-    )
-    app.state.processes = processes
+    # Workers take a minute or more to load; launch them first and read tokenizers meanwhile.
     supervisors = [asyncio.create_task(process.supervise()) for process in processes]
-    monitor = asyncio.create_task(
-        monitor_health(client, list(pools.values()), settings.health_interval, settings.health_timeout)
-    )
-    discovery = asyncio.create_task(keep_discovering(list(pools.values()), settings.discovery_interval))
+    session = build_session(settings)
+    monitor = discovery = None
     try:
+        tokenizers = await asyncio.to_thread(load_tokenizers, settings)
+        await discover(list(pools.values()))
+        app.state.gateway = Gateway(
+            settings, pools, tokenizers, UpstreamClient(session), app.state.metrics, app.state.drain
+        )
+        app.state.processes = processes
+        monitor = asyncio.create_task(
+            monitor_health(session, list(pools.values()), settings.health_interval, settings.health_timeout)
+        )
+        discovery = asyncio.create_task(keep_discovering(list(pools.values()), settings.discovery_interval))
         yield
     finally:
-        monitor.cancel()
-        discovery.cancel()
+        background = [task for task in (monitor, discovery) if task is not None]
+        for task in background:
+            task.cancel()
         await asyncio.gather(*(process.stop() for process in processes), return_exceptions=True)
-        await asyncio.gather(*supervisors, monitor, discovery, return_exceptions=True)
-        await client.aclose()
+        await asyncio.gather(*supervisors, *background, return_exceptions=True)
+        await session.close()
         log.info("gateway stopped; %d worker process(es) terminated", len(processes))
 
 

@@ -10,13 +10,14 @@ from service.gateway import Gateway
 from service.observe import RequestRecord
 
 
-def get_gateway(request: Request) -> Gateway:
+# Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a threadpool.
+async def get_gateway(request: Request) -> Gateway:
     """The gateway built by the app's lifespan."""
     gateway: Gateway = request.app.state.gateway
     return gateway
 
 
-def get_record(request: Request) -> RequestRecord:
+async def get_record(request: Request) -> RequestRecord:
     """This generation request's record, opened by the observability middleware."""
     record: RequestRecord = request.state.record
     return record

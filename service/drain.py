@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,16 +26,16 @@ class ShuttingDown(GatewayError):
 
 
 class StreamWatch:
-    """Lets the drain end one stream early: it fires the stream's pending token timeout now."""
+    """Lets the drain end one stream early: it closes the stream's upstream response, and the
+    relay, seeing `ending`, sends the client an error event and `[DONE]`."""
 
-    def __init__(self) -> None:
-        self.timeout: asyncio.Timeout | None = None
+    def __init__(self, close: Callable[[], object]) -> None:
+        self.close = close
         self.ending: str | None = None
 
     def end(self, reason: str) -> None:
         self.ending = reason
-        if self.timeout is not None and not self.timeout.expired():
-            self.timeout.reschedule(asyncio.get_running_loop().time())
+        self.close()
 
 
 class Drain:

@@ -30,7 +30,7 @@ from service.settings import ModelKind, Settings
 from service.streaming import Relay, RelayResponse
 from service.templates import INLINE_TOKENIZE_CHARS, ModelTokenizer, RenderedPrompt
 from service.translate import StreamTranslator
-from service.upstream import UpstreamClient, iter_sse_data
+from service.upstream import UpstreamClient, close_stream, iter_sse_data
 
 log = logging.getLogger(__name__)
 
@@ -163,22 +163,22 @@ class Gateway:
         worker = await self._acquire(pool)
         try:
             try:
-                response = await self.upstream.open_stream(worker, body)
+                response = await self.upstream.open_stream(worker, body, self.settings.idle_token_timeout)
             except UpstreamUnavailable as exc:
                 retry = await self._failover(pool, worker, exc)
                 pool.release(worker)
                 worker = retry
-                response = await self.upstream.open_stream(worker, body)
+                response = await self.upstream.open_stream(worker, body, self.settings.idle_token_timeout)
         except BaseException:
             pool.release(worker)
             raise
 
-        watch = StreamWatch()
+        watch = StreamWatch(response.close)
         self.drain.streams.add(watch)
 
         async def close() -> None:
             self.drain.streams.discard(watch)
-            await response.aclose()
+            await close_stream(response)
             pool.release(worker)
 
         settings = self.settings

@@ -33,5 +33,3 @@ def configure_logging(level: str, fmt: str) -> None:
         logging.getLogger(name).propagate = True
     # The access log line per request comes from `gateway.access`; uvicorn's would repeat it.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    # One line per health probe drowns everything else.
-    logging.getLogger("httpx").setLevel(logging.WARNING)

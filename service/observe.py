@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,6 +41,7 @@ class RequestRecord:
     disconnected: bool = False
     admitted: bool = False
     receive: Receive | None = None  # the client's side, to notice it leaving mid-request
+    _itl: Any = None
 
     def admit(self, model: str) -> None:
         """The request is for a served model: it counts as in flight until it ends."""
@@ -52,8 +54,10 @@ class RequestRecord:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
-        elif self.last_token_at is not None:
-            self.metrics.itl.labels(self.endpoint, self.model).observe(now - self.last_token_at)
+        else:
+            if self._itl is None:  # looked up once per request, not per token
+                self._itl = self.metrics.itl.labels(self.endpoint, self.model)
+            self._itl.observe(now - self.last_token_at)  # type: ignore[operator]
         self.last_token_at = now
 
     def set_usage(self, usage: dict[str, int] | None) -> None:

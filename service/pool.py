@@ -7,7 +7,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from service.errors import NoHealthyWorker, Overloaded
 from service.settings import ModelKind, ModelSpec
@@ -147,19 +147,20 @@ class ModelPool:
 
 
 async def check_worker(
-    client: httpx.AsyncClient, worker: Worker, probe_seconds: float = HEALTH_TIMEOUT_SECONDS
+    session: aiohttp.ClientSession, worker: Worker, probe_seconds: float = HEALTH_TIMEOUT_SECONDS
 ) -> bool:
     """Probe a worker's /health; learn its context length the first time it answers."""
+    timeout = aiohttp.ClientTimeout(total=probe_seconds)
     try:
-        response = await client.get(f"{worker.url}/health", timeout=probe_seconds)
-        healthy = response.status_code == 200
+        async with session.get(f"{worker.url}/health", timeout=timeout) as response:
+            healthy = response.status == 200
         if healthy and worker.max_model_len is None:
-            models = await client.get(f"{worker.url}/v1/models", timeout=probe_seconds)
-            entries = models.json().get("data", [])
+            async with session.get(f"{worker.url}/v1/models", timeout=timeout) as models:
+                entries = (await models.json(content_type=None)).get("data", [])
             worker.max_model_len = next(
                 (e.get("max_model_len") for e in entries if e.get("max_model_len")), None
             )
-    except (httpx.HTTPError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
         healthy = False
     if healthy != worker.healthy:
         log.info("worker %s for %s is %s", worker.label, worker.model, "up" if healthy else "down")
@@ -168,7 +169,7 @@ async def check_worker(
 
 
 async def monitor_health(
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     pools: list[ModelPool],
     interval: float,
     probe_seconds: float = HEALTH_TIMEOUT_SECONDS,
@@ -176,7 +177,7 @@ async def monitor_health(
     """Check every worker every `interval` seconds, forever (cancel to stop)."""
     while True:
         workers = [worker for pool in pools for worker in pool.workers]
-        await asyncio.gather(*(check_worker(client, worker, probe_seconds) for worker in workers))
+        await asyncio.gather(*(check_worker(session, worker, probe_seconds) for worker in workers))
         for pool in pools:
             pool.hand_over()  # a worker that came back can take waiting requests
         await asyncio.sleep(interval)

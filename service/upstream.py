@@ -1,4 +1,5 @@
-"""HTTP to workers. Transport failures become typed gateway errors here, at the boundary."""
+"""HTTP to workers (one pooled aiohttp session). Transport failures become typed gateway errors
+here, at the boundary."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from service.drain import ShuttingDown, StreamWatch
 from service.errors import GatewayError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
@@ -15,85 +16,108 @@ from service.pool import Worker
 from service.settings import Settings
 
 COMPLETIONS_PATH = "/v1/completions"
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def build_client(settings: Settings) -> httpx.AsyncClient:
-    """One pooled client for all workers, sized for many concurrent long streams."""
-    timeout = httpx.Timeout(
-        connect=settings.connect_timeout, read=settings.read_timeout, write=30.0, pool=30.0
+def build_session(settings: Settings) -> aiohttp.ClientSession:
+    """One pooled session for all workers. No cap on connections: the gateway's own slots bound
+    them (a common default of 100 would silently cap concurrent streams)."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30.0)
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
     )
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256, keepalive_expiry=30.0)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
 
-def _translate(exc: httpx.HTTPError, worker: Worker) -> GatewayError:
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-        return UpstreamTimeout(f"The worker for model '{worker.model}' did not answer in time.")
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        # The request never reached the worker: safe to send elsewhere.
-        # Passive ejection: the next health check brings it back when it answers again.
+def _translate(exc: BaseException, worker: Worker) -> GatewayError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
+        # The request never reached the worker: eject it (the next good health check brings it
+        # back) and let another replica take the request.
         worker.healthy = False
+        return UpstreamUnavailable(f"The worker for model '{worker.model}' is unreachable.", retryable=True)
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"The worker for model '{worker.model}' did not answer in time.")
     return UpstreamUnavailable(
         f"The worker for model '{worker.model}' failed: {type(exc).__name__}.",
-        retryable=isinstance(exc, httpx.TransportError),
+        retryable=isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError),
     )
 
 
-def _rejection(response: httpx.Response, body: bytes, worker: Worker) -> GatewayError:
+def _rejection(status: int, body: bytes, worker: Worker) -> GatewayError:
     try:
         parsed = json.loads(body)
     except ValueError:
         parsed = None
-    if 400 <= response.status_code < 500 and isinstance(parsed, dict):
-        return UpstreamRejected(response.status_code, parsed)
+    if 400 <= status < 500 and isinstance(parsed, dict):
+        return UpstreamRejected(status, parsed)
     return UpstreamUnavailable(
-        f"The worker for model '{worker.model}' answered HTTP {response.status_code}.",
-        retryable=response.status_code >= 500,
+        f"The worker for model '{worker.model}' answered HTTP {status}.",
+        retryable=status >= 500,
     )
 
 
 class UpstreamClient:
     """Sends completion requests to a worker and checks what comes back."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
 
     async def complete(self, worker: Worker, body: dict[str, Any]) -> dict[str, Any]:
         """Non-streamed /v1/completions; returns the parsed answer."""
         try:
-            response = await self.client.post(worker.url + COMPLETIONS_PATH, json=body)
-        except httpx.HTTPError as exc:
+            async with self.session.post(
+                worker.url + COMPLETIONS_PATH, data=json.dumps(body), headers=JSON_HEADERS
+            ) as response:
+                content = await response.read()
+                status = response.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise _translate(exc, worker) from exc
-        if response.status_code != 200:
-            raise _rejection(response, response.content, worker)
+        if status != 200:
+            raise _rejection(status, content, worker)
         try:
-            data = response.json()
+            data = json.loads(content)
         except ValueError as exc:
             raise UpstreamUnavailable(f"The worker for model '{worker.model}' sent malformed JSON.") from exc
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             raise UpstreamUnavailable(f"The worker for model '{worker.model}' sent an unexpected answer.")
         return data
 
-    async def open_stream(self, worker: Worker, body: dict[str, Any]) -> httpx.Response:
-        """Start a streamed /v1/completions; errors before the first byte raise here."""
-        request = self.client.build_request("POST", worker.url + COMPLETIONS_PATH, json=body)
+    async def open_stream(
+        self, worker: Worker, body: dict[str, Any], idle_timeout: float
+    ) -> aiohttp.ClientResponse:
+        """Start a streamed /v1/completions; errors before the first byte raise here. Each read
+        after that must bring bytes within `idle_timeout` (checked by the socket, not per event)."""
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.session.timeout.connect, sock_read=idle_timeout
+        )
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.session.post(
+                worker.url + COMPLETIONS_PATH, data=json.dumps(body), headers=JSON_HEADERS, timeout=timeout
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise _translate(exc, worker) from exc
-        if response.status_code != 200:
+        if response.status != 200:
             try:
-                content = await response.aread()
-            except httpx.HTTPError:
+                content = await response.read()
+            except (TimeoutError, aiohttp.ClientError):
                 content = b""
             finally:
-                await response.aclose()
-            raise _rejection(response, content, worker)
+                response.release()
+            raise _rejection(response.status, content, worker)
         return response
 
 
+async def close_stream(response: aiohttp.ClientResponse) -> None:
+    """Done with a stream: a finished one returns its connection to the pool; an unfinished one
+    closes it, which is how the worker learns to abort the generation."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
 async def iter_sse_data(
-    response: httpx.Response,
+    response: aiohttp.ClientResponse,
     worker: Worker,
     first_timeout: float,
     idle_timeout: float,
@@ -101,39 +125,38 @@ async def iter_sse_data(
 ) -> AsyncIterator[str]:
     """The `data:` payloads of a worker's event stream, up to (not including) `[DONE]`.
 
-    The first payload must come within `first_timeout` seconds, each next one within `idle_timeout`.
-    A `watch` lets a graceful drain end the stream early.
+    The first payload must come within `first_timeout` seconds; later, the socket's read timeout
+    (`idle_timeout`, set by `open_stream`) guards the gaps, at no cost per event. A `watch` lets a
+    graceful drain end the stream early (it closes the response).
     """
-    lines = response.aiter_lines()
+    content = response.content
     first = True
     try:
         while True:
-            if watch is not None and watch.ending:
-                raise ShuttingDown(watch.ending)
-            timeout = first_timeout if first else idle_timeout
-            try:
-                async with asyncio.timeout(timeout) as pending:
-                    if watch is not None:
-                        watch.timeout = pending
-                    line = await anext(lines)
-            except StopAsyncIteration:
-                return
-            except TimeoutError as exc:
+            if first:
+                async with asyncio.timeout(first_timeout):
+                    raw = await content.readline()
+            else:
+                raw = await content.readline()
+            if not raw:
                 if watch is not None and watch.ending:
-                    raise ShuttingDown(watch.ending) from exc
-                waited = "first token" if first else "next token"
-                raise UpstreamTimeout(
-                    f"The worker for model '{worker.model}' sent no {waited} within {timeout:g} s."
-                ) from exc
-            finally:
-                if watch is not None:
-                    watch.timeout = None
-            if not line.startswith("data:"):
+                    raise ShuttingDown(watch.ending)
+                if not content.at_eof():
+                    continue
+                raise UpstreamUnavailable(f"The worker for model '{worker.model}' ended the stream early.")
+            if not raw.startswith(b"data:"):
                 continue
-            payload = line[5:].strip()
+            payload = raw[5:].strip().decode()
             if payload == "[DONE]":
                 return
             first = False
             yield payload
-    except httpx.HTTPError as exc:
+    except TimeoutError as exc:
+        waited, seconds = ("first token", first_timeout) if first else ("next token", idle_timeout)
+        raise UpstreamTimeout(
+            f"The worker for model '{worker.model}' sent no {waited} within {seconds:g} s."
+        ) from exc
+    except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+        if watch is not None and watch.ending:
+            raise ShuttingDown(watch.ending) from exc
         raise _translate(exc, worker) from exc

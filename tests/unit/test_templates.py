@@ -59,3 +59,14 @@ def test_templates_are_sandboxed(tmp_path: pytest.TempPathFactory) -> None:
     )
     with pytest.raises(InvalidRequest, match="unsafe"):
         load_tokenizer(spec, Settings()).render_chat([{"role": "user", "content": "Hi"}])
+
+
+@pytest.mark.parametrize(
+    "text", ["Hello world", "  spaces\n\nnew lines ✓ ünïcödé", "<bos>Hi", "<|im_start|>x"]
+)
+def test_fast_encoding_matches_transformers(gemma: ModelTokenizer, smollm: ModelTokenizer, text: str) -> None:
+    for tokenizer in (gemma, smollm):
+        expected = tokenizer._tokenizer(text).input_ids
+        assert tokenizer.encode(text) == tokenizer._single_bos(list(expected))
+        plain = tokenizer._tokenizer(text, add_special_tokens=False).input_ids
+        assert tokenizer.encode(text, add_special_tokens=False) == tokenizer._single_bos(list(plain))

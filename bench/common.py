@@ -1,0 +1,106 @@
+"""Helpers shared by the benchmarks: processes, percentiles, tables, results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", ROOT / "bench" / "results"))
+console = Console(width=200)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of values, or NaN when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def wait_http(url: str, seconds: float = 600, process: subprocess.Popen[bytes] | None = None) -> float:
+    """Wait for a 200 from url; returns how long it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} while waiting for {url}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def loadgen(url: str, body: dict[str, Any], concurrency: int, requests: int) -> dict[str, Any]:
+    """Run the load generator in its own process and return its measurements."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--url",
+        url,
+        "--body",
+        json.dumps(body),
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(requests),
+    ]
+    output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])  # its last line is the report
+    return result
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def save(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
+    return path
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    view = Table(title=title)
+    for column in columns:
+        view.add_column(column, justify="right")
+    for row in rows:
+        view.add_row(*[f"{cell:.3f}" if isinstance(cell, float) else str(cell) for cell in row])
+    console.print(view)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")

@@ -1,0 +1,148 @@
+"""Gateway overhead: the same requests to a fast stand-in upstream, directly and through the gateway,
+alternating rounds in one run; the load generator runs in its own process.
+
+    .venv/bin/python -m bench.overhead            # full run, writes bench/results/overhead.json
+    .venv/bin/python -m bench.overhead --quick    # a few seconds (the smoke test uses this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from bench.common import ROOT, console, loadgen, percentile, save, table, wait_http
+from service.settings import Settings
+from service.supervisor import free_port
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+SCENARIOS = [  # name, stream, concurrency, requests per round (full run)
+    ("unstreamed c=1", False, 1, 2000),
+    ("unstreamed c=32", False, 32, 6000),
+    ("streamed 256 c=1", True, 1, 40),
+    ("streamed 256 c=32", True, 32, 320),
+]
+
+
+def start_stack() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
+    upstream_port, gateway_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "bench.fast_upstream", "--port", str(upstream_port)], cwd=ROOT
+    )
+    tokenizer = Settings().resolve_source("builtin:smollm2-135m-instruct")
+    models = [
+        {"name": "m", "kind": "base", "tokenizer": tokenizer, "urls": [f"http://127.0.0.1:{upstream_port}"]}
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        GATEWAY_PORT=str(gateway_port),
+        GATEWAY_MODELS=json.dumps(models),
+        GATEWAY_MAX_IN_FLIGHT_PER_WORKER="4096",
+        GATEWAY_MAX_QUEUE_PER_MODEL="4096",
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    direct, through = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
+    wait_http(f"{direct}/health", 60, upstream)
+    wait_http(f"{through}/ready", 120, gateway)
+    return upstream, gateway, direct, through
+
+
+def measure(rounds: int, scale: float) -> dict[str, Any]:
+    upstream, gateway, direct, through = start_stack()
+    results: dict[str, Any] = {}
+    try:
+        for name, stream, concurrency, requests in SCENARIOS:
+            body = {"model": "m", "prompt": PROMPT, "max_tokens": 256 if stream else 1, "stream": stream}
+            count = max(concurrency, int(requests * scale))
+            loadgen(f"{through}/v1/completions", body, concurrency, max(concurrency, count // 10))  # warm up
+            runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+            for _ in range(rounds):
+                for target, base in (("direct", direct), ("gateway", through)):
+                    runs[target].append(loadgen(f"{base}/v1/completions", body, concurrency, count))
+            results[name] = summarize(runs)
+    finally:
+        for process in (gateway, upstream):
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    return results
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for target, measurements in runs.items():
+        latencies = [x for m in measurements for x in m["latencies"]]
+        gaps = [x for m in measurements for x in m["gaps"]]
+        wall = sum(m["wall"] for m in measurements)
+        out[target] = {
+            "p50_ms": percentile(latencies, 50) * 1e3,
+            "p99_ms": percentile(latencies, 99) * 1e3,
+            "requests_per_s": len(latencies) / wall,
+            "events_per_s": sum(m["events"] for m in measurements) / wall,
+            "itl_p50_ms": percentile(gaps, 50) * 1e3 if gaps else None,
+            "failures": sum(m["failures"] for m in measurements),
+        }
+    d, g = out["direct"], out["gateway"]
+    out["added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
+    out["added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
+    out["requests_ratio"] = g["requests_per_s"] / d["requests_per_s"]
+    out["events_ratio"] = g["events_per_s"] / d["events_per_s"] if d["events_per_s"] else None
+    out["added_itl_p50_ms"] = g["itl_p50_ms"] - d["itl_p50_ms"] if d["itl_p50_ms"] is not None else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+    args = parser.parse_args()
+    rounds, scale = (1, 0.02) if args.quick else (args.rounds, 1.0)
+    results = measure(rounds, scale)
+    rows = []
+    for name, r in results.items():
+        d, g = r["direct"], r["gateway"]
+        rows.append(
+            [
+                name,
+                d["p50_ms"],
+                g["p50_ms"],
+                r["added_p50_ms"],
+                r["added_p99_ms"],
+                d["requests_per_s"],
+                g["requests_per_s"],
+                r["requests_ratio"],
+                r["events_ratio"] or "-",
+                r["added_itl_p50_ms"] if r["added_itl_p50_ms"] is not None else "-",
+            ]
+        )
+    table(
+        "Gateway overhead (ms; rates per second)",
+        [
+            "scenario",
+            "direct p50",
+            "gateway p50",
+            "added p50",
+            "added p99",
+            "direct req/s",
+            "gateway req/s",
+            "req ratio",
+            "events ratio",
+            "added ITL p50",
+        ],
+        rows,
+    )
+    path = save("overhead" if not args.quick else "overhead-quick", {"rounds": rounds, "results": results})
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
