@@ -14,7 +14,7 @@ from service.observe import RequestRecord
 from service.pool import ModelPool
 from service.protocol import ChatRequest, CompleteRequest, RenderRequest, V1ChatRequest, V1CompletionRequest
 from service.settings import ModelKind
-from service.templates import messages_as_dicts
+from service.templates import RenderedPrompt, messages_as_dicts
 from service.translate import NativeStream, OpenAIChatStream, native_chat, native_complete, openai_chat
 
 
@@ -37,11 +37,7 @@ async def complete(gateway: Gateway, request: CompleteRequest, record: RequestRe
 
 async def chat(gateway: Gateway, request: ChatRequest, record: RequestRecord) -> Response:
     """POST /chat: the next assistant turn, rendered with the model's own chat template."""
-    enforce_caps(request, gateway.settings)
-    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
-    record.admit(pool.name)
-    gateway.require_chat(pool)
-    rendered = await gateway.render(pool, messages_as_dicts(request.messages))
+    pool, rendered = await _admit_chat(gateway, request, record)
     params = request.engine_params()
     body = gateway.completion_body(pool, [rendered.token_ids], request.max_tokens, params, request.stream)
     if request.stream:
@@ -82,11 +78,7 @@ async def v1_completions(gateway: Gateway, request: V1CompletionRequest, record:
 
 async def v1_chat(gateway: Gateway, request: V1ChatRequest, record: RequestRecord) -> Response:
     """POST /v1/chat/completions: rendered server-side, generated as a completion, shaped as chat."""
-    enforce_caps(request, gateway.settings)
-    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
-    record.admit(pool.name)
-    gateway.require_chat(pool)
-    rendered = await gateway.render(pool, messages_as_dicts(request.messages))
+    pool, rendered = await _admit_chat(gateway, request, record)
     top = request.top_logprobs or 0
     body = gateway.completion_body(
         pool, [rendered.token_ids], request.requested_max_tokens, request.engine_params(), request.stream
@@ -95,6 +87,17 @@ async def v1_chat(gateway: Gateway, request: V1ChatRequest, record: RequestRecor
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return await gateway.stream(pool, body, record, OpenAIChatStream(pool.name, include_usage, top))
     return JSONResponse(openai_chat(await gateway.generate(pool, body, record), pool.name, top))
+
+
+async def _admit_chat(
+    gateway: Gateway, request: ChatRequest | V1ChatRequest, record: RequestRecord
+) -> tuple[ModelPool, RenderedPrompt]:
+    """Checks shared by both chat endpoints, then the rendered prompt."""
+    enforce_caps(request, gateway.settings)
+    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    record.admit(pool.name)
+    gateway.require_chat(pool)
+    return pool, await gateway.render(pool, messages_as_dicts(request.messages))
 
 
 async def _prompt_ids(gateway: Gateway, pool: ModelPool, prompt: str | list[Any]) -> list[list[int]]:
