@@ -8,12 +8,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 16
 
+
+def _valid_unicode(value: str) -> str:
+    """JSON can carry lone surrogates (`"\\ud800"`), which are not text: refuse them here rather than
+    fail in the tokenizer (or while writing an error message that echoes them)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode text (a lone surrogate at position {exc.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
 StopField = Annotated[
-    str | list[Annotated[str, Field(min_length=1)]] | None,
+    Text | list[Annotated[Text, Field(min_length=1)]] | None,
     Field(default=None, description="Sequence(s) that end generation; not included in the output."),
 ]
 
@@ -24,15 +37,15 @@ class Strict(BaseModel):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Strict):
     """One turn of a conversation; content is text (a string or text parts)."""
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         """The message content as one string."""
@@ -44,7 +57,7 @@ class ChatMessage(Strict):
 class Sampling(Strict):
     """Sampling fields shared by every generation endpoint."""
 
-    model: str | None = Field(default=None, description="Served model name; defaults by endpoint kind.")
+    model: Text | None = Field(default=None, description="Served model name; defaults by endpoint kind.")
     max_tokens: int | None = Field(
         default=None, ge=1, description="Tokens to generate; omitted: the rest of the context, capped."
     )
@@ -85,22 +98,24 @@ class Sampling(Strict):
 class Example(Strict):
     """One demonstration of the pattern a base model should continue."""
 
-    input: str
-    output: str
+    input: Text
+    output: Text
 
 
 class FewShotLayout(Strict):
     """How examples become a prompt: `{input_prefix} {input}`, newline, `{output_prefix} {output}`."""
 
-    input_prefix: str = "Input:"
-    output_prefix: str = "Output:"
-    separator: str = "\n\n"
+    input_prefix: Text = "Input:"
+    output_prefix: Text = "Output:"
+    separator: Text = "\n\n"
 
 
 class CompleteRequest(Sampling):
     """POST /complete: continue `prompt`, optionally after few-shot `examples`."""
 
-    prompt: str = Field(min_length=1, description="Text to continue (the new input when examples are given).")
+    prompt: Text = Field(
+        min_length=1, description="Text to continue (the new input when examples are given)."
+    )
     examples: list[Example] | None = Field(default=None, max_length=256)
     layout: FewShotLayout = Field(default_factory=FewShotLayout)
 
@@ -114,7 +129,7 @@ class ChatRequest(Sampling):
 class RenderRequest(Strict):
     """POST /chat/render: the exact prompt a /chat request would produce."""
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
 
 
@@ -190,11 +205,11 @@ class OpenAISampling(Sampling):
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
 
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
-PromptField = str | list[str] | list[TokenId] | list[list[TokenId]]
+PromptField = Text | list[Text] | list[TokenId] | list[list[TokenId]]
 
 
 class V1CompletionRequest(OpenAISampling):

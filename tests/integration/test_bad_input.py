@@ -1,0 +1,55 @@
+"""Hostile and odd input through the real app: every case is a 4xx with the envelope or a clean
+200, never a 500."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.integration.standin import Script
+
+UNICODE_PROMPTS = [
+    '"\\ud800 lone high surrogate"',
+    '"\\udfff lone low surrogate"',
+    '"nul \\u0000 inside"',
+    '"emoji 👩\u200d👩\u200d👧 and flags 🇫🇷"',
+    '"combining e\u0301\u0301\u0301 and RTL \u202e txet"',
+    '"\ufeffBOM first"',
+]
+
+
+@pytest.mark.parametrize("prompt", UNICODE_PROMPTS)
+@pytest.mark.parametrize(
+    "path", ["/complete", "/chat", "/v1/completions", "/v1/chat/completions", "/chat/render"]
+)
+async def test_unicode_edge_cases_never_500(
+    http: httpx.AsyncClient, script: Script, path: str, prompt: str
+) -> None:
+    if "chat" in path:
+        raw = '{"model": "chat", "messages": [{"role": "user", "content": PROMPT}]}'.replace("PROMPT", prompt)
+    else:
+        raw = '{"model": "base", "prompt": PROMPT}'.replace("PROMPT", prompt)
+    response = await http.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+    assert response.status_code in {200, 400}, response.text
+    if response.status_code == 400:
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert "surrogate" in error["message"] or "unicode" in error["message"].lower()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "raw"),
+    [
+        ("text/plain", b'{"prompt": "x"}'),
+        ("application/json", b"\xff\xfe not utf-8"),
+        ("application/json", b'{"prompt": "x", "prompt": 5}'),
+        ("application/json", b"null"),
+        ("application/json", b'{"prompt": "x", "max_tokens": 1e309}'),
+        ("application/json", b'{"prompt": "x", "seed": 99999999999999999999999}'),
+        ("application/json", b'{"prompt": "x", "temperature": "NaN"}'),
+    ],
+)
+async def test_malformed_requests_are_4xx(http: httpx.AsyncClient, content_type: str, raw: bytes) -> None:
+    response = await http.post("/complete", content=raw, headers={"content-type": content_type})
+    assert 400 <= response.status_code < 500, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
