@@ -28,6 +28,17 @@ SCENARIOS = [  # name, stream, concurrency, requests per round (full run)
 ]
 
 
+def start_floor(direct: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The minimal proxy (bench/minimal_proxy.py): what any Python gateway on this stack costs."""
+    port = free_port("127.0.0.1")
+    floor = subprocess.Popen(
+        [sys.executable, "-m", "bench.minimal_proxy", "--port", str(port), "--upstream", direct], cwd=ROOT
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/health", 60, floor)
+    return floor, base
+
+
 def start_stack() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
     upstream_port, gateway_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     upstream = subprocess.Popen(
@@ -57,21 +68,27 @@ def start_stack() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str
     return upstream, gateway, direct, through
 
 
-def measure(rounds: int, scale: float) -> dict[str, Any]:
+def measure(rounds: int, scale: float, with_floor: bool) -> dict[str, Any]:
     upstream, gateway, direct, through = start_stack()
+    processes = [gateway, upstream]
+    targets = [("direct", direct), ("gateway", through)]
+    if with_floor:
+        floor, floor_base = start_floor(direct)
+        processes.insert(0, floor)
+        targets.append(("floor", floor_base))
     results: dict[str, Any] = {}
     try:
         for name, stream, concurrency, requests in SCENARIOS:
             body = {"model": "m", "prompt": PROMPT, "max_tokens": 256 if stream else 1, "stream": stream}
             count = max(concurrency, int(requests * scale))
             loadgen(f"{through}/v1/completions", body, concurrency, max(concurrency, count // 10))  # warm up
-            runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+            runs: dict[str, list[dict[str, Any]]] = {target: [] for target, _ in targets}
             for _ in range(rounds):
-                for target, base in (("direct", direct), ("gateway", through)):
+                for target, base in targets:
                     runs[target].append(loadgen(f"{base}/v1/completions", body, concurrency, count))
             results[name] = summarize(runs)
     finally:
-        for process in (gateway, upstream):
+        for process in processes:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
     return results
@@ -97,6 +114,11 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out["requests_ratio"] = g["requests_per_s"] / d["requests_per_s"]
     out["events_ratio"] = g["events_per_s"] / d["events_per_s"] if d["events_per_s"] else None
     out["added_itl_p50_ms"] = g["itl_p50_ms"] - d["itl_p50_ms"] if d["itl_p50_ms"] is not None else None
+    if "floor" in out:
+        f = out["floor"]
+        out["floor_added_p50_ms"] = f["p50_ms"] - d["p50_ms"]
+        out["floor_requests_ratio"] = f["requests_per_s"] / d["requests_per_s"]
+        out["floor_events_ratio"] = f["events_per_s"] / d["events_per_s"] if d["events_per_s"] else None
     return out
 
 
@@ -104,9 +126,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+    parser.add_argument("--floor", action="store_true", help="also measure bench/minimal_proxy.py")
     args = parser.parse_args()
     rounds, scale = (1, 0.02) if args.quick else (args.rounds, 1.0)
-    results = measure(rounds, scale)
+    results = measure(rounds, scale, args.floor)
     rows = []
     for name, r in results.items():
         d, g = r["direct"], r["gateway"]
@@ -140,7 +163,34 @@ def main() -> None:
         ],
         rows,
     )
-    path = save("overhead" if not args.quick else "overhead-quick", {"rounds": rounds, "results": results})
+    if args.floor:
+        floor_rows = [
+            [
+                name,
+                r["added_p50_ms"],
+                r["floor_added_p50_ms"],
+                r["requests_ratio"],
+                r["floor_requests_ratio"],
+                r["events_ratio"] or "-",
+                r["floor_events_ratio"] or "-",
+            ]
+            for name, r in results.items()
+        ]
+        table(
+            "Gateway vs the minimal proxy (bench/minimal_proxy.py), both against direct",
+            [
+                "scenario",
+                "gateway added p50",
+                "floor added p50",
+                "gateway req ratio",
+                "floor req ratio",
+                "gateway events ratio",
+                "floor events ratio",
+            ],
+            floor_rows,
+        )
+    name = "overhead" if not args.quick else "overhead-quick"
+    path = save(name, {"rounds": rounds, "floor": args.floor, "results": results})
     console.print(f"wrote {path}")
 
 

@@ -15,6 +15,7 @@ from service import __version__
 from service.discovery import discover, keep_discovering
 from service.drain import Drain, DrainMiddleware
 from service.errors import install_error_handlers
+from service.fastroutes import DirectRoutes
 from service.gateway import Gateway
 from service.guards import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
 from service.metrics import Metrics
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = Metrics(lambda: _served_pools(app))
     app.state.drain = Drain(settings.drain_timeout)
     # Added innermost first: observability wraps everything, so rejected requests are counted too.
+    app.add_middleware(DirectRoutes, api=app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_keys:
         open_paths = OPEN_PATHS if settings.metrics_require_key else OPEN_PATHS | {"/metrics"}

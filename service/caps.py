@@ -45,10 +45,12 @@ def enforce_caps(request: AnyRequest, settings: Settings) -> None:
         asked = request.requested_max_tokens if isinstance(request, V1ChatRequest) else request.max_tokens
         if limit is not None and asked is not None and asked > limit:
             raise _over("max_tokens", asked, limit)
-    logprobs = getattr(request, "top_logprobs", None) or getattr(request, "logprobs", None)
-    if isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs > settings.max_logprobs:
-        raise _over("logprobs", logprobs, settings.max_logprobs)
-    messages = getattr(request, "messages", None)
+    if isinstance(request, V1ChatRequest | V1CompletionRequest):
+        logprobs = request.top_logprobs if isinstance(request, V1ChatRequest) else request.logprobs
+        if isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs > settings.max_logprobs:
+            raise _over("logprobs", logprobs, settings.max_logprobs)
+    is_chat = isinstance(request, ChatRequest | RenderRequest | V1ChatRequest)
+    messages = request.messages if is_chat else None  # type: ignore[union-attr]
     if messages is not None and len(messages) > settings.max_messages:
         raise _over("messages", len(messages), settings.max_messages)
     chars = prompt_chars(request)

@@ -171,45 +171,43 @@ def _validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return "The request body is not valid JSON.", None
-    if first.get("type") == "model_attributes_type" and not loc:
+        reason = (first.get("ctx") or {}).get("error")
+        return f"The request body is not valid JSON ({reason}).", None
+    if first.get("type") in {"model_attributes_type", "model_type"} and not loc:
         return "The request body must be a JSON object.", None
     message = str(first.get("msg", "invalid value"))
     more = f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
 
-def _note_failure(request: Request, error_type: str) -> None:
-    record = getattr(request.state, "record", None)
-    if record is not None:
-        record.failed(error_type)
+def error_response(exc: Exception) -> tuple[JSONResponse, str | None]:
+    """The envelope response for any failure, and the error type to count (None: not an error
+    of ours to count, e.g. a client that left). Every path that answers an error comes here."""
+    if isinstance(exc, GatewayError):
+        counted = None if isinstance(exc, ClientDisconnected) else exc.error_type
+        return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers), counted
+    if isinstance(exc, RequestValidationError):
+        message, param = _validation_error(exc)
+        body = error_body(message, "invalid_request_error", param)
+        return JSONResponse(body, status_code=400), "invalid_request_error"
+    if isinstance(exc, StarletteHTTPException):
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        body = error_body(str(exc.detail), error_type)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers), error_type
+    log.exception("unexpected error", exc_info=exc)
+    body = error_body("Internal error in the gateway.", "internal_error")
+    return JSONResponse(body, status_code=500), "internal_error"
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Map every failure, validation included, to the envelope with the right status."""
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        if not isinstance(exc, ClientDisconnected):
-            _note_failure(request, exc.error_type)
-        return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        response, counted = error_response(exc)
+        record = getattr(request.state, "record", None)
+        if record is not None and counted is not None:
+            record.failed(counted)
+        return response
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_error(exc)
-        _note_failure(request, "invalid_request_error")
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        _note_failure(request, error_type)
-        return JSONResponse(
-            error_body(str(exc.detail), error_type), status_code=exc.status_code, headers=exc.headers
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", exc_info=exc)
-        _note_failure(request, "internal_error")
-        return JSONResponse(error_body("Internal error in the gateway.", "internal_error"), status_code=500)
+    for kind in (GatewayError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

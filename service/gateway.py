@@ -30,7 +30,7 @@ from service.settings import ModelKind, Settings
 from service.streaming import Relay, RelayResponse
 from service.templates import INLINE_TOKENIZE_CHARS, ModelTokenizer, RenderedPrompt
 from service.translate import StreamTranslator
-from service.upstream import UpstreamClient, close_stream, iter_sse_data
+from service.upstream import UpstreamClient, close_stream, iter_sse_blocks
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Gateway:
         """Chat template rendering and tokenizing, off the event loop."""
         started = time.perf_counter()
         rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages)
-        self.metrics.render.labels(pool.name).observe(time.perf_counter() - started)
+        self.metrics.child(self.metrics.render, pool.name).observe(time.perf_counter() - started)
         return rendered
 
     def context_of(self, pool: ModelPool) -> int:
@@ -182,11 +182,11 @@ class Gateway:
             pool.release(worker)
 
         settings = self.settings
-        payloads = iter_sse_data(
+        blocks = iter_sse_blocks(
             response, worker, settings.first_token_timeout, settings.idle_token_timeout, watch
         )
         relay = Relay(worker, record, translator, forward_usage)
-        return RelayResponse(relay, payloads, on_close=close)
+        return RelayResponse(relay, blocks, on_close=close)
 
     async def _failover(self, pool: ModelPool, failed: Worker, exc: UpstreamUnavailable) -> Worker:
         """Another healthy replica for a request whose worker failed before answering, or `exc`."""
@@ -198,7 +198,7 @@ class Gateway:
     async def _acquire(self, pool: ModelPool, exclude: Worker | None = None) -> Worker:
         started = time.perf_counter()
         worker = await pool.acquire(exclude)
-        self.metrics.queue_wait.labels(pool.name).observe(time.perf_counter() - started)
+        self.metrics.child(self.metrics.queue_wait, pool.name).observe(time.perf_counter() - started)
         return worker
 
 
@@ -206,22 +206,25 @@ T = TypeVar("T")
 
 
 async def _unless_client_leaves(work: Coroutine[Any, Any, T], record: RequestRecord) -> T:
-    """Run `work`; if the client disconnects first, cancel it (closing the upstream request, so
-    the worker aborts the generation) and raise ClientDisconnected."""
+    """Run `work` in this task; if the client disconnects first, cancel it (closing the upstream
+    request, so the worker aborts the generation) and raise ClientDisconnected. One watcher task
+    per request, no second task for the work itself."""
     if record.receive is None:
         return await work
-    task = asyncio.ensure_future(work)
+    current = asyncio.current_task()
+    assert current is not None
     watcher = asyncio.ensure_future(_client_gone(record.receive))
+    watcher.add_done_callback(lambda done: None if done.cancelled() else current.cancel())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
+        return await work
+    except asyncio.CancelledError:
+        if not watcher.done() or watcher.cancelled():
+            raise  # cancelled from elsewhere (shutdown): not ours to swallow
+        current.uncancel()
         record.disconnected = True
-        raise ClientDisconnected("The client disconnected before the answer was ready.")
+        raise ClientDisconnected("The client disconnected before the answer was ready.") from None
     finally:
-        for pending in (task, watcher):
-            pending.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
+        watcher.cancel()
 
 
 async def _client_gone(receive: Receive) -> None:

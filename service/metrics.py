@@ -7,8 +7,10 @@ several gateway processes or pods aggregate with `sum()`/`histogram_quantile()`.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,6 +40,21 @@ ENDPOINTS = {
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+def observe_many(histogram: Any, value: float, count: int) -> None:
+    """`count` observations of `value` at once (tokens that reached the client in one write).
+    prometheus-client observes one value per call; this adds to the same bucket and sum it would,
+    falling back to one call per observation if its internals ever change."""
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if buckets is None or total is None or bounds is None:
+        for _ in range(count):
+            histogram.observe(value)
+        return
+    total.inc(value * count)
+    buckets[bisect.bisect_left(bounds, value)].inc(count)
+
+
 class WorkerHealthCollector(Collector):
     """`gateway_worker_up`, read from the pools at scrape time (no state to keep in sync)."""
 
@@ -58,6 +75,7 @@ class Metrics:
     def __init__(self, pools: Callable[[], Iterable[ModelPool]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._pools = pools
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         registry = self.registry
         self.requests = Counter(
             "gateway_requests", "Finished requests", ["endpoint", "model", "status"], registry=registry
@@ -100,6 +118,15 @@ class Metrics:
             "gateway_errors", "Failures by OpenAI error type", ["endpoint", "type"], registry=registry
         )
         registry.register(WorkerHealthCollector(pools))
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered: label sets are few (endpoints x models x statuses),
+        and prometheus-client re-validates and locks on every `labels()` call."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def exposition(self) -> bytes:
         """The text format for GET /metrics (merged across processes in multiprocess mode)."""

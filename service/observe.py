@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import ENDPOINTS, Metrics
+from service.metrics import ENDPOINTS, Metrics, observe_many
 
 log = logging.getLogger("gateway.access")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -47,7 +47,7 @@ class RequestRecord:
         """The request is for a served model: it counts as in flight until it ends."""
         self.model = model
         self.admitted = True
-        self.metrics.in_flight.labels(model).inc()
+        self.metrics.child(self.metrics.in_flight, model).inc()
 
     def token_sent(self) -> None:
         """A generated token (or a whole non-streamed answer) reached the client's side."""
@@ -56,9 +56,17 @@ class RequestRecord:
             self.first_token_at = now
         else:
             if self._itl is None:  # looked up once per request, not per token
-                self._itl = self.metrics.itl.labels(self.endpoint, self.model)
+                self._itl = self.metrics.child(self.metrics.itl, self.endpoint, self.model)
             self._itl.observe(now - self.last_token_at)  # type: ignore[operator]
         self.last_token_at = now
+
+    def tokens_sent(self, count: int) -> None:
+        """`count` token events reached the client's side together (one write)."""
+        if count <= 0:
+            return
+        self.token_sent()
+        if count > 1:  # the others arrived in the same write as the first: no gap
+            observe_many(self.metrics.child(self.metrics.itl, self.endpoint, self.model), 0.0, count - 1)
 
     def set_usage(self, usage: dict[str, int] | None) -> None:
         if usage:
@@ -74,22 +82,23 @@ class RequestRecord:
         ended = time.perf_counter()
         duration = ended - self.started
         status = str(self.status or 500)
-        m.requests.labels(self.endpoint, self.model, status).inc()
-        m.duration.labels(self.endpoint, self.model, status).observe(duration)
+        endpoint, model = self.endpoint, self.model
+        m.child(m.requests, endpoint, model, status).inc()
+        m.child(m.duration, endpoint, model, status).observe(duration)
         ttft = None
         if self.first_token_at is not None:
             ttft = self.first_token_at - self.started
-            m.ttft.labels(self.endpoint, self.model).observe(ttft)
+            m.child(m.ttft, endpoint, model).observe(ttft)
         if self.prompt_tokens:
-            m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+            m.child(m.prompt_tokens, model).inc(self.prompt_tokens)
         if self.completion_tokens:
-            m.completion_tokens.labels(self.model).inc(self.completion_tokens)
+            m.child(m.completion_tokens, model).inc(self.completion_tokens)
         if self.error_type is not None:
-            m.errors.labels(self.endpoint, self.error_type).inc()
+            m.child(m.errors, endpoint, self.error_type).inc()
         if self.disconnected:
-            m.disconnects.labels(self.endpoint, self.model).inc()
+            m.child(m.disconnects, endpoint, model).inc()
         if self.admitted:
-            m.in_flight.labels(self.model).dec()
+            m.child(m.in_flight, model).dec()
         log.info(
             "%s model=%s status=%s tokens=%d+%d ttft=%s duration=%.3fs%s",
             self.endpoint, self.model, status, self.prompt_tokens, self.completion_tokens,

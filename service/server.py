@@ -55,6 +55,7 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep the handlers configure_logging installed
+        access_log=False,  # the gateway writes its own access line (gateway.access)
         loop="auto",
         http="auto",
         lifespan="on",  # a failing start-up stops the server instead of serving without state

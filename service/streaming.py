@@ -3,8 +3,10 @@ cleanup that happens exactly once however the stream ends."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +17,7 @@ from service.errors import GatewayError, UpstreamRejected, error_body
 from service.observe import RequestRecord
 from service.pool import Worker
 from service.translate import StreamTranslator
+from service.upstream import sse_payloads
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,27 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+# What makes a block of worker events need a closer look: a usage object (metrics; maybe dropped),
+# an error object, or the end. A JSON string can't hold a raw `"` or newline, so generated text
+# never matches these; `"usage":null` (vLLM's token events) does not match either.
+NEEDS_PARSING = re.compile(rb'"usage"\s*:\s*\{|"error"\s*:|^data: ?\[DONE\]', re.MULTILINE)
+
+
+def count_events(block: bytes) -> int:
+    """`data:` events in a block of whole events (a raw newline only ever starts a line)."""
+    return block.count(b"\ndata:") + block.startswith(b"data:")
+
+
+def _event_start(block: bytes, position: int) -> int:
+    """Where the event holding `position` starts in a block of whole events."""
+    previous_end = block.rfind(b"\n\n", 0, position)
+    return previous_end + 2 if previous_end >= 0 else 0
+
+
 class Relay:
-    """Turns worker payloads into client events. With no translator the worker's events pass
-    through untouched, except its usage-only event, which is forwarded only if asked for."""
+    """Turns worker events into client events. With no translator the worker's bytes pass through
+    as they came, a whole read at a time; only blocks holding usage, an error or the end are split
+    and parsed (its usage-only event is forwarded only if the client asked for it)."""
 
     def __init__(
         self,
@@ -44,12 +65,27 @@ class Relay:
         self.forward_usage = forward_usage
         self.completed = False
 
-    async def events(self, payloads: AsyncIterator[str]) -> AsyncIterator[bytes]:
-        """Client events for the worker's payloads, always ending with `[DONE]`."""
+    async def events(self, blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Client events for the worker's blocks of events, always ending with `[DONE]`."""
+        passthrough = self.translator is None
         try:
-            async for payload in payloads:
-                for event in self._on_payload(payload):
-                    yield event
+            async with contextlib.aclosing(blocks):  # type: ignore[type-var]
+                async for block in blocks:
+                    if passthrough:
+                        # Events before the first one that needs a look go as they are.
+                        found = NEEDS_PARSING.search(block)
+                        cut = len(block) if found is None else _event_start(block, found.start())
+                        if cut > 0:
+                            self.record.tokens_sent(count_events(block[:cut]))
+                            yield block if found is None else block[:cut]
+                        if found is None:
+                            continue
+                        block = block[cut:]
+                    out, done = self._on_block(block)
+                    if out:
+                        yield out
+                    if done:
+                        break
             if self.translator is not None:
                 for closing in self.translator.finish():
                     yield sse_event(closing)
@@ -64,10 +100,16 @@ class Relay:
         yield DONE_EVENT
         self.completed = True
 
-    def _on_payload(self, payload: str) -> list[bytes]:
-        if self.translator is None and '"usage"' not in payload and '"error"' not in payload:
-            self.record.token_sent()  # the common case: a token event, passed through unparsed
-            return [b"data: " + payload.encode() + b"\n\n"]
+    def _on_block(self, block: bytes) -> tuple[bytes, bool]:
+        """A block's client events, and whether it held the worker's `[DONE]`."""
+        out: list[bytes] = []
+        for payload in sse_payloads(block):
+            if payload == b"[DONE]":
+                return b"".join(out), True
+            out.extend(self._on_payload(payload))
+        return b"".join(out), False
+
+    def _on_payload(self, payload: bytes) -> list[bytes]:
         chunk = json.loads(payload)
         if not isinstance(chunk, dict):
             raise ValueError("event is not an object")
@@ -80,7 +122,7 @@ class Relay:
         if self.translator is not None:
             return [sse_event(event) for event in self.translator.on_chunk(chunk)]
         if choices or self.forward_usage:
-            return [b"data: " + payload.encode() + b"\n\n"]
+            return [b"data: " + payload + b"\n\n"]
         return []
 
 
@@ -89,9 +131,9 @@ class RelayResponse(StreamingResponse):
     (even before the first byte), so the worker aborts the generation and the slot is freed."""
 
     def __init__(
-        self, relay: Relay, payloads: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]
+        self, relay: Relay, blocks: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]
     ) -> None:
-        super().__init__(relay.events(payloads), media_type="text/event-stream", headers=SSE_HEADERS)
+        super().__init__(relay.events(blocks), media_type="text/event-stream", headers=SSE_HEADERS)
         self._relay = relay
         self._on_close = on_close
         self._closed = False

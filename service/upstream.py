@@ -66,7 +66,7 @@ class UpstreamClient:
         """Non-streamed /v1/completions; returns the parsed answer."""
         try:
             async with self.session.post(
-                worker.url + COMPLETIONS_PATH, data=json.dumps(body), headers=JSON_HEADERS
+                worker.url + COMPLETIONS_PATH, data=json.dumps(body).encode(), headers=JSON_HEADERS
             ) as response:
                 content = await response.read()
                 status = response.status
@@ -92,7 +92,10 @@ class UpstreamClient:
         )
         try:
             response = await self.session.post(
-                worker.url + COMPLETIONS_PATH, data=json.dumps(body), headers=JSON_HEADERS, timeout=timeout
+                worker.url + COMPLETIONS_PATH,
+                data=json.dumps(body).encode(),
+                headers=JSON_HEADERS,
+                timeout=timeout,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _translate(exc, worker) from exc
@@ -116,47 +119,58 @@ async def close_stream(response: aiohttp.ClientResponse) -> None:
         response.close()
 
 
-async def iter_sse_data(
+async def iter_sse_blocks(
     response: aiohttp.ClientResponse,
     worker: Worker,
     first_timeout: float,
     idle_timeout: float,
     watch: StreamWatch | None = None,
-) -> AsyncIterator[str]:
-    """The `data:` payloads of a worker's event stream, up to (not including) `[DONE]`.
+) -> AsyncIterator[bytes]:
+    """A worker's event stream as blocks of whole events, as the bytes arrive (one read may carry
+    many events when the worker is faster than the client; nothing is split per line here).
 
-    The first payload must come within `first_timeout` seconds; later, the socket's read timeout
-    (`idle_timeout`, set by `open_stream`) guards the gaps, at no cost per event. A `watch` lets a
-    graceful drain end the stream early (it closes the response).
+    The first block must come within `first_timeout` seconds; later, the socket's read timeout
+    (`idle_timeout`, set by `open_stream`) guards the gaps, at no cost per event. Ending without
+    the consumer having stopped (at `[DONE]`) is an error. A `watch` lets a graceful drain end the
+    stream early (it closes the response).
     """
     content = response.content
-    first = True
+    pending = b""
+    first_deadline: float | None = asyncio.get_running_loop().time() + first_timeout
     try:
         while True:
-            if first:
-                async with asyncio.timeout(first_timeout):
-                    raw = await content.readline()
+            if first_deadline is not None:
+                async with asyncio.timeout_at(first_deadline):
+                    chunk = await content.readany()
             else:
-                raw = await content.readline()
-            if not raw:
+                chunk = await content.readany()
+            if not chunk:
                 if watch is not None and watch.ending:
                     raise ShuttingDown(watch.ending)
                 if not content.at_eof():
                     continue
                 raise UpstreamUnavailable(f"The worker for model '{worker.model}' ended the stream early.")
-            if not raw.startswith(b"data:"):
+            data = pending + chunk if pending else chunk
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n")  # CRLF line ends: same events
+            end = data.rfind(b"\n\n") + 2
+            if end < 2:
+                pending = data  # no whole event yet
                 continue
-            payload = raw[5:].strip().decode()
-            if payload == "[DONE]":
-                return
-            first = False
-            yield payload
+            pending = data[end:]
+            first_deadline = None
+            yield data[:end] if pending else data
     except TimeoutError as exc:
-        waited, seconds = ("first token", first_timeout) if first else ("next token", idle_timeout)
+        waited, seconds = ("first token", first_timeout) if first_deadline else ("next token", idle_timeout)
         raise UpstreamTimeout(
             f"The worker for model '{worker.model}' sent no {waited} within {seconds:g} s."
         ) from exc
-    except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+    except aiohttp.ClientError as exc:
         if watch is not None and watch.ending:
             raise ShuttingDown(watch.ending) from exc
         raise _translate(exc, worker) from exc
+
+
+def sse_payloads(block: bytes) -> list[bytes]:
+    """The `data:` payloads of a block of whole events, in order (`[DONE]` included)."""
+    return [line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:")]

@@ -13,14 +13,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path)}
-    subprocess.run([sys.executable, "-m", "bench.overhead", "--quick"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    command = [sys.executable, "-m", "bench.overhead", "--quick", "--floor"]
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     report = json.loads((tmp_path / "overhead-quick.json").read_text())
     assert report["machine"]["cpus"]
     results = report["results"]
     assert set(results) == {"unstreamed c=1", "unstreamed c=32", "streamed 256 c=1", "streamed 256 c=32"}
     for scenario in results.values():
-        for target in ("direct", "gateway"):
+        for target in ("direct", "gateway", "floor"):
             assert scenario[target]["failures"] == 0
             assert scenario[target]["requests_per_s"] > 0 and scenario[target]["p50_ms"] > 0
     assert results["streamed 256 c=1"]["gateway"]["events_per_s"] > 0
+    assert results["streamed 256 c=1"]["floor"]["events_per_s"] > 0
+    assert all("floor_added_p50_ms" in scenario for scenario in results.values())
