@@ -32,8 +32,25 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 
 # What makes a block of worker events need a closer look: a usage object (metrics; maybe dropped),
 # an error object, or the end. A JSON string can't hold a raw `"` or newline, so generated text
-# never matches these; `"usage":null` (vLLM's token events) does not match either.
-NEEDS_PARSING = re.compile(rb'"usage"\s*:\s*\{|"error"\s*:|^data: ?\[DONE\]', re.MULTILINE)
+# never matches these; `"usage":null` (vLLM's token events) does not match either. Each pattern
+# starts with a literal, which `re` finds with a fast scan (one alternation of all three cost ~5 us
+# per event, more than everything else the relay does).
+USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+ERROR_KEY = re.compile(rb'"error"\s*:')
+DONE_PAYLOAD = b"[DONE]"
+
+
+def needs_parsing_at(block: bytes) -> int:
+    """Where the first usage object, error key or `[DONE]` line starts in a block, or -1."""
+    found = [match.start() for pattern in (USAGE_OBJECT, ERROR_KEY) if (match := pattern.search(block))]
+    done = block.find(DONE_PAYLOAD)
+    while done >= 0:
+        line_start = block.rfind(b"\n", 0, done) + 1
+        if block[line_start:done].rstrip() == b"data:":
+            found.append(line_start)
+            break
+        done = block.find(DONE_PAYLOAD, done + 1)
+    return min(found, default=-1)
 
 
 def count_events(block: bytes) -> int:
@@ -73,12 +90,12 @@ class Relay:
                 async for block in blocks:
                     if passthrough:
                         # Events before the first one that needs a look go as they are.
-                        found = NEEDS_PARSING.search(block)
-                        cut = len(block) if found is None else _event_start(block, found.start())
+                        found = needs_parsing_at(block)
+                        cut = len(block) if found < 0 else _event_start(block, found)
                         if cut > 0:
                             self.record.tokens_sent(count_events(block[:cut]))
-                            yield block if found is None else block[:cut]
-                        if found is None:
+                            yield block if found < 0 else block[:cut]
+                        if found < 0:
                             continue
                         block = block[cut:]
                     out, done = self._on_block(block)
