@@ -8,6 +8,8 @@ import json
 
 import uvicorn
 
+from bench.asgi import read_body
+
 ANSWER = json.dumps(
     {
         "id": "cmpl-fast",
@@ -30,12 +32,7 @@ async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-de
                 await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    body = await read_body(receive)
     path = scope["path"]
     if path == "/health":
         await _send(send, 200, b"", b"text/plain")

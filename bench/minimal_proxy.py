@@ -11,6 +11,8 @@ import argparse
 import aiohttp
 import uvicorn
 
+from bench.asgi import read_body
+
 UPSTREAM = ""
 session: aiohttp.ClientSession | None = None
 
@@ -27,12 +29,7 @@ async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         await session.close()
         await send({"type": "lifespan.shutdown.complete"})
         return
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
+    body = await read_body(receive)
     assert session is not None
     headers = {"Content-Type": "application/json"}
     async with session.post(UPSTREAM + scope["path"], data=body, headers=headers) as response:
