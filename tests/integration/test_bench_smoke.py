@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path)}
     command = [sys.executable, "-m", "bench.overhead", "--quick", "--floor"]
-    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads((tmp_path / "overhead-quick.json").read_text())
     assert report["machine"]["cpus"]
     results = report["results"]
