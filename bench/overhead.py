@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from bench.common import ROOT, console, loadgen, percentile, save, table, wait_http
@@ -122,6 +123,37 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+COLUMNS: list[Column] = [
+    ("direct p50", lambda r: r["direct"]["p50_ms"]),
+    ("gateway p50", lambda r: r["gateway"]["p50_ms"]),
+    ("added p50", lambda r: r["added_p50_ms"]),
+    ("added p99", lambda r: r["added_p99_ms"]),
+    ("direct req/s", lambda r: r["direct"]["requests_per_s"]),
+    ("gateway req/s", lambda r: r["gateway"]["requests_per_s"]),
+    ("req ratio", lambda r: r["requests_ratio"]),
+    ("events ratio", lambda r: r["events_ratio"]),
+    ("added ITL p50", lambda r: r["added_itl_p50_ms"]),
+]
+FLOOR_COLUMNS: list[Column] = [
+    ("gateway added p50", lambda r: r["added_p50_ms"]),
+    ("floor added p50", lambda r: r["floor_added_p50_ms"]),
+    ("gateway req ratio", lambda r: r["requests_ratio"]),
+    ("floor req ratio", lambda r: r["floor_requests_ratio"]),
+    ("gateway events ratio", lambda r: r["events_ratio"]),
+    ("floor events ratio", lambda r: r["floor_events_ratio"]),
+]
+
+
+def report(title: str, columns: list[Column], results: dict[str, Any]) -> None:
+    """One table: a row per scenario, a column per (header, value) pair; missing values print as -."""
+    rows = []
+    for name, result in results.items():
+        values = [value(result) for _, value in columns]
+        rows.append([name, *("-" if value is None else value for value in values)])
+    table(title, ["scenario", *(header for header, _ in columns)], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -130,65 +162,10 @@ def main() -> None:
     args = parser.parse_args()
     rounds, scale = (1, 0.02) if args.quick else (args.rounds, 1.0)
     results = measure(rounds, scale, args.floor)
-    rows = []
-    for name, r in results.items():
-        d, g = r["direct"], r["gateway"]
-        rows.append(
-            [
-                name,
-                d["p50_ms"],
-                g["p50_ms"],
-                r["added_p50_ms"],
-                r["added_p99_ms"],
-                d["requests_per_s"],
-                g["requests_per_s"],
-                r["requests_ratio"],
-                r["events_ratio"] or "-",
-                r["added_itl_p50_ms"] if r["added_itl_p50_ms"] is not None else "-",
-            ]
-        )
-    table(
-        "Gateway overhead (ms; rates per second)",
-        [
-            "scenario",
-            "direct p50",
-            "gateway p50",
-            "added p50",
-            "added p99",
-            "direct req/s",
-            "gateway req/s",
-            "req ratio",
-            "events ratio",
-            "added ITL p50",
-        ],
-        rows,
-    )
+    report("Gateway overhead (ms; rates per second)", COLUMNS, results)
     if args.floor:
-        floor_rows = [
-            [
-                name,
-                r["added_p50_ms"],
-                r["floor_added_p50_ms"],
-                r["requests_ratio"],
-                r["floor_requests_ratio"],
-                r["events_ratio"] or "-",
-                r["floor_events_ratio"] or "-",
-            ]
-            for name, r in results.items()
-        ]
-        table(
-            "Gateway vs the minimal proxy (bench/minimal_proxy.py), both against direct",
-            [
-                "scenario",
-                "gateway added p50",
-                "floor added p50",
-                "gateway req ratio",
-                "floor req ratio",
-                "gateway events ratio",
-                "floor events ratio",
-            ],
-            floor_rows,
-        )
+        title = "Gateway vs the minimal proxy (bench/minimal_proxy.py), both against direct"
+        report(title, FLOOR_COLUMNS, results)
     name = "overhead" if not args.quick else "overhead-quick"
     path = save(name, {"rounds": rounds, "floor": args.floor, "results": results})
     console.print(f"wrote {path}")

@@ -10,7 +10,6 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,7 +40,6 @@ class RequestRecord:
     disconnected: bool = False
     admitted: bool = False
     receive: Receive | None = None  # the client's side, to notice it leaving mid-request
-    _itl: Any = None
 
     def admit(self, model: str) -> None:
         """The request is for a served model: it counts as in flight until it ends."""
@@ -55,9 +53,8 @@ class RequestRecord:
         if self.first_token_at is None:
             self.first_token_at = now
         else:
-            if self._itl is None:  # looked up once per request, not per token
-                self._itl = self.metrics.child(self.metrics.itl, self.endpoint, self.model)
-            self._itl.observe(now - self.last_token_at)  # type: ignore[operator]
+            itl = self.metrics.child(self.metrics.itl, self.endpoint, self.model)
+            itl.observe(now - self.last_token_at)  # type: ignore[operator]
         self.last_token_at = now
 
     def tokens_sent(self, count: int) -> None:

@@ -58,10 +58,15 @@ def count_events(block: bytes) -> int:
     return block.count(b"\ndata:") + block.startswith(b"data:")
 
 
-def _event_start(block: bytes, position: int) -> int:
-    """Where the event holding `position` starts in a block of whole events."""
-    previous_end = block.rfind(b"\n\n", 0, position)
-    return previous_end + 2 if previous_end >= 0 else 0
+def split_plain(block: bytes) -> tuple[bytes, bytes]:
+    """A block's leading events that pass as they are, and the rest: from the first event holding
+    usage, an error or `[DONE]` (empty when there is none)."""
+    found = needs_parsing_at(block)
+    if found < 0:
+        return block, b""
+    previous_end = block.rfind(b"\n\n", 0, found)
+    cut = previous_end + 2 if previous_end >= 0 else 0
+    return block[:cut], block[cut:]
 
 
 class Relay:
@@ -89,15 +94,12 @@ class Relay:
             async with contextlib.aclosing(blocks):  # type: ignore[type-var]
                 async for block in blocks:
                     if passthrough:
-                        # Events before the first one that needs a look go as they are.
-                        found = needs_parsing_at(block)
-                        cut = len(block) if found < 0 else _event_start(block, found)
-                        if cut > 0:
-                            self.record.tokens_sent(count_events(block[:cut]))
-                            yield block if found < 0 else block[:cut]
-                        if found < 0:
+                        plain, block = split_plain(block)
+                        if plain:
+                            self.record.tokens_sent(count_events(plain))
+                            yield plain
+                        if not block:
                             continue
-                        block = block[cut:]
                     out, done = self._on_block(block)
                     if out:
                         yield out
