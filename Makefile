@@ -41,7 +41,7 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
-	$(BIN)/mypy service
+	$(BIN)/mypy service bench
 
 check: lint test
 

@@ -8,6 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,22 +48,15 @@ def wait_http(url: str, seconds: float = 600, process: subprocess.Popen[bytes] |
 
 
 def loadgen(url: str, body: dict[str, Any], concurrency: int, requests: int) -> dict[str, Any]:
-    """Run the load generator in its own process and return its measurements."""
-    command = [
-        sys.executable,
-        "-m",
-        "bench.loadgen",
-        "--url",
-        url,
-        "--body",
-        json.dumps(body),
-        "--concurrency",
-        str(concurrency),
-        "--requests",
-        str(requests),
-    ]
-    output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])  # its last line is the report
+    """Run the load generator in its own process and return its measurements (read from a file)."""
+    with tempfile.TemporaryDirectory(prefix="loadgen-") as scratch:
+        report = Path(scratch) / "report.json"
+        command = [sys.executable, "-m", "bench.loadgen", "--url", url, "--body", json.dumps(body)]
+        command += ["--concurrency", str(concurrency), "--requests", str(requests), "--output", str(report)]
+        run = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"load generator exited with {run.returncode}: {run.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(report.read_text())
     return result
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from bench.asgi import read_body
+
+if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
 
 ANSWER = json.dumps(
     {
@@ -25,7 +29,7 @@ USAGE = b'data: {"id":"cmpl-fast","choices":[],"usage":{"prompt_tokens":8,"compl
 MODELS = json.dumps({"object": "list", "data": [{"id": "m", "max_model_len": 4096}]}).encode()
 
 
-async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         while (message := await receive())["type"] != "lifespan.shutdown":
             if message["type"] == "lifespan.startup":
@@ -60,7 +64,7 @@ async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-de
         await _send(send, 200, ANSWER, b"application/json")
 
 
-async def _send(send, status: int, body: bytes, content_type: bytes) -> None:  # type: ignore[no-untyped-def]
+async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> None:
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

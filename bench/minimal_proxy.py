@@ -7,17 +7,21 @@ the difference between the two."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import aiohttp
 import uvicorn
 
 from bench.asgi import read_body
 
+if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
+
 UPSTREAM = ""
 session: aiohttp.ClientSession | None = None
 
 
-async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
     global session
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
