@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from service.errors import InvalidRequest
 from service.settings import ModelKind, ModelSpec, Settings
-from service.templates import ModelTokenizer, load_tokenizer
+from service.templates import ModelTokenizer, load_tokenizer, load_with_transformers, read_tokenizer_folder
 
 BOS = 2
+BUILTIN_NAMES = ["gemma-3-270m", "smollm2-135m-instruct"]
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +67,79 @@ def test_templates_are_sandboxed(tmp_path: pytest.TempPathFactory) -> None:
         load_tokenizer(spec, Settings()).render_chat([{"role": "user", "content": "Hi"}])
 
 
-@pytest.mark.parametrize(
-    "text", ["Hello world", "  spaces\n\nnew lines ✓ ünïcödé", "<bos>Hi", "<|im_start|>x"]
-)
-def test_fast_encoding_matches_transformers(gemma: ModelTokenizer, smollm: ModelTokenizer, text: str) -> None:
-    for tokenizer in (gemma, smollm):
-        expected = tokenizer._tokenizer(text).input_ids
-        assert tokenizer.encode(text) == tokenizer._single_bos(list(expected))
-        plain = tokenizer._tokenizer(text, add_special_tokens=False).input_ids
-        assert tokenizer.encode(text, add_special_tokens=False) == tokenizer._single_bos(list(plain))
+TEXTS = ["Hello world", "  spaces\n\nnew lines ✓ ünïcödé", "<bos>Hi", "<|im_start|>x", ""]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Sky?"},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Grass? ✓"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    """transformers' own tokenizers for the two prepared folders: what the gateway must agree with."""
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(builtin_folder(name)) for name in BUILTIN_NAMES}
+
+
+def builtin_folder(name: str) -> Path:
+    return Settings().cache_dir / "models" / name
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_folder_reading_agrees_with_transformers(name: str, reference: dict[str, Any]) -> None:
+    expected = reference[name]
+    files = read_tokenizer_folder(builtin_folder(name))
+    assert files.special_tokens == expected.special_tokens_map
+    assert files.chat_template == expected.chat_template
+    tokenizer = ModelTokenizer(ModelSpec(name=name, kind=ModelKind.BASE, source="x"), files, None)
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (expected.bos_token_id, expected.eos_token_id)
+    for text in TEXTS:
+        for specials in (True, False):
+            ids = list(expected(text, add_special_tokens=specials).input_ids)
+            assert tokenizer.encode(text, add_special_tokens=specials) == tokenizer._single_bos(ids)
+            assert tokenizer.decode(ids) == expected.decode(ids, skip_special_tokens=False)
+
+
+def test_transformers_path_gives_the_same_tokenizer() -> None:
+    folder = builtin_folder("smollm2-135m-instruct")
+    direct, through = read_tokenizer_folder(folder), load_with_transformers(str(folder), local=True)
+    assert (through.special_tokens, through.chat_template) == (direct.special_tokens, direct.chat_template)
+    for text in TEXTS:
+        assert through.tokenizer.encode(text).ids == direct.tokenizer.encode(text).ids
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_rendering_equals_apply_chat_template(
+    smollm: ModelTokenizer, reference: dict[str, Any], messages: list[dict[str, str]]
+) -> None:
+    expected = reference["smollm2-135m-instruct"]
+    rendered = smollm.render_chat(messages)
+    assert rendered.text == expected.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = expected.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert rendered.token_ids == list(ids)
+
+
+def test_configs_written_the_other_ways_are_read(tmp_path: Path) -> None:
+    """Special tokens as AddedToken dicts in special_tokens_map.json, named templates in the config."""
+    shutil.copy(builtin_folder("smollm2-135m-instruct") / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": {"content": "<|im_start|>", "lstrip": False}, "eos_token": "<|endoftext|>"})
+    )
+    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ bos_token }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "chat_template": named})
+    )
+    files = read_tokenizer_folder(tmp_path)
+    assert files.special_tokens == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    assert files.chat_template == "{{ bos_token }}"
+    tokenizer = ModelTokenizer(
+        ModelSpec(name="x", kind=ModelKind.INSTRUCT, source="x"), files, "{{ bos_token }}"
+    )
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    assert tokenizer.render_chat([{"role": "user", "content": "Hi"}]).text == "<|im_start|>"
