@@ -23,6 +23,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from service.settings import BUILTIN_PREFIX, Settings
 
 MARKER = "gateway-prepared.json"
+# Bumped when the folder layout changes, so `prepare` redoes folders made by an older version.
+# 2: tokenizer.json written compact (Gemma's is 33 MB indented, 14 MB not; each load reads it).
+LAYOUT = 2
 console = Console(stderr=True)
 
 
@@ -104,7 +107,7 @@ def _is_prepared(folder: Path, model: BuiltinModel) -> bool:
         recorded = json.loads(marker.read_text())
     except ValueError:
         return False
-    return bool(recorded.get("sha256") == model.sha256)
+    return bool(recorded.get("sha256") == model.sha256 and recorded.get("layout") == LAYOUT)
 
 
 def _convert(gguf: Path, out_dir: Path, model: BuiltinModel) -> None:
@@ -118,6 +121,8 @@ def _convert(gguf: Path, out_dir: Path, model: BuiltinModel) -> None:
         # (and the gateway) see `[bos, ...]` for every plain-text prompt.
         tokenizer = AutoTokenizer.from_pretrained(out_dir, add_bos_token=True)
         tokenizer.save_pretrained(out_dir)
+    # Same tokenizer without the indentation: vLLM loads it in two processes and deep-copies it twice.
+    tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"), pretty=False)
     weights = AutoModelForCausalLM.from_pretrained(
         gguf.parent,
         gguf_file=gguf.name,
@@ -151,7 +156,8 @@ def prepare_builtin(settings: Settings, name: str) -> Path:
     staging.mkdir(parents=True)
     with console.status(f"converting {model.gguf_name} to a Hugging Face folder"):
         _convert(gguf, staging, model)
-    (staging / MARKER).write_text(json.dumps({"sha256": model.sha256, "gguf": model.gguf_name}))
+    marker = {"sha256": model.sha256, "gguf": model.gguf_name, "layout": LAYOUT}
+    (staging / MARKER).write_text(json.dumps(marker))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     console.print(f"[green]ok[/] {name}: prepared at {folder} in {time.monotonic() - started:.0f} s")
