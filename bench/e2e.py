@@ -23,7 +23,8 @@ import aiohttp
 import httpx
 import psutil
 
-from bench.common import ROOT, console, percentile, save, table, wait_http
+from bench import startup
+from bench.common import ROOT, console, percentile, save, table
 from service.supervisor import free_port
 
 MODEL = "smollm2-135m-instruct"
@@ -159,7 +160,6 @@ def main() -> None:
     port = free_port("127.0.0.1")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(GATEWAY_PORT=str(port), GATEWAY_LOG_LEVEL="warning")
-    started = time.monotonic()
     make = subprocess.Popen(
         ["make", "-s", "run"],
         cwd=ROOT,
@@ -170,8 +170,10 @@ def main() -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        cold_start = wait_http(f"{url}/ready", 900, make)
-        console.print(f"cold start (make run -> /ready): {time.monotonic() - started:.1f} s")
+        cold = startup.measure(make, f"{url}/ready")
+        cold_start = cold.seconds
+        console.print(f"cold start (make run -> /ready): {cold_start:.1f} s")
+        table("Cold start: CPU seconds by process", ["process", "started at s", "CPU s"], startup.rows(cold))
         if args.cold_start_only:
             return
         gateway = next(

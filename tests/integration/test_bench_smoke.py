@@ -1,4 +1,5 @@
-"""The overhead benchmark runs end to end (briefly) and reports every scenario: it cannot rot."""
+"""The overhead benchmark runs end to end (briefly) and reports every scenario, and the cold-start
+sampler follows a process tree until it is ready: they cannot rot."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from bench import startup
+from service.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,3 +31,21 @@ def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     assert results["streamed 256 c=1"]["gateway"]["events_per_s"] > 0
     assert results["streamed 256 c=1"]["floor"]["events_per_s"] > 0
     assert all("floor_added_p50_ms" in scenario for scenario in results.values())
+
+
+def test_cold_start_sampler_follows_the_process_tree_until_ready() -> None:
+    port = free_port("127.0.0.1")
+    # A shell (standing in for make) whose child is the server that becomes ready.
+    server = f"{sys.executable} -m bench.fast_upstream --port {port}"
+    make = subprocess.Popen(["sh", "-c", f"{server}; true"], cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        cold = startup.measure(make, f"http://127.0.0.1:{port}/health", timeout=60)
+    finally:
+        make.terminate()
+        subprocess.run(["pkill", "-f", f"fast_upstream --port {port}"], check=False)
+        make.wait(timeout=30)
+    assert 0 < cold.seconds < 60
+    roles = {use.role: use for use in cold.processes.values()}
+    python = next(use for role, use in roles.items() if role.startswith(sys.executable))
+    assert python.cpu_s > 0.05  # the interpreter's start-up, at least
+    assert startup.rows(cold, min_cpu_s=0.05)[0][0] == python.role
