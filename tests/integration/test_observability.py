@@ -134,16 +134,23 @@ async def test_one_structured_log_line_per_request(
 
 
 def test_json_log_format_carries_the_fields(capsys: pytest.CaptureFixture[str]) -> None:
-    from service.logs import configure_logging
+    from service.logs import configure_logging, stop_logging
 
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     try:
         configure_logging("info", "json")
-        logging.getLogger("gateway.access").info("chat", extra={"request_id": "r1", "status": 200})
+        logging.getLogger("gateway.access").info("chat %s", "done", extra={"request_id": "r1", "status": 200})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("service.test").exception("failed %d", 3)
     finally:
+        stop_logging()  # the writer thread has written everything queued
         root.handlers[:], level = saved
         root.setLevel(level)
-    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    assert {"time", "level", "logger", "request_id", "message", "status"} <= set(line)
-    assert line["request_id"] == "r1" and line["status"] == 200
+    access, failure = (json.loads(line) for line in capsys.readouterr().err.strip().splitlines()[-2:])
+    assert {"time", "level", "logger", "request_id", "message", "status"} <= set(access)
+    assert access["request_id"] == "r1" and access["status"] == 200 and access["message"] == "chat done"
+    assert failure["message"] == "failed 3" and failure["level"] == "ERROR"
+    assert "ValueError: boom" in failure["exc_info"]  # the traceback travels as its own field
