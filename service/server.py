@@ -60,6 +60,7 @@ def serve(settings: Settings) -> int:
         http="auto",
         lifespan="on",  # a failing start-up stops the server instead of serving without state
         timeout_graceful_shutdown=5,  # the drain already gave requests their time
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     DrainingServer(config, app.state.drain).run()
     if stopped_by:

@@ -154,6 +154,12 @@ class Settings(BaseSettings):
         default=1_000_000, ge=1, description="Longest prompt (all messages) in characters."
     )
     drain_timeout: float = Field(default=30.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
+    keep_alive_timeout: int = Field(
+        default=75,
+        ge=1,
+        description="Seconds an idle client connection stays open: longer than load balancers' idle timeouts "
+        "(60 s on AWS ALB), so none reuses a connection the gateway has just closed.",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_format: Literal["json", "text"] = Field(default="json", description="json lines, or text for people.")
 

@@ -5,6 +5,7 @@ The gateway runs as its own process (so its memory is its own), in front of a sl
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -106,3 +107,26 @@ def test_ten_times_capacity_gets_only_200s_and_clean_503s(loaded_gateway: tuple[
     samples = parse(httpx.get(f"{url}/metrics").text)
     assert value(samples, "gateway_requests_in_flight", model="base") == 0
     assert after - baseline < 64 * 2**20, (baseline, after)
+
+
+def test_idle_connections_outlive_uvicorns_default_keep_alive(
+    loaded_gateway: tuple[str, psutil.Process],
+) -> None:
+    """uvicorn closes idle connections after 5 s by default; a client (or load balancer) that reuses one
+    just then gets a reset instead of an answer. The gateway keeps them for GATEWAY_KEEP_ALIVE_TIMEOUT."""
+    url, _ = loaded_gateway
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", "/health")
+        first = connection.getresponse()
+        first.read()
+        socket_before = connection.sock
+        time.sleep(6)
+        connection.request("GET", "/health")  # on the same socket: http.client reconnects only if closed
+        second = connection.getresponse()
+        second.read()
+        assert (first.status, second.status) == (200, 200)
+        assert connection.sock is socket_before and second.getheader("connection") != "close"
+    finally:
+        connection.close()
