@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[index]
 
 
-def wait_http(url: str, seconds: float = 600, process: subprocess.Popen[bytes] | None = None) -> float:
-    """Wait for a 200 from url; returns how long it took."""
+def wait_http(
+    url: str,
+    seconds: float = 600,
+    process: subprocess.Popen[bytes] | None = None,
+    while_waiting: Callable[[float], None] | None = None,
+) -> float:
+    """Wait for a 200 from url; returns how long it took. `while_waiting(elapsed)` runs at every poll."""
     started = time.monotonic()
     while time.monotonic() - started < seconds:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} while waiting for {url}")
+        if while_waiting is not None:
+            while_waiting(time.monotonic() - started)
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return time.monotonic() - started

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from dataclasses import dataclass, field
 
-import httpx
 import psutil
+
+from bench.common import wait_http
 
 
 @dataclass
@@ -48,22 +48,11 @@ def _served_name(command: list[str]) -> str:
 
 def measure(make: subprocess.Popen[bytes], ready_url: str, timeout: float = 900) -> ColdStart:
     """Seconds from now until ready_url answers 200, and what each process under `make` used by then."""
-    started = time.monotonic()
     result = ColdStart(seconds=0.0)
     root = psutil.Process(make.pid)
-    while time.monotonic() - started < timeout:
-        if make.poll() is not None:
-            raise RuntimeError(f"make exited with {make.returncode} before {ready_url} was ready")
-        _sample(root, result, time.monotonic() - started)
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                result.seconds = time.monotonic() - started
-                _sample(root, result, result.seconds)
-                return result
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(ready_url)
+    result.seconds = wait_http(ready_url, timeout, make, lambda elapsed: _sample(root, result, elapsed))
+    _sample(root, result, result.seconds)
+    return result
 
 
 def _sample(root: psutil.Process, result: ColdStart, now: float) -> None:
