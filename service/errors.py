@@ -4,13 +4,22 @@
     ├── InvalidRequest                400 invalid_request_error
     │   ├── ContextLengthExceeded     400 invalid_request_error / context_length_exceeded
     │   └── NotAChatModel             400 invalid_request_error / model_not_chat (param: model)
+    ├── Unauthorized                  401 invalid_request_error / invalid_api_key, WWW-Authenticate
     ├── ModelNotFound                 404 invalid_request_error / model_not_found (param: model)
+    ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed, with Allow
+    ├── RequestTimeout                408 invalid_request_error / body_timeout
+    ├── RequestTooLarge               413 invalid_request_error / request_too_large
+    ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded, with Retry-After
     ├── NoHealthyWorker               503 service_unavailable
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
+    ├── ShuttingDown                  503 service_unavailable / shutting_down, with Retry-After
     ├── UpstreamRejected              the worker's own 4xx status and envelope, passed through
     ├── UpstreamUnavailable           502 upstream_error (connection refused, reset, malformed answer)
     ├── UpstreamTimeout               504 timeout
     └── ClientDisconnected            499 (nobody reads it; counted as a disconnect, not an error)
+
+`retryable` on an upstream error means the worker failed before it could have produced anything:
+the request may go to another replica (and, for a stale pooled connection, to the same one).
 
 Envelope: {"error": {"message", "type", "param", "code"}}. Messages never carry stack traces.
 """
@@ -18,12 +27,15 @@ Envelope: {"error": {"message", "type", "param", "code"}}. Messages never carry 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,16 @@ class InvalidRequest(GatewayError):
     error_type = "invalid_request_error"
 
 
+class MethodNotAllowed(GatewayError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, allowed: str) -> None:
+        super().__init__(f"This endpoint only accepts {allowed}.")
+        self.headers = {"Allow": allowed}
+
+
 class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
@@ -81,6 +103,46 @@ class ModelNotFound(GatewayError):
             f"The model '{_clip(model, 200)}' does not exist. Served models: {', '.join(known)}.",
             param="model",
         )
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self) -> None:
+        super().__init__("Missing or invalid API key: send `Authorization: Bearer <key>`.")
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class RequestTimeout(GatewayError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "body_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"Connection": "close"}
+
+
+class RequestTooLarge(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is over the {limit}-byte limit.")
+        self.headers = {"Connection": "close"}
+
+
+class RateLimited(GatewayError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, limit: str, retry_after: int) -> None:
+        super().__init__(f"Rate limit of {limit} exceeded for this API key.")
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class NoHealthyWorker(GatewayError):
@@ -122,14 +184,27 @@ class UpstreamRejected(GatewayError):
         return body
 
 
+class ShuttingDown(GatewayError):
+    """The gateway is draining: new work goes elsewhere; open streams are ended with this."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "shutting_down"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": "1", "Connection": "close"}
+
+
 class UpstreamUnavailable(GatewayError):
     status_code = 502
     error_type = "upstream_error"
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, stale: bool = False) -> None:
         super().__init__(message)
-        # True when the worker failed before answering: another replica may serve the request.
         self.retryable = retryable
+        # A pooled connection found closed by the worker: the same worker may take the retry.
+        self.stale = stale
 
 
 class ClientDisconnected(GatewayError):
@@ -142,6 +217,11 @@ class ClientDisconnected(GatewayError):
 class UpstreamTimeout(GatewayError):
     status_code = 504
     error_type = "timeout"
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.stale = False
 
 
 def error_body(
@@ -162,22 +242,45 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
-    """First validation problem as (message, param) without echoing the (maybe huge) input."""
-    errors = exc.errors()
+# Parts of a pydantic error location that name a validator or a union member, not a field.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal", "bytes"})
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    parts = [
+        str(part) for part in loc
+        if isinstance(part, int) or (isinstance(part, str) and part != "body" and part not in _TYPE_TAGS
+                                     and _FIELD_NAME.match(part))
+    ]  # fmt: skip
+    return ".".join(parts) or None
+
+
+def _json_problem(reason: str) -> str:
+    if "recursion limit" in reason:
+        return "The request body is nested too deeply to be parsed."
+    if "escape" in reason or "surrogate" in reason:
+        return f"The request body has a \\u escape that is incomplete or is a lone surrogate ({reason})."
+    return f"The request body is not valid JSON ({reason})."
+
+
+def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
+    """The first of pydantic's validation errors as a 400 a person understands: the field it is
+    about (`param`) and what is wrong, without validator names or the (maybe huge) input."""
     if not errors:
-        return "Invalid request.", None
+        return InvalidRequest("Invalid request.")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        reason = (first.get("ctx") or {}).get("error")
-        return f"The request body is not valid JSON ({reason}).", None
-    if first.get("type") in {"model_attributes_type", "model_type"} and not loc:
-        return "The request body must be a JSON object.", None
-    message = str(first.get("msg", "invalid value"))
+    kind = first.get("type")
+    param = _param(first.get("loc", ()))
+    if kind == "json_invalid":
+        return InvalidRequest(_json_problem(str((first.get("ctx") or {}).get("error", ""))))
+    if kind in {"model_attributes_type", "model_type", "dict_type"} and param is None:
+        return InvalidRequest("The request body must be a JSON object.")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}.", param=param)
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+    return InvalidRequest(f"{param}: {message}{more}" if param else f"{message}{more}", param=param)
 
 
 def error_response(exc: Exception) -> tuple[JSONResponse, str | None]:
@@ -187,9 +290,7 @@ def error_response(exc: Exception) -> tuple[JSONResponse, str | None]:
         counted = None if isinstance(exc, ClientDisconnected) else exc.error_type
         return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers), counted
     if isinstance(exc, RequestValidationError):
-        message, param = _validation_error(exc)
-        body = error_body(message, "invalid_request_error", param)
-        return JSONResponse(body, status_code=400), "invalid_request_error"
+        return error_response(invalid_request(exc.errors()))
     if isinstance(exc, StarletteHTTPException):
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         body = error_body(str(exc.detail), error_type)
@@ -197,6 +298,15 @@ def error_response(exc: Exception) -> tuple[JSONResponse, str | None]:
     log.exception("unexpected error", exc_info=exc)
     body = error_body("Internal error in the gateway.", "internal_error")
     return JSONResponse(body, status_code=500), "internal_error"
+
+
+async def reject(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+    """Answer a raw ASGI request with the envelope for `exc`, counted on its record if it has one."""
+    response, counted = error_response(exc)
+    record = scope.get("state", {}).get("record")
+    if record is not None and counted is not None:
+        record.failed(counted)
+    await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

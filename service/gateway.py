@@ -7,30 +7,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi.responses import Response
 from starlette.types import Receive
 
-from service.drain import Drain, StreamWatch
+from service.drain import Drain
 from service.errors import (
     ClientDisconnected,
     ContextLengthExceeded,
-    GatewayError,
     ModelNotFound,
+    NoHealthyWorker,
     NotAChatModel,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from service.metrics import Metrics
 from service.observe import RequestRecord
-from service.pool import ModelPool, Worker
+from service.pool import Lease, ModelPool, Worker
 from service.settings import ModelKind, Settings
 from service.streaming import Relay, RelayResponse
 from service.templates import INLINE_TOKENIZE_CHARS, ModelTokenizer, RenderedPrompt
 from service.translate import StreamTranslator
 from service.upstream import UpstreamClient, close_stream, iter_sse_blocks
+
+COMPLETIONS_PATH = "/v1/completions"
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +95,14 @@ class Gateway:
             return tokenizer.encode(text)
         return await asyncio.to_thread(tokenizer.encode, text)
 
-    async def render(self, pool: ModelPool, messages: Sequence[dict[str, str]]) -> RenderedPrompt:
+    async def encode_many(self, pool: ModelPool, texts: list[str]) -> list[list[int]]:
+        """Token ids of several raw prompts, tokenized in one batch off the event loop."""
+        tokenizer = self.tokenizers[pool.name]
+        if len(texts) == 1:
+            return [await self.encode(pool, texts[0])]
+        return await asyncio.to_thread(tokenizer.encode_many, texts)
+
+    async def render(self, pool: ModelPool, messages: Sequence[dict[str, Any]]) -> RenderedPrompt:
         """Chat template rendering and tokenizing, off the event loop."""
         started = time.perf_counter()
         rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages)
@@ -101,9 +112,8 @@ class Gateway:
     def context_of(self, pool: ModelPool) -> int:
         """The model's context length; unknown only while no worker has answered yet."""
         context = pool.max_model_len
-        if context is None:
-            pool.pick()  # raises the 503 that explains why we don't know yet
-            raise GatewayError(f"context length of '{pool.name}' is unknown")
+        if context is None:  # no worker has answered a probe yet: as good as none healthy
+            raise NoHealthyWorker(pool.name)
         return context
 
     def completion_body(
@@ -129,25 +139,22 @@ class Gateway:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def generate(self, pool: ModelPool, body: dict[str, Any], record: RequestRecord) -> dict[str, Any]:
-        """A non-streamed completion; aborted upstream if the client leaves before it is ready."""
-        data = await _unless_client_leaves(self._complete(pool, body), record)
+    async def generate(
+        self,
+        pool: ModelPool,
+        body: dict[str, Any],
+        record: RequestRecord,
+        sequences: int = 1,
+        path: str = COMPLETIONS_PATH,
+    ) -> dict[str, Any]:
+        """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
+        lease, data = await self._with_failover(
+            pool, sequences, lambda worker: self.upstream.complete(worker, path, body)
+        )
+        pool.release(lease)
         record.set_usage(data.get("usage"))
         record.token_sent()  # a whole answer: its first token reaches the client now
         return data
-
-    async def _complete(self, pool: ModelPool, body: dict[str, Any]) -> dict[str, Any]:
-        worker = await self._acquire(pool)
-        try:
-            try:
-                return await self.upstream.complete(worker, body)
-            except UpstreamUnavailable as exc:
-                retry = await self._failover(pool, worker, exc)
-                pool.release(worker)
-                worker = retry
-                return await self.upstream.complete(worker, body)
-        finally:
-            pool.release(worker)
 
     async def stream(
         self,
@@ -156,60 +163,78 @@ class Gateway:
         record: RequestRecord,
         translator: StreamTranslator | None,
         forward_usage: bool = True,
+        sequences: int = 1,
+        path: str = COMPLETIONS_PATH,
     ) -> Response:
-        """A streamed completion: errors before the first byte are ordinary error responses
-        (after one retry on another replica); after it, an SSE error event then `[DONE]`.
+        """A streamed request: errors before the first byte are ordinary error responses (after
+        one retry on another replica); after it, an SSE error event then `[DONE]`.
         A `None` translator passes the worker's events through."""
-        worker = await self._acquire(pool)
-        try:
-            try:
-                response = await self.upstream.open_stream(worker, body, self.settings.idle_token_timeout)
-            except UpstreamUnavailable as exc:
-                retry = await self._failover(pool, worker, exc)
-                pool.release(worker)
-                worker = retry
-                response = await self.upstream.open_stream(worker, body, self.settings.idle_token_timeout)
-        except BaseException:
-            pool.release(worker)
-            raise
-
-        watch = StreamWatch(response.close)
+        lease, watch = await self._with_failover(
+            pool, sequences, lambda worker: self.upstream.open_stream(worker, path, body)
+        )
         self.drain.streams.add(watch)
 
         async def close() -> None:
             self.drain.streams.discard(watch)
-            await close_stream(response)
-            pool.release(worker)
+            await close_stream(watch)
+            pool.release(lease)
 
-        settings = self.settings
-        blocks = iter_sse_blocks(
-            response, worker, settings.first_token_timeout, settings.idle_token_timeout, watch
-        )
-        relay = Relay(worker, record, translator, forward_usage)
+        blocks = iter_sse_blocks(watch, self.settings.connect_timeout)
+        relay = Relay(lease.worker, record, translator, forward_usage)
         return RelayResponse(relay, blocks, on_close=close)
 
-    async def _failover(self, pool: ModelPool, failed: Worker, exc: UpstreamUnavailable) -> Worker:
-        """Another healthy replica for a request whose worker failed before answering, or `exc`."""
-        if not exc.retryable or not any(w.healthy and w is not failed for w in pool.workers):
+    async def _with_failover(
+        self, pool: ModelPool, sequences: int, send: Callable[[Worker], Awaitable[T]]
+    ) -> tuple[Lease, T]:
+        """`send` on a worker of `pool`; if that worker fails before it could produce anything,
+        once more on another healthy replica (or, for a connection the worker had already closed,
+        on the same one). Returns the lease (the caller releases it) and what `send` returned."""
+        lease: Lease | None = await self._acquire(pool, sequences)
+        try:
+            assert lease is not None
+            try:
+                return lease, await send(lease.worker)
+            except (UpstreamUnavailable, UpstreamTimeout) as exc:
+                exclude = self._retry_exclusion(pool, lease.worker, exc)
+                pool.release(lease)
+                lease = None
+                lease = await self._acquire(pool, sequences, exclude)
+                return lease, await send(lease.worker)
+        except BaseException:
+            if lease is not None:
+                pool.release(lease)
+            raise
+
+    @staticmethod
+    def _retry_exclusion(
+        pool: ModelPool, failed: Worker, exc: UpstreamUnavailable | UpstreamTimeout
+    ) -> frozenset[Worker]:
+        """Which workers the retry must avoid; raises `exc` when there is no retry to make."""
+        if not exc.retryable:
             raise exc
-        log.warning("worker %s failed (%s); retrying on another replica", failed.label, exc.message)
-        return await self._acquire(pool, exclude=failed)
+        others = any(w.healthy and w is not failed for w in pool.workers)
+        if others:
+            log.warning("worker %s failed (%s); retrying on another replica", failed.label, exc.message)
+            return frozenset({failed})
+        if exc.stale:
+            log.info("worker %s closed a pooled connection; retrying on it", failed.label)
+            return frozenset()
+        raise exc
 
-    async def _acquire(self, pool: ModelPool, exclude: Worker | None = None) -> Worker:
+    async def _acquire(
+        self, pool: ModelPool, sequences: int, exclude: frozenset[Worker] = frozenset()
+    ) -> Lease:
         started = time.perf_counter()
-        worker = await pool.acquire(exclude)
+        lease = await pool.acquire(sequences, exclude)
         self.metrics.child(self.metrics.queue_wait, pool.name).observe(time.perf_counter() - started)
-        return worker
+        return lease
 
 
-T = TypeVar("T")
-
-
-async def _unless_client_leaves(work: Coroutine[Any, Any, T], record: RequestRecord) -> T:
-    """Run `work` in this task; if the client disconnects first, cancel it (closing the upstream
-    request, so the worker aborts the generation) and raise ClientDisconnected. One watcher task
-    per request, no second task for the work itself."""
-    if record.receive is None:
+async def unless_client_leaves(work: Awaitable[T], record: RequestRecord | None) -> T:
+    """Run `work` in this task; if the client disconnects first, cancel it (closing any upstream
+    request, so the worker aborts the generation; leaving the queue; dropping a render) and raise
+    ClientDisconnected. One watcher task per request, no second task for the work itself."""
+    if record is None or record.receive is None:
         return await work
     current = asyncio.current_task()
     assert current is not None

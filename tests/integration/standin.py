@@ -37,6 +37,9 @@ class Script:
     open_streams: int = 0
     aborted_streams: int = 0
     aborted_answers: int = 0  # non-streamed requests whose client left while they were computed
+    models_answer: Any = None  # what /v1/models answers instead of a normal listing
+    in_flight: int = 0  # requests being answered right now
+    most_in_flight: int = 0
 
 
 def completion(body: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
@@ -66,9 +69,19 @@ def build_app(script: Script) -> Starlette:
         return PlainTextResponse("", status_code=200 if script.healthy else 503)
 
     async def models(_: Request) -> Response:
+        if script.models_answer is not None:
+            return JSONResponse(script.models_answer)
         return JSONResponse({"object": "list", "data": [{"id": "any", "max_model_len": 2048}]})
 
     async def completions(request: Request) -> Response:
+        script.in_flight += 1
+        script.most_in_flight = max(script.most_in_flight, script.in_flight)
+        try:
+            return await answer(request)
+        finally:
+            script.in_flight -= 1
+
+    async def answer(request: Request) -> Response:
         body = await request.json()
         script.bodies.append(body)
         if script.mode == "reject":

@@ -35,10 +35,12 @@ async def test_full_workers_queue_first_come_first_served() -> None:
         await pool.acquire()  # the line is full
     assert caught.value.headers == {"Retry-After": "1"}
     pool.release(first)
-    assert await waiting[0] is worker and not waiting[1].done()
-    pool.release(worker)
-    assert await waiting[1] is worker
-    pool.release(worker)
+    second = await waiting[0]
+    assert second.worker is worker and not waiting[1].done()
+    pool.release(second)
+    third = await waiting[1]
+    assert third.worker is worker
+    pool.release(third)
     assert worker.outstanding == 0 and pool.queued == 0
 
 
@@ -70,6 +72,53 @@ async def test_exclude_skips_the_worker_that_just_failed() -> None:
     a = Worker("m", "http://a", healthy=True)
     b = Worker("m", "http://b", healthy=True, outstanding=5)
     pool = ModelPool(SPEC, [a, b])
-    assert await pool.acquire(exclude=a) is b
+    assert (await pool.acquire(exclude={a})).worker is b
     with pytest.raises(NoHealthyWorker):
-        await ModelPool(SPEC, [a]).acquire(exclude=a)
+        await ModelPool(SPEC, [a]).acquire(exclude={a})
+
+
+async def test_a_queued_retry_is_never_handed_the_worker_it_excludes() -> None:
+    """Failover that has to wait in line must still avoid the worker that just failed."""
+    a = Worker("m", "http://a", healthy=True)
+    b = Worker("m", "http://b", healthy=True)
+    pool = ModelPool(SPEC, [a, b], Capacity(per_worker=1, queue=4, queue_timeout=5))
+    on_a, on_b = await pool.acquire(), await pool.acquire()
+    assert {on_a.worker, on_b.worker} == {a, b}
+    if on_a.worker is b:
+        on_a, on_b = on_b, on_a
+    retry = asyncio.ensure_future(pool.acquire(exclude={a}))  # a failed: the retry must go to b
+    await asyncio.sleep(0)
+    pool.release(on_a)  # a frees up first
+    await asyncio.sleep(0)
+    assert not retry.done() and a.outstanding == 0
+    pool.release(on_b)
+    assert (await retry).worker is b
+
+
+async def test_a_batch_is_charged_per_sequence() -> None:
+    worker = Worker("m", "http://a", healthy=True)
+    pool = ModelPool(SPEC, [worker], Capacity(per_worker=8, queue=4, queue_timeout=5))
+    batch = await pool.acquire(sequences=6)
+    assert worker.outstanding == 6
+    small = asyncio.ensure_future(pool.acquire(sequences=3))  # 6 + 3 > 8: waits
+    await asyncio.sleep(0)
+    assert not small.done() and pool.queued == 1
+    pool.release(batch)
+    assert (await small).cost == 3 and worker.outstanding == 3
+
+
+async def test_a_batch_bigger_than_a_worker_waits_for_a_whole_worker_and_is_not_overtaken() -> None:
+    worker = Worker("m", "http://a", healthy=True)
+    pool = ModelPool(SPEC, [worker], Capacity(per_worker=4, queue=4, queue_timeout=5))
+    held = await pool.acquire()
+    huge = asyncio.ensure_future(pool.acquire(sequences=1024 * 8))  # costs the whole worker
+    await asyncio.sleep(0)
+    small = asyncio.ensure_future(pool.acquire())  # would fit now, but waits behind the big one
+    await asyncio.sleep(0)
+    assert not huge.done() and not small.done()
+    pool.release(held)
+    whole = await huge
+    assert whole.cost == 4 and worker.outstanding == 4 and not small.done()
+    pool.release(whole)
+    pool.release(await small)
+    assert worker.outstanding == 0
