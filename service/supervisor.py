@@ -1,5 +1,5 @@
 """Embedded mode: launch one vLLM OpenAI server process per model replica, restart it when it dies
-(with exponential backoff), and stop every child on shutdown.
+or wedges (with exponential backoff), and stop every child on shutdown.
 
 Each worker runs in its own session (process group) so stopping it reaches vLLM's engine process
 too, and asks the kernel to SIGTERM it if the gateway itself dies, so nothing is orphaned.
@@ -15,12 +15,13 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from service.pool import Worker
 from service.settings import ModelSpec, Settings
+from service.worker_log import WorkerLog, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -106,85 +107,123 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
-    """Last lines of a worker's log, for the message explaining why it stopped."""
-    try:
-        with path.open(errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines))
-    except OSError:
-        return ""
-
-
 class WorkerProcess:
-    """Keeps one embedded worker process alive until `stop()`."""
+    """Keeps one embedded worker process alive until `stop()`.
 
-    def __init__(self, worker: Worker, plan: LaunchPlan, settings: Settings) -> None:
+    Every start takes a port that is free right then (a port kept from an earlier run may have been
+    taken meanwhile) and publishes the new address on the `Worker`. A worker that was healthy and
+    then fails `restart_after_failed_checks` health checks in a row (alive but wedged) is restarted;
+    so is one that never becomes healthy within the start timeout; a launch that fails outright
+    (a bad engine Python, an unwritable folder) is logged and retried with the same backoff.
+    """
+
+    def __init__(
+        self, worker: Worker, spec: ModelSpec, settings: Settings, cores: str | None, replica: int
+    ) -> None:
         self.worker = worker
-        self.plan = plan
+        self.spec = spec
         self.settings = settings
+        self.cores = cores
+        self.replica = replica
+        self.plan = launch_plan(spec, settings, port_of(worker.url), cores, replica)
+        self.log = WorkerLog(self.plan.log_path, settings.worker_log_max_bytes, settings.worker_log_backups)
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.launch_failures = 0
         self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()  # a launch and a stop never interleave
 
     async def supervise(self) -> None:
         """Run, wait, restart with backoff; returns once `stop()` was called."""
         backoff = self.settings.restart_backoff_initial
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            await self._start()
-            reason = await self._wait_for_exit(started)
-            self.worker.healthy = False
+        try:
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                reason = await self._run_once(started)
+                self.worker.mark(False)
+                if self._stopping.is_set():
+                    break
+                if time.monotonic() - started > STABLE_RUN_SECONDS:
+                    backoff = self.settings.restart_backoff_initial
+                tail = await asyncio.to_thread(log_tail, self.plan.log_path)
+                log.error(
+                    "worker %s (%s) %s; restarting in %.0f s. Log tail:\n%s",
+                    self.worker.label, self.worker.model, reason, backoff, tail,
+                )  # fmt: skip
+                self.restarts += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+                backoff = min(backoff * 2, self.settings.restart_backoff_max)
+        finally:
+            await asyncio.to_thread(self.log.close)
+
+    async def _run_once(self, started: float) -> str:
+        """One life of the process: launch it, then wait until it exits or must be stopped."""
+        async with self._lock:
             if self._stopping.is_set():
-                break
-            if time.monotonic() - started > STABLE_RUN_SECONDS:
-                backoff = self.settings.restart_backoff_initial
-            log.error(
-                "worker %s (%s) %s; restarting in %.0f s. Log tail:\n%s",
-                self.worker.label, self.worker.model, reason, backoff, log_tail(self.plan.log_path),
-            )  # fmt: skip
-            self.restarts += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
-            backoff = min(backoff * 2, self.settings.restart_backoff_max)
+                return "was not started (shutting down)"
+            try:
+                await self._start()
+            except Exception as exc:  # the launch itself failed: no process to wait for
+                self.launch_failures += 1
+                return f"could not be launched ({type(exc).__name__}: {exc})"
+        return await self._wait_for_exit(started)
 
     async def _start(self) -> None:
-        self.plan.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.plan.log_path.open("ab") as log_file:
+        port = free_port(self.settings.worker_host)
+        self.worker.url = f"http://{self.settings.worker_host}:{port}"
+        self.worker.failed_checks = 0
+        self.worker.seen_healthy = False
+        self.plan = launch_plan(self.spec, self.settings, port, self.cores, self.replica)
+        output = self.log.pipe()
+        try:
             self.process = await asyncio.create_subprocess_exec(
                 *self.plan.argv,
                 env=self.plan.env,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
+                stdout=output,
                 stderr=asyncio.subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
+        finally:
+            os.close(output)  # the child has its copy; the copying thread ends when it exits
         log.info(
-            "worker %s (%s) launched, pid %d, log %s",
-            self.worker.label, self.worker.model, self.process.pid, self.plan.log_path,
+            "worker %s (%s) launched on %s, pid %d, log %s",
+            self.worker.label, self.worker.model, self.worker.url, self.process.pid, self.plan.log_path,
         )  # fmt: skip
 
     async def _wait_for_exit(self, started: float) -> str:
-        """Wait until the process exits, or kill it if it never became healthy in time."""
+        """Wait until the process exits; kill it if it never became healthy in time, or if it
+        stopped answering health checks after it had."""
         assert self.process is not None
         exited = asyncio.ensure_future(self.process.wait())
-        ever_healthy = False
+        limit = self.settings.worker_restart_after_failed_checks
         try:
             while not exited.done():
                 await asyncio.wait({exited}, timeout=1.0)
-                ever_healthy = ever_healthy or self.worker.healthy
+                if exited.done() or self._stopping.is_set():
+                    break
+                ever_healthy = self.worker.seen_healthy
+                if ever_healthy and limit and self.worker.failed_checks >= limit:
+                    failed = self.worker.failed_checks
+                    await self._terminate()
+                    return f"stopped answering health checks ({failed} failed in a row)"
                 too_slow = time.monotonic() - started > self.settings.worker_start_timeout
-                if not exited.done() and not ever_healthy and too_slow:
+                if not ever_healthy and too_slow:
                     await self._terminate()
                     return f"was not healthy after {self.settings.worker_start_timeout:.0f} s"
+            await exited
         finally:
             if not exited.done():
                 exited.cancel()
         return f"exited with code {exited.result()}"
 
     async def stop(self) -> None:
-        """Stop supervising and terminate the process group (SIGTERM, then SIGKILL)."""
+        """Stop supervising and terminate the process group (SIGTERM, then SIGKILL). A launch in
+        progress completes first, so its process is the one stopped."""
         self._stopping.set()
-        await self._terminate()
+        async with self._lock:
+            await self._terminate()
 
     async def _terminate(self) -> None:
         process = self.process
@@ -215,9 +254,17 @@ def build_embedded(settings: Settings, pools: dict[str, list[Worker]]) -> list[W
     processes = []
     for spec in embedded:
         for replica in range(spec.replicas):
-            port = free_port(settings.worker_host)
-            worker = Worker(model=spec.name, url=f"http://{settings.worker_host}:{port}")
+            port = free_port(settings.worker_host)  # replaced at each start
+            worker = Worker(
+                model=spec.name, url=f"http://{settings.worker_host}:{port}", name=f"{spec.name}-{replica}"
+            )
             pools.setdefault(spec.name, []).append(worker)
-            plan = launch_plan(spec, settings, port, next(binding), replica)
-            processes.append(WorkerProcess(worker, plan, settings))
+            processes.append(WorkerProcess(worker, spec, settings, next(binding), replica))
     return processes
+
+
+def port_of(url: str) -> int:
+    """The port of a worker URL."""
+    port = urlsplit(url).port
+    assert port is not None
+    return port

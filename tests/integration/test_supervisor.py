@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psutil
 import pytest
 
+import service.supervisor
 from service.app import create_app
+from service.pool import Worker
 from service.settings import ModelKind, ModelSpec, Settings
-from service.supervisor import WorkerProcess
+from service.supervisor import WorkerProcess, free_port
 from tests.integration.conftest import TOKENIZER, serve_in_background
 
 STANDIN = Path(__file__).with_name("standin.py")
@@ -76,3 +81,107 @@ async def test_a_worker_that_never_gets_healthy_is_killed_and_retried(tmp_path: 
         supervised: WorkerProcess = app.state.processes[0]
         await wait_for(lambda: supervised.restarts >= 1, seconds=20)
         assert not supervised.worker.healthy
+
+
+async def test_a_worker_that_wedges_after_being_healthy_is_restarted(tmp_path: Path) -> None:
+    """Alive but not answering (here: SIGSTOP) is as bad as dead once it lasts."""
+    settings = fake_engine_settings(tmp_path).model_copy(
+        update={"worker_restart_after_failed_checks": 3, "health_timeout": 0.2}
+    )
+    app = create_app(settings)
+    async with serve_in_background(app):
+        supervised: WorkerProcess = app.state.processes[0]
+        await wait_for(lambda: supervised.worker.healthy)
+        wedged = supervised.process
+        assert wedged is not None
+        os.kill(wedged.pid, signal.SIGSTOP)
+        await wait_for(lambda: supervised.restarts == 1 and supervised.worker.healthy, seconds=30)
+        assert wedged.returncode is not None  # the wedged one was killed, not left behind
+
+
+async def test_a_launch_that_fails_is_logged_retried_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = fake_engine_settings(tmp_path).model_copy(
+        update={"engine_python": str(tmp_path / "no-python")}
+    )
+    app = create_app(settings)
+    async with serve_in_background(app) as url:
+        supervised: WorkerProcess = app.state.processes[0]
+        await wait_for(lambda: supervised.launch_failures >= 2)  # retried, with backoff
+        async with httpx.AsyncClient(base_url=url) as http:
+            ready = await http.get("/ready")
+            assert ready.status_code == 503 and ready.json()["not_ready"] == ["fake"]
+            assert 'gateway_worker_up{model="fake",worker="fake-0"} 0.0' in (await http.get("/metrics")).text
+    assert "could not be launched (FileNotFoundError" in caplog.text
+
+
+async def test_stopping_while_a_launch_is_under_way_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = fake_engine_settings(tmp_path)
+    spec = settings.models[0]
+    worker = Worker(model="fake", url=f"http://127.0.0.1:{free_port('127.0.0.1')}", name="fake-0")
+    supervised = WorkerProcess(worker, spec, settings, None, 0)
+    launching, release = asyncio.Event(), asyncio.Event()
+    real_exec = asyncio.create_subprocess_exec
+
+    async def slow_exec(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        launching.set()
+        await release.wait()  # the shutdown arrives right now
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(service.supervisor.asyncio, "create_subprocess_exec", slow_exec)
+    supervising = asyncio.ensure_future(supervised.supervise())
+    await launching.wait()
+    stopping = asyncio.ensure_future(supervised.stop())
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(stopping, supervising), timeout=15)
+    process = supervised.process
+    assert process is not None and process.returncode is not None  # launched, then stopped at once
+
+
+async def test_each_start_takes_a_free_port(tmp_path: Path) -> None:
+    """If another process takes the worker's port while it is down, the next start uses another."""
+    app = create_app(fake_engine_settings(tmp_path))
+    async with serve_in_background(app):
+        supervised: WorkerProcess = app.state.processes[0]
+        worker = supervised.worker
+        await wait_for(lambda: worker.healthy)
+        old_url, process = worker.url, supervised.process
+        assert process is not None
+        os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", int(old_url.rsplit(":", 1)[1])))  # someone else takes the port
+        squatter.listen()
+        try:
+            await wait_for(lambda: supervised.restarts == 1 and worker.healthy)
+            assert worker.url != old_url
+            assert worker.name == "fake-0"  # the metric label stays
+        finally:
+            squatter.close()
+
+
+async def test_worker_output_is_rotated_at_the_size_cap(tmp_path: Path) -> None:
+    chatty = tmp_path / "chatty-python"
+    # Writes ~2 MB of log lines, then serves as the stand-in does.
+    writer = "for i in range(20000): print('line', i, 'x' * 90)"
+    chatty.write_text(
+        f'#!/bin/sh\nshift 2\n{sys.executable} -c "{writer}"\nexec {sys.executable} {STANDIN} "$@"\n'
+    )
+    chatty.chmod(chatty.stat().st_mode | stat.S_IEXEC)
+    settings = fake_engine_settings(tmp_path).model_copy(
+        update={"engine_python": str(chatty), "worker_log_max_bytes": 100_000, "worker_log_backups": 2}
+    )
+    app = create_app(settings)
+    async with serve_in_background(app):
+        supervised: WorkerProcess = app.state.processes[0]
+        await wait_for(lambda: supervised.worker.healthy)
+        log_path = supervised.plan.log_path
+    files = sorted(log_path.parent.glob(log_path.name + "*"))
+    assert [f.name for f in files] == [log_path.name, log_path.name + ".1", log_path.name + ".2"]
+    assert all(f.stat().st_size <= 100_000 for f in files)
+    assert "line 19999" in (log_path.parent / (log_path.name + ".1")).read_text() + log_path.read_text()
