@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -13,16 +13,19 @@ from fastapi.staticfiles import StaticFiles
 
 from service import __version__
 from service.discovery import discover, keep_discovering
+from service.dispatch import Dispatcher
 from service.drain import Drain, DrainMiddleware
+from service.endpoint import Endpoint, metric_labels, open_paths, post_endpoints, undrained_paths
+from service.endpoints import ENDPOINTS
 from service.errors import install_error_handlers
-from service.fastroutes import DirectRoutes
 from service.gateway import Gateway
-from service.guards import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
+from service.guards import ApiKeyMiddleware, BodyLimitMiddleware
+from service.health import HealthMonitor
 from service.metrics import Metrics
 from service.observe import ObservabilityMiddleware
 from service.openapi import install_openapi
-from service.pool import Capacity, ModelPool, Worker, monitor_health
-from service.routes import health, native, openai, playground
+from service.pool import Capacity, ModelPool, Worker
+from service.routes.playground import STATIC_DIR
 from service.settings import Settings
 from service.supervisor import WorkerProcess, build_embedded
 from service.templates import load_tokenizers
@@ -48,17 +51,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Workers take a minute or more to load; launch them first and read tokenizers meanwhile.
     supervisors = [asyncio.create_task(process.supervise()) for process in processes]
     session = build_session(settings)
+    # Probes get their own connections: a probe never waits behind traffic, nor reuses its sockets.
+    probes = build_session(settings)
     monitor = discovery = None
     try:
         tokenizers = await asyncio.to_thread(load_tokenizers, settings)
         await discover(list(pools.values()))
         app.state.gateway = Gateway(
-            settings, pools, tokenizers, UpstreamClient(session), app.state.metrics, app.state.drain
+            settings, pools, tokenizers, UpstreamClient(session, settings), app.state.metrics, app.state.drain
         )
         app.state.processes = processes
-        monitor = asyncio.create_task(
-            monitor_health(session, list(pools.values()), settings.health_interval, settings.health_timeout)
+        health = HealthMonitor(
+            probes, list(pools.values()), settings.health_interval, settings.health_timeout
         )
+        monitor = asyncio.create_task(health.run())
         discovery = asyncio.create_task(keep_discovering(list(pools.values()), settings.discovery_interval))
         yield
     finally:
@@ -68,6 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*(process.stop() for process in processes), return_exceptions=True)
         await asyncio.gather(*supervisors, *background, return_exceptions=True)
         await session.close()
+        await probes.close()
         log.info("gateway stopped; %d worker process(es) terminated", len(processes))
 
 
@@ -76,7 +83,7 @@ def _served_pools(app: FastAPI) -> list[ModelPool]:
     return list(gateway.pools.values()) if gateway else []
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) -> FastAPI:
     """A gateway app for `settings`; its lifespan launches workers and owns every resource."""
     app = FastAPI(
         title="llm-gateway",
@@ -85,15 +92,17 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = Metrics(lambda: _served_pools(app))
-    app.state.drain = Drain(settings.drain_timeout)
+    # While keys are set, metrics readable without one must not show where the workers are.
+    hide_addresses = bool(settings.api_keys) and not settings.metrics_need_key
+    app.state.metrics = Metrics(lambda: _served_pools(app), hide_addresses=hide_addresses)
+    app.state.drain = Drain(settings.drain_timeout, settings.drain_accept_window)
     # Added innermost first: observability wraps everything, so rejected requests are counted too.
-    app.add_middleware(DirectRoutes, api=app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Dispatcher, endpoints=post_endpoints(endpoints), state=app.state)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     if settings.api_keys:
-        open_paths = OPEN_PATHS if settings.metrics_require_key else OPEN_PATHS | {"/metrics"}
+        exempt = open_paths(endpoints) | ({"/metrics"} if not settings.metrics_need_key else set())
         keys = [key.get_secret_value() for key in settings.api_keys]
-        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths, rate_limit=settings.rate_limit)
+        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit)
     if settings.cors_allow_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -102,13 +111,14 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
             expose_headers=["X-Request-Id"],
         )
-    app.add_middleware(DrainMiddleware, drain=app.state.drain)
-    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain, exempt=undrained_paths(endpoints))
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, labels=metric_labels(endpoints))
     install_error_handlers(app)
-    install_openapi(app)
-    app.include_router(native.router)
-    app.include_router(openai.router)
-    app.include_router(health.router)
-    app.include_router(playground.router)
-    app.mount("/static", StaticFiles(directory=playground.STATIC_DIR), name="static")
+    for endpoint in endpoints:
+        if endpoint.method == "GET" and endpoint.handler is not None:
+            documented = endpoint.tag != "playground"
+            app.add_api_route(endpoint.path, endpoint.handler, methods=["GET"], summary=endpoint.summary,
+                              tags=[endpoint.tag], include_in_schema=documented)  # fmt: skip
+    install_openapi(app, endpoints)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from service.errors import InvalidRequest
+from service.fewshot import few_shot_length
 from service.protocol import (
     ChatRequest,
     CompleteRequest,
@@ -25,8 +26,9 @@ def prompt_chars(request: AnyRequest) -> int:
     if isinstance(request, ChatRequest | RenderRequest | V1ChatRequest):
         return sum(len(message.text()) for message in request.messages)
     if isinstance(request, CompleteRequest):
-        shots = sum(len(ex.input) + len(ex.output) for ex in request.examples or [])
-        return len(request.prompt) + shots
+        if not request.examples:
+            return len(request.prompt)
+        return few_shot_length(request.prompt, request.examples, request.layout)
     prompt = request.prompt
     if isinstance(prompt, str):
         return len(prompt)
@@ -45,6 +47,10 @@ def enforce_caps(request: AnyRequest, settings: Settings) -> None:
         asked = request.requested_max_tokens if isinstance(request, V1ChatRequest) else request.max_tokens
         if limit is not None and asked is not None and asked > limit:
             raise _over("max_tokens", asked, limit)
+    if isinstance(request, V1CompletionRequest) and isinstance(request.prompt, list):
+        batch = sum(isinstance(item, str | list) for item in request.prompt)
+        if batch > settings.max_prompts:
+            raise _over("prompt", batch, settings.max_prompts)
     if isinstance(request, V1ChatRequest | V1CompletionRequest):
         logprobs = request.top_logprobs if isinstance(request, V1ChatRequest) else request.logprobs
         if isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs > settings.max_logprobs:

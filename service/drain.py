@@ -1,49 +1,35 @@
-"""Graceful drain on SIGTERM: /ready turns 503 at once, new requests get 503, requests in flight
-get `drain_timeout` seconds to finish, then remaining streams are ended cleanly (an SSE error
-event, then `[DONE]`)."""
+"""Graceful drain on SIGTERM.
+
+1. `/ready` turns 503 at once, so load balancers stop sending new requests here;
+2. for `accept_window` seconds new requests are still served (a balancer, or a Kubernetes Service
+   whose endpoints have not caught up yet, may still route some here: refusing them would be a 503
+   during every rollout);
+3. then new requests get 503 `shutting_down`, and requests in flight get `timeout` seconds to finish;
+4. streams still open are ended cleanly (an SSE error event, then `[DONE]`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import GatewayError, error_body
+from service.errors import ShuttingDown, reject
+from service.upstream import StreamWatch
 
 log = logging.getLogger(__name__)
-
-NOT_DRAINED = frozenset({"/health", "/ready", "/metrics"})
-
-
-class ShuttingDown(GatewayError):
-    status_code = 503
-    error_type = "service_unavailable"
-    code = "shutting_down"
-
-
-class StreamWatch:
-    """Lets the drain end one stream early: it closes the stream's upstream response, and the
-    relay, seeing `ending`, sends the client an error event and `[DONE]`."""
-
-    def __init__(self, close: Callable[[], object]) -> None:
-        self.close = close
-        self.ending: str | None = None
-
-    def end(self, reason: str) -> None:
-        self.ending = reason
-        self.close()
 
 
 class Drain:
     """Shutdown state shared by the routes, the streams and the server."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, accept_window: float = 0.0) -> None:
         self.timeout = timeout
-        self.draining = False
+        self.accept_window = accept_window
+        self.stopping = False  # SIGTERM seen: not ready any more
+        self.draining = False  # new requests are refused
         self.in_flight = 0
         self.idle = asyncio.Event()  # set whenever nothing is in flight
         self.idle.set()
@@ -63,35 +49,37 @@ class Drain:
             await asyncio.wait_for(self.idle.wait(), timeout=seconds)
 
     async def run(self) -> None:
-        """Refuse new work, wait for what is in flight, end the streams still open."""
+        """Turn unready, keep accepting for the window, then refuse new work, wait for what is in
+        flight, and end the streams still open."""
+        self.stopping = True
+        if self.accept_window > 0:
+            log.info("stopping: not ready; still accepting requests for %g s", self.accept_window)
+            await asyncio.sleep(self.accept_window)
         self.draining = True
         log.info("draining: %d request(s) in flight, up to %g s", self.in_flight, self.timeout)
         await self._until_idle(self.timeout)
         if self.streams:
             log.warning("drain time is up: ending %d stream(s)", len(self.streams))
         for watch in list(self.streams):
-            watch.end("The gateway is shutting down; this stream was ended early.")
+            watch.end(ShuttingDown("The gateway is shutting down; this stream was ended early."))
         await self._until_idle(2.0)  # let ended streams write their last events
 
 
 class DrainMiddleware:
     """Counts requests in flight and refuses new ones (503, Retry-After) while draining."""
 
-    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+    def __init__(self, app: ASGIApp, drain: Drain, exempt: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.drain = drain
+        self.exempt = exempt  # probes and metrics keep answering
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in NOT_DRAINED:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
         if self.drain.draining:
-            body = error_body("The gateway is shutting down; retry on another instance.",
-                              "service_unavailable", code="shutting_down")  # fmt: skip
-            response = JSONResponse(
-                body, status_code=503, headers={"Retry-After": "1", "Connection": "close"}
-            )
-            await response(scope, receive, send)
+            refused = ShuttingDown("The gateway is shutting down; retry on another instance.")
+            await reject(scope, receive, send, refused)
             return
         self.drain.started()
         try:

@@ -18,6 +18,15 @@ from collections.abc import Sequence
 from service.protocol import Example, FewShotLayout
 
 
+def few_shot_length(prompt: str, examples: Sequence[Example], layout: FewShotLayout) -> int:
+    """Characters of the prompt `build_few_shot` would build, computed without building it (so an
+    oversized pattern is refused before it takes any memory)."""
+    shot = len(layout.input_prefix) + len(layout.output_prefix) + 3  # two spaces and a newline
+    shots = sum(shot + len(ex.input) + len(ex.output) for ex in examples)
+    last = len(layout.input_prefix) + len(layout.output_prefix) + 2 + len(prompt)
+    return shots + last + len(layout.separator) * len(examples)
+
+
 def build_few_shot(prompt: str, examples: Sequence[Example], layout: FewShotLayout) -> tuple[str, list[str]]:
     """The pattern prompt and the stop sequences at the pattern's boundary."""
     shots = [f"{layout.input_prefix} {ex.input}\n{layout.output_prefix} {ex.output}" for ex in examples]

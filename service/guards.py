@@ -1,45 +1,37 @@
-"""Pure ASGI guards in front of the routes: body size (before parsing, chunked bodies too) and
-API keys (Bearer, constant-time) with an optional per-key rate limit."""
+"""Pure ASGI guards in front of the routes: the body (size before parsing, chunked bodies too, and
+a deadline for it to arrive) and API keys (Bearer, constant-time) with an optional per-key rate
+limit. Refusals are typed errors answered through `errors.reject`."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from limits import RateLimitItem, parse, storage, strategies
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.errors import RateLimited, RequestTimeout, RequestTooLarge, Unauthorized, reject
 
-# Open without a key: probes, and the playground page (it holds no secret; it asks for the key).
-OPEN_PATHS = frozenset({"/health", "/ready", "/"})
-OPEN_PREFIXES = ("/static/",)
+OPEN_PREFIXES = ("/static/",)  # the playground's files: no secret in them (the page asks for the key)
 DISCARD_FACTOR = 16  # how much of an oversized body is read and dropped before answering 413
-
-
-async def _reject(
-    scope: Scope, receive: Receive, send: Send, status: int, body: dict[str, Any], headers: dict[str, str]
-) -> None:
-    record = scope.get("state", {}).get("record")
-    if record is not None:
-        record.failed(body["error"]["type"])
-    await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+WHOLE, GONE, OVER, OVER_MORE_COMING = "whole", "gone", "over", "over, more coming"
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over `max_bytes` with 413 before anything parses them.
+    """Refuse bodies over `max_bytes` with 413 before anything parses them, and bodies that do not
+    arrive within `timeout` seconds with 408 (a slow client holds no slot for long).
 
     The body is read here (as FastAPI would) and replayed to the app; later `receive` calls go to
     the client, so disconnects are still seen.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in {"GET", "HEAD", "OPTIONS"}:
@@ -50,20 +42,18 @@ class BodyLimitMiddleware:
             await self._too_large(scope, receive, send, more_body=True)
             return
         chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            more = bool(message.get("more_body", False))
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(scope, receive, send, more_body=more)
-                return
-            chunks.append(chunk)
-            if not more:
-                break
+        try:
+            async with asyncio.timeout(self.timeout):
+                outcome = await self._read(receive, chunks)
+        except TimeoutError:
+            late = RequestTimeout(f"The request body did not arrive within {self.timeout:g} s.")
+            await reject(scope, receive, send, late)
+            return
+        if outcome == GONE:
+            return
+        if outcome != WHOLE:
+            await self._too_large(scope, receive, send, more_body=outcome == OVER_MORE_COMING)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -75,30 +65,48 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
+    async def _read(self, receive: Receive, chunks: list[bytes]) -> str:
+        """Read the body into `chunks`; says how that went."""
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return GONE
+            chunk = message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            size += len(chunk)
+            if size > self.max_bytes:
+                return OVER_MORE_COMING if more else OVER
+            chunks.append(chunk)
+            if not more:
+                return WHOLE
+
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, more_body: bool) -> None:
         # Read what the client is still sending (up to a bound) so that closing the connection
         # does not reset it before the client has read the 413.
         budget = DISCARD_FACTOR * self.max_bytes
-        while more_body and budget > 0:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            budget -= len(message.get("body", b""))
-            more_body = bool(message.get("more_body", False))
-        text = f"The request body is over the {self.max_bytes}-byte limit."
-        body = error_body(text, "invalid_request_error", code="request_too_large")
-        await _reject(scope, receive, send, 413, body, {"Connection": "close"})
+        try:
+            async with asyncio.timeout(self.timeout):
+                while more_body and budget > 0:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    budget -= len(message.get("body", b""))
+                    more_body = bool(message.get("more_body", False))
+        except TimeoutError:
+            pass
+        await reject(scope, receive, send, RequestTooLarge(self.max_bytes))
 
 
 class ApiKeyMiddleware:
-    """With keys configured, every route but /health and /ready (and /metrics, if public) needs
-    `Authorization: Bearer <key>`; each key may also be rate limited."""
+    """With keys configured, every route but the open ones needs `Authorization: Bearer <key>`;
+    each key may also be rate limited."""
 
     def __init__(
         self,
         app: ASGIApp,
         keys: Sequence[str],
-        open_paths: frozenset[str] = OPEN_PATHS,
+        open_paths: frozenset[str] = frozenset(),
         rate_limit: str | None = None,
     ) -> None:
         self.app = app
@@ -129,20 +137,11 @@ class ApiKeyMiddleware:
             return
         index = self._key_index(scope)
         if index is None:
-            body = error_body(
-                "Missing or invalid API key: send `Authorization: Bearer <key>`.",
-                "invalid_request_error",
-                code="invalid_api_key",
-            )
-            await _reject(scope, receive, send, 401, body, {"WWW-Authenticate": "Bearer"})
+            await reject(scope, receive, send, Unauthorized())
             return
         if self.limit is not None and not self.limiter.hit(self.limit, str(index)):
             reset, _ = self.limiter.get_window_stats(self.limit, str(index))
-            body = error_body(
-                f"Rate limit of {self.limit} exceeded for this API key.", "rate_limit_error",
-                code="rate_limit_exceeded",
-            )  # fmt: skip
             retry_after = max(1, int(reset - time.time()) + 1)
-            await _reject(scope, receive, send, 429, body, {"Retry-After": str(retry_after)})
+            await reject(scope, receive, send, RateLimited(str(self.limit), retry_after))
             return
         await self.app(scope, receive, send)

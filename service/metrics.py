@@ -21,22 +21,17 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.pool import ModelPool
+from service.logs import DropCount
+from service.pool import ModelPool, address_of
 
 # 1 ms .. 10 min, roughly x2.5 per step: fine where people look (10 ms - 10 s), bounded elsewhere.
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
-ENDPOINTS = {
-    "/complete": "complete",
-    "/chat": "chat",
-    "/v1/completions": "v1_completions",
-    "/v1/chat/completions": "v1_chat_completions",
-}
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -56,25 +51,42 @@ def observe_many(histogram: Any, value: float, count: int) -> None:
 
 
 class WorkerHealthCollector(Collector):
-    """`gateway_worker_up`, read from the pools at scrape time (no state to keep in sync)."""
+    """`gateway_worker_up`, read from the pools at scrape time (no state to keep in sync).
+    With `hide_addresses`, a worker known only by its address is labelled `<model>-<index>`."""
 
-    def __init__(self, pools: Callable[[], Iterable[ModelPool]]) -> None:
+    def __init__(self, pools: Callable[[], Iterable[ModelPool]], hide_addresses: bool = False) -> None:
         self._pools = pools
+        self._hide_addresses = hide_addresses
 
     def collect(self) -> Iterable[Metric]:
         family = GaugeMetricFamily("gateway_worker_up", "1 healthy, 0 not", labels=["model", "worker"])
         for pool in self._pools():
-            for worker in pool.workers:
-                family.add_metric([pool.name, worker.label], 1.0 if worker.healthy else 0.0)
+            for index, worker in enumerate(pool.workers):
+                label = worker.label
+                if self._hide_addresses and label == address_of(worker.url):
+                    label = f"{pool.name}-{index}"
+                family.add_metric([pool.name, label], 1.0 if worker.healthy else 0.0)
+        yield family
+
+
+class LogDropsCollector(Collector):
+    """`gateway_log_records_dropped_total`: log records the bounded log queue had no room for."""
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "gateway_log_records_dropped", "Log records dropped because the log writer fell behind"
+        )
+        family.add_metric([], float(DropCount.value))
         yield family
 
 
 class Metrics:
     """Every gateway metric, registered in its own registry (tests build many apps)."""
 
-    def __init__(self, pools: Callable[[], Iterable[ModelPool]]) -> None:
+    def __init__(self, pools: Callable[[], Iterable[ModelPool]], hide_addresses: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._pools = pools
+        self._health = WorkerHealthCollector(pools, hide_addresses)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         registry = self.registry
         self.requests = Counter(
@@ -117,7 +129,8 @@ class Metrics:
         self.errors = Counter(
             "gateway_errors", "Failures by OpenAI error type", ["endpoint", "type"], registry=registry
         )
-        registry.register(WorkerHealthCollector(pools))
+        registry.register(self._health)
+        registry.register(LogDropsCollector())
 
     def child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, remembered: label sets are few (endpoints x models x statuses),
@@ -133,6 +146,7 @@ class Metrics:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             merged = CollectorRegistry()
             multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-            merged.register(WorkerHealthCollector(self._pools))
+            merged.register(self._health)
+            merged.register(LogDropsCollector())
             return generate_latest(merged)
         return generate_latest(self.registry)

@@ -4,7 +4,6 @@ it hides disconnects and costs throughput)."""
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import re
 import time
@@ -13,10 +12,10 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import ENDPOINTS, Metrics, observe_many
+from service.logs import request_id_var
+from service.metrics import Metrics, observe_many
 
 log = logging.getLogger("gateway.access")
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 REQUEST_ID_HEADER = b"x-request-id"
 VALID_REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")  # visible ASCII, bounded: safe to log and echo
 UNKNOWN_MODEL = "unknown"
@@ -120,16 +119,17 @@ class ObservabilityMiddleware:
     """Gives every request an id (the client's `X-Request-Id` if sane, else a new one), echoes it on
     the response, and reports every generation request when it ends, however it ends."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, labels: dict[str, str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.labels = labels  # path -> metric label of the endpoints whose requests are recorded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
-        endpoint = ENDPOINTS.get(scope["path"])
+        endpoint = self.labels.get(scope["path"])
         record = RequestRecord(self.metrics, request_id, endpoint, receive=receive) if endpoint else None
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -157,12 +157,3 @@ def _request_id(scope: Scope) -> str:
         if name == REQUEST_ID_HEADER and VALID_REQUEST_ID.match(value):
             return str(value.decode())
     return uuid.uuid4().hex
-
-
-class RequestIdFilter(logging.Filter):
-    """Puts the current request id on every log record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id"):
-            record.request_id = request_id_var.get()
-        return True

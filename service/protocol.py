@@ -102,12 +102,16 @@ class Example(Strict):
     output: Text
 
 
-class FewShotLayout(Strict):
-    """How examples become a prompt: `{input_prefix} {input}`, newline, `{output_prefix} {output}`."""
+MAX_LAYOUT_CHARS = 1000
 
-    input_prefix: Text = "Input:"
-    output_prefix: Text = "Output:"
-    separator: Text = "\n\n"
+
+class FewShotLayout(Strict):
+    """How examples become a prompt: `{input_prefix} {input}`, newline, `{output_prefix} {output}`.
+    Each part is repeated once per example, so each is short (and the built prompt is counted)."""
+
+    input_prefix: Text = Field("Input:", max_length=MAX_LAYOUT_CHARS)
+    output_prefix: Text = Field("Output:", max_length=MAX_LAYOUT_CHARS)
+    separator: Text = Field("\n\n", max_length=MAX_LAYOUT_CHARS)
 
 
 class CompleteRequest(Sampling):

@@ -8,9 +8,11 @@ import signal
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.drain import Drain
+from service.http_protocol import ClientLimits, guarded_protocol
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -37,9 +39,27 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, None)
 
 
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration for the gateway: its protocol guards slow clients (see http_protocol)."""
+    limits = ClientLimits(settings.header_timeout, settings.max_header_bytes, settings.max_connections)
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # keep the handlers configure_logging installed
+        access_log=False,  # the gateway writes its own access line (gateway.access)
+        loop="auto",
+        http=guarded_protocol(limits),
+        lifespan="on",  # a failing start-up stops the server instead of serving without state
+        timeout_graceful_shutdown=5,  # the drain already gave requests their time
+        timeout_keep_alive=settings.keep_alive_timeout,
+    )
+
+
 def serve(settings: Settings) -> int:
     """Serve until SIGINT/SIGTERM; the lifespan stops every worker before returning."""
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.log_queue_size)
     logging.getLogger(__name__).info(
         "serving on http://%s:%d; models: %s", settings.host, settings.port,
         ", ".join(f"{m.name} ({m.kind.value})" for m in settings.models),
@@ -49,20 +69,7 @@ def serve(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopped_by.append(signum))
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep the handlers configure_logging installed
-        access_log=False,  # the gateway writes its own access line (gateway.access)
-        loop="auto",
-        http="auto",
-        lifespan="on",  # a failing start-up stops the server instead of serving without state
-        timeout_graceful_shutdown=5,  # the drain already gave requests their time
-        timeout_keep_alive=settings.keep_alive_timeout,
-    )
-    DrainingServer(config, app.state.drain).run()
+    DrainingServer(server_config(app, settings), app.state.drain).run()
     if stopped_by:
         logging.getLogger(__name__).info("stopped by %s", signal.Signals(stopped_by[0]).name)
     return 0

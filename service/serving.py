@@ -7,7 +7,6 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from service.caps import enforce_caps
-from service.errors import InvalidRequest
 from service.fewshot import build_few_shot
 from service.gateway import Gateway
 from service.observe import RequestRecord
@@ -45,18 +44,21 @@ async def chat(gateway: Gateway, request: ChatRequest, record: RequestRecord) ->
     return JSONResponse(native_chat(await gateway.generate(pool, body, record), pool.name))
 
 
-async def render(gateway: Gateway, request: RenderRequest) -> dict[str, Any]:
+async def render(gateway: Gateway, request: RenderRequest, record: RequestRecord) -> Response:
     """POST /chat/render: the exact prompt text and token ids a /chat request would send."""
     enforce_caps(request, gateway.settings)
     pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    record.admit(pool.name)
     gateway.require_chat(pool)
     rendered = await gateway.render(pool, messages_as_dicts(request.messages))
-    return {
-        "model": pool.name,
-        "prompt": rendered.text,
-        "token_ids": rendered.token_ids,
-        "num_tokens": len(rendered.token_ids),
-    }
+    return JSONResponse(
+        {
+            "model": pool.name,
+            "prompt": rendered.text,
+            "token_ids": rendered.token_ids,
+            "num_tokens": len(rendered.token_ids),
+        }
+    )
 
 
 async def v1_completions(gateway: Gateway, request: V1CompletionRequest, record: RequestRecord) -> Response:
@@ -66,14 +68,15 @@ async def v1_completions(gateway: Gateway, request: V1CompletionRequest, record:
     record.admit(pool.name)
     prompts = await _prompt_ids(gateway, pool, request.prompt)
     body = gateway.completion_body(pool, prompts, request.max_tokens, request.engine_params(), request.stream)
+    sequences = len(prompts) * request.n  # what the worker runs at once
     if request.stream:
         options = request.stream_options
         if options and options.continuous_usage_stats:
             body["stream_options"] = options.model_dump()
         # The gateway always asks for usage (to count tokens); the client gets it only if it asked.
         forward_usage = bool(options and options.include_usage)
-        return await gateway.stream(pool, body, record, None, forward_usage)
-    return JSONResponse(await gateway.generate(pool, body, record))
+        return await gateway.stream(pool, body, record, None, forward_usage, sequences=sequences)
+    return JSONResponse(await gateway.generate(pool, body, record, sequences=sequences))
 
 
 async def v1_chat(gateway: Gateway, request: V1ChatRequest, record: RequestRecord) -> Response:
@@ -101,17 +104,12 @@ async def _admit_chat(
 
 
 async def _prompt_ids(gateway: Gateway, pool: ModelPool, prompt: str | list[Any]) -> list[list[int]]:
-    """Every OpenAI prompt form (text, texts, ids, lists of ids) as lists of token ids."""
+    """Every OpenAI prompt form (text, texts, ids, lists of ids) as lists of token ids; several
+    texts are tokenized in one batch, off the event loop."""
     if isinstance(prompt, str):
         return [await gateway.encode(pool, prompt)]
     if all(isinstance(item, int) for item in prompt):
         return [list(prompt)]
-    prompts: list[list[int]] = []
-    for item in prompt:
-        if isinstance(item, str):
-            prompts.append(await gateway.encode(pool, item))
-        elif isinstance(item, list):
-            prompts.append(list(item))
-        else:
-            raise InvalidRequest("prompt must be text, a list of texts, or token ids", param="prompt")
-    return prompts
+    texts = [item for item in prompt if isinstance(item, str)]
+    encoded = iter(await gateway.encode_many(pool, texts))
+    return [next(encoded) if isinstance(item, str) else list(item) for item in prompt]

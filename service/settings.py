@@ -49,6 +49,11 @@ class ModelSpec(BaseModel):
     engine_args: list[str] = Field(default_factory=list, description="Extra vLLM server arguments.")
     engine_env: dict[str, str] = Field(default_factory=dict, description="Extra worker environment.")
     chat_template: Path | None = Field(default=None, description="Jinja file overriding the chat template.")
+    allow_control_tokens: bool = Field(
+        default=False,
+        description="Let chat message text hold this model's control tokens (e.g. `<|im_start|>`) and act as "
+        "them; off: such messages are refused with a 400 naming the token.",
+    )
 
     @model_validator(mode="after")
     def _needs_weights_or_workers(self) -> Self:
@@ -113,6 +118,16 @@ class Settings(BaseSettings):
     worker_start_timeout: float = Field(
         default=900.0, gt=0, description="Seconds a worker may take to start."
     )
+    worker_restart_after_failed_checks: int = Field(
+        default=10,
+        ge=0,
+        description="Restart an embedded worker that was healthy and then fails this many health checks in "
+        "a row (alive but wedged); 0: never.",
+    )
+    worker_log_max_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Size at which a worker's log file is rotated."
+    )
+    worker_log_backups: int = Field(default=2, ge=0, description="Rotated worker log files kept.")
     worker_kv_cache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE per CPU worker.")
     worker_cpu_binding: bool = Field(default=True, description="Spread embedded workers over the CPU cores.")
     health_interval: float = Field(default=2.0, gt=0, description="Seconds between worker health checks.")
@@ -128,6 +143,12 @@ class Settings(BaseSettings):
         description="Cap on max_tokens when a request omits it (rest of context otherwise).",
     )
     connect_timeout: float = Field(default=5.0, gt=0, description="Seconds to connect to a worker.")
+    upstream_keep_alive: float = Field(
+        default=4.0,
+        gt=0,
+        description="Seconds an idle worker connection is kept; below the worker's own idle timeout "
+        "(vLLM: 5 s), so the gateway never reuses a connection the worker is closing.",
+    )
     read_timeout: float = Field(default=600.0, gt=0, description="Seconds a non-streamed answer may take.")
     first_token_timeout: float = Field(default=300.0, gt=0, description="Seconds to a stream's first token.")
     idle_token_timeout: float = Field(default=60.0, gt=0, description="Seconds between a stream's tokens.")
@@ -137,23 +158,46 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys (comma-separated); empty: no auth."
     )
-    metrics_require_key: bool = Field(default=False, description="Whether /metrics needs a key too.")
+    metrics_require_key: bool | None = Field(
+        default=None,
+        description="Whether /metrics needs a key; unset: yes when API keys are set. Public metrics never "
+        "show worker addresses while keys are set.",
+    )
     rate_limit: str | None = Field(default=None, description="Per-key limit such as `600/minute`.")
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma-separated); empty: CORS off."
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body.")
+    body_timeout: float = Field(default=30.0, gt=0, description="Seconds a client may take to send its body.")
+    header_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a client may take to send a request's headers."
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest request line plus headers (431 above)."
+    )
+    max_connections: int = Field(
+        default=4096, ge=1, description="Open client connections at most (503 and close above)."
+    )
     max_n: int = Field(default=8, ge=1, le=16, description="Largest `n`.")
     max_stop: int = Field(default=8, ge=1, le=16, description="Most `stop` sequences.")
     max_tokens_limit: int | None = Field(
         default=None, ge=1, description="Largest `max_tokens`; unset: the context."
     )
     max_logprobs: int = Field(default=20, ge=0, le=20, description="Largest `logprobs` / `top_logprobs`.")
+    max_prompts: int = Field(
+        default=1024, ge=1, le=1024, description="Most prompts in one batched /v1/completions request."
+    )
     max_messages: int = Field(default=256, ge=1, le=1024, description="Most chat messages.")
     max_prompt_chars: int = Field(
         default=1_000_000, ge=1, description="Longest prompt (all messages) in characters."
     )
     drain_timeout: float = Field(default=30.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
+    drain_accept_window: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds after SIGTERM during which new requests are still served (while /ready says "
+        "503), so load balancers can stop routing here first.",
+    )
     keep_alive_timeout: int = Field(
         default=75,
         ge=1,
@@ -162,6 +206,9 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_format: Literal["json", "text"] = Field(default="json", description="json lines, or text for people.")
+    log_queue_size: int = Field(
+        default=10_000, ge=100, description="Log records waiting for the writer at most (more are dropped)."
+    )
 
     @field_validator("api_keys", "cors_allow_origins", mode="before")
     @classmethod
@@ -214,6 +261,13 @@ class Settings(BaseSettings):
         if not self.models:
             raise ValueError("models: at least one model is required")
         return self
+
+    @property
+    def metrics_need_key(self) -> bool:
+        """Whether GET /metrics asks for an API key."""
+        if self.metrics_require_key is None:
+            return bool(self.api_keys)
+        return self.metrics_require_key and bool(self.api_keys)
 
     def model_dir(self, builtin_name: str) -> Path:
         """Folder where `prepare` writes a built-in model."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer, models
 
 from service.errors import InvalidRequest
 from service.settings import ModelKind, ModelSpec, Settings
@@ -51,13 +51,42 @@ class TokenizerFiles:
     chat_template: str | None
 
 
+class ControlTokenFinder:
+    """Finds a tokenizer's control tokens written as plain text, e.g. `<|im_start|>` in a message.
+
+    The tokenizer would turn such text into the real token (it matches added tokens even with
+    `add_special_tokens=False`), letting a user forge turns. The matching is the tokenizers library's
+    own (Aho-Corasick over the added tokens) on a tokenizer that has nothing else: a few
+    microseconds for a short message, even for Gemma's 6,249 special tokens.
+    """
+
+    UNKNOWN = "\x00"
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self._finder = Tokenizer(models.WordLevel({self.UNKNOWN: 0}, unk_token=self.UNKNOWN))
+        self._finder.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tokens])
+
+    def first(self, text: str) -> str | None:
+        """The first control token written in `text`, or None."""
+        encoding = self._finder.encode(text, add_special_tokens=False)
+        return next((token for token, id_ in zip(encoding.tokens, encoding.ids, strict=True) if id_), None)
+
+
+def control_tokens(tokenizer: Tokenizer, named: dict[str, str]) -> list[str]:
+    """The texts of a tokenizer's special (control) tokens: its special added tokens and the named
+    ones (BOS, EOS, ...)."""
+    special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    return sorted(special | set(named.values()))
+
+
 class ModelTokenizer:
-    """One model's tokenizer, BOS policy and (for instruct models) chat template."""
+    """One model's tokenizer, BOS policy, control tokens and (for instruct models) chat template."""
 
     def __init__(self, spec: ModelSpec, files: TokenizerFiles, chat_template: str | None) -> None:
         self.spec = spec
         self._tokenizer = files.tokenizer
         self._special_tokens: dict[str, Any] = dict(files.special_tokens)  # template variables too
+        self._control = ControlTokenFinder(control_tokens(files.tokenizer, files.special_tokens))
         self.chat_template = chat_template
         # Imported here (tokenizers load in a thread once the workers are launching), not at the top:
         # importing transformers takes ~1.4 s and would hold back the workers' launch.
@@ -78,8 +107,30 @@ class ModelTokenizer:
         """Token ids of a raw completion prompt: BOS first exactly once when the model uses one."""
         return self._single_bos(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> RenderedPrompt:
+    def encode_many(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """`encode` for a batch, in one call into the Rust tokenizer (which may use several threads)."""
+        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+        return [self._single_bos(encoding.ids) for encoding in encodings]
+
+    def check_messages(self, messages: Sequence[dict[str, Any]]) -> None:
+        """Refuse message text that holds a control token's text, unless the model allows it: user
+        text never gets the power of control tokens (no forged turns)."""
+        if self.spec.allow_control_tokens:
+            return
+        for index, message in enumerate(messages):
+            for where, text in _texts(message):
+                token = self._control.first(text)
+                if token is not None:
+                    raise InvalidRequest(
+                        f"messages.{index}{where} contains {token!r}, a control token of model "
+                        f"'{self.spec.name}'; control tokens cannot be sent as message text.",
+                        param=f"messages.{index}{where}",
+                        code="control_token_in_message",
+                    )
+
+    def render_chat(self, messages: Sequence[dict[str, Any]]) -> RenderedPrompt:
         """Render the chat template with a generation prompt, then tokenize without adding specials."""
+        self.check_messages(messages)
         if self.chat_template is None:
             raise InvalidRequest(f"model '{self.spec.name}' has no chat template", param="model")
         try:
@@ -190,6 +241,19 @@ def _default_template(value: Any) -> str | None:
 def load_tokenizers(settings: Settings) -> dict[str, ModelTokenizer]:
     """Tokenizers of every configured model, by served name."""
     return {spec.name: load_tokenizer(spec, settings) for spec in settings.models}
+
+
+def _texts(value: Any, where: str = "") -> list[tuple[str, str]]:
+    """Every string inside a message (content, parts, names, tool calls), with where it is."""
+    if isinstance(value, str):
+        return [(where, value)]
+    if isinstance(value, dict):
+        return [
+            found for key, item in value.items() if key != "role" for found in _texts(item, f"{where}.{key}")
+        ]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in _texts(item, f"{where}.{index}")]
+    return []
 
 
 def messages_as_dicts(messages: Sequence[Any]) -> list[dict[str, str]]:

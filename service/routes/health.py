@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from service.deps import GatewayDep
 from service.metrics import CONTENT_TYPE, Metrics
 
-router = APIRouter(tags=["health"])
 
-
-@router.get("/health")
 async def health() -> dict[str, str]:
     """200 while the process serves."""
     return {"status": "ok"}
 
 
-@router.get("/ready")
 async def ready(gateway: GatewayDep) -> JSONResponse:
     """200 when every model has a healthy worker; else 503 naming the models that have none.
     Draining (after SIGTERM): 503 at once."""
     models = {pool.name: pool.ready for pool in gateway.pools.values()}
     waiting = [name for name, up in models.items() if not up]
-    ok = not waiting and not gateway.drain.draining
-    status = "draining" if gateway.drain.draining else "ready" if ok else "not ready"
+    ok = not waiting and not gateway.drain.stopping
+    status = "draining" if gateway.drain.stopping else "ready" if ok else "not ready"
     body = {"status": status, "models": models, "not_ready": waiting}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     registry: Metrics = request.app.state.metrics

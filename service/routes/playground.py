@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
-router = APIRouter(include_in_schema=False)
 
-
-@router.get("/")
 async def playground() -> FileResponse:
     """The page; it asks for an API key itself when the gateway needs one."""
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})

@@ -43,6 +43,14 @@ class Stack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def worker_url(self, model: str) -> str:
+        """Where the (first) worker of `model` listens, read from its command line."""
+        for process in self.worker_processes():
+            argv = process.cmdline()
+            if argv[argv.index("--served-model-name") + 1] == model:
+                return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
+        raise AssertionError(f"no worker process for {model}")
+
 
 def _is_api_server(process: psutil.Process) -> bool:
     try:
@@ -51,7 +59,8 @@ def _is_api_server(process: psutil.Process) -> bool:
         return False
 
 
-def _wait_ready(stack: Stack) -> None:
+def wait_ready(stack: Stack) -> None:
+    """Until /ready says 200 (fails with the gateway's log tail if it exits or takes too long)."""
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if stack.process.poll() is not None:
@@ -71,7 +80,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     port = free_port("127.0.0.1")
     log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(GATEWAY_PORT=str(port), GATEWAY_HEALTH_INTERVAL="1", GATEWAY_RESTART_BACKOFF_INITIAL="1")
+    env.update(
+        GATEWAY_PORT=str(port), GATEWAY_HEALTH_INTERVAL="1", GATEWAY_RESTART_BACKOFF_INITIAL="1",
+        GATEWAY_DRAIN_ACCEPT_WINDOW="2",
+    )  # fmt: skip
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT
@@ -79,7 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
     started = time.monotonic()
     try:
-        _wait_ready(stack)
+        wait_ready(stack)
         print(f"\nembedded stack ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
         yield stack
     finally:

@@ -8,7 +8,7 @@ from tests.e2e.conftest import Stack
 
 def test_e2e_benchmark_measures_both_paths(stack: Stack) -> None:
     report = compare(
-        stack.url, worker_url_of(stack.url, MODEL), concurrency=1, requests=1, rounds=1, max_tokens=4
+        stack.url, worker_url_of(stack.process.pid, MODEL), concurrency=1, requests=1, rounds=1, max_tokens=4
     )
     for target in ("direct", "gateway"):
         numbers = report[target]

@@ -13,10 +13,8 @@ from tests.promtext import parse
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.8}
 
 
-def worker_urls(client: httpx.Client) -> dict[str, str]:
-    samples = parse(client.get("/metrics").text)
-    labels = [dict(key) for (name, key) in samples if name == "gateway_worker_up"]
-    return {label["model"]: f"http://{label['worker']}" for label in labels}
+def worker_urls(stack: Stack) -> dict[str, str]:
+    return {model: stack.worker_url(model) for model in (BASE_MODEL, INSTRUCT_MODEL)}
 
 
 def vllm_load(url: str) -> float:
@@ -52,7 +50,7 @@ async def _start_and_abandon(url: str, count: int) -> None:
 
 
 def test_cancelled_requests_are_aborted_in_vllm(stack: Stack, client: httpx.Client) -> None:
-    urls = worker_urls(client)
+    urls = worker_urls(stack)
     asyncio.run(_start_and_abandon(stack.url, 12))
     deadline = time.monotonic() + 30
     while any(vllm_load(url) for url in urls.values()):

@@ -99,7 +99,7 @@ def test_stop_cancels_the_requests(page: Page, stack: Stack, client: httpx.Clien
     done(page, "instruct", "stopped", 10_000)
     assert page.locator("#instruct-stats [data-stat=finish]").inner_text() == "stopped"
     deadline = time.monotonic() + 20
-    urls = worker_urls(client)
+    urls = worker_urls(stack)
     while True:
         samples = parse(client.get("/metrics").text)
         in_flight = sum(v for (name, _), v in samples.items() if name == "gateway_requests_in_flight")

@@ -18,6 +18,7 @@ from tests.promtext import parse
 
 RESTART_TIMEOUT_SECONDS = 600
 HEALTH_INTERVAL = 1.0  # what the stack fixture configures
+DRAIN_ACCEPT_WINDOW = 2.0  # likewise
 
 
 def _worker_up(client: httpx.Client) -> float:
@@ -73,7 +74,7 @@ def test_sigterm_drains_then_stops_the_gateway_and_every_worker(stack: Stack, cl
     body = {
         "model": BASE_MODEL,
         "prompt": "Once upon a time",
-        "max_tokens": 24,
+        "max_tokens": 120,
         "ignore_eos": True,
         "stream": True,
     }
@@ -82,9 +83,14 @@ def test_sigterm_drains_then_stops_the_gateway_and_every_worker(stack: Stack, cl
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
         stack.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         time.sleep(0.3)
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        # Still served during the accept window (a balancer may not have stopped routing here yet)...
+        assert client.post("/complete", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+        time.sleep(max(0.0, DRAIN_ACCEPT_WINDOW + 0.5 - (time.monotonic() - signalled)))
+        # ...then refused while the stream in flight finishes.
         refused = client.post("/complete", json={"prompt": "x", "max_tokens": 1})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
         rest = [line[6:] for line in lines if line.startswith("data: ")]

@@ -1,54 +1,88 @@
-"""The direct path (service.fastroutes) must answer exactly as FastAPI would. `/chat/render` is still
-served by FastAPI (it returns a dict for its response_model) and validates `messages` with the same
-models as `/chat` and `/v1/chat/completions`, which take the direct path: the same bad input must get
-the same status and envelope from both."""
+"""The dispatcher serves every POST endpoint of the table: bad input of any kind is a 400 envelope
+with a message a person understands (no validator names, no echo of the input), on every route."""
 
 from __future__ import annotations
+
+import re
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
-from service.fastroutes import direct_routes
+from service.endpoint import post_endpoints
+from service.endpoints import ENDPOINTS
+
+POST_PATHS = sorted(post_endpoints(ENDPOINTS))
+PYDANTIC_INTERNALS = re.compile(r"function-(after|before|wrap|plain)|\[|model_attributes_type|json_invalid")
 
 BAD_BODIES = [
-    (b"", "application/json"),
-    (b"{not json", "application/json"),
-    (b"[1, 2]", "application/json"),
-    (b'"text"', "application/json"),
-    (b"\xff\xfe\x00", "application/json"),
-    (b'{"model": "chat", "messages": []}', "application/json"),
-    (b'{"model": "chat", "messages": [{"role": "robot", "content": "hi"}]}', "application/json"),
-    (b'{"model": "chat", "messages": [{"role": "user", "content": "\\ud800"}]}', "application/json"),
-    (b'{"model": "chat", "messages": [{"role": "user"}]}', "application/json"),
-    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}', "application/json"),
-    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}', "text/plain"),
-    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}', ""),
-    (b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', "application/json"),
-    (b'{"model": "base", "messages": [{"role": "user", "content": "hi"}]}', "application/json"),
-]
+    (b"", "application/json", "no body"),
+    (b"{not json", "application/json", "not valid JSON"),
+    (b"[1, 2]", "application/json", "must be a JSON object"),
+    (b'"text"', "application/json", "must be a JSON object"),
+    (b"\xff\xfe\x00", "application/json", "not valid JSON"),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "\\ud800"}]}', "application/json",
+     "surrogate"),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}', "text/plain", "Content-Type"),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}', "", "Content-Type"),
+]  # fmt: skip
 
 
-def test_generation_routes_take_the_direct_path(gateway_app: FastAPI) -> None:
-    routes = direct_routes(gateway_app)
-    assert set(routes) == {"/complete", "/chat", "/v1/completions", "/v1/chat/completions"}
-    assert "/chat/render" not in routes  # returns a dict: FastAPI applies its response_model
+def test_every_post_endpoint_is_dispatched_and_documented(gateway_app: FastAPI) -> None:
+    schema = gateway_app.openapi()
+    for path in POST_PATHS:
+        operation = schema["paths"][path]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert operation["responses"]["400"]["content"]["application/json"]
 
 
-@pytest.mark.parametrize(("raw", "content_type"), BAD_BODIES)
-async def test_direct_path_errors_match_fastapi(
-    http: httpx.AsyncClient, raw: bytes, content_type: str
+@pytest.mark.parametrize("path", POST_PATHS)
+@pytest.mark.parametrize(("raw", "content_type", "says"), BAD_BODIES)
+async def test_bad_bodies_get_a_clear_400_on_every_route(
+    http: httpx.AsyncClient, path: str, raw: bytes, content_type: str, says: str
 ) -> None:
     headers = {"content-type": content_type} if content_type else {}
-    by_fastapi = await http.post("/chat/render", content=raw, headers=headers)
-    direct = await http.post("/chat", content=raw, headers=headers)
-    assert by_fastapi.status_code >= 400
-    assert (direct.status_code, direct.json()) == (by_fastapi.status_code, by_fastapi.json())
-    assert set(direct.json()["error"]) == {"message", "type", "param", "code"}
+    response = await http.post(path, content=raw, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert says in error["message"]
+    assert not PYDANTIC_INTERNALS.search(error["message"]), error["message"]
 
 
-async def test_direct_path_counts_failures_like_fastapi(http: httpx.AsyncClient) -> None:
-    """A refused request on the direct path is still counted and logged as a failed request."""
+@pytest.mark.parametrize("path", POST_PATHS)
+async def test_json_nested_2000_deep_is_a_400_not_a_500(http: httpx.AsyncClient, path: str) -> None:
+    deep = b'{"prompt": ' + b"[" * 2000 + b"]" * 2000 + b', "messages": []}'
+    response = await http.post(path, content=deep, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == "The request body is nested too deeply to be parsed."
+
+
+async def test_validation_messages_name_the_field_without_internals(http: httpx.AsyncClient) -> None:
+    cases = [
+        ("/chat", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ("/chat", {"messages": [{"role": "user"}]}, "messages.0.content"),
+        ("/complete", {"prompt": "x", "temperature": -1}, "temperature"),
+        ("/complete", {"prompt": "x", "bogus": 1}, "bogus"),
+    ]
+    for path, body, param in cases:
+        response = await http.post(path, json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param
+        assert error["message"].startswith(param) or param in error["message"]
+        assert not PYDANTIC_INTERNALS.search(error["message"]), error["message"]
+
+
+async def test_wrong_method_is_a_405_envelope(http: httpx.AsyncClient) -> None:
+    response = await http.get("/complete")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_refusals_are_counted(http: httpx.AsyncClient) -> None:
+    """A refused request on a table endpoint is still counted and logged as a failed request."""
     before = (await http.get("/metrics")).text
     response = await http.post("/v1/completions", json={"model": "base", "prompt": "hi", "n": "many"})
     assert response.status_code == 400

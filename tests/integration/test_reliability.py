@@ -209,7 +209,6 @@ async def test_api_keys_rate_limit_and_open_paths(standin_url: str) -> None:
     async with running_gateway(settings) as (_, http):
         assert (await http.get("/health")).status_code == 200
         assert (await http.get("/ready")).status_code == 200
-        assert (await http.get("/metrics")).status_code == 200
         missing = await http.post("/complete", json={"prompt": "x"})
         assert envelope(missing, 401)["code"] == "invalid_api_key"
         assert missing.headers["www-authenticate"] == "Bearer"
@@ -228,11 +227,30 @@ async def test_api_keys_rate_limit_and_open_paths(standin_url: str) -> None:
         assert (await http.post("/complete", json={"prompt": "x"}, headers=other)).status_code == 200
 
 
-async def test_metrics_can_require_a_key(standin_url: str) -> None:
-    settings = standin_settings(standin_url, api_keys="k", metrics_require_key=True)
+async def test_metrics_need_a_key_by_default_once_keys_are_set(standin_url: str) -> None:
+    settings = standin_settings(standin_url, api_keys="k")
     async with running_gateway(settings) as (_, http):
-        assert (await http.get("/metrics")).status_code == 401
-        assert (await http.get("/metrics", headers={"Authorization": "Bearer k"})).status_code == 200
+        assert envelope(await http.get("/metrics"), 401)["code"] == "invalid_api_key"
+        scraped = await http.get("/metrics", headers={"Authorization": "Bearer k"})
+        assert scraped.status_code == 200
+        assert f'worker="{standin_url.removeprefix("http://")}"' in scraped.text  # the key holder sees where
+
+
+async def test_public_metrics_never_show_worker_addresses_while_keys_are_set(standin_url: str) -> None:
+    settings = standin_settings(standin_url, api_keys="k", metrics_require_key=False)
+    async with running_gateway(settings) as (_, http):
+        scraped = await http.get("/metrics")
+        assert scraped.status_code == 200
+        address = standin_url.removeprefix("http://")
+        assert address not in scraped.text and address.split(":")[0] not in scraped.text
+        assert 'gateway_worker_up{model="base",worker="base-0"} 1.0' in scraped.text
+
+
+async def test_without_keys_metrics_are_open_and_name_workers(standin_url: str) -> None:
+    async with running_gateway(standin_settings(standin_url)) as (_, http):
+        scraped = await http.get("/metrics")
+        assert scraped.status_code == 200
+        assert standin_url.removeprefix("http://") in scraped.text
 
 
 async def test_cors_only_with_an_allow_list(standin_url: str) -> None:
@@ -251,7 +269,8 @@ async def test_cors_only_with_an_allow_list(standin_url: str) -> None:
 async def test_drain_refuses_new_work_and_ends_streams_cleanly(standin_url: str, script: Script) -> None:
     script.tokens = ["t"] * 1000
     script.token_delay = 0.02
-    async with running_gateway(standin_settings(standin_url, drain_timeout=0.3)) as (app, http):
+    settings = standin_settings(standin_url, drain_timeout=0.3, drain_accept_window=0)
+    async with running_gateway(settings) as (app, http):
         async with http.stream("POST", "/chat", json={**CHAT, "stream": True}) as response:
             drain = asyncio.ensure_future(app.state.drain.run())
             await asyncio.sleep(0.05)
@@ -265,3 +284,20 @@ async def test_drain_refuses_new_work_and_ends_streams_cleanly(standin_url: str,
         assert json.loads(payloads[-2])["error"]["code"] == "shutting_down"
         assert outstanding(app.state.gateway) == 0
         await eventually(lambda: script.open_streams == 0)  # the worker saw its stream closed
+
+
+async def test_after_sigterm_new_requests_are_served_during_the_accept_window(
+    standin_url: str, script: Script
+) -> None:
+    """A balancer may still route a few requests here after SIGTERM: /ready says 503 at once, but
+    requests keep being served for the accept window; only then are they refused."""
+    settings = standin_settings(standin_url, drain_timeout=1.0, drain_accept_window=0.5)
+    async with running_gateway(settings) as (app, http):
+        drain = asyncio.ensure_future(app.state.drain.run())
+        await asyncio.sleep(0.05)
+        assert (await http.get("/ready")).status_code == 503
+        served = await http.post("/chat", json=CHAT)
+        assert served.status_code == 200, served.text
+        await asyncio.sleep(0.6)
+        assert envelope(await http.post("/chat", json=CHAT), 503)["code"] == "shutting_down"
+        await drain

@@ -58,6 +58,7 @@ def test_exports_exactly_the_documented_metric_names() -> None:
         "gateway_worker_up",
         "gateway_client_disconnects",
         "gateway_errors",
+        "gateway_log_records_dropped",
     }
 
 

@@ -81,6 +81,28 @@ def test_topology_is_what_the_gateway_expects(
     assert hpa["spec"]["scaleTargetRef"]["name"] == "llm-gateway"
 
 
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_a_rollout_drains_without_refusing_requests(overlay: str) -> None:
+    """preStop keeps the pod serving while its endpoint is removed; the grace period covers the
+    preStop sleep, the accept window and the drain."""
+    pod = by_kind(render(K8S / "overlays" / overlay), "Deployment")["llm-gateway"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    drain = float(env.get("GATEWAY_DRAIN_TIMEOUT") or Settings().drain_timeout)
+    window = float(env.get("GATEWAY_DRAIN_ACCEPT_WINDOW") or Settings().drain_accept_window)
+    assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + window + drain + 5
+
+
+def test_prometheus_scrapes_metrics_with_a_key() -> None:
+    documents = render(K8S / "base")
+    endpoint = by_kind(documents, "ServiceMonitor")["llm-gateway"]["spec"]["endpoints"][0]
+    credentials = endpoint["authorization"]["credentials"]
+    secret = by_kind(documents, "Secret")[credentials["name"]]["stringData"]
+    assert secret[credentials["key"]] in secret["api-keys"].split(",")
+
+
 def test_compose_file_validates_against_the_compose_spec() -> None:
     schema_file = files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
     schema = json.loads(schema_file.read_text())
