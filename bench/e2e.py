@@ -144,10 +144,13 @@ def compare(
     }
 
 
-def worker_url_of(gateway_url: str, model: str) -> str:
-    for line in httpx.get(f"{gateway_url}/metrics").text.splitlines():
-        if line.startswith("gateway_worker_up{") and f'model="{model}"' in line:
-            return "http://" + line.split('worker="')[1].split('"')[0]
+def worker_url_of(gateway_pid: int, model: str) -> str:
+    """Where the gateway's embedded worker for `model` listens (read from its command line: the
+    gateway publishes names, not addresses)."""
+    for child in psutil.Process(gateway_pid).children(recursive=True):
+        argv = child.cmdline()
+        if "--served-model-name" in argv and argv[argv.index("--served-model-name") + 1] == model:
+            return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
     raise LookupError(model)
 
 
@@ -183,7 +186,7 @@ def main() -> None:
         )
         idle_rss = gateway.memory_info().rss
         peak = [idle_rss]
-        worker = worker_url_of(url, MODEL)
+        worker = worker_url_of(gateway.pid, MODEL)
         results = {}
         for concurrency in (1, 4):
             results[f"c={concurrency}"] = compare(
