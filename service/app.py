@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from service import __version__
+from service.contract import read_contract
 from service.discovery import discover, keep_discovering
 from service.dispatch import Dispatcher
 from service.drain import Drain, DrainMiddleware
@@ -20,7 +21,7 @@ from service.endpoints import ENDPOINTS
 from service.errors import install_error_handlers
 from service.gateway import Gateway
 from service.guards import ApiKeyMiddleware, BodyLimitMiddleware
-from service.health import HealthMonitor
+from service.health import HealthMonitor, read_model_entry
 from service.metrics import Metrics
 from service.observe import ObservabilityMiddleware
 from service.openapi import install_openapi
@@ -62,8 +63,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         app.state.processes = processes
         health = HealthMonitor(
-            probes, list(pools.values()), settings.health_interval, settings.health_timeout
-        )
+            probes, list(pools.values()), settings.health_interval, settings.health_timeout,
+            readers=(read_model_entry, read_contract),
+        )  # fmt: skip
         monitor = asyncio.create_task(health.run())
         discovery = asyncio.create_task(keep_discovering(list(pools.values()), settings.discovery_interval))
         yield

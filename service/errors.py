@@ -14,6 +14,7 @@
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
     ├── ShuttingDown                  503 service_unavailable / shutting_down, with Retry-After
     ├── UpstreamRejected              the worker's own 4xx status and envelope, passed through
+    ├── NotServedByWorker             501 not_implemented (the worker has no such route)
     ├── UpstreamUnavailable           502 upstream_error (connection refused, reset, malformed answer)
     ├── UpstreamTimeout               504 timeout
     └── ClientDisconnected            499 (nobody reads it; counted as a disconnect, not an error)
@@ -194,6 +195,16 @@ class ShuttingDown(GatewayError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.headers = {"Retry-After": "1", "Connection": "close"}
+
+
+class NotServedByWorker(GatewayError):
+    """The worker answered a plain 404 for a route it should serve (an older vLLM, say)."""
+
+    status_code = 501
+    error_type = "not_implemented"
+
+    def __init__(self, model: str, path: str) -> None:
+        super().__init__(f"The worker for model '{model}' does not serve {path} (its vLLM may be older).")
 
 
 class UpstreamUnavailable(GatewayError):

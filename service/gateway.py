@@ -18,6 +18,7 @@ from service.drain import Drain
 from service.errors import (
     ClientDisconnected,
     ContextLengthExceeded,
+    InvalidRequest,
     ModelNotFound,
     NoHealthyWorker,
     NotAChatModel,
@@ -28,35 +29,41 @@ from service.metrics import Metrics
 from service.observe import RequestRecord
 from service.pool import Lease, ModelPool, Worker
 from service.settings import ModelKind, Settings
-from service.streaming import Relay, RelayResponse
-from service.templates import INLINE_TOKENIZE_CHARS, ModelTokenizer, RenderedPrompt
+from service.streaming import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
+from service.templates import DEFAULT_CHAT, INLINE_TOKENIZE_CHARS, ChatOptions, ModelTokenizer, RenderedPrompt
 from service.translate import StreamTranslator
 from service.upstream import UpstreamClient, close_stream, iter_sse_blocks
 
 COMPLETIONS_PATH = "/v1/completions"
+CHAT_PATH = "/v1/chat/completions"
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 
-def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, cap: int) -> int:
-    """Tokens to generate: the request's own if it fits, else the rest of the context up to `cap`."""
+def check_fits(prompt_tokens: int, requested: int | None, context: int, param: str = "prompt") -> None:
+    """Refuse (400, with the numbers) a prompt that leaves no room in the context, or a prompt
+    plus the tokens asked for that is over it."""
     if prompt_tokens >= context:
         raise ContextLengthExceeded(
             f"The prompt is {prompt_tokens} tokens but this model's context is {context} tokens; "
             "shorten the prompt.",
-            param="prompt",
+            param=param,
         )
-    if requested is None:
-        return min(context - prompt_tokens, cap)
-    if prompt_tokens + requested > context:
+    if requested is not None and prompt_tokens + requested > context:
         raise ContextLengthExceeded(
             f"The prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) is "
             f"{prompt_tokens + requested} tokens, over this model's context of {context} tokens; "
             f"ask for at most {context - prompt_tokens} tokens.",
             param="max_tokens",
         )
-    return requested
+
+
+def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, cap: int) -> int:
+    """Tokens to generate: the request's own if it fits, else the rest of the context up to `cap`
+    (the native endpoints' default; /v1 leaves an omitted max_tokens to the worker, as vLLM does)."""
+    check_fits(prompt_tokens, requested, context)
+    return requested if requested is not None else min(context - prompt_tokens, cap)
 
 
 @dataclass
@@ -88,26 +95,49 @@ class Gateway:
         if pool.kind is not ModelKind.INSTRUCT:
             raise NotAChatModel(pool.name)
 
-    async def encode(self, pool: ModelPool, text: str) -> list[int]:
+    async def encode(self, pool: ModelPool, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a raw prompt; long prompts are tokenized off the event loop."""
         tokenizer = self.tokenizers[pool.name]
         if len(text) < INLINE_TOKENIZE_CHARS:
-            return tokenizer.encode(text)
-        return await asyncio.to_thread(tokenizer.encode, text)
+            return tokenizer.encode(text, add_special_tokens)
+        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
 
-    async def encode_many(self, pool: ModelPool, texts: list[str]) -> list[list[int]]:
-        """Token ids of several raw prompts, tokenized in one batch off the event loop."""
+    async def encode_for_worker(
+        self, pool: ModelPool, texts: list[str], add_special_tokens: bool = True
+    ) -> list[tuple[list[int], bool]]:
+        """Token ids of raw prompts (see `ModelTokenizer.encode_for_worker`); a batch or a long
+        prompt is tokenized in one call off the event loop."""
         tokenizer = self.tokenizers[pool.name]
-        if len(texts) == 1:
-            return [await self.encode(pool, texts[0])]
-        return await asyncio.to_thread(tokenizer.encode_many, texts)
+        if len(texts) == 1 and len(texts[0]) < INLINE_TOKENIZE_CHARS:
+            return tokenizer.encode_for_worker(texts, add_special_tokens)
+        return await asyncio.to_thread(tokenizer.encode_for_worker, texts, add_special_tokens)
 
-    async def render(self, pool: ModelPool, messages: Sequence[dict[str, Any]]) -> RenderedPrompt:
+    async def render(
+        self, pool: ModelPool, messages: Sequence[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT
+    ) -> RenderedPrompt:
         """Chat template rendering and tokenizing, off the event loop."""
         started = time.perf_counter()
-        rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages)
+        rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages, options)
         self.metrics.child(self.metrics.render, pool.name).observe(time.perf_counter() - started)
         return rendered
+
+    def check_context(self, pool: ModelPool, prompt_tokens: int, requested: int | None) -> None:
+        """The request's prompt and the tokens it asks for fit in the model's context."""
+        check_fits(prompt_tokens, requested, self.context_of(pool))
+
+    def check_scoring(self, pool: ModelPool, prompt_tokens: int) -> None:
+        """Prompt logprobs make the worker hold prompt_tokens x vocabulary floats at once: refuse
+        (400, with the numbers) what is over the configured budget, before it reaches a worker."""
+        vocab = self.tokenizers[pool.name].vocab_size
+        budget = self.settings.scoring_budget
+        if prompt_tokens * vocab > budget:
+            raise InvalidRequest(
+                f"Prompt logprobs for {prompt_tokens} prompt tokens need {prompt_tokens * vocab:,} logits "
+                f"({prompt_tokens} x a vocabulary of {vocab:,}); this gateway allows {budget:,} per request "
+                f"(at most {budget // vocab:,} prompt tokens for this model).",
+                param="prompt_logprobs",
+                code="scoring_budget_exceeded",
+            )
 
     def context_of(self, pool: ModelPool) -> int:
         """The model's context length; unknown only while no worker has answered yet."""
@@ -165,6 +195,7 @@ class Gateway:
         forward_usage: bool = True,
         sequences: int = 1,
         path: str = COMPLETIONS_PATH,
+        fmt: StreamFormat = OPENAI_STREAM,
     ) -> Response:
         """A streamed request: errors before the first byte are ordinary error responses (after
         one retry on another replica); after it, an SSE error event then `[DONE]`.
@@ -179,8 +210,8 @@ class Gateway:
             await close_stream(watch)
             pool.release(lease)
 
-        blocks = iter_sse_blocks(watch, self.settings.connect_timeout)
-        relay = Relay(lease.worker, record, translator, forward_usage)
+        blocks = iter_sse_blocks(watch, self.settings.connect_timeout, fmt.done_marker)
+        relay = Relay(lease.worker, record, translator, forward_usage, fmt)
         return RelayResponse(relay, blocks, on_close=close)
 
     async def _with_failover(

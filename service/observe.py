@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -64,10 +65,11 @@ class RequestRecord:
         if count > 1:  # the others arrived in the same write as the first: no gap
             observe_many(self.metrics.child(self.metrics.itl, self.endpoint, self.model), 0.0, count - 1)
 
-    def set_usage(self, usage: dict[str, int] | None) -> None:
+    def set_usage(self, usage: dict[str, Any] | None) -> None:
+        """Token counts as the worker reported them (chat/completions or Responses API names)."""
         if usage:
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+            self.prompt_tokens = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
 
     def failed(self, error_type: str) -> None:
         self.error_type = error_type

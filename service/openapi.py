@@ -24,6 +24,7 @@ ERROR_STATUSES = {
     "429": "Rate limit exceeded",
     "499": "Client disconnected",
     "500": "Internal error",
+    "501": "The model's worker does not serve this route",
     "502": "A worker failed or answered garbage",
     "503": "No healthy worker, over capacity, or shutting down",
     "504": "A worker timed out",

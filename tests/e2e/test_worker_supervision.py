@@ -1,57 +1,20 @@
-"""Supervision of a real vLLM worker on a gateway of its own (SmolLM2 only, so restarting it does
-not disturb the shared stack): a worker that wedges (alive, not answering) is restarted; the new
+"""Supervision of a real vLLM worker on a gateway of its own (`smol`: SmolLM2 only, so restarting it
+does not disturb the shared stack): a worker that wedges (alive, not answering) is restarted; the new
 process takes a fresh port while someone else holds the old one; its log is rotated at the cap."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 
-from service.settings import Settings, default_models
-from service.supervisor import free_port
-from tests.e2e.conftest import Stack, wait_ready
-
-NAME = "smol-supervised"
-LOG_CAP = 6_000  # vLLM's start-up output alone is ~16 KB
-
-
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    spec = default_models()[1].model_copy(update={"name": NAME}).model_dump(mode="json")
-    port = free_port("127.0.0.1")
-    log_path = tmp_path_factory.mktemp("smol") / "gateway.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        GATEWAY_PORT=str(port), GATEWAY_MODELS=json.dumps([spec]), GATEWAY_HEALTH_INTERVAL="1",
-        GATEWAY_HEALTH_TIMEOUT="1", GATEWAY_WORKER_RESTART_AFTER_FAILED_CHECKS="3",
-        GATEWAY_RESTART_BACKOFF_INITIAL="1", GATEWAY_WORKER_LOG_MAX_BYTES=str(LOG_CAP),
-        GATEWAY_WORKER_CPU_BINDING="false",
-    )  # fmt: skip
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    stack = Stack(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
-    try:
-        wait_ready(stack)
-        yield stack
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+from service.settings import Settings
+from tests.e2e.conftest import SMOL, SMOL_LOG_CAP, Stack, wait_ready
 
 
 def api_server(stack: Stack) -> psutil.Process:
@@ -95,7 +58,7 @@ def test_a_wedged_worker_is_restarted_on_a_fresh_port(smol: Stack) -> None:
         wait_ready(smol)
         replacement = api_server(smol)
         assert replacement.pid != wedged.pid and port_of(replacement) != old_port
-        question = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        question = {"model": SMOL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         answer = httpx.post(f"{smol.url}/chat", json=question, timeout=120)
         assert answer.status_code == 200, answer.text
     finally:
@@ -105,8 +68,8 @@ def test_a_wedged_worker_is_restarted_on_a_fresh_port(smol: Stack) -> None:
 
 def test_the_worker_log_is_rotated_at_its_cap(smol: Stack) -> None:
     logs = Settings().cache_dir / "logs"
-    files = sorted(logs.glob(f"{NAME}-0.log*"))
-    assert (logs / f"{NAME}-0.log") in files and len(files) >= 2, files  # vLLM's start-up alone fills one
-    assert all(path.stat().st_size <= LOG_CAP for path in files)
+    files = sorted(logs.glob(f"{SMOL}-0.log*"))
+    assert (logs / f"{SMOL}-0.log") in files and len(files) >= 2, files  # vLLM's start-up alone fills one
+    assert all(path.stat().st_size <= SMOL_LOG_CAP for path in files)
     text = "".join(Path(path).read_text(errors="replace") for path in files)
     assert "vllm" in text.lower()

@@ -1,6 +1,9 @@
 """A scripted stand-in for a vLLM OpenAI server, for injecting faults and reading what the
 gateway sent. Never the proof that the product works: that is tests/e2e against real vLLM.
 
+It answers /v1/completions, /v1/chat/completions and /v1/responses (streamed or not) with the
+scripted tokens, in vLLM's shapes. It publishes an OpenAPI schema only when the script gives one.
+
 Run as a script it serves on `--port` (used as a fake engine for supervisor tests).
 """
 
@@ -11,7 +14,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,18 +37,28 @@ class Script:
     token_delay: float = 0.0
     tokens: list[str] = field(default_factory=lambda: list(TOKENS))
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     open_streams: int = 0
     aborted_streams: int = 0
     aborted_answers: int = 0  # non-streamed requests whose client left while they were computed
     models_answer: Any = None  # what /v1/models answers instead of a normal listing
+    schema: dict[str, list[str]] | None = None  # request model -> fields, published as /openapi.json
     in_flight: int = 0  # requests being answered right now
     most_in_flight: int = 0
 
 
-def completion(body: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
-    n = int(body.get("n", 1))
-    prompt = body.get("prompt")
+def usage_of(body: dict[str, Any], tokens: list[str]) -> dict[str, int]:
+    n = int(body.get("n") or 1)
+    prompt = body.get("prompt", body.get("messages"))
     prompt_len = len(prompt) if isinstance(prompt, list) else 1
+    return {
+        "prompt_tokens": prompt_len,
+        "completion_tokens": len(tokens) * n,
+        "total_tokens": prompt_len + len(tokens) * n,
+    }
+
+
+def completion(body: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
     text = "".join(tokens[: body.get("max_tokens", len(tokens))])
     return {
         "id": "cmpl-standin",
@@ -54,14 +67,59 @@ def completion(body: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
         "model": body.get("model"),
         "choices": [
             {"index": i, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
-            for i in range(n)
+            for i in range(int(body.get("n") or 1))
         ],
-        "usage": {
-            "prompt_tokens": prompt_len,
-            "completion_tokens": len(tokens) * n,
-            "total_tokens": prompt_len + len(tokens) * n,
-        },
+        "usage": usage_of(body, tokens),
     }
+
+
+def chat_completion(body: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    message = {"role": "assistant", "content": "".join(tokens), "tool_calls": []}
+    return {
+        "id": "chatcmpl-standin",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": [
+            {"index": i, "message": message, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+            for i in range(int(body.get("n") or 1))
+        ],
+        "usage": usage_of(body, tokens),
+        "system_fingerprint": "standin",
+    }
+
+
+def batch_chat(body: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    answer = chat_completion(body, tokens)
+    answer["choices"] = [{**answer["choices"][0], "index": i} for i in range(len(body.get("messages") or []))]
+    return answer
+
+
+def text_chunk(body: dict[str, Any], token: str, last: bool) -> dict[str, Any]:
+    choice = {"index": 0, "text": token, "logprobs": None, "finish_reason": "length" if last else None}
+    return {"id": "cmpl-standin", "model": body.get("model"), "choices": [choice]}
+
+
+def chat_chunk(body: dict[str, Any], token: str, last: bool) -> dict[str, Any]:
+    choice = {
+        "index": 0,
+        "delta": {"content": token},
+        "logprobs": None,
+        "finish_reason": "length" if last else None,
+    }
+    return {
+        "id": "chatcmpl-standin",
+        "object": "chat.completion.chunk",
+        "model": body.get("model"),
+        "choices": [choice],
+    }
+
+
+def openapi(schema: dict[str, list[str]]) -> dict[str, Any]:
+    components = {
+        name: {"type": "object", "properties": {f: {} for f in fields}} for name, fields in schema.items()
+    }
+    return {"openapi": "3.1.0", "components": {"schemas": components}}
 
 
 def build_app(script: Script) -> Starlette:
@@ -71,19 +129,30 @@ def build_app(script: Script) -> Starlette:
     async def models(_: Request) -> Response:
         if script.models_answer is not None:
             return JSONResponse(script.models_answer)
-        return JSONResponse({"object": "list", "data": [{"id": "any", "max_model_len": 2048}]})
+        return JSONResponse(
+            {"object": "list", "data": [{"id": "any", "max_model_len": 2048, "root": "/standin"}]}
+        )
 
-    async def completions(request: Request) -> Response:
-        script.in_flight += 1
-        script.most_in_flight = max(script.most_in_flight, script.in_flight)
-        try:
-            return await answer(request)
-        finally:
-            script.in_flight -= 1
+    async def openapi_json(_: Request) -> Response:
+        if script.schema is None:
+            return PlainTextResponse("Not Found", status_code=404)
+        return JSONResponse(openapi(script.schema))
 
-    async def answer(request: Request) -> Response:
+    def endpoint(whole: Callable[[dict[str, Any], list[str]], dict[str, Any]], chunk: Any) -> Any:
+        async def serve(request: Request) -> Response:
+            script.in_flight += 1
+            script.most_in_flight = max(script.most_in_flight, script.in_flight)
+            try:
+                return await answer(request, whole, chunk)
+            finally:
+                script.in_flight -= 1
+
+        return serve
+
+    async def answer(request: Request, whole: Any, chunk: Any) -> Response:
         body = await request.json()
         script.bodies.append(body)
+        script.paths.append(request.url.path)
         if script.mode == "reject":
             error = {
                 "message": "n must be 1 when using greedy sampling, got 2.",
@@ -97,7 +166,7 @@ def build_app(script: Script) -> Starlette:
         if script.mode == "garbage":
             return PlainTextResponse("<html>not json</html>", status_code=200)
         if body.get("stream"):
-            return StreamingResponse(stream(body), media_type="text/event-stream")
+            return StreamingResponse(stream(body, chunk), media_type="text/event-stream")
         waited = 0.0
         while waited < script.first_token_delay:
             if await request.is_disconnected():
@@ -105,9 +174,9 @@ def build_app(script: Script) -> Starlette:
                 return PlainTextResponse("", status_code=499)
             await asyncio.sleep(0.01)
             waited += 0.01
-        return JSONResponse(completion(body, script.tokens))
+        return JSONResponse(whole(body, script.tokens))
 
-    async def stream(body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(body: dict[str, Any], chunk: Any) -> AsyncIterator[bytes]:
         script.open_streams += 1
         finished = False
         try:
@@ -116,25 +185,12 @@ def build_app(script: Script) -> Starlette:
             for position, token in enumerate(script.tokens):
                 if script.mode == "die_mid_stream" and position == 2:
                     raise ConnectionResetError("stand-in dies mid-stream")
-                last = position == len(script.tokens) - 1
-                chunk = {
-                    "id": "cmpl-standin",
-                    "model": body.get("model"),
-                    "choices": [
-                        {
-                            "index": 0,
-                            "text": token,
-                            "logprobs": None,
-                            "finish_reason": "length" if last else None,
-                        }
-                    ],
-                }
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                event = chunk(body, token, position == len(script.tokens) - 1)
+                yield f"data: {json.dumps(event)}\n\n".encode()
                 if script.token_delay:
                     await asyncio.sleep(script.token_delay)
             if (body.get("stream_options") or {}).get("include_usage"):
-                usage = completion(body, script.tokens)["usage"]
-                final = {"id": "cmpl-standin", "choices": [], "usage": usage}
+                final = {"id": "cmpl-standin", "choices": [], "usage": usage_of(body, script.tokens)}
                 yield f"data: {json.dumps(final)}\n\n".encode()
             yield b"data: [DONE]\n\n"
             finished = True
@@ -143,11 +199,45 @@ def build_app(script: Script) -> Starlette:
             if not finished and script.mode != "die_mid_stream":
                 script.aborted_streams += 1
 
+    async def responses(request: Request) -> Response:
+        body = await request.json()
+        script.bodies.append(body)
+        script.paths.append(request.url.path)
+        text = "".join(script.tokens)
+        usage = {
+            "input_tokens": 3,
+            "output_tokens": len(script.tokens),
+            "total_tokens": 3 + len(script.tokens),
+        }
+        output = [{"type": "message", "content": [{"type": "output_text", "text": text}]}]
+        done = {"id": "resp-standin", "object": "response", "status": "completed", "output": output}
+        done["usage"] = usage
+        if not body.get("stream"):
+            return JSONResponse(done)
+
+        async def events() -> AsyncIterator[bytes]:
+            created = {
+                "type": "response.created",
+                "response": {**done, "status": "in_progress", "usage": None},
+            }
+            yield f"event: response.created\ndata: {json.dumps(created)}\n\n".encode()
+            for token in script.tokens:
+                delta = {"type": "response.output_text.delta", "delta": token}
+                yield f"event: response.output_text.delta\ndata: {json.dumps(delta)}\n\n".encode()
+            completed = {"type": "response.completed", "response": done}
+            yield f"event: response.completed\ndata: {json.dumps(completed)}\n\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     return Starlette(
         routes=[
             Route("/health", health),
             Route("/v1/models", models),
-            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/openapi.json", openapi_json),
+            Route("/v1/completions", endpoint(completion, text_chunk), methods=["POST"]),
+            Route("/v1/chat/completions", endpoint(chat_completion, chat_chunk), methods=["POST"]),
+            Route("/v1/chat/completions/batch", endpoint(batch_chat, None), methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
         ]
     )
 

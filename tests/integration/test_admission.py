@@ -42,13 +42,13 @@ async def test_batched_prompts_are_tokenized_off_the_event_loop(
     async with running_gateway(standin_settings(standin_url)) as (app, http):
         tokenizer = app.state.gateway.tokenizers["base"]
         threads: list[str] = []
-        original = tokenizer.encode_many
+        original = tokenizer.encode_for_worker
 
-        def spy(texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        def spy(texts: list[str], add_special_tokens: bool = True) -> list[tuple[list[int], bool]]:
             threads.append(threading.current_thread().name)
             return original(texts, add_special_tokens)
 
-        tokenizer.encode_many = spy
+        tokenizer.encode_for_worker = spy
         response = await http.post("/v1/completions", json={"model": "base", "prompt": ["a b", "c d"] * 50})
         assert response.status_code == 200, response.text
         assert threads and threading.main_thread().name not in threads

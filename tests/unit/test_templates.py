@@ -187,3 +187,16 @@ def test_a_model_can_opt_in_to_control_tokens_in_messages() -> None:
     rendered = tokenizer.render_chat([{"role": "user", "content": FORGED}])
     im_end = 2
     assert rendered.token_ids.count(im_end) == 4  # two typed by the user act as real ones
+
+
+def test_a_prompt_written_with_its_own_bos_is_flagged_for_sending_as_ids(gemma: ModelTokenizer) -> None:
+    """The worker would tokenize "<bos>Hello" to two BOS; the gateway keeps one and says so."""
+    (plain, plain_changed), (doubled, doubled_changed) = gemma.encode_for_worker(["Hello", "<bos>Hello"])
+    assert not plain_changed and plain[0] == BOS
+    assert doubled_changed and doubled == plain
+
+
+def test_a_continuation_takes_the_prompts_trailing_space(gemma: ModelTokenizer) -> None:
+    context, continuation = gemma.encode_pair("The capital of France is ", "Paris")
+    whole = gemma.encode("The capital of France is Paris")
+    assert context + continuation == whole and gemma.decode(continuation) == " Paris"
