@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import aiohttp
-import httpx
 import psutil
 
 from bench import startup
