@@ -24,7 +24,7 @@ import psutil
 
 from bench import startup
 from bench.common import ROOT, console, percentile, save, table
-from service.supervisor import free_port
+from service.workers.supervisor import free_port
 
 MODEL = "smollm2-135m-instruct"
 WORDS = [

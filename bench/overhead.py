@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.common import ROOT, console, loadgen, percentile, save, table, wait_http
-from service.settings import Settings
-from service.supervisor import free_port
+from service.ops.settings import Settings
+from service.workers.supervisor import free_port
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 SCENARIOS = [  # name, stream, concurrency, requests per round (full run)

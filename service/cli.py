@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.ops.settings import Settings
 
 
 def _load_settings(overrides: dict[str, object]) -> Settings:
@@ -20,14 +20,14 @@ def _load_settings(overrides: dict[str, object]) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from service.api.server import serve
 
     settings = _load_settings({"host": args.host, "port": args.port, "models_file": args.models_file})
     return serve(settings)
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from service.prepare import PrepareError, prepare_all
+    from service.workers.prepare import PrepareError, prepare_all
 
     settings = _load_settings({"models_file": args.models_file})
     try:
@@ -39,7 +39,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from service.templates import load_tokenizers
+    from service.core.templates import load_tokenizers
 
     settings = _load_settings({"models_file": args.models_file})
     messages = json.loads(args.messages)

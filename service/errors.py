@@ -23,22 +23,15 @@
 the request may go to another replica (and, for a stale pooled connection, to the same one).
 
 Envelope: {"error": {"message", "type", "param", "code"}}. Messages never carry stack traces.
+This module knows nothing of HTTP frameworks: every layer may raise these. `service.api.errors` is the
+one place that turns a failure into a response and counts it.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Sequence
 from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
-
-log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 1000
 
@@ -211,11 +204,14 @@ class UpstreamUnavailable(GatewayError):
     status_code = 502
     error_type = "upstream_error"
 
-    def __init__(self, message: str, *, retryable: bool = False, stale: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, stale: bool = False, eject: bool = False
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         # A pooled connection found closed by the worker: the same worker may take the retry.
         self.stale = stale
+        self.eject = eject  # the worker cannot be reached at all: take it out until it answers a probe
 
 
 class ClientDisconnected(GatewayError):
@@ -229,10 +225,11 @@ class UpstreamTimeout(GatewayError):
     status_code = 504
     error_type = "timeout"
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, eject: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.stale = False
+        self.eject = eject
 
 
 def error_body(
@@ -292,43 +289,3 @@ def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return InvalidRequest(f"{param}: {message}{more}" if param else f"{message}{more}", param=param)
-
-
-def error_response(exc: Exception) -> tuple[JSONResponse, str | None]:
-    """The envelope response for any failure, and the error type to count (None: not an error
-    of ours to count, e.g. a client that left). Every path that answers an error comes here."""
-    if isinstance(exc, GatewayError):
-        counted = None if isinstance(exc, ClientDisconnected) else exc.error_type
-        return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers), counted
-    if isinstance(exc, RequestValidationError):
-        return error_response(invalid_request(exc.errors()))
-    if isinstance(exc, StarletteHTTPException):
-        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        body = error_body(str(exc.detail), error_type)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers), error_type
-    log.exception("unexpected error", exc_info=exc)
-    body = error_body("Internal error in the gateway.", "internal_error")
-    return JSONResponse(body, status_code=500), "internal_error"
-
-
-async def reject(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
-    """Answer a raw ASGI request with the envelope for `exc`, counted on its record if it has one."""
-    response, counted = error_response(exc)
-    record = scope.get("state", {}).get("record")
-    if record is not None and counted is not None:
-        record.failed(counted)
-    await response(scope, receive, send)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every failure, validation included, to the envelope with the right status."""
-
-    async def handle(request: Request, exc: Exception) -> JSONResponse:
-        response, counted = error_response(exc)
-        record = getattr(request.state, "record", None)
-        if record is not None and counted is not None:
-            record.failed(counted)
-        return response
-
-    for kind in (GatewayError, RequestValidationError, StarletteHTTPException, Exception):
-        app.add_exception_handler(kind, handle)

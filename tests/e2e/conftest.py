@@ -17,8 +17,8 @@ import httpx
 import psutil
 import pytest
 
-from service.settings import Settings, default_models
-from service.supervisor import free_port
+from service.ops.settings import Settings, default_models
+from service.workers.supervisor import free_port
 
 READY_TIMEOUT_SECONDS = 900
 BASE_MODEL = "gemma-3-270m"

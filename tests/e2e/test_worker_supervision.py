@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from service.settings import Settings
+from service.ops.settings import Settings
 from tests.e2e.conftest import SMOL, SMOL_LOG_CAP, Stack, wait_ready
 
 

@@ -14,10 +14,10 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
-from service.gateway import Gateway
-from service.settings import ModelKind, ModelSpec, Settings
-from service.supervisor import free_port
+from service.api.app import create_app
+from service.core.gateway import Gateway
+from service.ops.settings import ModelKind, ModelSpec, Settings
+from service.workers.supervisor import free_port
 from tests.integration.standin import Script, build_app
 
 # SmolLM2's small tokenizer for both models keeps start-up quick; the stand-in ignores token ids.

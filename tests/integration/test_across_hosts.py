@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.integration.conftest import serve_in_thread, standin_settings
 
 STANDIN = Path(__file__).with_name("standin.py")

@@ -8,7 +8,7 @@ import threading
 
 import httpx
 
-from service.gateway import Gateway
+from service.core.gateway import Gateway
 from tests.integration.conftest import eventually, running_gateway, standin_settings
 from tests.integration.standin import Script
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from bench import startup
-from service.supervisor import free_port
+from service.workers.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

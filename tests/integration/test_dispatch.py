@@ -9,8 +9,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from service.endpoint import post_endpoints
-from service.endpoints import ENDPOINTS
+from service.api.endpoint import post_endpoints
+from service.api.endpoints import ENDPOINTS
 
 POST_PATHS = sorted(post_endpoints(ENDPOINTS))
 PYDANTIC_INTERNALS = re.compile(r"function-(after|before|wrap|plain)|\[|model_attributes_type|json_invalid")

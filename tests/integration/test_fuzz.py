@@ -16,8 +16,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
-from service.endpoints import ENDPOINTS
+from service.api.app import create_app
+from service.api.endpoints import ENDPOINTS
 from tests.integration.conftest import serve_in_thread, standin_settings
 from tests.integration.standin import Script, build_app
 

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from service.supervisor import free_port
+from service.workers.supervisor import free_port
 from tests.integration.conftest import TOKENIZER
 from tests.promtext import parse
 

@@ -20,8 +20,8 @@ import httpx
 import psutil
 import pytest
 
-from service.settings import Settings
-from service.supervisor import free_port
+from service.ops.settings import Settings
+from service.workers.supervisor import free_port
 from tests.integration.conftest import TOKENIZER
 from tests.promtext import parse, value
 

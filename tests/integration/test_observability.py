@@ -134,7 +134,7 @@ async def test_one_structured_log_line_per_request(
 
 
 def test_json_log_format_carries_the_fields(capsys: pytest.CaptureFixture[str]) -> None:
-    from service.logs import configure_logging, stop_logging
+    from service.ops.logs import configure_logging, stop_logging
 
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.browser import browser  # noqa: F401  (the fixture)
 from tests.integration.conftest import serve_in_thread, standin_settings
 from tests.integration.standin import Script, build_app

@@ -9,8 +9,8 @@ import json
 import httpx
 import pytest
 
-from service.gateway import Gateway
-from service.supervisor import free_port
+from service.core.gateway import Gateway
+from service.workers.supervisor import free_port
 from tests.integration.conftest import eventually, extra_standin, running_gateway, standin_settings
 from tests.integration.standin import Script
 
@@ -83,7 +83,7 @@ async def test_a_failing_worker_is_retried_once_on_another_replica(
         ):
             pool = app.state.gateway.pools["chat"]
             for worker in pool.workers:
-                worker.healthy = True  # as if the last health check saw both up
+                worker.mark(True)  # as if the last health check saw both up
             pool.workers[1].outstanding = 5  # so the first pick is the failing one
             response = await http.post("/chat", json=CHAT)
             assert response.status_code == 200, response.text

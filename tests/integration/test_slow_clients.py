@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import uvicorn
 
-from service.app import create_app
-from service.server import server_config
-from service.settings import Settings
-from service.supervisor import free_port
+from service.api.app import create_app
+from service.api.server import server_config
+from service.ops.settings import Settings
+from service.workers.supervisor import free_port
 from tests.integration.conftest import standin_settings
 
 LIMITS = {"header_timeout": 0.5, "max_header_bytes": 4096, "max_connections": 16, "body_timeout": 0.5}

@@ -10,7 +10,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 
-from service.settings import Settings
+from service.ops.settings import Settings
 from tests.integration.conftest import running_gateway, standin_settings
 from tests.integration.standin import completion
 

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from service.settings import ModelSpec
+from service.ops.settings import ModelSpec
 from tests.integration.conftest import TOKENIZER, running_gateway, standin_settings
 from tests.integration.standin import Script
 

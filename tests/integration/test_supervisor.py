@@ -16,11 +16,11 @@ import httpx
 import psutil
 import pytest
 
-import service.supervisor
-from service.app import create_app
-from service.pool import Worker
-from service.settings import ModelKind, ModelSpec, Settings
-from service.supervisor import WorkerProcess, free_port
+import service.workers.supervisor
+from service.api.app import create_app
+from service.ops.settings import ModelKind, ModelSpec, Settings
+from service.workers.pool import Worker
+from service.workers.supervisor import WorkerProcess, free_port
 from tests.integration.conftest import TOKENIZER, serve_in_background
 
 STANDIN = Path(__file__).with_name("standin.py")
@@ -131,7 +131,7 @@ async def test_stopping_while_a_launch_is_under_way_leaves_no_process(
         await release.wait()  # the shutdown arrives right now
         return await real_exec(*args, **kwargs)
 
-    monkeypatch.setattr(service.supervisor.asyncio, "create_subprocess_exec", slow_exec)
+    monkeypatch.setattr(service.workers.supervisor.asyncio, "create_subprocess_exec", slow_exec)
     supervising = asyncio.ensure_future(supervised.supervise())
     await launching.wait()
     stopping = asyncio.ensure_future(supervised.stop())

@@ -99,7 +99,7 @@ async def test_connect_limit(standin_url: str) -> None:
         settings = standin_settings(silent, connect_timeout=0.5, health_interval=60)
         async with running_gateway(settings) as (app, http):
             for pool in app.state.gateway.pools.values():
-                pool.workers[0].healthy = True  # as if it had answered a probe before
+                pool.workers[0].mark(True)  # as if it had answered a probe before
                 pool.workers[0].max_model_len = 2048
             response = await http.post("/chat", json=CHAT)
             assert response.status_code == 504, response.text
@@ -113,7 +113,7 @@ async def test_connect_limit_fails_over_to_a_replica_that_answers(standin_url: s
         async with running_gateway(settings) as (app, http):
             pool = app.state.gateway.pools["chat"]
             for worker in pool.workers:
-                worker.healthy = True
+                worker.mark(True)
             pool.workers[1].outstanding = 5  # the silent one is picked first
             response = await http.post("/chat", json=CHAT)
             pool.workers[1].outstanding = 0

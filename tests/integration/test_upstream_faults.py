@@ -8,7 +8,7 @@ import json
 
 import httpx
 
-from service.gateway import Gateway
+from service.core.gateway import Gateway
 from tests.integration.standin import Script
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}

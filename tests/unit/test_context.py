@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from service.core.gateway import fit_max_tokens
 from service.errors import ContextLengthExceeded
-from service.gateway import fit_max_tokens
 
 
 def test_omitted_max_tokens_fills_the_rest_up_to_the_cap() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from service.metrics import Metrics
-from service.pool import ModelPool, Worker
-from service.settings import ModelKind, ModelSpec
+from service.ops.metrics import Metrics
+from service.ops.settings import ModelKind, ModelSpec
+from service.workers.pool import ModelPool, Worker
 
 ROOT = Path(__file__).parents[2]
 METRIC_NAME = re.compile(r"\b(gateway_[a-z_]+)\b")
@@ -19,7 +19,7 @@ METRIC_NAME = re.compile(r"\b(gateway_[a-z_]+)\b")
 def exported_names() -> set[str]:
     """Every sample name the gateway's registry can produce (with one of each label set touched)."""
     pool = ModelPool(ModelSpec(name="m", kind=ModelKind.BASE, source="/m"), [Worker("m", "http://w")])
-    metrics = Metrics(lambda: [pool])
+    metrics = Metrics(lambda: pool.health_rows())
     metrics.requests.labels("chat", "m", "200")
     for histogram in (metrics.duration,):
         histogram.labels("chat", "m", "200")

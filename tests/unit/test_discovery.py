@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from service.discovery import discover, expand
-from service.pool import ModelPool
-from service.settings import ModelKind, ModelSpec
+from service.ops.settings import ModelKind, ModelSpec
+from service.workers.discovery import discover, expand
+from service.workers.pool import ModelPool
 
 SPEC = ModelSpec(
     name="m", kind=ModelKind.BASE, tokenizer="/t", urls=["http://vllm-m:8000", "http://10.0.0.9:8000"]
@@ -30,7 +30,7 @@ async def test_a_name_grows_and_shrinks_the_pool() -> None:
     await discover([pool], dns)
     assert [w.url for w in pool.workers] == ["http://10.1.0.1:8000", "http://10.0.0.9:8000"]
     kept = pool.workers[0]
-    kept.healthy = True
+    kept.mark(True)
     dns.addresses = ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
     await discover([pool], dns)
     assert [w.url for w in pool.workers] == [

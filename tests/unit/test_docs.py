@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.settings import ModelSpec, Settings
+from service.ops.settings import ModelSpec, Settings
 
 ROOT = Path(__file__).parents[2]
 

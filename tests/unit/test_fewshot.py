@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from service.fewshot import build_few_shot, few_shot_length
-from service.protocol import Example, FewShotLayout
+from service.core.fewshot import build_few_shot, few_shot_length
+from service.core.protocol import Example, FewShotLayout
 
 
 def test_default_layout_ends_where_the_model_should_answer() -> None:

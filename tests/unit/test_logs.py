@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 
-from service.logs import DropCount, configure_logging, stop_logging
+from service.ops.logs import DropCount, configure_logging, stop_logging
 
 
 class BlockedStream(io.StringIO):
@@ -45,7 +45,7 @@ def test_a_blocked_writer_drops_and_counts_instead_of_growing(monkeypatch: objec
 
 
 def test_the_drop_count_is_exported() -> None:
-    from service.metrics import Metrics
+    from service.ops.metrics import Metrics
 
     metrics = Metrics(lambda: [])
     text = metrics.exposition().decode()

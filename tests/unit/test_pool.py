@@ -5,16 +5,16 @@ import asyncio
 import pytest
 
 from service.errors import NoHealthyWorker, Overloaded
-from service.pool import Capacity, ModelPool, Worker
-from service.settings import ModelKind, ModelSpec
+from service.ops.settings import ModelKind, ModelSpec
+from service.workers.pool import Capacity, ModelPool, Worker
 
 SPEC = ModelSpec(name="m", kind=ModelKind.BASE, source="/m")
 
 
 def test_pick_prefers_the_least_busy_healthy_worker() -> None:
-    busy = Worker("m", "http://a", healthy=True, outstanding=3)
-    idle = Worker("m", "http://b", healthy=True, outstanding=1)
-    down = Worker("m", "http://c", healthy=False, outstanding=0)
+    busy = Worker("m", "http://a", up=True, outstanding=3)
+    idle = Worker("m", "http://b", up=True, outstanding=1)
+    down = Worker("m", "http://c", up=False, outstanding=0)
     assert ModelPool(SPEC, [busy, idle, down]).pick() is idle
 
 
@@ -25,7 +25,7 @@ async def test_no_healthy_worker_is_a_503_at_once() -> None:
 
 
 async def test_full_workers_queue_first_come_first_served() -> None:
-    worker = Worker("m", "http://a", healthy=True)
+    worker = Worker("m", "http://a", up=True)
     pool = ModelPool(SPEC, [worker], Capacity(per_worker=1, queue=2, queue_timeout=5))
     first = await pool.acquire()
     waiting = [asyncio.ensure_future(pool.acquire()) for _ in range(2)]
@@ -45,7 +45,7 @@ async def test_full_workers_queue_first_come_first_served() -> None:
 
 
 async def test_queue_wait_times_out_without_leaking_a_slot() -> None:
-    worker = Worker("m", "http://a", healthy=True)
+    worker = Worker("m", "http://a", up=True)
     pool = ModelPool(SPEC, [worker], Capacity(per_worker=1, queue=4, queue_timeout=0.05))
     held = await pool.acquire()
     with pytest.raises(Overloaded, match=r"within 0\.05 s"):
@@ -56,7 +56,7 @@ async def test_queue_wait_times_out_without_leaking_a_slot() -> None:
 
 
 async def test_a_cancelled_waiter_leaves_the_line() -> None:
-    worker = Worker("m", "http://a", healthy=True)
+    worker = Worker("m", "http://a", up=True)
     pool = ModelPool(SPEC, [worker], Capacity(per_worker=1, queue=4, queue_timeout=5))
     held = await pool.acquire()
     waiter = asyncio.ensure_future(pool.acquire())
@@ -69,8 +69,8 @@ async def test_a_cancelled_waiter_leaves_the_line() -> None:
 
 
 async def test_exclude_skips_the_worker_that_just_failed() -> None:
-    a = Worker("m", "http://a", healthy=True)
-    b = Worker("m", "http://b", healthy=True, outstanding=5)
+    a = Worker("m", "http://a", up=True)
+    b = Worker("m", "http://b", up=True, outstanding=5)
     pool = ModelPool(SPEC, [a, b])
     assert (await pool.acquire(exclude={a})).worker is b
     with pytest.raises(NoHealthyWorker):
@@ -79,8 +79,8 @@ async def test_exclude_skips_the_worker_that_just_failed() -> None:
 
 async def test_a_queued_retry_is_never_handed_the_worker_it_excludes() -> None:
     """Failover that has to wait in line must still avoid the worker that just failed."""
-    a = Worker("m", "http://a", healthy=True)
-    b = Worker("m", "http://b", healthy=True)
+    a = Worker("m", "http://a", up=True)
+    b = Worker("m", "http://b", up=True)
     pool = ModelPool(SPEC, [a, b], Capacity(per_worker=1, queue=4, queue_timeout=5))
     on_a, on_b = await pool.acquire(), await pool.acquire()
     assert {on_a.worker, on_b.worker} == {a, b}
@@ -96,7 +96,7 @@ async def test_a_queued_retry_is_never_handed_the_worker_it_excludes() -> None:
 
 
 async def test_a_batch_is_charged_per_sequence() -> None:
-    worker = Worker("m", "http://a", healthy=True)
+    worker = Worker("m", "http://a", up=True)
     pool = ModelPool(SPEC, [worker], Capacity(per_worker=8, queue=4, queue_timeout=5))
     batch = await pool.acquire(sequences=6)
     assert worker.outstanding == 6
@@ -108,7 +108,7 @@ async def test_a_batch_is_charged_per_sequence() -> None:
 
 
 async def test_a_batch_bigger_than_a_worker_waits_for_a_whole_worker_and_is_not_overtaken() -> None:
-    worker = Worker("m", "http://a", healthy=True)
+    worker = Worker("m", "http://a", up=True)
     pool = ModelPool(SPEC, [worker], Capacity(per_worker=4, queue=4, queue_timeout=5))
     held = await pool.acquire()
     huge = asyncio.ensure_future(pool.acquire(sequences=1024 * 8))  # costs the whole worker

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.prepare import BUILTINS, LAYOUT, MARKER, _is_prepared
+from service.workers.prepare import BUILTINS, LAYOUT, MARKER, _is_prepared
 
 MODEL = BUILTINS["gemma-3-270m"]
 

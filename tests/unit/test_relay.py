@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 from prometheus_client import Histogram
 
-from service.metrics import LATENCY_BUCKETS, Metrics, observe_many
-from service.observe import RequestRecord
-from service.pool import Worker
-from service.streaming import Relay, count_events
+from service.core.relay import Relay, count_events
+from service.ops.metrics import LATENCY_BUCKETS, Metrics, observe_many
+from service.ops.record import RequestRecord
+from service.workers.pool import Worker
 
 TOKEN = b'data: {"id":"c","choices":[{"index":0,"text":"%s","finish_reason":null}],"usage":null}\n\n'
 USAGE = (

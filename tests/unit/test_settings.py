@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import ModelKind, ModelSpec, Settings
+from service.ops.settings import ModelKind, ModelSpec, Settings
 
 
 def test_defaults_serve_the_two_packaged_models() -> None:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.settings import ModelKind, ModelSpec, Settings
-from service.supervisor import launch_plan, plan_core_binding
+from service.ops.settings import ModelKind, ModelSpec, Settings
+from service.workers.supervisor import launch_plan, plan_core_binding
 
 
 def test_one_worker_is_left_to_vllm() -> None:

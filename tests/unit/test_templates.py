@@ -9,9 +9,14 @@ from typing import Any
 
 import pytest
 
+from service.core.templates import (
+    ModelTokenizer,
+    load_tokenizer,
+    load_with_transformers,
+    read_tokenizer_folder,
+)
 from service.errors import InvalidRequest
-from service.settings import ModelKind, ModelSpec, Settings
-from service.templates import ModelTokenizer, load_tokenizer, load_with_transformers, read_tokenizer_folder
+from service.ops.settings import ModelKind, ModelSpec, Settings
 
 BOS = 2
 BUILTIN_NAMES = ["gemma-3-270m", "smollm2-135m-instruct"]

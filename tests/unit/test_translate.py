@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from service.translate import NativeStream, native_complete
+from service.core.translate import NativeStream, native_complete
 
 
 def test_native_complete_puts_the_first_choice_on_top() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from service.worker_log import log_tail
+from service.workers.worker_log import log_tail
 
 
 def test_the_tail_is_read_from_the_end_of_a_large_log(tmp_path: Path) -> None:

@@ -1,0 +1,133 @@
+"""`create_app(settings)`: the only way to build the gateway application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from service import __version__
+from service.api.dispatch import Dispatcher
+from service.api.drain import Drain, DrainMiddleware
+from service.api.endpoint import Endpoint, metric_labels, open_paths, post_endpoints, undrained_paths
+from service.api.endpoints import ENDPOINTS
+from service.api.errors import install_error_handlers
+from service.api.guards import ApiKeyMiddleware, BodyLimitMiddleware
+from service.api.handlers.playground import STATIC_DIR
+from service.api.observability import ObservabilityMiddleware
+from service.api.openapi import install_openapi
+from service.core.gateway import Gateway
+from service.core.templates import load_tokenizers
+from service.ops.metrics import Metrics
+from service.ops.settings import Settings
+from service.workers.contract import read_contract
+from service.workers.discovery import discover, keep_discovering
+from service.workers.health import HealthMonitor, read_model_entry
+from service.workers.pool import Capacity, ModelPool, Worker
+from service.workers.supervisor import WorkerProcess, build_embedded
+from service.workers.transport import UpstreamClient, build_session
+
+log = logging.getLogger(__name__)
+
+
+def _pools(settings: Settings) -> tuple[dict[str, ModelPool], list[WorkerProcess]]:
+    endpoints: dict[str, list[Worker]] = {}
+    processes = build_embedded(settings, endpoints)
+    capacity = Capacity(
+        settings.max_in_flight_per_worker, settings.max_queue_per_model, settings.queue_timeout
+    )
+    pools = {spec.name: ModelPool(spec, endpoints.get(spec.name, []), capacity) for spec in settings.models}
+    return pools, processes
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    pools, processes = _pools(settings)
+    # Workers take a minute or more to load; launch them first and read tokenizers meanwhile.
+    supervisors = [asyncio.create_task(process.supervise()) for process in processes]
+    session = build_session(settings)
+    # Probes get their own connections: a probe never waits behind traffic, nor reuses its sockets.
+    probes = build_session(settings)
+    monitor = discovery = None
+    try:
+        tokenizers = await asyncio.to_thread(load_tokenizers, settings)
+        await discover(list(pools.values()))
+        app.state.gateway = Gateway(
+            settings,
+            pools,
+            tokenizers,
+            UpstreamClient(session, settings),
+            app.state.metrics,
+            app.state.drain.streams,
+        )
+        app.state.processes = processes
+        health = HealthMonitor(
+            probes, list(pools.values()), settings.health_interval, settings.health_timeout,
+            readers=(read_model_entry, read_contract),
+        )  # fmt: skip
+        monitor = asyncio.create_task(health.run())
+        discovery = asyncio.create_task(keep_discovering(list(pools.values()), settings.discovery_interval))
+        yield
+    finally:
+        background = [task for task in (monitor, discovery) if task is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*(process.stop() for process in processes), return_exceptions=True)
+        await asyncio.gather(*supervisors, *background, return_exceptions=True)
+        await session.close()
+        await probes.close()
+        log.info("gateway stopped; %d worker process(es) terminated", len(processes))
+
+
+def _served_pools(app: FastAPI) -> list[ModelPool]:
+    gateway: Gateway | None = getattr(app.state, "gateway", None)
+    return list(gateway.pools.values()) if gateway else []
+
+
+def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) -> FastAPI:
+    """A gateway app for `settings`; its lifespan launches workers and owns every resource."""
+    app = FastAPI(
+        title="llm-gateway",
+        version=__version__,
+        summary="Base and instruct models behind one door, on vLLM workers.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    # While keys are set, metrics readable without one must not show where the workers are.
+    hide = bool(settings.api_keys) and not settings.metrics_need_key
+    app.state.metrics = Metrics(
+        lambda: [row for pool in _served_pools(app) for row in pool.health_rows(hide)]
+    )
+    app.state.drain = Drain(settings.drain_timeout, settings.drain_accept_window)
+    # Added innermost first: observability wraps everything, so rejected requests are counted too.
+    app.add_middleware(Dispatcher, endpoints=post_endpoints(endpoints), state=app.state)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    if settings.api_keys:
+        exempt = open_paths(endpoints) | ({"/metrics"} if not settings.metrics_need_key else set())
+        keys = [key.get_secret_value() for key in settings.api_keys]
+        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id"],
+        )
+    app.add_middleware(DrainMiddleware, drain=app.state.drain, exempt=undrained_paths(endpoints))
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, labels=metric_labels(endpoints))
+    install_error_handlers(app)
+    for endpoint in endpoints:
+        if endpoint.method == "GET" and endpoint.handler is not None:
+            documented = endpoint.tag != "playground"
+            app.add_api_route(endpoint.path, endpoint.handler, methods=["GET"], summary=endpoint.summary,
+                              tags=[endpoint.tag], include_in_schema=documented)  # fmt: skip
+    install_openapi(app, endpoints)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

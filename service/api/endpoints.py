@@ -1,0 +1,66 @@
+"""The table of every endpoint the gateway serves (see `service.api.endpoint` for what is derived)."""
+
+from __future__ import annotations
+
+from service.api.endpoint import Endpoint
+from service.api.handlers import health, models, native, openai, playground, tokens
+from service.core.protocol import (
+    ChatRequest,
+    ChatResponse,
+    CompleteRequest,
+    CompleteResponse,
+    DetokenizeRequest,
+    RenderRequest,
+    RenderResponse,
+    TokenizeRequest,
+    V1BatchChatRequest,
+    V1ChatRequest,
+    V1CompletionRequest,
+    V1ResponsesRequest,
+)
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    # The native API.
+    Endpoint("/complete", "Continue text on a base model (few-shot `examples` build a pattern prompt; "
+             "`continuation` scores a text instead).", "native", body=CompleteRequest,
+             handler=native.complete, metric="complete", streams=True, response=CompleteResponse),
+    Endpoint("/chat", "Next assistant turn on an instruct model; the chat template is rendered here.",
+             "native", body=ChatRequest, handler=native.chat, metric="chat", streams=True,
+             response=ChatResponse),
+    Endpoint("/chat/render", "The exact prompt text and token ids a /chat request would send to the worker.",
+             "native", body=RenderRequest, handler=native.render, metric="chat_render",
+             response=RenderResponse),
+    # The OpenAI-compatible API (vLLM's, as a superset).
+    Endpoint("/v1/completions", "OpenAI text completion (any model; base models are what it is for).",
+             "openai", body=V1CompletionRequest, handler=openai.completions, metric="v1_completions",
+             streams=True),
+    Endpoint("/v1/chat/completions", "OpenAI chat completion on an instruct model.",
+             "openai", body=V1ChatRequest, handler=openai.chat, metric="v1_chat_completions",
+             streams=True),
+    Endpoint("/v1/chat/completions/batch", "Several conversations answered in one call (vLLM's batch route).",
+             "openai", body=V1BatchChatRequest, handler=openai.batch_chat, metric="v1_chat_batch"),
+    Endpoint("/v1/responses", "OpenAI's Responses API on an instruct model.", "openai",
+             body=V1ResponsesRequest, handler=openai.responses, metric="v1_responses", streams=True),
+    Endpoint("/v1/models", "Served models, each with its `kind` and `max_model_len`.", "openai",
+             method="GET", handler=models.list_models),
+    Endpoint("/v1/models/{model_id:path}", "One served model.", "openai", method="GET",
+             handler=models.get_model),
+    # vLLM's tokenizer and server routes.
+    Endpoint("/tokenize", "Token ids of a prompt or of chat messages (rendered as a chat request would be).",
+             "tokenizer", body=TokenizeRequest, handler=tokens.tokenize, metric="tokenize"),
+    Endpoint("/detokenize", "The text of token ids.", "tokenizer", body=DetokenizeRequest,
+             handler=tokens.detokenize, metric="detokenize"),
+    Endpoint("/tokenizer_info", "A model's tokenizer configuration (lm-eval's remote tokenizer reads it).",
+             "tokenizer", method="GET", handler=tokens.tokenizer_info),
+    Endpoint("/version", "The workers' vLLM version and the gateway's.", "health", method="GET",
+             handler=models.version),
+    # Health, metrics, the playground.
+    Endpoint("/health", "200 while the process serves.", "health", method="GET", handler=health.health,
+             open=True, drained=False),
+    Endpoint("/ready", "200 when every model has a healthy worker; else 503 naming those that have none.",
+             "health", method="GET", handler=health.ready, open=True, drained=False),
+    Endpoint("/metrics", "Prometheus text format.", "health", method="GET", handler=health.metrics,
+             drained=False),
+    Endpoint("/", "The playground page.", "playground", method="GET", handler=playground.playground,
+             open=True),
+)  # fmt: skip

@@ -1,0 +1,148 @@
+"""Pure ASGI guards in front of the routes: the body (size before parsing, chunked bodies too, and
+a deadline for it to arrive) and API keys (Bearer, constant-time) with an optional per-key rate
+limit. Refusals are typed errors answered through `errors.reject`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import Sequence
+
+from limits import RateLimitItem, parse, storage, strategies
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import reject
+from service.errors import RateLimited, RequestTimeout, RequestTooLarge, Unauthorized
+
+OPEN_PREFIXES = ("/static/",)  # the playground's files: no secret in them (the page asks for the key)
+DISCARD_FACTOR = 16  # how much of an oversized body is read and dropped before answering 413
+WHOLE, GONE, OVER, OVER_MORE_COMING = "whole", "gone", "over", "over, more coming"
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes` with 413 before anything parses them, and bodies that do not
+    arrive within `timeout` seconds with 408 (a slow client holds no slot for long).
+
+    The body is read here (as FastAPI would) and replayed to the app; later `receive` calls go to
+    the client, so disconnects are still seen.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in {"GET", "HEAD", "OPTIONS"}:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send, more_body=True)
+            return
+        chunks: list[bytes] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                outcome = await self._read(receive, chunks)
+        except TimeoutError:
+            late = RequestTimeout(f"The request body did not arrive within {self.timeout:g} s.")
+            await reject(scope, receive, send, late)
+            return
+        if outcome == GONE:
+            return
+        if outcome != WHOLE:
+            await self._too_large(scope, receive, send, more_body=outcome == OVER_MORE_COMING)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive: Receive, chunks: list[bytes]) -> str:
+        """Read the body into `chunks`; says how that went."""
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return GONE
+            chunk = message.get("body", b"")
+            more = bool(message.get("more_body", False))
+            size += len(chunk)
+            if size > self.max_bytes:
+                return OVER_MORE_COMING if more else OVER
+            chunks.append(chunk)
+            if not more:
+                return WHOLE
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, more_body: bool) -> None:
+        # Read what the client is still sending (up to a bound) so that closing the connection
+        # does not reset it before the client has read the 413.
+        budget = DISCARD_FACTOR * self.max_bytes
+        try:
+            async with asyncio.timeout(self.timeout):
+                while more_body and budget > 0:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    budget -= len(message.get("body", b""))
+                    more_body = bool(message.get("more_body", False))
+        except TimeoutError:
+            pass
+        await reject(scope, receive, send, RequestTooLarge(self.max_bytes))
+
+
+class ApiKeyMiddleware:
+    """With keys configured, every route but the open ones needs `Authorization: Bearer <key>`;
+    each key may also be rate limited."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Sequence[str],
+        open_paths: frozenset[str] = frozenset(),
+        rate_limit: str | None = None,
+    ) -> None:
+        self.app = app
+        # Compare digests so the comparison time says nothing about a key's length or prefix.
+        self.digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        self.open_paths = open_paths
+        self.limit: RateLimitItem | None = parse(rate_limit) if rate_limit else None
+        self.limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+
+    def _is_open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(OPEN_PREFIXES)
+
+    def _key_index(self, scope: Scope) -> int | None:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return None
+        digest = hashlib.sha256(token.strip()).digest()
+        found = None
+        for index, known in enumerate(self.digests):
+            if hmac.compare_digest(digest, known):  # no early exit: every key is compared
+                found = index
+        return found
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.digests or self._is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        index = self._key_index(scope)
+        if index is None:
+            await reject(scope, receive, send, Unauthorized())
+            return
+        if self.limit is not None and not self.limiter.hit(self.limit, str(index)):
+            reset, _ = self.limiter.get_window_stats(self.limit, str(index))
+            retry_after = max(1, int(reset - time.time()) + 1)
+            await reject(scope, receive, send, RateLimited(str(self.limit), retry_after))
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,125 @@
+"""The native API: /complete (raw continuation, few-shot patterns, scoring) and /chat, /chat/render
+(the gateway renders the chat template and sends token ids to the worker's /v1/completions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from service.core.caps import enforce_caps
+from service.core.fewshot import build_few_shot
+from service.core.gateway import Gateway
+from service.core.protocol import ChatRequest, CompleteRequest, RenderRequest
+from service.core.templates import RenderedPrompt, messages_as_dicts
+from service.core.translate import NativeStream, native_chat, native_complete
+from service.errors import InvalidRequest
+from service.ops.record import RequestRecord
+from service.ops.settings import ModelKind
+from service.workers.pool import ModelPool
+
+
+async def complete(gateway: Gateway, request: CompleteRequest, record: RequestRecord) -> Response:
+    """POST /complete: raw continuation, a few-shot pattern when examples are given, or the
+    loglikelihood of a given `continuation` when one is."""
+    enforce_caps(request, gateway.settings)
+    pool = gateway.resolve(request.model, ModelKind.BASE)
+    record.admit(pool.name)
+    params = request.engine_params()
+    prompt = request.prompt
+    if request.examples:
+        prompt, boundary = build_few_shot(request.prompt, request.examples, request.layout)
+        params.setdefault("stop", boundary)
+    if request.continuation is not None:
+        return JSONResponse(await score(gateway, pool, request, prompt, record))
+    ids = await gateway.encode(pool, prompt)
+    body = gateway.completion_body(pool, [ids], request.max_tokens, params, request.stream)
+    if request.stream:
+        return await gateway.stream(pool, body, record, NativeStream(pool.name, "text"), sequences=request.n)
+    answer = await gateway.generate(pool, body, record, sequences=request.n)
+    return JSONResponse(native_complete(answer, pool.name))
+
+
+async def score(
+    gateway: Gateway, pool: ModelPool, request: CompleteRequest, prompt: str, record: RequestRecord
+) -> dict[str, Any]:
+    """The loglikelihood of `request.continuation` after `prompt`: each continuation token's
+    logprob (and rank), their sum, and whether greedy decoding would have produced it, from the
+    worker's prompt logprobs for context + continuation (nothing is generated for the client)."""
+    if request.stream or request.n != 1:
+        raise InvalidRequest(
+            "Scoring a continuation takes neither `stream` nor `n` > 1.", param="continuation"
+        )
+    continuation = request.continuation or ""
+    context_ids, continuation_ids = gateway.tokenizers[pool.name].encode_pair(prompt, continuation)
+    if not continuation_ids:
+        raise InvalidRequest("The continuation to score is empty (no tokens).", param="continuation")
+    whole = context_ids + continuation_ids
+    gateway.check_context(pool, len(whole), 1)
+    gateway.check_scoring(pool, len(whole))
+    body = {"model": pool.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
+    answer = await gateway.generate(pool, body, record)
+    rows = (answer.get("choices") or [{}])[0].get("prompt_logprobs") or []
+    tokens = [
+        _scored(token_id, row)
+        for token_id, row in zip(continuation_ids, rows[len(context_ids) :], strict=False)
+    ]
+    if len(tokens) != len(continuation_ids):
+        raise InvalidRequest(
+            "The worker returned fewer prompt logprobs than prompt tokens.", param="continuation"
+        )
+    return {
+        "id": answer.get("id", ""),
+        "model": pool.name,
+        "loglikelihood": sum(token["logprob"] for token in tokens),
+        "is_greedy": all(token["rank"] == 1 for token in tokens),
+        "tokens": tokens,
+        "usage": {"prompt_tokens": len(whole), "completion_tokens": 0, "total_tokens": len(whole)},
+        "context_tokens": len(context_ids),
+    }
+
+
+def _scored(token_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
+    """One continuation token from a worker's prompt-logprobs row (keyed by token id)."""
+    entry = (row or {}).get(str(token_id)) or {}
+    return {
+        "id": token_id,
+        "text": entry.get("decoded_token", ""),
+        "logprob": float(entry.get("logprob", float("-inf"))),
+        "rank": entry.get("rank"),
+    }
+
+
+async def chat(gateway: Gateway, request: ChatRequest, record: RequestRecord) -> Response:
+    """POST /chat: the next assistant turn, rendered with the model's own chat template."""
+    pool, rendered = await _admit_chat(gateway, request, record)
+    params = request.engine_params()
+    body = gateway.completion_body(pool, [rendered.token_ids], request.max_tokens, params, request.stream)
+    if request.stream:
+        return await gateway.stream(pool, body, record, NativeStream(pool.name, "delta"), sequences=request.n)
+    answer = await gateway.generate(pool, body, record, sequences=request.n)
+    return JSONResponse(native_chat(answer, pool.name))
+
+
+async def render(gateway: Gateway, request: RenderRequest, record: RequestRecord) -> Response:
+    """POST /chat/render: the exact prompt text and token ids a /chat request would send."""
+    pool, rendered = await _admit_chat(gateway, request, record)
+    return JSONResponse(
+        {
+            "model": pool.name,
+            "prompt": rendered.text,
+            "token_ids": rendered.token_ids,
+            "num_tokens": len(rendered.token_ids),
+        }
+    )
+
+
+async def _admit_chat(
+    gateway: Gateway, request: ChatRequest | RenderRequest, record: RequestRecord
+) -> tuple[ModelPool, RenderedPrompt]:
+    """Checks shared by the native chat endpoints, then the rendered prompt."""
+    enforce_caps(request, gateway.settings)
+    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    record.admit(pool.name)
+    gateway.require_chat(pool)
+    return pool, await gateway.render(pool, messages_as_dicts(request.messages))

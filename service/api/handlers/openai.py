@@ -1,0 +1,208 @@
+"""The OpenAI-compatible API, a faithful superset of vLLM's: every request goes to the worker's own
+endpoint of the same name, as the client sent it (fields the worker's schema accepts; the served
+model name filled in), and the worker's answer comes back as it is. In front, the gateway adds what
+vLLM does not have: kind-aware routing, the control-token rule, context and scoring checks with the
+numbers, caps, queueing, failover, metrics. Chat features that need the model's parsers (tool calls,
+reasoning, structured outputs) therefore run in vLLM's own code, on the worker.
+
+The gateway still renders each conversation itself (the same template the worker is pinned to) for
+the context check, control tokens and routing; the token counts it reports come from the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from service.core.caps import enforce_caps
+from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
+from service.core.protocol import (
+    OpenAIRequest,
+    V1BatchChatRequest,
+    V1ChatRequest,
+    V1CompletionRequest,
+    V1ResponsesRequest,
+)
+from service.core.relay import RESPONSES_STREAM
+from service.core.templates import ChatOptions, messages_as_dicts
+from service.errors import InvalidRequest
+from service.ops.record import RequestRecord
+from service.ops.settings import ModelKind
+from service.workers.contract import check_fields
+from service.workers.pool import ModelPool
+
+BATCH_CHAT_PATH = "/v1/chat/completions/batch"
+RESPONSES_PATH = "/v1/responses"
+
+
+async def completions(gateway: Gateway, request: V1CompletionRequest, record: RequestRecord) -> Response:
+    """POST /v1/completions: text prompts go as text (so `echo` returns them as sent) unless the
+    gateway's BOS rule changed their tokens; token-id prompts go as ids."""
+    pool = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
+    prompts, rewritten = await _prompt_tokens(gateway, pool, request)
+    lengths = [
+        _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(pool)) for ids in prompts
+    ]
+    gateway.check_context(pool, max(lengths), request.max_tokens)
+    if request.prompt_logprobs is not None or (request.echo and request.logprobs is not None):
+        gateway.check_scoring(pool, sum(lengths))
+    body = request.body(pool.name)
+    if rewritten:
+        body["prompt"] = prompts[0] if isinstance(request.prompt, str) else prompts
+    return await _send(gateway, pool, request, body, record, COMPLETIONS_PATH, len(prompts) * request.choices)
+
+
+async def chat(gateway: Gateway, request: V1ChatRequest, record: RequestRecord) -> Response:
+    """POST /v1/chat/completions on the worker's own chat endpoint (tools, reasoning, structured
+    outputs, echo, continue_final_message... all vLLM's)."""
+    pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
+    await _check_conversation(gateway, pool, request, request.messages, request.requested_max_tokens)
+    return await _send(gateway, pool, request, request.body(pool.name), record, CHAT_PATH, request.choices)
+
+
+async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, record: RequestRecord) -> Response:
+    """POST /v1/chat/completions/batch: several conversations in one call (vLLM's batch route)."""
+    pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
+    for conversation in request.messages:
+        await _check_conversation(gateway, pool, request, conversation, request.requested_max_tokens)
+    sequences = len(request.messages) * request.choices
+    return await _send(gateway, pool, request, request.body(pool.name), record, BATCH_CHAT_PATH, sequences)
+
+
+async def responses(gateway: Gateway, request: V1ResponsesRequest, record: RequestRecord) -> Response:
+    """POST /v1/responses: OpenAI's Responses API on an instruct model, served by the worker."""
+    enforce_caps(request, gateway.settings)
+    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    record.admit(pool.name)
+    gateway.require_chat(pool)
+    check_fields(pool, "ResponsesRequest", request.extras())
+    tokenizer = gateway.tokenizers[pool.name]
+    tokenizer.check_text(request.input, "input")
+    tokenizer.check_text(request.instructions, "instructions")
+    messages = _as_messages(request)
+    if messages is not None:  # plain text or plain messages: the gateway can check the context too
+        rendered = await gateway.render(pool, messages)
+        gateway.check_context(pool, len(rendered.token_ids), request.max_output_tokens)
+    body = request.body(pool.name)
+    if request.stream:
+        return await gateway.stream(pool, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM)
+    return JSONResponse(await gateway.generate(pool, body, record, path=RESPONSES_PATH))
+
+
+def _admit(
+    gateway: Gateway, request: OpenAIRequest, record: RequestRecord, kind: ModelKind, schema: str
+) -> ModelPool:
+    """Checks every /v1 generation request goes through before any work is done."""
+    enforce_caps(request, gateway.settings)
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest("stream_options can only be set when stream is true.", param="stream_options")
+    pool = gateway.resolve(request.model, kind)
+    record.admit(pool.name)
+    if kind is ModelKind.INSTRUCT:
+        gateway.require_chat(pool)
+    check_fields(pool, schema, request.extras())
+    return pool
+
+
+async def _check_conversation(
+    gateway: Gateway,
+    pool: ModelPool,
+    request: V1ChatRequest | V1BatchChatRequest,
+    messages: list[Any],
+    requested: int | None,
+) -> None:
+    """Render one conversation as the worker will (control tokens refused, context checked)."""
+    if request.chat_template is not None and not pool.spec.trust_request_chat_template:
+        raise InvalidRequest(
+            f"Model '{pool.name}' does not accept a chat template in requests; its own is used.",
+            param="chat_template",
+        )
+    options = ChatOptions(
+        tools=request.tools,
+        documents=request.documents,
+        add_generation_prompt=request.add_generation_prompt is not False,
+        continue_final_message=bool(request.continue_final_message),
+        template_kwargs=request.chat_template_kwargs,
+        add_special_tokens=bool(request.add_special_tokens),
+        chat_template=request.chat_template,
+    )
+    gateway.tokenizers[pool.name].check_text(request.tools, "tools")
+    gateway.tokenizers[pool.name].check_text(request.documents, "documents")
+    rendered = await gateway.render(pool, messages_as_dicts(messages), options)
+    gateway.check_context(pool, len(rendered.token_ids), requested)
+    if request.prompt_logprobs is not None:
+        gateway.check_scoring(pool, len(rendered.token_ids))
+
+
+async def _send(
+    gateway: Gateway,
+    pool: ModelPool,
+    request: OpenAIRequest,
+    body: dict[str, Any],
+    record: RequestRecord,
+    path: str,
+    sequences: int,
+) -> Response:
+    """The worker's answer, streamed or whole. A stream always asks the worker for usage (the
+    gateway counts tokens); the client gets that usage event only if it asked for it."""
+    if request.stream:
+        asked = request.stream_options.include_usage if request.stream_options else None
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return await gateway.stream(pool, body, record, None, bool(asked), sequences=sequences, path=path)
+    return JSONResponse(await gateway.generate(pool, body, record, sequences=sequences, path=path))
+
+
+async def _prompt_tokens(
+    gateway: Gateway, pool: ModelPool, request: V1CompletionRequest
+) -> tuple[list[list[int]], bool]:
+    """Token ids of every prompt (texts tokenized as the worker would, in one batch, off the
+    loop when large), and whether the gateway's BOS rule changed any text's tokens."""
+    prompt = request.prompt
+    if isinstance(prompt, list) and all(isinstance(item, int) for item in prompt):
+        return [list(prompt)], False  # type: ignore[arg-type]
+    items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts = [item for item in items if isinstance(item, str)]
+    if not texts:
+        return [list(item) for item in items], False
+    encoded = iter(await gateway.encode_for_worker(pool, texts, request.add_special_tokens is not False))
+    prompts: list[list[int]] = []
+    rewritten = False
+    for item in items:
+        if isinstance(item, str):
+            ids, changed = next(encoded)
+            prompts.append(ids)
+            rewritten = rewritten or changed
+        else:
+            prompts.append(list(item))
+    return prompts, rewritten
+
+
+def _truncated(length: int, truncate: int | None, context: int) -> int:
+    """A prompt's length after vLLM's `truncate_prompt_tokens` (-1: to the context)."""
+    if truncate is None:
+        return length
+    return min(length, context if truncate == -1 else truncate)
+
+
+def _as_messages(request: V1ResponsesRequest) -> list[dict[str, Any]] | None:
+    """A Responses input as chat messages when it is plain text or plain messages, else None."""
+    messages: list[dict[str, Any]] = []
+    if request.instructions:
+        messages.append({"role": "system", "content": request.instructions})
+    if isinstance(request.input, str):
+        return [*messages, {"role": "user", "content": request.input}]
+    for item in request.input:
+        role, content = item.get("role"), item.get("content")
+        if item.get("type", "message") != "message" or not isinstance(role, str):
+            return None
+        if isinstance(content, list):
+            if not all(
+                isinstance(p, dict) and p.get("type") in {"input_text", "output_text"} for p in content
+            ):
+                return None
+            content = "\n".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            return None
+        messages.append({"role": role, "content": content})
+    return messages

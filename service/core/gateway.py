@@ -1,0 +1,266 @@
+"""The gateway's shared state and the steps every generation request goes through:
+resolve the model, tokenize, fit the context, send to a worker, shape the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi.responses import Response
+
+from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
+from service.core.templates import (
+    DEFAULT_CHAT,
+    INLINE_TOKENIZE_CHARS,
+    ChatOptions,
+    ModelTokenizer,
+    RenderedPrompt,
+)
+from service.core.translate import StreamTranslator
+from service.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    NoHealthyWorker,
+    NotAChatModel,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from service.ops.metrics import Metrics
+from service.ops.record import RequestRecord
+from service.ops.settings import ModelKind, Settings
+from service.workers.pool import Lease, ModelPool, Worker
+from service.workers.transport import StreamWatch, UpstreamClient, close_stream, iter_sse_blocks
+
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_PATH = "/v1/chat/completions"
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+def check_fits(prompt_tokens: int, requested: int | None, context: int, param: str = "prompt") -> None:
+    """Refuse (400, with the numbers) a prompt that leaves no room in the context, or a prompt
+    plus the tokens asked for that is over it."""
+    if prompt_tokens >= context:
+        raise ContextLengthExceeded(
+            f"The prompt is {prompt_tokens} tokens but this model's context is {context} tokens; "
+            "shorten the prompt.",
+            param=param,
+        )
+    if requested is not None and prompt_tokens + requested > context:
+        raise ContextLengthExceeded(
+            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) is "
+            f"{prompt_tokens + requested} tokens, over this model's context of {context} tokens; "
+            f"ask for at most {context - prompt_tokens} tokens.",
+            param="max_tokens",
+        )
+
+
+def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, cap: int) -> int:
+    """Tokens to generate: the request's own if it fits, else the rest of the context up to `cap`
+    (the native endpoints' default; /v1 leaves an omitted max_tokens to the worker, as vLLM does)."""
+    check_fits(prompt_tokens, requested, context)
+    return requested if requested is not None else min(context - prompt_tokens, cap)
+
+
+@dataclass
+class Gateway:
+    """What the routes share: settings, model pools, tokenizers and the upstream client."""
+
+    settings: Settings
+    pools: dict[str, ModelPool]
+    tokenizers: dict[str, ModelTokenizer]
+    upstream: UpstreamClient
+    metrics: Metrics
+    streams: set[StreamWatch]  # open worker streams (a drain ends the ones still open)
+
+    def resolve(self, name: str | None, default_kind: ModelKind) -> ModelPool:
+        """The named model, or the first one of `default_kind`."""
+        if name is None:
+            pool = next((p for p in self.pools.values() if p.kind is default_kind), None)
+            if pool is None:
+                raise ModelNotFound(f"<default {default_kind.value} model>", list(self.pools))
+            return pool
+        pool = self.pools.get(name)
+        if pool is None:
+            raise ModelNotFound(name, list(self.pools))
+        return pool
+
+    @staticmethod
+    def require_chat(pool: ModelPool) -> None:
+        """Chat needs an instruct model; base models are refused with a pointer to /complete."""
+        if pool.kind is not ModelKind.INSTRUCT:
+            raise NotAChatModel(pool.name)
+
+    async def encode(self, pool: ModelPool, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a raw prompt; long prompts are tokenized off the event loop."""
+        tokenizer = self.tokenizers[pool.name]
+        if len(text) < INLINE_TOKENIZE_CHARS:
+            return tokenizer.encode(text, add_special_tokens)
+        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
+
+    async def encode_for_worker(
+        self, pool: ModelPool, texts: list[str], add_special_tokens: bool = True
+    ) -> list[tuple[list[int], bool]]:
+        """Token ids of raw prompts (see `ModelTokenizer.encode_for_worker`); a batch or a long
+        prompt is tokenized in one call off the event loop."""
+        tokenizer = self.tokenizers[pool.name]
+        if len(texts) == 1 and len(texts[0]) < INLINE_TOKENIZE_CHARS:
+            return tokenizer.encode_for_worker(texts, add_special_tokens)
+        return await asyncio.to_thread(tokenizer.encode_for_worker, texts, add_special_tokens)
+
+    async def render(
+        self, pool: ModelPool, messages: Sequence[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT
+    ) -> RenderedPrompt:
+        """Chat template rendering and tokenizing, off the event loop."""
+        started = time.perf_counter()
+        rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages, options)
+        self.metrics.child(self.metrics.render, pool.name).observe(time.perf_counter() - started)
+        return rendered
+
+    def check_context(self, pool: ModelPool, prompt_tokens: int, requested: int | None) -> None:
+        """The request's prompt and the tokens it asks for fit in the model's context."""
+        check_fits(prompt_tokens, requested, self.context_of(pool))
+
+    def check_scoring(self, pool: ModelPool, prompt_tokens: int) -> None:
+        """Prompt logprobs make the worker hold prompt_tokens x vocabulary floats at once: refuse
+        (400, with the numbers) what is over the configured budget, before it reaches a worker."""
+        vocab = self.tokenizers[pool.name].vocab_size
+        budget = self.settings.scoring_budget
+        if prompt_tokens * vocab > budget:
+            raise InvalidRequest(
+                f"Prompt logprobs for {prompt_tokens} prompt tokens need {prompt_tokens * vocab:,} logits "
+                f"({prompt_tokens} x a vocabulary of {vocab:,}); this gateway allows {budget:,} per request "
+                f"(at most {budget // vocab:,} prompt tokens for this model).",
+                param="prompt_logprobs",
+                code="scoring_budget_exceeded",
+            )
+
+    def context_of(self, pool: ModelPool) -> int:
+        """The model's context length; unknown only while no worker has answered yet."""
+        context = pool.max_model_len
+        if context is None:  # no worker has answered a probe yet: as good as none healthy
+            raise NoHealthyWorker(pool.name)
+        return context
+
+    def completion_body(
+        self,
+        pool: ModelPool,
+        prompts: list[list[int]],
+        requested_max_tokens: int | None,
+        params: dict[str, Any],
+        stream: bool,
+    ) -> dict[str, Any]:
+        """The body for a worker's /v1/completions, with max_tokens fitted to the context."""
+        context = self.context_of(pool)
+        longest = max(len(ids) for ids in prompts)
+        max_tokens = fit_max_tokens(longest, requested_max_tokens, context, self.settings.default_max_tokens)
+        body: dict[str, Any] = {
+            **params,
+            "model": pool.name,
+            "prompt": prompts[0] if len(prompts) == 1 else prompts,
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def generate(
+        self,
+        pool: ModelPool,
+        body: dict[str, Any],
+        record: RequestRecord,
+        sequences: int = 1,
+        path: str = COMPLETIONS_PATH,
+    ) -> dict[str, Any]:
+        """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
+        lease, data = await self._with_failover(
+            pool, sequences, lambda worker: self.upstream.complete(worker, path, body)
+        )
+        pool.release(lease)
+        record.set_usage(data.get("usage"))
+        record.token_sent()  # a whole answer: its first token reaches the client now
+        return data
+
+    async def stream(
+        self,
+        pool: ModelPool,
+        body: dict[str, Any],
+        record: RequestRecord,
+        translator: StreamTranslator | None,
+        forward_usage: bool = True,
+        sequences: int = 1,
+        path: str = COMPLETIONS_PATH,
+        fmt: StreamFormat = OPENAI_STREAM,
+    ) -> Response:
+        """A streamed request: errors before the first byte are ordinary error responses (after
+        one retry on another replica); after it, an SSE error event then `[DONE]`.
+        A `None` translator passes the worker's events through."""
+        lease, watch = await self._with_failover(
+            pool, sequences, lambda worker: self.upstream.open_stream(worker, path, body)
+        )
+        self.streams.add(watch)
+
+        async def close() -> None:
+            self.streams.discard(watch)
+            await close_stream(watch)
+            pool.release(lease)
+
+        blocks = iter_sse_blocks(watch, self.settings.connect_timeout, fmt.done_marker)
+        relay = Relay(lease.worker, record, translator, forward_usage, fmt)
+        return RelayResponse(relay, blocks, on_close=close)
+
+    async def _with_failover(
+        self, pool: ModelPool, sequences: int, send: Callable[[Worker], Awaitable[T]]
+    ) -> tuple[Lease, T]:
+        """`send` on a worker of `pool`; if that worker fails before it could produce anything,
+        once more on another healthy replica (or, for a connection the worker had already closed,
+        on the same one). Returns the lease (the caller releases it) and what `send` returned."""
+        lease: Lease | None = await self._acquire(pool, sequences)
+        try:
+            assert lease is not None
+            try:
+                return lease, await send(lease.worker)
+            except (UpstreamUnavailable, UpstreamTimeout) as exc:
+                if exc.eject:
+                    lease.worker.mark(False)
+                exclude = self._retry_exclusion(pool, lease.worker, exc)
+                pool.release(lease)
+                lease = None
+                lease = await self._acquire(pool, sequences, exclude)
+                return lease, await send(lease.worker)
+        except BaseException:
+            if lease is not None:
+                pool.release(lease)
+            raise
+
+    @staticmethod
+    def _retry_exclusion(
+        pool: ModelPool, failed: Worker, exc: UpstreamUnavailable | UpstreamTimeout
+    ) -> frozenset[Worker]:
+        """Which workers the retry must avoid; raises `exc` when there is no retry to make."""
+        if not exc.retryable:
+            raise exc
+        others = any(w.healthy and w is not failed for w in pool.workers)
+        if others:
+            log.warning("worker %s failed (%s); retrying on another replica", failed.label, exc.message)
+            return frozenset({failed})
+        if exc.stale:
+            log.info("worker %s closed a pooled connection; retrying on it", failed.label)
+            return frozenset()
+        raise exc
+
+    async def _acquire(
+        self, pool: ModelPool, sequences: int, exclude: frozenset[Worker] = frozenset()
+    ) -> Lease:
+        started = time.perf_counter()
+        lease = await pool.acquire(sequences, exclude)
+        self.metrics.child(self.metrics.queue_wait, pool.name).observe(time.perf_counter() - started)
+        return lease

@@ -1,0 +1,363 @@
+"""Request and response models of the native (`/complete`, `/chat`) and OpenAI-compatible APIs.
+
+Requests forbid unknown fields so typos fail loudly. Each request translates itself into the
+sampling part of the body sent to a worker's `/v1/completions`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_SEQUENCES = 16
+
+
+def _valid_unicode(value: str) -> str:
+    """JSON can carry lone surrogates (`"\\ud800"`), which are not text: refuse them here rather than
+    fail in the tokenizer (or while writing an error message that echoes them)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode text (a lone surrogate at position {exc.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+StopField = Annotated[
+    Text | list[Annotated[Text, Field(min_length=1)]] | None,
+    Field(default=None, description="Sequence(s) that end generation; not included in the output."),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(Strict):
+    """One turn of a conversation; content is text (a string or text parts). Any role the model's
+    chat template accepts (`system`, `user`, `assistant`, `developer`, `tool`, ...)."""
+
+    role: Text = Field(min_length=1, max_length=64)
+    content: Text | list[TextPart]
+    name: Text | None = None
+
+
+class Sampling(Strict):
+    """Sampling fields shared by every generation endpoint."""
+
+    model: Text | None = Field(default=None, description="Served model name; defaults by endpoint kind.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens to generate; omitted: the rest of the context, capped."
+    )
+    temperature: float | None = Field(default=None, ge=0, le=100, description="0 is greedy.")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k.")
+    stop: StopField = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    n: int = Field(default=1, ge=1, le=16, description="Completions per request.")
+    stream: bool = False
+    return_token_ids: bool | None = Field(
+        default=None, description="Also return the prompt token ids the worker received (and output ids)."
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if value == "":
+            raise ValueError("stop sequence must not be empty")
+        return value
+
+    # Fields the gateway itself consumes; everything else set by the client goes to the worker.
+    GATEWAY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "user",
+         "prompt", "examples", "layout", "messages", "top_logprobs", "continuation"}
+    )  # fmt: skip
+
+    def engine_params(self) -> dict[str, Any]:
+        """Sampling fields as vLLM's /v1/completions expects them (unset ones left out)."""
+        return self.model_dump(exclude_unset=True, exclude=set(self.GATEWAY_FIELDS))
+
+
+# ---------------------------------------------------------------- native API
+
+
+class Example(Strict):
+    """One demonstration of the pattern a base model should continue."""
+
+    input: Text
+    output: Text
+
+
+MAX_LAYOUT_CHARS = 1000
+
+
+class FewShotLayout(Strict):
+    """How examples become a prompt: `{input_prefix} {input}`, newline, `{output_prefix} {output}`.
+    Each part is repeated once per example, so each is short (and the built prompt is counted)."""
+
+    input_prefix: Text = Field("Input:", max_length=MAX_LAYOUT_CHARS)
+    output_prefix: Text = Field("Output:", max_length=MAX_LAYOUT_CHARS)
+    separator: Text = Field("\n\n", max_length=MAX_LAYOUT_CHARS)
+
+
+class CompleteRequest(Sampling):
+    """POST /complete: continue `prompt`, optionally after few-shot `examples`."""
+
+    prompt: Text = Field(
+        min_length=1, description="Text to continue (the new input when examples are given)."
+    )
+    examples: list[Example] | None = Field(default=None, max_length=256)
+    layout: FewShotLayout = Field(default_factory=FewShotLayout)
+    continuation: Text | None = Field(
+        default=None,
+        min_length=1,
+        description="Score this text instead of generating: the loglikelihood of `continuation` after the "
+        "prompt (per-token logprobs and their sum), the primitive of evaluation harnesses.",
+    )
+
+
+class ChatRequest(Sampling):
+    """POST /chat: the next assistant turn of `messages`."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+
+
+class RenderRequest(Strict):
+    """POST /chat/render: the exact prompt a /chat request would produce."""
+
+    model: Text | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class ScoredToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    rank: int | None
+
+
+class ScoreResponse(BaseModel):
+    """/complete with `continuation`: how likely the model finds it after the prompt."""
+
+    id: str
+    model: str
+    loglikelihood: float = Field(description="Sum of the continuation tokens' logprobs.")
+    is_greedy: bool = Field(description="Whether greedy decoding would have produced the continuation.")
+    tokens: list[ScoredToken]
+    usage: Usage
+    context_tokens: int = Field(description="Tokens of the prompt before the continuation.")
+
+
+class CompleteResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    choices: list[Choice] = Field(description="Every completion when n > 1 (the first is also `text`).")
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids.")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    model: str
+    message: AssistantMessage
+    finish_reason: str | None
+    usage: Usage
+    choices: list[ChatChoice] = Field(description="Every reply when n > 1 (the first is also `message`).")
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids.")
+
+
+class RenderResponse(BaseModel):
+    model: str
+    prompt: str
+    token_ids: list[int]
+    num_tokens: int
+
+
+# ---------------------------------------------------------------- OpenAI-compatible API
+#
+# These declare only the fields the gateway acts on (routing, tokenizing, context and caps,
+# streaming, admission); everything else a client sends is kept as it came and forwarded to the
+# worker, if the worker's own schema has it (service.workers.contract). Types of the fields not declared
+# here are the worker's to check, so its error reaches the client exactly as vLLM words it.
+
+
+class Passthrough(BaseModel):
+    """A request whose undeclared fields are kept for the worker."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def extras(self) -> list[str]:
+        """The fields sent that the gateway does not declare (the worker's schema must have them)."""
+        return list(self.model_extra or ())
+
+    def body(self, model: str) -> dict[str, Any]:
+        """The request as the worker receives it: as sent, with the served model name."""
+        return {**self.model_dump(exclude_unset=True), "model": model}
+
+
+class StreamOptions(Passthrough):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class OpenAIRequest(Passthrough):
+    """Fields every OpenAI-style generation request shares."""
+
+    model: Text | None = Field(default=None, description="Served model name; defaults by endpoint kind.")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(default=1, ge=1)
+    stop: StopField = None
+    seed: Int64 | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=-1)
+    echo: bool | None = None
+
+    @property
+    def choices(self) -> int:
+        """Completions asked for per prompt."""
+        return self.n or 1
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+PromptField = Text | list[Text] | list[TokenId] | list[list[TokenId]]
+
+
+class V1CompletionRequest(OpenAIRequest):
+    """POST /v1/completions (vLLM's CompletionRequest)."""
+
+    prompt: PromptField
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0)
+    add_special_tokens: bool | None = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: PromptField) -> PromptField:
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("prompt must not be empty")
+        if value == "" or (isinstance(value, list) and any(p == "" for p in value)):
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class ContentPart(Passthrough):
+    type: Text = "text"
+    text: Text | None = None
+
+
+class Message(Passthrough):
+    """One chat message as OpenAI and vLLM take it: any role the template accepts, content as text,
+    parts, or nothing (an assistant turn that only calls tools); other fields (tool_calls,
+    tool_call_id, name, reasoning) are kept."""
+
+    role: Text = Field(min_length=1, max_length=64)
+    content: Text | list[ContentPart] | None = None
+
+
+class ChatOptionsFields(BaseModel):
+    """vLLM's fields that change how a conversation is rendered."""
+
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template: Text | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = False
+
+
+class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
+    """POST /v1/chat/completions (vLLM's ChatCompletionRequest)."""
+
+    messages: list[Message] = Field(min_length=1, max_length=1024)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` (the current name) or `max_tokens` (the deprecated one)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class V1BatchChatRequest(ChatOptionsFields, OpenAIRequest):
+    """POST /v1/chat/completions/batch: several conversations answered in one call."""
+
+    messages: list[Annotated[list[Message], Field(min_length=1, max_length=1024)]] = Field(
+        min_length=1, max_length=1024
+    )
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class V1ResponsesRequest(Passthrough):
+    """POST /v1/responses (OpenAI's Responses API, which vLLM serves for instruct models)."""
+
+    model: Text | None = None
+    input: Text | list[dict[str, Any]]
+    instructions: Text | None = None
+    stream: bool | None = False
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = Field(default=None, ge=0)
+
+
+class TokenizeRequest(ChatOptionsFields, Passthrough):
+    """POST /tokenize: a prompt (vLLM's TokenizeCompletionRequest) or messages (TokenizeChatRequest)."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=1024)
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(Passthrough):
+    """POST /detokenize (vLLM's DetokenizeRequest)."""
+
+    model: Text | None = None
+    tokens: list[TokenId] = Field(max_length=1_000_000)

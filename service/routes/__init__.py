@@ -1,1 +1,0 @@
-"""GET handlers of the endpoint table (models, version, health, metrics, playground)."""

@@ -1,0 +1,85 @@
+"""The worker's contract is the gateway's contract.
+
+Which request fields may pass is read from each worker's own OpenAPI schema (`GET /openapi.json`,
+which every vLLM OpenAI server publishes): for every request model it names (`CompletionRequest`,
+`ChatCompletionRequest`, ...), the set of its properties. The gateway declares, and checks itself,
+only the fields it acts on (model, prompt, messages, max_tokens, stream, n, logprobs, caps); every
+other field is accepted exactly when the worker's schema has it, and forwarded untouched. So a field
+that a vLLM upgrade adds works through the gateway the day the worker has it, and a field no worker
+knows is a 400 that names it (vLLM itself would ignore it with a warning: a typo would silently do
+nothing).
+
+A worker that publishes no schema (started with `--disable-fastapi-docs`, or not vLLM) cannot be
+checked against: its requests pass with every field, and the gateway says so once in its log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+
+from service.errors import InvalidRequest
+from service.workers.health import get_json
+from service.workers.pool import ModelPool, Worker
+
+log = logging.getLogger(__name__)
+
+# OpenAI fields that only mean something to OpenAI's own platform. vLLM accepts and ignores them
+# (they are not in its schema); clients such as the Agents SDK send them, so they pass too.
+OPENAI_PLATFORM_FIELDS = frozenset({"store", "metadata", "service_tier"})
+SCHEMA_NAMES = (
+    "CompletionRequest", "ChatCompletionRequest", "BatchChatCompletionRequest", "ResponsesRequest",
+    "TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest",
+)  # fmt: skip
+
+
+def request_fields(openapi: Any) -> dict[str, frozenset[str]]:
+    """Property names of each request model an OpenAPI document defines (of those we proxy)."""
+    schemas = (openapi.get("components") or {}).get("schemas") or {} if isinstance(openapi, dict) else {}
+    found: dict[str, frozenset[str]] = {}
+    for name in SCHEMA_NAMES:
+        schema = schemas.get(name)
+        if isinstance(schema, dict) and isinstance(schema.get("properties"), dict):
+            found[name] = frozenset(schema["properties"])
+    return found
+
+
+async def read_contract(session: aiohttp.ClientSession, worker: Worker, limit: aiohttp.ClientTimeout) -> None:
+    """Fact reader (see health.py): the worker's request schemas and its version."""
+    try:
+        fields = request_fields(await get_json(session, f"{worker.url}/openapi.json", limit))
+    except (ValueError, aiohttp.ContentTypeError):
+        fields = {}
+    if not fields:
+        log.warning("worker %s publishes no OpenAPI schema: request fields cannot be checked against it",
+                    worker.label)  # fmt: skip
+    worker.facts["fields"] = fields
+    try:
+        version = await get_json(session, f"{worker.url}/version", limit)
+    except ValueError:
+        version = None
+    worker.facts["version"] = version.get("version") if isinstance(version, dict) else None
+
+
+def check_fields(pool: ModelPool, schema: str, fields: Iterable[str], need_worker: bool = True) -> None:
+    """Refuse (400) the first of `fields` that the model's worker does not accept in `schema`.
+    `fields` are those the gateway does not declare itself (the request's extras)."""
+    known: dict[str, frozenset[str]] | None = pool.fact("fields")
+    if known is None:
+        if need_worker:
+            pool.pick()  # no worker has been seen yet: the 503 that says so
+        return
+    accepted = known.get(schema)
+    if accepted is None:
+        return  # this worker publishes no schema for it: cannot check
+    for name in fields:
+        if name not in accepted and name not in OPENAI_PLATFORM_FIELDS:
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {name} (the model's vLLM server does not accept "
+                f"it in {schema}).",
+                param=name,
+                code="unknown_field",
+            )

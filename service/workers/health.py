@@ -1,0 +1,117 @@
+"""Active health checks of every worker, and what a worker tells us about itself.
+
+A probe is `GET /health`; the first time a worker answers, the gateway also reads what it needs from
+it (context length and model entry from `/v1/models`, its version, its request schema) and keeps it
+in `Worker.facts`. Any answer at all, however odd, is a verdict on that worker, never a reason for
+the monitor to stop: an unexpected exception is logged and the round goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+
+from service.workers.pool import ModelPool, Worker
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_SECONDS = 2.0
+# What a worker is asked once it is up; each reader fills `Worker.facts` (absent on failure).
+FactReader = Callable[[aiohttp.ClientSession, Worker, aiohttp.ClientTimeout], Awaitable[None]]
+
+
+async def get_json(session: aiohttp.ClientSession, url: str, limit: aiohttp.ClientTimeout) -> Any:
+    """A GET whose answer must be 200 and JSON; raises ValueError otherwise."""
+    async with session.get(url, timeout=limit) as response:
+        if response.status != 200:
+            raise ValueError(f"GET {url} answered {response.status}")
+        return await response.json(content_type=None)
+
+
+async def read_model_entry(
+    session: aiohttp.ClientSession, worker: Worker, limit: aiohttp.ClientTimeout
+) -> None:
+    """The worker's own `/v1/models` entry: context length, `root`, `parent`, permissions."""
+    listing = await get_json(session, f"{worker.url}/v1/models", limit)
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("/v1/models has no `data` list")
+    entry = next((e for e in entries if isinstance(e, dict)), None)
+    if entry is None:
+        raise ValueError("/v1/models lists no model")
+    length = entry.get("max_model_len")
+    if isinstance(length, int) and length > 0:
+        worker.max_model_len = length
+    worker.facts["model_entry"] = entry
+
+
+DEFAULT_FACT_READERS: tuple[FactReader, ...] = (read_model_entry,)
+
+
+class HealthMonitor:
+    """Probes every worker of every pool each `interval` seconds, forever (cancel to stop)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        pools: Sequence[ModelPool],
+        interval: float,
+        probe_seconds: float = HEALTH_TIMEOUT_SECONDS,
+        readers: Sequence[FactReader] = DEFAULT_FACT_READERS,
+    ) -> None:
+        self.session = session
+        self.pools = pools
+        self.interval = interval
+        self.timeout = aiohttp.ClientTimeout(total=probe_seconds)
+        self.readers = readers
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:  # a bug here must not end health checking for good
+                log.exception("health check round failed; next round in %g s", self.interval)
+            await asyncio.sleep(self.interval)
+
+    async def check_all(self) -> None:
+        workers = [worker for pool in self.pools for worker in pool.workers]
+        await asyncio.gather(*(self.check(worker) for worker in workers))
+        for pool in self.pools:
+            pool.hand_over()  # a worker that came back can take waiting requests
+
+    async def check(self, worker: Worker) -> bool:
+        """One probe: the verdict goes on the worker (and its count of consecutive failures)."""
+        try:
+            async with self.session.get(f"{worker.url}/health", timeout=self.timeout) as response:
+                healthy = response.status == 200
+            if healthy:
+                await self._learn(worker)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            healthy = False
+            if worker.healthy:
+                log.warning("worker %s for %s failed its health check: %s", worker.label, worker.model,
+                            describe(exc))  # fmt: skip
+        except Exception as exc:  # an answer nobody foresaw: a failed check, not a dead monitor
+            healthy = False
+            log.warning("worker %s for %s gave an unexpected health answer: %s", worker.label,
+                        worker.model, describe(exc))  # fmt: skip
+        worker.failed_checks = 0 if healthy else worker.failed_checks + 1
+        worker.mark(healthy)
+        return healthy
+
+    async def _learn(self, worker: Worker) -> None:
+        """Read each fact the worker has not told us yet (once per worker)."""
+        for reader in self.readers:
+            if reader.__name__ not in worker.learned:
+                await reader(self.session, worker, self.timeout)
+                worker.learned.add(reader.__name__)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one short line for a log."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
