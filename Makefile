@@ -6,7 +6,7 @@ EXTRAS ?= cpu,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install browser prepare run test test-unit lint check clean
+.PHONY: install browser prepare run test test-unit test-fast lint check clean
 
 install: $(STAMP)
 
@@ -35,7 +35,12 @@ browser:
 test: prepare browser
 	$(BIN)/pytest
 
+# Pure logic only: no server, no worker, no model (seconds).
 test-unit: install
+	$(BIN)/pytest tests/unit
+
+# Everything but the real vLLM workers.
+test-fast: install
 	$(BIN)/pytest -m "not e2e"
 
 lint: install

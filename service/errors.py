@@ -6,12 +6,15 @@
     │   └── NotAChatModel             400 invalid_request_error / model_not_chat (param: model)
     ├── Unauthorized                  401 invalid_request_error / invalid_api_key, WWW-Authenticate
     ├── ModelNotFound                 404 invalid_request_error / model_not_found (param: model)
+    ├── RouteNotFound                 404 not_found_error / route_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed, with Allow
-    ├── RequestTimeout                408 invalid_request_error / body_timeout
+    ├── RequestTimeout                408 invalid_request_error / body_timeout (or header_timeout)
     ├── RequestTooLarge               413 invalid_request_error / request_too_large
+    ├── HeadersTooLarge               431 invalid_request_error / headers_too_large
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded, with Retry-After
     ├── NoHealthyWorker               503 service_unavailable
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
+    ├── TooManyConnections            503 service_unavailable / too_many_connections
     ├── ShuttingDown                  503 service_unavailable / shutting_down, with Retry-After
     ├── UpstreamRejected              the worker's own 4xx status and envelope, passed through
     ├── NotServedByWorker             501 not_implemented (the worker has no such route)
@@ -59,6 +62,15 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class RouteNotFound(GatewayError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "route_not_found"
+
+    def __init__(self) -> None:
+        super().__init__("There is no such route; GET /openapi.json lists them.")
 
 
 class MethodNotAllowed(GatewayError):
@@ -114,9 +126,27 @@ class RequestTimeout(GatewayError):
     error_type = "invalid_request_error"
     code = "body_timeout"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
         self.headers = {"Connection": "close"}
+
+
+class HeadersTooLarge(GatewayError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request line and headers are over {limit} bytes.")
+
+
+class TooManyConnections(GatewayError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "too_many_connections"
+
+    def __init__(self) -> None:
+        super().__init__("The gateway has too many open connections; retry shortly.")
 
 
 class RequestTooLarge(GatewayError):

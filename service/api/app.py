@@ -28,9 +28,9 @@ from service.ops.settings import Settings
 from service.workers.contract import read_contract
 from service.workers.discovery import discover, keep_discovering
 from service.workers.health import HealthMonitor, read_model_entry
+from service.workers.http_transport import HttpTransport, build_session
 from service.workers.pool import Capacity, ModelPool, Worker
 from service.workers.supervisor import WorkerProcess, build_embedded
-from service.workers.transport import UpstreamClient, build_session
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings,
             pools,
             tokenizers,
-            UpstreamClient(session, settings),
+            HttpTransport(session, settings),
             app.state.metrics,
             app.state.drain.streams,
         )
         app.state.processes = processes
         health = HealthMonitor(
-            probes, list(pools.values()), settings.health_interval, settings.health_timeout,
+            HttpTransport(probes, settings), list(pools.values()), settings.health_interval,
             readers=(read_model_entry, read_contract),
         )  # fmt: skip
         monitor = asyncio.create_task(health.run())

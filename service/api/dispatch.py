@@ -5,7 +5,7 @@ from its bytes by pydantic-core and handed to the endpoint's handler with the ga
 request's record; FastAPI's routing, dependency solving and second parse are not involved. The
 handler runs under a watch on the client: if it leaves while the request is queued, rendering or
 waiting for a non-streamed answer, the work is cancelled (and the worker's request aborted).
-Errors take the one exit, `errors.error_response`.
+Errors take the one exit, `service.api.errors.error_exit`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.endpoint import Endpoint
-from service.api.errors import error_response
+from service.api.errors import error_exit
 from service.core.context import RequestContext
 from service.errors import InvalidRequest, MethodNotAllowed, invalid_request
 
@@ -71,9 +71,7 @@ class Dispatcher:
                 handler(self.state.gateway, request, record)
             )
         except Exception as exc:
-            response, counted = error_response(exc)
-            if record is not None and counted is not None:
-                record.failed(counted)
+            response = error_exit(exc, record)
         await response(scope, receive, send)
 
 

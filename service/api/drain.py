@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import reject
 from service.errors import ShuttingDown
-from service.workers.transport import StreamWatch
+from service.workers.transport import UpstreamStream
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Drain:
         self.in_flight = 0
         self.idle = asyncio.Event()  # set whenever nothing is in flight
         self.idle.set()
-        self.streams: set[StreamWatch] = set()
+        self.streams: set[UpstreamStream] = set()
 
     def started(self) -> None:
         self.in_flight += 1

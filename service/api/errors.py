@@ -12,46 +12,46 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from service.errors import ClientDisconnected, GatewayError, error_body, invalid_request
+from service.errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound, invalid_request
+from service.ops.record import RequestRecord
 
 log = logging.getLogger(__name__)
 
 
-def error_response(exc: Exception) -> tuple[JSONResponse, str | None]:
-    """The envelope response for any failure, and the error type to count (None: not an error
-    of ours to count, e.g. a client that left). Every path that answers an error comes here."""
+def as_gateway_error(exc: Exception) -> GatewayError:
+    """Any failure as the typed error it means: framework errors mapped, bugs a 500."""
     if isinstance(exc, GatewayError):
-        counted = None if isinstance(exc, ClientDisconnected) else exc.error_type
-        return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers), counted
+        return exc
     if isinstance(exc, RequestValidationError):
-        return error_response(invalid_request(exc.errors()))
+        return invalid_request(exc.errors())
     if isinstance(exc, StarletteHTTPException):
-        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        body = error_body(str(exc.detail), error_type)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers), error_type
+        if exc.status_code == 404:
+            return RouteNotFound()
+        if exc.status_code == 405:
+            return MethodNotAllowed(", ".join(sorted((exc.headers or {}).get("Allow", "GET").split(", "))))
+        return InvalidRequest(str(exc.detail))
     log.exception("unexpected error", exc_info=exc)
-    body = error_body("Internal error in the gateway.", "internal_error")
-    return JSONResponse(body, status_code=500), "internal_error"
+    return GatewayError("Internal error in the gateway.")
+
+
+def error_exit(exc: Exception, record: RequestRecord | None) -> JSONResponse:
+    """The one exit: the envelope response for any failure, counted on the request's record."""
+    error = as_gateway_error(exc)
+    if record is not None:
+        record.failed(error)
+    return JSONResponse(error.envelope(), status_code=error.status_code, headers=error.headers)
 
 
 async def reject(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
-    """Answer a raw ASGI request with the envelope for `exc`, counted on its record if it has one."""
-    response, counted = error_response(exc)
-    record = scope.get("state", {}).get("record")
-    if record is not None and counted is not None:
-        record.failed(counted)
-    await response(scope, receive, send)
+    """Answer a raw ASGI request (a middleware refusing it) through the exit."""
+    await error_exit(exc, scope.get("state", {}).get("record"))(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every failure, validation included, to the envelope with the right status."""
+    """FastAPI's own failures (its GET routes: validation, unknown routes, bugs) take the exit too."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        response, counted = error_response(exc)
-        record = getattr(request.state, "record", None)
-        if record is not None and counted is not None:
-            record.failed(counted)
-        return response
+        return error_exit(exc, getattr(request.state, "record", None))
 
     for kind in (GatewayError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(kind, handle)

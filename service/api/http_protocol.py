@@ -7,19 +7,22 @@ This subclass of uvicorn's httptools protocol (passed as `uvicorn.Config(http=..
   to the end of the headers, else 408 and close;
 - a head size cap (request line plus headers), else 431 and close;
 - a cap on open connections, else 503 and close.
-The body has its own deadline in `guards.BodyLimitMiddleware`. Every refusal is the OpenAI envelope.
+The body has its own deadline in `guards.BodyLimitMiddleware`. Every refusal is a typed error whose
+envelope is the answer, and is counted (`gateway_errors_total{endpoint="connection"}`): it happens
+before there is a request, so not through the request's record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.errors import error_body
+from service.errors import GatewayError, HeadersTooLarge, RequestTimeout, TooManyConnections
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 
@@ -29,15 +32,15 @@ class ClientLimits:
     header_timeout: float
     max_header_bytes: int
     max_connections: int
+    on_refusal: Callable[[GatewayError], None] = lambda error: None  # counts it
 
 
-def refusal(status: int, message: str, code: str) -> bytes:
-    """A complete HTTP/1.1 response closing the connection, carrying the error envelope."""
-    body = json.dumps(error_body(message, "invalid_request_error" if status != 503 else "service_unavailable",
-                                 code=code)).encode()  # fmt: skip
+def refusal(error: GatewayError) -> bytes:
+    """A complete HTTP/1.1 response closing the connection, carrying the error's envelope."""
+    body = json.dumps(error.envelope()).encode()
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, REASONS[status], len(body))
+        b"connection: close\r\n\r\n" % (error.status_code, REASONS[error.status_code], len(body))
     )
     return head + body
 
@@ -56,9 +59,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
-            self._refuse(
-                503, "The gateway has too many open connections; retry shortly.", "too_many_connections"
-            )
+            self._refuse(TooManyConnections())
             return
         self._arm_head_timer()
 
@@ -71,10 +72,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             end = data.find(b"\r\n\r\n")
             size = self._head_bytes + (len(data) if end < 0 else end + 4)
             if size > self.limits.max_header_bytes:
-                self._refuse(
-                    431, f"The request line and headers are over {self.limits.max_header_bytes} bytes.",
-                    "headers_too_large",
-                )  # fmt: skip
+                self._refuse(HeadersTooLarge(self.limits.max_header_bytes))
                 return
             self._head_bytes = size
         super().data_received(data)
@@ -104,16 +102,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        seconds = self.limits.header_timeout
         self._refuse(
-            408,
-            f"The request headers did not arrive within {self.limits.header_timeout:g} s.",
-            "header_timeout",
+            RequestTimeout(f"The request headers did not arrive within {seconds:g} s.", code="header_timeout")
         )
 
-    def _refuse(self, status: int, message: str, code: str) -> None:
+    def _refuse(self, error: GatewayError) -> None:
         self._cancel_head_timer()
         if not self.transport.is_closing():
-            self.transport.write(refusal(status, message, code))
+            self.limits.on_refusal(error)
+            self.transport.write(refusal(error))
             self.transport.close()
 
 

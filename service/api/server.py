@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from service.api.app import create_app
 from service.api.drain import Drain
 from service.api.http_protocol import ClientLimits, guarded_protocol
+from service.errors import GatewayError
 from service.ops.logs import configure_logging
 from service.ops.settings import Settings
 
@@ -41,7 +42,12 @@ class DrainingServer(uvicorn.Server):
 
 def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """uvicorn's configuration for the gateway: its protocol guards slow clients (see http_protocol)."""
-    limits = ClientLimits(settings.header_timeout, settings.max_header_bytes, settings.max_connections)
+    metrics = app.state.metrics
+
+    def count(error: GatewayError) -> None:
+        metrics.child(metrics.errors, "connection", error.error_type).inc()
+
+    limits = ClientLimits(settings.header_timeout, settings.max_header_bytes, settings.max_connections, count)
     return uvicorn.Config(
         app,
         host=settings.host,

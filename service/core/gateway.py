@@ -35,7 +35,7 @@ from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, Settings
 from service.workers.pool import Lease, ModelPool, Worker
-from service.workers.transport import StreamWatch, UpstreamClient, close_stream, iter_sse_blocks
+from service.workers.transport import Transport, WatchedStream, no_token_in_time
 
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
@@ -76,9 +76,9 @@ class Gateway:
     settings: Settings
     pools: dict[str, ModelPool]
     tokenizers: dict[str, ModelTokenizer]
-    upstream: UpstreamClient
+    transport: Transport
     metrics: Metrics
-    streams: set[StreamWatch]  # open worker streams (a drain ends the ones still open)
+    streams: set[WatchedStream]  # open worker streams (a drain ends the ones still open)
 
     def resolve(self, name: str | None, default_kind: ModelKind) -> ModelPool:
         """The named model, or the first one of `default_kind`."""
@@ -182,7 +182,7 @@ class Gateway:
     ) -> dict[str, Any]:
         """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
         lease, data = await self._with_failover(
-            pool, sequences, lambda worker: self.upstream.complete(worker, path, body)
+            pool, sequences, lambda worker: self.transport.complete(worker, path, body)
         )
         pool.release(lease)
         record.set_usage(data.get("usage"))
@@ -201,21 +201,36 @@ class Gateway:
         fmt: StreamFormat = OPENAI_STREAM,
     ) -> Response:
         """A streamed request: errors before the first byte are ordinary error responses (after
-        one retry on another replica); after it, an SSE error event then `[DONE]`.
+        one retry on another replica); after it, the stream format's error event (and `[DONE]`).
         A `None` translator passes the worker's events through."""
-        lease, watch = await self._with_failover(
-            pool, sequences, lambda worker: self.upstream.open_stream(worker, path, body)
+        lease, stream = await self._with_failover(
+            pool, sequences, lambda worker: self._open_stream(worker, path, body, fmt)
         )
-        self.streams.add(watch)
+        self.streams.add(stream)
 
         async def close() -> None:
-            self.streams.discard(watch)
-            await close_stream(watch)
+            self.streams.discard(stream)
+            await stream.close()
             pool.release(lease)
 
-        blocks = iter_sse_blocks(watch, self.settings.connect_timeout, fmt.done_marker)
         relay = Relay(lease.worker, record, translator, forward_usage, fmt)
-        return RelayResponse(relay, blocks, on_close=close)
+        return RelayResponse(relay, stream.blocks(), on_close=close)
+
+    async def _open_stream(
+        self, worker: Worker, path: str, body: dict[str, Any], fmt: StreamFormat
+    ) -> WatchedStream:
+        """Open a worker stream under its deadlines: the first event (headers included) within the
+        first-token limit, then no gap over the idle limit."""
+        settings = self.settings
+        opened = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout_at(opened + settings.first_token_timeout):
+                stream = await self.transport.stream(worker, path, body, fmt.done_marker)
+        except TimeoutError as exc:
+            raise no_token_in_time(
+                worker, False, settings.idle_token_timeout, settings.first_token_timeout
+            ) from exc
+        return WatchedStream(stream, opened, settings.first_token_timeout, settings.idle_token_timeout)
 
     async def _with_failover(
         self, pool: ModelPool, sequences: int, send: Callable[[Worker], Awaitable[T]]

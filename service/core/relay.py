@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.core.translate import StreamTranslator
-from service.errors import GatewayError, UpstreamRejected, error_body
+from service.errors import GatewayError, UpstreamRejected, UpstreamUnavailable
 from service.ops.record import RequestRecord
 from service.workers.pool import Worker
 from service.workers.transport import sse_payloads
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE_EVENT = b"data: [DONE]\n\n"
+MALFORMED_EVENT = UpstreamUnavailable("The model worker sent a malformed event.")
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
@@ -142,16 +143,11 @@ class Relay:
             if self.translator is not None:
                 for closing in self.translator.finish():
                     yield sse_event(closing)
-        except GatewayError as exc:
-            log.warning("stream from worker %s broke: %s", self.worker.label, exc.message)
-            self.record.failed(exc.error_type)
-            yield self.fmt.error_event(exc.envelope())
-        except ValueError:
-            log.warning("worker %s sent a malformed stream event", self.worker.label)
-            self.record.failed("upstream_error")
-            yield self.fmt.error_event(
-                error_body("The model worker sent a malformed event.", "upstream_error")
-            )
+        except (GatewayError, ValueError) as exc:
+            error = exc if isinstance(exc, GatewayError) else MALFORMED_EVENT
+            log.warning("stream from worker %s broke: %s", self.worker.label, error.message)
+            self.record.failed(error)  # after the first byte, the error is the stream's last event
+            yield self.fmt.error_event(error.envelope())
         if self.fmt.done_marker:
             yield DONE_EVENT
         self.completed = True

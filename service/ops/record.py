@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.errors import ClientDisconnected, GatewayError
 from service.ops.metrics import Metrics, observe_many
 
 log = logging.getLogger("gateway.access")
@@ -63,8 +64,12 @@ class RequestRecord:
             self.prompt_tokens = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
 
-    def failed(self, error_type: str) -> None:
-        self.error_type = error_type
+    def failed(self, error: GatewayError) -> None:
+        """The one place a failure is counted (a client that left is a disconnect, not an error)."""
+        if isinstance(error, ClientDisconnected):
+            self.disconnected = True
+        else:
+            self.error_type = error.error_type
 
     def finish(self) -> None:
         """Report the request: metrics, then one log line."""

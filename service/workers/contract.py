@@ -19,11 +19,9 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
-
 from service.errors import InvalidRequest
-from service.workers.health import get_json
 from service.workers.pool import ModelPool, Worker
+from service.workers.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +45,18 @@ def request_fields(openapi: Any) -> dict[str, frozenset[str]]:
     return found
 
 
-async def read_contract(session: aiohttp.ClientSession, worker: Worker, limit: aiohttp.ClientTimeout) -> None:
+async def read_contract(transport: Transport, worker: Worker) -> None:
     """Fact reader (see health.py): the worker's request schemas and its version."""
     try:
-        fields = request_fields(await get_json(session, f"{worker.url}/openapi.json", limit))
-    except (ValueError, aiohttp.ContentTypeError):
+        fields = request_fields(await transport.get_json(worker, "/openapi.json"))
+    except ValueError:
         fields = {}
     if not fields:
         log.warning("worker %s publishes no OpenAPI schema: request fields cannot be checked against it",
                     worker.label)  # fmt: skip
     worker.facts["fields"] = fields
     try:
-        version = await get_json(session, f"{worker.url}/version", limit)
+        version = await transport.get_json(worker, "/version")
     except ValueError:
         version = None
     worker.facts["version"] = version.get("version") if isinstance(version, dict) else None

@@ -11,32 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
-
-import aiohttp
 
 from service.workers.pool import ModelPool, Worker
+from service.workers.transport import Transport
 
 log = logging.getLogger(__name__)
 
-HEALTH_TIMEOUT_SECONDS = 2.0
 # What a worker is asked once it is up; each reader fills `Worker.facts` (absent on failure).
-FactReader = Callable[[aiohttp.ClientSession, Worker, aiohttp.ClientTimeout], Awaitable[None]]
+FactReader = Callable[[Transport, Worker], Awaitable[None]]
 
 
-async def get_json(session: aiohttp.ClientSession, url: str, limit: aiohttp.ClientTimeout) -> Any:
-    """A GET whose answer must be 200 and JSON; raises ValueError otherwise."""
-    async with session.get(url, timeout=limit) as response:
-        if response.status != 200:
-            raise ValueError(f"GET {url} answered {response.status}")
-        return await response.json(content_type=None)
-
-
-async def read_model_entry(
-    session: aiohttp.ClientSession, worker: Worker, limit: aiohttp.ClientTimeout
-) -> None:
+async def read_model_entry(transport: Transport, worker: Worker) -> None:
     """The worker's own `/v1/models` entry: context length, `root`, `parent`, permissions."""
-    listing = await get_json(session, f"{worker.url}/v1/models", limit)
+    listing = await transport.get_json(worker, "/v1/models")
     entries = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(entries, list):
         raise ValueError("/v1/models has no `data` list")
@@ -57,16 +44,14 @@ class HealthMonitor:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        transport: Transport,
         pools: Sequence[ModelPool],
         interval: float,
-        probe_seconds: float = HEALTH_TIMEOUT_SECONDS,
         readers: Sequence[FactReader] = DEFAULT_FACT_READERS,
     ) -> None:
-        self.session = session
+        self.transport = transport
         self.pools = pools
         self.interval = interval
-        self.timeout = aiohttp.ClientTimeout(total=probe_seconds)
         self.readers = readers
 
     async def run(self) -> None:
@@ -84,21 +69,17 @@ class HealthMonitor:
             pool.hand_over()  # a worker that came back can take waiting requests
 
     async def check(self, worker: Worker) -> bool:
-        """One probe: the verdict goes on the worker (and its count of consecutive failures)."""
+        """One probe: the verdict goes on the worker (and its count of consecutive failures). Any
+        failure, foreseen or not, is a failed check; the monitor goes on."""
         try:
-            async with self.session.get(f"{worker.url}/health", timeout=self.timeout) as response:
-                healthy = response.status == 200
+            healthy = await self.transport.health(worker)
             if healthy:
                 await self._learn(worker)
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        except Exception as exc:
             healthy = False
             if worker.healthy:
                 log.warning("worker %s for %s failed its health check: %s", worker.label, worker.model,
                             describe(exc))  # fmt: skip
-        except Exception as exc:  # an answer nobody foresaw: a failed check, not a dead monitor
-            healthy = False
-            log.warning("worker %s for %s gave an unexpected health answer: %s", worker.label,
-                        worker.model, describe(exc))  # fmt: skip
         worker.failed_checks = 0 if healthy else worker.failed_checks + 1
         worker.mark(healthy)
         return healthy
@@ -107,7 +88,7 @@ class HealthMonitor:
         """Read each fact the worker has not told us yet (once per worker)."""
         for reader in self.readers:
             if reader.__name__ not in worker.learned:
-                await reader(self.session, worker, self.timeout)
+                await reader(self.transport, worker)
                 worker.learned.add(reader.__name__)
 
 

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.e2e.conftest import INSTRUCT_MODEL, Stack
-from tests.e2e.sse import stream_post
+from tests.helpers import stream_post
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from tests.e2e.conftest import BASE_MODEL, INSTRUCT_MODEL
-from tests.e2e.sse import stream_post
+from tests.helpers import stream_post
 
 BOS = 2
 

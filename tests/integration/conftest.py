@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -117,15 +117,6 @@ async def extra_standin() -> AsyncIterator[tuple[Script, str]]:
     script = Script()
     async with serve_in_background(build_app(script)) as url:
         yield script, url
-
-
-async def eventually(condition: Callable[[], object], seconds: float = 10.0) -> None:
-    """Wait until `condition()` is true, failing after `seconds`."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 @contextlib.contextmanager

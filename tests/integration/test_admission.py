@@ -8,13 +8,9 @@ import threading
 
 import httpx
 
-from service.core.gateway import Gateway
-from tests.integration.conftest import eventually, running_gateway, standin_settings
+from tests.helpers import eventually, outstanding
+from tests.integration.conftest import running_gateway, standin_settings
 from tests.integration.standin import Script
-
-
-def outstanding(gateway: Gateway) -> int:
-    return sum(w.outstanding for pool in gateway.pools.values() for w in pool.workers)
 
 
 async def test_a_batch_takes_a_slot_per_prompt_and_completion(standin_url: str, script: Script) -> None:

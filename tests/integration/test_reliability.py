@@ -9,16 +9,12 @@ import json
 import httpx
 import pytest
 
-from service.core.gateway import Gateway
 from service.workers.supervisor import free_port
-from tests.integration.conftest import eventually, extra_standin, running_gateway, standin_settings
+from tests.helpers import eventually, outstanding, sse_payloads
+from tests.integration.conftest import extra_standin, running_gateway, standin_settings
 from tests.integration.standin import Script
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}
-
-
-def outstanding(gateway: Gateway) -> int:
-    return sum(w.outstanding for pool in gateway.pools.values() for w in pool.workers)
 
 
 def envelope(response: httpx.Response, status: int) -> dict[str, object]:
@@ -26,10 +22,6 @@ def envelope(response: httpx.Response, status: int) -> dict[str, object]:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return dict(error)
-
-
-async def sse_payloads(response: httpx.Response) -> list[str]:
-    return [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
 
 
 async def test_over_capacity_is_a_503_with_retry_after_before_anything_goes_upstream(

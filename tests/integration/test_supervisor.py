@@ -21,6 +21,7 @@ from service.api.app import create_app
 from service.ops.settings import ModelKind, ModelSpec, Settings
 from service.workers.pool import Worker
 from service.workers.supervisor import WorkerProcess, free_port
+from tests.helpers import eventually
 from tests.integration.conftest import TOKENIZER, serve_in_background
 
 STANDIN = Path(__file__).with_name("standin.py")
@@ -44,14 +45,6 @@ def fake_engine_settings(tmp_path: Path, **spec_overrides: object) -> Settings:
     )
 
 
-async def wait_for(condition: object, seconds: float = 30) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 async def test_a_crashed_worker_is_restarted_and_stopped_on_shutdown(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -59,12 +52,12 @@ async def test_a_crashed_worker_is_restarted_and_stopped_on_shutdown(
     async with serve_in_background(app):
         supervised: WorkerProcess = app.state.processes[0]
         worker = supervised.worker
-        await wait_for(lambda: worker.healthy)
+        await eventually(lambda: worker.healthy, seconds=30)
         first = supervised.process
         assert first is not None
         os.killpg(first.pid, signal.SIGKILL)
-        await wait_for(lambda: not worker.healthy)
-        await wait_for(lambda: worker.healthy and supervised.process is not first)
+        await eventually(lambda: not worker.healthy, seconds=30)
+        await eventually(lambda: worker.healthy and supervised.process is not first, seconds=30)
         assert supervised.restarts == 1
         second = supervised.process
         assert second is not None
@@ -79,7 +72,7 @@ async def test_a_worker_that_never_gets_healthy_is_killed_and_retried(tmp_path: 
     app = create_app(settings)
     async with serve_in_background(app):
         supervised: WorkerProcess = app.state.processes[0]
-        await wait_for(lambda: supervised.restarts >= 1, seconds=20)
+        await eventually(lambda: supervised.restarts >= 1, seconds=20)
         assert not supervised.worker.healthy
 
 
@@ -91,11 +84,11 @@ async def test_a_worker_that_wedges_after_being_healthy_is_restarted(tmp_path: P
     app = create_app(settings)
     async with serve_in_background(app):
         supervised: WorkerProcess = app.state.processes[0]
-        await wait_for(lambda: supervised.worker.healthy)
+        await eventually(lambda: supervised.worker.healthy, seconds=30)
         wedged = supervised.process
         assert wedged is not None
         os.kill(wedged.pid, signal.SIGSTOP)
-        await wait_for(lambda: supervised.restarts == 1 and supervised.worker.healthy, seconds=30)
+        await eventually(lambda: supervised.restarts == 1 and supervised.worker.healthy, seconds=30)
         assert wedged.returncode is not None  # the wedged one was killed, not left behind
 
 
@@ -108,7 +101,7 @@ async def test_a_launch_that_fails_is_logged_retried_and_reported(
     app = create_app(settings)
     async with serve_in_background(app) as url:
         supervised: WorkerProcess = app.state.processes[0]
-        await wait_for(lambda: supervised.launch_failures >= 2)  # retried, with backoff
+        await eventually(lambda: supervised.launch_failures >= 2, seconds=30)  # retried, with backoff
         async with httpx.AsyncClient(base_url=url) as http:
             ready = await http.get("/ready")
             assert ready.status_code == 503 and ready.json()["not_ready"] == ["fake"]
@@ -148,7 +141,7 @@ async def test_each_start_takes_a_free_port(tmp_path: Path) -> None:
     async with serve_in_background(app):
         supervised: WorkerProcess = app.state.processes[0]
         worker = supervised.worker
-        await wait_for(lambda: worker.healthy)
+        await eventually(lambda: worker.healthy, seconds=30)
         old_url, process = worker.url, supervised.process
         assert process is not None
         os.killpg(process.pid, signal.SIGKILL)
@@ -158,7 +151,7 @@ async def test_each_start_takes_a_free_port(tmp_path: Path) -> None:
         squatter.bind(("127.0.0.1", int(old_url.rsplit(":", 1)[1])))  # someone else takes the port
         squatter.listen()
         try:
-            await wait_for(lambda: supervised.restarts == 1 and worker.healthy)
+            await eventually(lambda: supervised.restarts == 1 and worker.healthy, seconds=30)
             assert worker.url != old_url
             assert worker.name == "fake-0"  # the metric label stays
         finally:
@@ -179,7 +172,7 @@ async def test_worker_output_is_rotated_at_the_size_cap(tmp_path: Path) -> None:
     app = create_app(settings)
     async with serve_in_background(app):
         supervised: WorkerProcess = app.state.processes[0]
-        await wait_for(lambda: supervised.worker.healthy)
+        await eventually(lambda: supervised.worker.healthy, seconds=30)
         log_path = supervised.plan.log_path
     files = sorted(log_path.parent.glob(log_path.name + "*"))
     assert [f.name for f in files] == [log_path.name, log_path.name + ".1", log_path.name + ".2"]

@@ -10,9 +10,9 @@ import json
 import socket
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
+from tests.helpers import stream_payloads
 from tests.integration.conftest import running_gateway, standin_settings
 from tests.integration.standin import Script
 
@@ -21,19 +21,13 @@ UNDER, OVER = 0.5, 1.6  # seconds the stand-in waits, around a 1 s limit
 LIMIT = 1.0
 
 
-async def stream_payloads(http: httpx.AsyncClient, body: dict[str, object]) -> list[str]:
-    async with http.stream("POST", "/chat", json={**body, "stream": True}) as response:
-        assert response.status_code == 200
-        return [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
-
-
 @pytest.mark.parametrize(("delay", "served"), [(UNDER, True), (OVER, False)])
 async def test_first_token_limit(standin_url: str, script: Script, delay: float, served: bool) -> None:
     # The idle limit is shorter than the wait: it must not apply before the first token.
     script.first_token_delay = delay
     settings = standin_settings(standin_url, first_token_timeout=LIMIT, idle_token_timeout=0.2)
     async with running_gateway(settings) as (_, http):
-        payloads = await stream_payloads(http, CHAT)
+        payloads = await stream_payloads(http, "/chat", CHAT)
     assert payloads[-1] == "[DONE]"
     if served:
         assert "error" not in payloads[-2] and json.loads(payloads[0])["delta"] == "Hello"
@@ -49,7 +43,7 @@ async def test_idle_token_limit(standin_url: str, script: Script, delay: float, 
     script.tokens = ["a", "b", "c"]
     settings = standin_settings(standin_url, first_token_timeout=30, idle_token_timeout=LIMIT)
     async with running_gateway(settings) as (_, http):
-        payloads = await stream_payloads(http, CHAT)
+        payloads = await stream_payloads(http, "/chat", CHAT)
     if served:
         assert [json.loads(p).get("delta") for p in payloads[:3]] == ["a", "b", "c"]
     else:

@@ -9,13 +9,10 @@ import json
 import httpx
 
 from service.core.gateway import Gateway
+from tests.helpers import outstanding
 from tests.integration.standin import Script
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}
-
-
-def outstanding(gateway: Gateway) -> int:
-    return sum(worker.outstanding for pool in gateway.pools.values() for worker in pool.workers)
 
 
 async def test_worker_4xx_passes_through_unchanged(http: httpx.AsyncClient, script: Script) -> None:

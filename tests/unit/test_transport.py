@@ -1,0 +1,53 @@
+"""What every transport shares: framing an event stream, and the stream deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.errors import UpstreamTimeout
+from service.workers.fake import FakeStream
+from service.workers.pool import Worker
+from service.workers.transport import SseFramer, WatchedStream, sse_payloads
+
+
+def test_the_framer_yields_whole_events_whatever_the_reads() -> None:
+    framer = SseFramer()
+    assert framer.feed(b"data: 1\n") == b""
+    assert framer.feed(b"\ndata: 2\n\nda") == b"data: 1\n\ndata: 2\n\n"
+    assert framer.feed(b"ta: 3\r\n\r\n") == b"data: 3\n\n"  # CRLF line ends are the same events
+    assert framer.feed(b"event: x\ndata: 4") == b"" and framer.rest() == b"event: x\ndata: 4\n\n"
+    assert sse_payloads(b"event: e\ndata: {}\n\ndata: [DONE]\n\n") == [b"{}", b"[DONE]"]
+
+
+async def collect(stream: WatchedStream) -> list[bytes]:
+    return [block async for block in stream.blocks()]
+
+
+@pytest.mark.parametrize(
+    ("items", "first", "idle", "error"),
+    [
+        (
+            [0.05, b"data: a\n\n", b"data: [DONE]\n\n"],
+            0.2,
+            0.02,
+            None,
+        ),  # idle does not apply before the first
+        ([0.3, b"data: a\n\n"], 0.1, 10.0, "first token within 0.1 s"),
+        ([b"data: a\n\n", 0.3, b"data: b\n\n"], 10.0, 0.1, "next token within 0.1 s"),
+        ([b"data: a\n\n", 0.05, b"data: b\n\n", 0.05, b"data: [DONE]\n\n"], 10.0, 0.1, None),
+    ],
+)
+async def test_each_stream_deadline_means_what_it_says(
+    items: list[bytes | float], first: float, idle: float, error: str | None
+) -> None:
+    fake = FakeStream(list(items))
+    fake.worker = Worker("m", "http://w")
+    watched = WatchedStream(fake, asyncio.get_running_loop().time(), first, idle)
+    if error is None:
+        assert (await collect(watched))[-1] == b"data: [DONE]\n\n"
+    else:
+        with pytest.raises(UpstreamTimeout, match=error.replace(".", r"\.")):
+            await collect(watched)
+    await watched.close()
