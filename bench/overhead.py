@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
 from bench.common import ROOT, console, loadgen, percentile, save, table, wait_http
 from service.ops.settings import Settings
 from service.workers.supervisor import free_port
@@ -69,24 +71,43 @@ def start_stack() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str
     return upstream, gateway, direct, through
 
 
-def measure(rounds: int, scale: float, with_floor: bool) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (what /proc/<pid>/stat says)."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def timed_loadgen(pid: int, url: str, body: dict[str, Any], concurrency: int, count: int) -> dict[str, Any]:
+    """A load generator run, with the CPU seconds the measured process (`pid`) spent on it."""
+    before = cpu_seconds(pid)
+    result = loadgen(url, body, concurrency, count)
+    result["cpu_s"] = cpu_seconds(pid) - before
+    return result
+
+
+def measure(rounds: int, scale: float, with_floor: bool, only: str | None = None) -> dict[str, Any]:
     upstream, gateway, direct, through = start_stack()
     processes = [gateway, upstream]
-    targets = [("direct", direct), ("gateway", through)]
+    # Each target, and the process whose CPU it costs (direct: the stand-in itself).
+    targets = [("direct", direct, upstream.pid), ("gateway", through, gateway.pid)]
     if with_floor:
         floor, floor_base = start_floor(direct)
         processes.insert(0, floor)
-        targets.append(("floor", floor_base))
+        targets.append(("floor", floor_base, floor.pid))
     results: dict[str, Any] = {}
     try:
         for name, stream, concurrency, requests in SCENARIOS:
+            if only is not None and name != only:
+                continue
             body = {"model": "m", "prompt": PROMPT, "max_tokens": 256 if stream else 1, "stream": stream}
             count = max(concurrency, int(requests * scale))
             loadgen(f"{through}/v1/completions", body, concurrency, max(concurrency, count // 10))  # warm up
-            runs: dict[str, list[dict[str, Any]]] = {target: [] for target, _ in targets}
+            runs: dict[str, list[dict[str, Any]]] = {target: [] for target, _, _ in targets}
             for _ in range(rounds):
-                for target, base in targets:
-                    runs[target].append(loadgen(f"{base}/v1/completions", body, concurrency, count))
+                for target, base, pid in targets:
+                    runs[target].append(
+                        timed_loadgen(pid, f"{base}/v1/completions", body, concurrency, count)
+                    )
             results[name] = summarize(runs)
     finally:
         for process in processes:
@@ -108,6 +129,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "events_per_s": sum(m["events"] for m in measurements) / wall,
             "itl_p50_ms": percentile(gaps, 50) * 1e3 if gaps else None,
             "failures": sum(m["failures"] for m in measurements),
+            "cpu_ms_per_request": sum(m["cpu_s"] for m in measurements) / len(latencies) * 1e3,
         }
     d, g = out["direct"], out["gateway"]
     out["added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
@@ -134,6 +156,7 @@ COLUMNS: list[Column] = [
     ("req ratio", lambda r: r["requests_ratio"]),
     ("events ratio", lambda r: r["events_ratio"]),
     ("added ITL p50", lambda r: r["added_itl_p50_ms"]),
+    ("gateway CPU/req", lambda r: r["gateway"]["cpu_ms_per_request"]),
 ]
 FLOOR_COLUMNS: list[Column] = [
     ("gateway added p50", lambda r: r["added_p50_ms"]),
@@ -142,6 +165,8 @@ FLOOR_COLUMNS: list[Column] = [
     ("floor req ratio", lambda r: r["floor_requests_ratio"]),
     ("gateway events ratio", lambda r: r["events_ratio"]),
     ("floor events ratio", lambda r: r["floor_events_ratio"]),
+    ("gateway CPU/req", lambda r: r["gateway"]["cpu_ms_per_request"]),
+    ("floor CPU/req", lambda r: r["floor"]["cpu_ms_per_request"]),
 ]
 
 
@@ -159,9 +184,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a short run (smoke test)")
     parser.add_argument("--floor", action="store_true", help="also measure bench/minimal_proxy.py")
+    parser.add_argument("--only", choices=[name for name, *_ in SCENARIOS], help="run one scenario")
     args = parser.parse_args()
     rounds, scale = (1, 0.02) if args.quick else (args.rounds, 1.0)
-    results = measure(rounds, scale, args.floor)
+    results = measure(rounds, scale, args.floor, args.only)
     report("Gateway overhead (ms; rates per second)", COLUMNS, results)
     if args.floor:
         title = "Gateway vs the minimal proxy (bench/minimal_proxy.py), both against direct"

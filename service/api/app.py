@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp
 
 from service import __version__
 from service.api.dispatch import Dispatcher
@@ -90,9 +93,26 @@ def _served_pools(app: FastAPI) -> list[ModelPool]:
     return list(gateway.pools.values()) if gateway else []
 
 
-def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) -> FastAPI:
+class GatewayApp(FastAPI):
+    """FastAPI with the gateway's own pure-ASGI layers (`edge_middleware`, outermost first) outside
+    FastAPI's stack rather than inside it: requests for the endpoint table are answered by the
+    dispatcher before Starlette's error middleware; everything else (GET routes, docs, static files)
+    goes on to FastAPI as usual. (`build_middleware_stack` is Starlette's hook for this.)"""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.edge_middleware: list[Middleware] = []
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app = super().build_middleware_stack()
+        for middleware in reversed(self.edge_middleware):
+            app = middleware.cls(app, *middleware.args, **middleware.kwargs)
+        return app
+
+
+def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) -> GatewayApp:
     """A gateway app for `settings`; its lifespan launches workers and owns every resource."""
-    app = FastAPI(
+    app = GatewayApp(
         title="llm-gateway",
         version=__version__,
         summary="Base and instruct models behind one door, on vLLM workers.",
@@ -105,23 +125,30 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         lambda: [row for pool in _served_pools(app) for row in pool.health_rows(hide)]
     )
     app.state.drain = Drain(settings.drain_timeout, settings.drain_accept_window)
-    # Added innermost first: observability wraps everything, so rejected requests are counted too.
-    app.add_middleware(Dispatcher, endpoints=post_endpoints(endpoints), state=app.state)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    # Outermost first: observability wraps everything, so refused requests are counted too.
+    edge = [
+        Middleware(ObservabilityMiddleware, metrics=app.state.metrics, labels=metric_labels(endpoints)),
+        Middleware(DrainMiddleware, drain=app.state.drain, exempt=undrained_paths(endpoints)),
+    ]
+    if settings.cors_allow_origins:
+        edge.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_allow_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                expose_headers=["X-Request-Id"],
+            )
+        )
     if settings.api_keys:
         exempt = open_paths(endpoints) | ({"/metrics"} if not settings.metrics_need_key else set())
         keys = [key.get_secret_value() for key in settings.api_keys]
-        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit)
-    if settings.cors_allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_allow_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-            expose_headers=["X-Request-Id"],
+        edge.append(
+            Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit)
         )
-    app.add_middleware(DrainMiddleware, drain=app.state.drain, exempt=undrained_paths(endpoints))
-    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, labels=metric_labels(endpoints))
+    edge.append(Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes))
+    edge.append(Middleware(Dispatcher, endpoints=post_endpoints(endpoints), state=app.state))
+    app.edge_middleware = edge
     install_error_handlers(app)
     for endpoint in endpoints:
         if endpoint.method == "GET" and endpoint.handler is not None:

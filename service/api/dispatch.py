@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.endpoint import Endpoint
 from service.api.errors import error_exit
 from service.core.context import RequestContext
+from service.core.protocol import Passthrough
 from service.errors import InvalidRequest, MethodNotAllowed, invalid_request
 
 
@@ -37,9 +38,12 @@ def parse_body(model: type[BaseModel], body: bytes, content_type: bytes | None) 
     if not is_json(content_type):
         raise InvalidRequest("Send the request body as JSON, with `Content-Type: application/json`.")
     try:
-        return model.model_validate_json(body)
+        request = model.model_validate_json(body)
     except ValidationError as exc:
         raise invalid_request(exc.errors(include_url=False, include_input=False)) from None
+    if isinstance(request, Passthrough):
+        request.keep_raw(body)
+    return request
 
 
 class Dispatcher:
@@ -60,7 +64,9 @@ class Dispatcher:
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed("POST")
-            body = await _read_body(receive)
+            body = state.get("body")  # read and size-checked by the body guard
+            if body is None:
+                body = await _read_body(receive)
             if body is None:
                 return  # the client left while sending
             request = parse_body(endpoint.body, body, _header(scope, b"content-type"))  # type: ignore[arg-type]

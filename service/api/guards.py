@@ -1,10 +1,9 @@
-"""Pure ASGI guards in front of the routes: the body (size before parsing, chunked bodies too, and
-a deadline for it to arrive) and API keys (Bearer, constant-time) with an optional per-key rate
-limit. Refusals are typed errors answered through `errors.reject`."""
+"""Pure ASGI guards in front of the routes: the body's size (before parsing, chunked bodies too; its
+deadline is the HTTP protocol's, see http_protocol.py) and API keys (Bearer, constant-time) with an
+optional per-key rate limit. Refusals are typed errors answered through `errors.reject`."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import time
@@ -14,7 +13,7 @@ from limits import RateLimitItem, parse, storage, strategies
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import reject
-from service.errors import RateLimited, RequestTimeout, RequestTooLarge, Unauthorized
+from service.errors import RateLimited, RequestTooLarge, Unauthorized
 
 OPEN_PREFIXES = ("/static/",)  # the playground's files: no secret in them (the page asks for the key)
 DISCARD_FACTOR = 16  # how much of an oversized body is read and dropped before answering 413
@@ -22,17 +21,15 @@ WHOLE, GONE, OVER, OVER_MORE_COMING = "whole", "gone", "over", "over, more comin
 
 
 class BodyLimitMiddleware:
-    """Refuse bodies over `max_bytes` with 413 before anything parses them, and bodies that do not
-    arrive within `timeout` seconds with 408 (a slow client holds no slot for long).
+    """Refuse bodies over `max_bytes` with 413 before anything parses them.
 
     The body is read here (as FastAPI would) and replayed to the app; later `receive` calls go to
     the client, so disconnects are still seen.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in {"GET", "HEAD", "OPTIONS"}:
@@ -43,25 +40,21 @@ class BodyLimitMiddleware:
             await self._too_large(scope, receive, send, more_body=True)
             return
         chunks: list[bytes] = []
-        try:
-            async with asyncio.timeout(self.timeout):
-                outcome = await self._read(receive, chunks)
-        except TimeoutError:
-            late = RequestTimeout(f"The request body did not arrive within {self.timeout:g} s.")
-            await reject(scope, receive, send, late)
-            return
+        outcome = await self._read(receive, chunks)
         if outcome == GONE:
             return
         if outcome != WHOLE:
             await self._too_large(scope, receive, send, more_body=outcome == OVER_MORE_COMING)
             return
+        body = b"".join(chunks)
+        scope.setdefault("state", {})["body"] = body  # the dispatcher takes it from here
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
@@ -86,16 +79,12 @@ class BodyLimitMiddleware:
         # Read what the client is still sending (up to a bound) so that closing the connection
         # does not reset it before the client has read the 413.
         budget = DISCARD_FACTOR * self.max_bytes
-        try:
-            async with asyncio.timeout(self.timeout):
-                while more_body and budget > 0:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return
-                    budget -= len(message.get("body", b""))
-                    more_body = bool(message.get("more_body", False))
-        except TimeoutError:
-            pass
+        while more_body and budget > 0:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            budget -= len(message.get("body", b""))
+            more_body = bool(message.get("more_body", False))
         await reject(scope, receive, send, RequestTooLarge(self.max_bytes))
 
 

@@ -6,8 +6,10 @@ This subclass of uvicorn's httptools protocol (passed as `uvicorn.Config(http=..
 - a head deadline: from connecting (or the first byte of a new request on a kept-alive connection)
   to the end of the headers, else 408 and close;
 - a head size cap (request line plus headers), else 431 and close;
+- a body deadline: from the end of the head to the end of the body, else 408 and close;
 - a cap on open connections, else 503 and close.
-The body has its own deadline in `guards.BodyLimitMiddleware`. Every refusal is a typed error whose
+Deadlines are timer handles on the connection (no task or `asyncio.timeout` per request). Every
+refusal is a typed error whose
 envelope is the answer, and is counted (`gateway_errors_total{endpoint="connection"}`): it happens
 before there is a request, so not through the request's record.
 """
@@ -32,6 +34,7 @@ class ClientLimits:
     header_timeout: float
     max_header_bytes: int
     max_connections: int
+    body_timeout: float = 30.0
     on_refusal: Callable[[GatewayError], None] = lambda error: None  # counts it
 
 
@@ -86,7 +89,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._in_head = False
         self._head_bytes = 0
+        # The body's deadline (a request without one completes at once and cancels it).
+        self._head_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -106,6 +115,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(
             RequestTimeout(f"The request headers did not arrive within {seconds:g} s.", code="header_timeout")
         )
+
+    def _body_timed_out(self) -> None:
+        self._head_timer = None
+        if self.cycle is not None and self.cycle.response_started:
+            return  # the app answered without waiting for the body: nothing to refuse
+        late = f"The request body did not arrive within {self.limits.body_timeout:g} s."
+        self._refuse(RequestTimeout(late))
 
     def _refuse(self, error: GatewayError) -> None:
         self._cancel_head_timer()

@@ -4,6 +4,7 @@ throughput)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 
@@ -54,8 +55,13 @@ class ObservabilityMiddleware:
             request_id_var.reset(token)
 
 
+# Request ids: a per-process random prefix and a counter (unique, and no system call per request).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ids = itertools.count(1)
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
         if name == REQUEST_ID_HEADER and VALID_REQUEST_ID.match(value):
             return str(value.decode())
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ids):016x}"  # 32 hex characters, as a uuid4 would be

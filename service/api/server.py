@@ -47,7 +47,13 @@ def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     def count(error: GatewayError) -> None:
         metrics.child(metrics.errors, "connection", error.error_type).inc()
 
-    limits = ClientLimits(settings.header_timeout, settings.max_header_bytes, settings.max_connections, count)
+    limits = ClientLimits(
+        settings.header_timeout,
+        settings.max_header_bytes,
+        settings.max_connections,
+        settings.body_timeout,
+        count,
+    )
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -60,6 +66,7 @@ def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         lifespan="on",  # a failing start-up stops the server instead of serving without state
         timeout_graceful_shutdown=5,  # the drain already gave requests their time
         timeout_keep_alive=settings.keep_alive_timeout,
+        proxy_headers=False,  # the gateway does not use client addresses: skip uvicorn's rewriting layer
     )
 
 

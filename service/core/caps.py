@@ -56,22 +56,26 @@ def prompt_chars(request: BaseModel) -> tuple[str, int]:
     extra = 0
     if isinstance(request, V1ChatRequest | V1BatchChatRequest | TokenizeRequest):
         extra = text_chars(request.tools) + text_chars(request.documents)
-    messages = getattr(request, "messages", None)
-    return "messages", text_chars(messages) + extra
+    return "messages", text_chars(_field(request, "messages")) + extra
 
 
 def conversations(request: BaseModel) -> list[Any]:
     """The conversations a chat request holds (a batch holds several)."""
     if isinstance(request, V1BatchChatRequest):
         return list(request.messages)
-    messages = getattr(request, "messages", None)
+    messages = _field(request, "messages")
     return [messages] if messages is not None else []
+
+
+def _field(request: BaseModel, name: str) -> Any:
+    """A declared field's value, or None (no pydantic `__getattr__` miss: this runs per request)."""
+    return request.__dict__.get(name)
 
 
 def requested_tokens(request: BaseModel) -> int | None:
     """How many tokens the request asks to generate, whatever the field is called."""
     for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-        value = getattr(request, name, None)
+        value = _field(request, name)
         if isinstance(value, int):
             return value
     return None
@@ -79,10 +83,10 @@ def requested_tokens(request: BaseModel) -> int | None:
 
 def enforce_caps(request: BaseModel, settings: Settings) -> None:
     """Raise a 400 naming the field when the request asks for more than the configured caps."""
-    n = getattr(request, "n", None)
+    n = _field(request, "n")
     if isinstance(n, int) and n > settings.max_n:
         raise _over("n", n, settings.max_n)
-    stop = getattr(request, "stop", None)
+    stop = _field(request, "stop")
     stops = [stop] if isinstance(stop, str) else stop or []
     if len(stops) > settings.max_stop:
         raise _over("stop", len(stops), settings.max_stop)
@@ -108,9 +112,9 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
 
 def _logprob_caps(request: BaseModel, cap: int) -> None:
     asked: Iterable[tuple[str, Any]] = (
-        ("logprobs", getattr(request, "logprobs", None)),
-        ("logprobs", getattr(request, "top_logprobs", None)),
-        ("prompt_logprobs", getattr(request, "prompt_logprobs", None)),
+        ("logprobs", _field(request, "logprobs")),
+        ("logprobs", _field(request, "top_logprobs")),
+        ("prompt_logprobs", _field(request, "prompt_logprobs")),
     )
     for param, value in asked:
         if isinstance(value, bool) or not isinstance(value, int):

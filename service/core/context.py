@@ -14,6 +14,10 @@ from service.errors import ClientDisconnected
 from service.ops.record import RequestRecord
 
 T = TypeVar("T")
+# A request still running after this long gets a task watching its client. Shorter ones never need
+# one (most non-streamed answers from a fast worker, and every stream's opening); a client leaving
+# within it is noticed this much later at most.
+WATCH_AFTER_SECONDS = 0.05
 
 
 @dataclass
@@ -25,24 +29,34 @@ class RequestContext:
     async def unless_client_leaves(self, work: Awaitable[T]) -> T:
         """Run `work` in this task; if the client disconnects first, cancel it (leaving the queue,
         dropping a render, closing any worker request so the worker aborts the generation) and raise
-        ClientDisconnected. One watcher task per request, no second task for the work itself."""
-        if self.receive is None:
+        ClientDisconnected. At most one watcher task per request (none for short ones), no second
+        task for the work itself."""
+        receive = self.receive
+        if receive is None:
             return await work
         current = asyncio.current_task()
         assert current is not None
-        watcher = asyncio.ensure_future(_client_gone(self.receive))
-        watcher.add_done_callback(lambda done: None if done.cancelled() else current.cancel())
+        watchers: list[asyncio.Future[None]] = []
+
+        def watch() -> None:
+            watcher = asyncio.ensure_future(_client_gone(receive))
+            watcher.add_done_callback(lambda done: None if done.cancelled() else current.cancel())
+            watchers.append(watcher)
+
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, watch)
         try:
             return await work
         except asyncio.CancelledError:
-            if not watcher.done() or watcher.cancelled():
+            if not watchers or not watchers[0].done() or watchers[0].cancelled():
                 raise  # cancelled from elsewhere (shutdown): not ours to swallow
             current.uncancel()
             if self.record is not None:
                 self.record.disconnected = True
             raise ClientDisconnected("The client disconnected before the answer was ready.") from None
         finally:
-            watcher.cancel()
+            timer.cancel()
+            for watcher in watchers:
+                watcher.cancel()
 
 
 async def _client_gone(receive: Receive) -> None:

@@ -35,7 +35,7 @@ from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, Settings
 from service.workers.pool import Lease, ModelPool, Worker
-from service.workers.transport import Transport, WatchedStream, no_token_in_time
+from service.workers.transport import Answer, Body, Transport, WatchedStream, no_token_in_time
 
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
@@ -175,24 +175,24 @@ class Gateway:
     async def generate(
         self,
         pool: ModelPool,
-        body: dict[str, Any],
+        body: Body,
         record: RequestRecord,
         sequences: int = 1,
         path: str = COMPLETIONS_PATH,
-    ) -> dict[str, Any]:
+    ) -> Answer:
         """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
-        lease, data = await self._with_failover(
+        lease, answer = await self._with_failover(
             pool, sequences, lambda worker: self.transport.complete(worker, path, body)
         )
         pool.release(lease)
-        record.set_usage(data.get("usage"))
+        record.set_usage(answer.data.get("usage"))
         record.token_sent()  # a whole answer: its first token reaches the client now
-        return data
+        return answer
 
     async def stream(
         self,
         pool: ModelPool,
-        body: dict[str, Any],
+        body: Body,
         record: RequestRecord,
         translator: StreamTranslator | None,
         forward_usage: bool = True,
@@ -216,9 +216,7 @@ class Gateway:
         relay = Relay(lease.worker, record, translator, forward_usage, fmt)
         return RelayResponse(relay, stream.blocks(), on_close=close)
 
-    async def _open_stream(
-        self, worker: Worker, path: str, body: dict[str, Any], fmt: StreamFormat
-    ) -> WatchedStream:
+    async def _open_stream(self, worker: Worker, path: str, body: Body, fmt: StreamFormat) -> WatchedStream:
         """Open a worker stream under its deadlines: the first event (headers included) within the
         first-token limit, then no gap over the idle limit."""
         settings = self.settings

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 MAX_STOP_SEQUENCES = 16
 
@@ -216,9 +216,14 @@ class RenderResponse(BaseModel):
 
 
 class Passthrough(BaseModel):
-    """A request whose undeclared fields are kept for the worker."""
+    """A request whose undeclared fields are kept for the worker, and whose bytes are kept too: when
+    nothing in it changes on the way, the worker gets them exactly as the client sent them."""
 
     model_config = ConfigDict(extra="allow")
+    _raw: bytes | None = PrivateAttr(default=None)
+
+    def keep_raw(self, raw: bytes) -> None:
+        self._raw = raw
 
     def extras(self) -> list[str]:
         """The fields sent that the gateway does not declare (the worker's schema must have them)."""
@@ -227,6 +232,12 @@ class Passthrough(BaseModel):
     def body(self, model: str) -> dict[str, Any]:
         """The request as the worker receives it: as sent, with the served model name."""
         return {**self.model_dump(exclude_unset=True), "model": model}
+
+    def as_sent(self, model: str) -> dict[str, Any] | bytes:
+        """The client's own bytes when they already name the served model, else `body`."""
+        if self._raw is not None and self.__dict__.get("model") == model:
+            return self._raw
+        return self.body(model)
 
 
 class StreamOptions(Passthrough):

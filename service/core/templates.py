@@ -120,6 +120,7 @@ class ModelTokenizer:
 
         self._render = render_jinja_template
         self.bos_id = self._token_id("bos_token")
+        self.bos_text = self._special_tokens.get("bos_token")
         self.eos_id = self._token_id("eos_token")
         # Whether the tokenizer itself puts BOS first (Gemma's prepared tokenizer does; GPT-2 style don't).
         probe = self._tokenizer.encode("a").ids

@@ -1,21 +1,26 @@
 """Logging set-up: JSON lines (one per request from `gateway.access`) or human-readable text.
 
-Records are handed to a queue and formatted and written by a listener thread (the logging cookbook's
-"dealing with handlers that block"): a slow stderr (a full pipe, a log shipper pushing back) never
-stalls the event loop, and the JSON formatting (~45 us a line) is not done on it either. The queue
-is bounded: when the writer cannot keep up, new records are dropped and counted
+Records are handed to a bounded queue and formatted and written by a writer thread (the logging
+cookbook's "dealing with handlers that block", with QueueHandler on the producing side): a slow stderr
+(a full pipe, a log shipper pushing back) never stalls the event loop, and the formatting is not done
+on it either. The writer is not woken per record: it drains the queue every `FLUSH_SECONDS` and writes
+each batch with one call (a wake-up and a write per record cost ~35 us of CPU per request at load,
+measured with `bench.overhead`). When it cannot keep up, new records are dropped and counted
 (`gateway_log_records_dropped_total`) rather than held in memory without limit.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import contextvars
+import io
 import logging
 import sys
-from logging.handlers import QueueHandler, QueueListener
-from queue import Full, Queue
+import threading
+from collections import deque
+from logging.handlers import QueueHandler
+from queue import Full
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -23,9 +28,10 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s"
 
 DEFAULT_QUEUE_SIZE = 10_000
+FLUSH_SECONDS = 0.05
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-_listener: BoundedQueueListener | None = None
+_writer: LogWriter | None = None
 
 
 class RequestIdFilter(logging.Filter):
@@ -60,28 +66,56 @@ class InProcessQueueHandler(QueueHandler):
             DropCount.value += 1
 
 
-class BoundedQueueListener(QueueListener):
-    """Stops even when the queue is full (the writer catching up) and never hangs the exit."""
+class BoundedQueue:
+    """What QueueHandler puts records into: a deque with a bound, and no consumer to notify."""
 
-    STOP_SECONDS = 5.0
+    def __init__(self, maxsize: int) -> None:
+        self.records: deque[logging.LogRecord] = deque()
+        self.maxsize = maxsize
 
-    def enqueue_sentinel(self) -> None:
-        with contextlib.suppress(Full):
-            self.queue.put(self._sentinel, timeout=self.STOP_SECONDS)  # type: ignore[attr-defined]
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        if len(self.records) >= self.maxsize:
+            raise Full
+        self.records.append(record)
 
-    def stop(self) -> None:
-        thread = self._thread
-        if thread is not None:
-            self.enqueue_sentinel()
-            thread.join(timeout=self.STOP_SECONDS)
-            self._thread = None
+
+class LogWriter(threading.Thread):
+    """Formats and writes the queued records in batches, off the event loop."""
+
+    def __init__(self, queue: BoundedQueue, handler: logging.Handler, stream: TextIO) -> None:
+        super().__init__(name="log-writer", daemon=True)
+        self.queue = queue
+        self.handler = handler  # formats into `buffer`; one write of the batch to `stream`
+        self.buffer = io.StringIO()
+        handler.setStream(self.buffer)  # type: ignore[attr-defined]
+        self.stream = stream
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(FLUSH_SECONDS):
+            self.drain()
+        self.drain()
+
+    def drain(self) -> None:
+        records = self.queue.records
+        while records:
+            self.handler.handle(records.popleft())
+            if self.buffer.tell() > 1 << 16 or not records:  # write in batches of up to 64 KiB
+                self.stream.write(self.buffer.getvalue())
+                self.stream.flush()
+                self.buffer.seek(0)
+                self.buffer.truncate()
+
+    def stop(self, wait: float = 5.0) -> None:
+        self.stopping.set()
+        self.join(timeout=wait)
 
 
 def configure_logging(level: str, fmt: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
     """Route every logger (uvicorn's too) through one queue to one writer in the chosen format."""
-    global _listener
+    global _writer
     stop_logging()
-    output = logging.StreamHandler(sys.stderr)
+    output = logging.StreamHandler()
     if fmt == "json":
         output.setFormatter(
             JsonFormatter(
@@ -90,8 +124,8 @@ def configure_logging(level: str, fmt: str, queue_size: int = DEFAULT_QUEUE_SIZE
         )
     else:
         output.setFormatter(logging.Formatter(TEXT_FORMAT))
-    records: Queue[logging.LogRecord] = Queue(maxsize=queue_size)
-    handler = InProcessQueueHandler(records)
+    records = BoundedQueue(queue_size)
+    handler = InProcessQueueHandler(records)  # type: ignore[arg-type]
     handler.addFilter(RequestIdFilter())  # here, in the caller's context: the request id is a context var
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -105,16 +139,16 @@ def configure_logging(level: str, fmt: str, queue_size: int = DEFAULT_QUEUE_SIZE
     # (the logging HOWTO's "Optimization" section).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    _listener = BoundedQueueListener(records, output)
-    _listener.start()
+    _writer = LogWriter(records, output, sys.stderr)
+    _writer.start()
 
 
 def stop_logging() -> None:
     """Write out every queued record and stop the writer thread (at exit, or before reconfiguring)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
 
 
 atexit.register(stop_logging)

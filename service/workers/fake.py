@@ -12,12 +12,14 @@ A worker's replies are used in order; the last one repeats. What was sent is in 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import GatewayError, UpstreamUnavailable
 from service.workers.pool import Worker
+from service.workers.transport import Answer, Body
 
 # A stream item: bytes to deliver, seconds to wait, or an error to raise there.
 StreamItem = bytes | float | GatewayError
@@ -80,8 +82,8 @@ class FakeTransport:
     def reply(self, worker: Worker, *replies: Reply) -> None:
         self.replies.setdefault(worker.url, []).extend(replies)
 
-    def _next(self, worker: Worker, path: str, body: dict[str, Any]) -> Reply:
-        self.sent.append((worker.name, path, body))
+    def _next(self, worker: Worker, path: str, body: Body) -> Reply:
+        self.sent.append((worker.name, path, body if isinstance(body, dict) else json.loads(body)))
         queue = self.replies.get(worker.url)
         if not queue:
             raise UpstreamUnavailable(
@@ -92,15 +94,13 @@ class FakeTransport:
             raise reply
         return reply
 
-    async def complete(self, worker: Worker, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, worker: Worker, path: str, body: Body) -> Answer:
         reply = self._next(worker, path, body)
         if not isinstance(reply, dict):
             raise TypeError("a non-streamed request was scripted a stream")
-        return reply
+        return Answer(reply, json.dumps(reply).encode())
 
-    async def stream(
-        self, worker: Worker, path: str, body: dict[str, Any], ends_with_done: bool
-    ) -> FakeStream:
+    async def stream(self, worker: Worker, path: str, body: Body, ends_with_done: bool) -> FakeStream:
         reply = self._next(worker, path, body)
         if not isinstance(reply, FakeStream):
             raise TypeError("a streamed request was scripted an answer")

@@ -19,7 +19,7 @@ from service.errors import (
 )
 from service.ops.settings import Settings
 from service.workers.pool import Worker
-from service.workers.transport import SseFramer
+from service.workers.transport import Answer, Body, SseFramer, encode
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 # A pooled connection the worker closed as we reused it: nothing was processed, so the request
@@ -35,7 +35,9 @@ def build_session(settings: Settings) -> aiohttp.ClientSession:
         limit=0, limit_per_host=0, keepalive_timeout=settings.upstream_keep_alive
     )
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False, headers=JSON_HEADERS
+    )
 
 
 def translate(exc: BaseException, worker: Worker, connect_timeout: float) -> GatewayError:
@@ -138,12 +140,11 @@ class HttpTransport:
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout)
         self._probe_timeout = aiohttp.ClientTimeout(total=settings.health_timeout)
 
-    async def complete(self, worker: Worker, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, worker: Worker, path: str, body: Body) -> Answer:
         try:
             async with self.session.post(
-                worker.url + path, data=json.dumps(body).encode(), headers=JSON_HEADERS,
-                timeout=self._answer_timeout,
-            ) as response:  # fmt: skip
+                worker.url + path, data=encode(body), timeout=self._answer_timeout
+            ) as response:
                 content = await response.read()
                 status = response.status
         except aiohttp.ConnectionTimeoutError as exc:
@@ -162,16 +163,13 @@ class HttpTransport:
             raise UpstreamUnavailable(f"The worker for model '{worker.model}' sent malformed JSON.") from exc
         if not isinstance(data, dict):
             raise UpstreamUnavailable(f"The worker for model '{worker.model}' sent an unexpected answer.")
-        return data
+        return Answer(data, content)
 
-    async def stream(
-        self, worker: Worker, path: str, body: dict[str, Any], ends_with_done: bool
-    ) -> HttpStream:
+    async def stream(self, worker: Worker, path: str, body: Body, ends_with_done: bool) -> HttpStream:
         try:
             response = await self.session.post(
                 worker.url + path,
-                data=json.dumps(body).encode(),
-                headers=JSON_HEADERS,
+                data=encode(body),
                 timeout=self._stream_timeout,
             )
         except aiohttp.ClientError as exc:  # its connect timeout included

@@ -97,6 +97,7 @@ class ModelPool:
     capacity: Capacity = field(default_factory=Capacity)
     _waiters: deque[_Waiter] = field(default_factory=deque)
     _picks: int = 0
+    _context: int | None = None
 
     @property
     def name(self) -> str:
@@ -108,10 +109,13 @@ class ModelPool:
 
     @property
     def max_model_len(self) -> int | None:
-        """Configured context length, else what a worker reported."""
-        if self.spec.max_model_len is not None:
-            return self.spec.max_model_len
-        return next((w.max_model_len for w in self.workers if w.max_model_len), None)
+        """Configured context length, else what a worker reported (kept once known: every worker of
+        a model serves the same model)."""
+        if self._context is None:
+            self._context = self.spec.max_model_len or next(
+                (w.max_model_len for w in self.workers if w.max_model_len), None
+            )
+        return self._context
 
     @property
     def ready(self) -> bool:
@@ -133,8 +137,13 @@ class ModelPool:
         return rows
 
     def fact(self, key: str) -> Any:
-        """Something a worker of this model reported (its schema, version, root), or None."""
-        return next((w.facts[key] for w in self.workers if key in w.facts), None)
+        """Something a worker of this model reported (its schema, version, root), or None. Read from
+        the current workers each time: a rolling upgrade brings workers with a newer schema."""
+        for worker in self.workers:
+            found = worker.facts.get(key)
+            if found is not None:
+                return found
+        return None
 
     def cost_of(self, sequences: int) -> int:
         """Slots a request of `sequences` sequences takes: all of them, at most one whole worker."""

@@ -12,11 +12,25 @@ Each timeout is enforced by exactly one mechanism and reports what it measured:
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.errors import GatewayError, UpstreamTimeout
 from service.workers.pool import Worker
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A worker's non-streamed answer: parsed (usage, native shapes) and as it came (passed through)."""
+
+    data: dict[str, Any]
+    raw: bytes
+
+
+# A request body: built here (a dict), or the client's own bytes when nothing in it changes.
+Body = dict[str, Any] | bytes
 
 
 class UpstreamStream(Protocol):
@@ -42,13 +56,11 @@ class UpstreamStream(Protocol):
 class Transport(Protocol):
     """Requests to workers; failures come out as typed gateway errors."""
 
-    async def complete(self, worker: Worker, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, worker: Worker, path: str, body: Body) -> Answer:
         """A non-streamed request; the worker's JSON answer."""
         ...
 
-    async def stream(
-        self, worker: Worker, path: str, body: dict[str, Any], ends_with_done: bool
-    ) -> UpstreamStream:
+    async def stream(self, worker: Worker, path: str, body: Body, ends_with_done: bool) -> UpstreamStream:
         """A streamed request, open once the worker has answered 200; errors before that raise here."""
         ...
 
@@ -84,6 +96,11 @@ class SseFramer:
     def rest(self) -> bytes:
         """What is left when the stream ends cleanly, as a last event (b"" if nothing)."""
         return self.pending + b"\n\n" if self.pending.strip() else b""
+
+
+def encode(body: Body) -> bytes:
+    """A request body as bytes on the wire."""
+    return body if isinstance(body, bytes) else json.dumps(body).encode()
 
 
 def sse_payloads(block: bytes) -> list[bytes]:

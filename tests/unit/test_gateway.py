@@ -56,7 +56,7 @@ async def test_a_worker_failing_before_it_answers_is_retried_once_on_another() -
     b.outstanding = 1  # a is picked first
     fake.reply(a, UpstreamUnavailable("a failed", retryable=True))
     fake.reply(b, ANSWER)
-    assert await gateway.generate(pool, {"prompt": "x"}, record_of(gateway)) == ANSWER
+    assert (await gateway.generate(pool, {"prompt": "x"}, record_of(gateway))).data == ANSWER
     assert [name for name, _, _ in fake.sent] == ["a", "b"]
     b.outstanding = 0
     assert outstanding(gateway) == 0
@@ -86,7 +86,7 @@ async def test_a_stale_connection_is_retried_on_the_only_worker() -> None:
     a = up("a")
     gateway, fake, pool = gateway_with(a)
     fake.reply(a, UpstreamUnavailable("closed", retryable=True, stale=True), ANSWER)
-    assert await gateway.generate(pool, {}, record_of(gateway)) == ANSWER
+    assert (await gateway.generate(pool, {}, record_of(gateway))).data == ANSWER
     assert len(fake.sent) == 2
 
 

@@ -37,7 +37,7 @@ async def complete(gateway: Gateway, request: CompleteRequest, record: RequestRe
     if request.stream:
         return await gateway.stream(pool, body, record, NativeStream(pool.name, "text"), sequences=request.n)
     answer = await gateway.generate(pool, body, record, sequences=request.n)
-    return JSONResponse(native_complete(answer, pool.name))
+    return JSONResponse(native_complete(answer.data, pool.name))
 
 
 async def score(
@@ -58,7 +58,7 @@ async def score(
     gateway.check_context(pool, len(whole), 1)
     gateway.check_scoring(pool, len(whole))
     body = {"model": pool.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
-    answer = await gateway.generate(pool, body, record)
+    answer = (await gateway.generate(pool, body, record)).data
     rows = (answer.get("choices") or [{}])[0].get("prompt_logprobs") or []
     tokens = [
         _scored(token_id, row)
@@ -98,7 +98,7 @@ async def chat(gateway: Gateway, request: ChatRequest, record: RequestRecord) ->
     if request.stream:
         return await gateway.stream(pool, body, record, NativeStream(pool.name, "delta"), sequences=request.n)
     answer = await gateway.generate(pool, body, record, sequences=request.n)
-    return JSONResponse(native_chat(answer, pool.name))
+    return JSONResponse(native_chat(answer.data, pool.name))
 
 
 async def render(gateway: Gateway, request: RenderRequest, record: RequestRecord) -> Response:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from service.core.caps import enforce_caps
 from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
@@ -31,6 +31,7 @@ from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind
 from service.workers.contract import check_fields
 from service.workers.pool import ModelPool
+from service.workers.transport import Answer
 
 BATCH_CHAT_PATH = "/v1/chat/completions/batch"
 RESPONSES_PATH = "/v1/responses"
@@ -40,6 +41,8 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, record: Re
     """POST /v1/completions: text prompts go as text (so `echo` returns them as sent) unless the
     gateway's BOS rule changed their tokens; token-id prompts go as ids."""
     pool = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
+    if _surely_fits(gateway, pool, request):  # nothing here needs its tokens
+        return await _send(gateway, pool, request, record, COMPLETIONS_PATH, request.choices)
     prompts, rewritten = await _prompt_tokens(gateway, pool, request)
     lengths = [
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(pool)) for ids in prompts
@@ -47,10 +50,11 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, record: Re
     gateway.check_context(pool, max(lengths), request.max_tokens)
     if request.prompt_logprobs is not None or (request.echo and request.logprobs is not None):
         gateway.check_scoring(pool, sum(lengths))
-    body = request.body(pool.name)
-    if rewritten:
-        body["prompt"] = prompts[0] if isinstance(request.prompt, str) else prompts
-    return await _send(gateway, pool, request, body, record, COMPLETIONS_PATH, len(prompts) * request.choices)
+    # The BOS rule changed a text prompt's tokens: the worker gets the gateway's ids instead.
+    changes = {"prompt": prompts[0] if isinstance(request.prompt, str) else prompts} if rewritten else None
+    return await _send(
+        gateway, pool, request, record, COMPLETIONS_PATH, len(prompts) * request.choices, changes
+    )
 
 
 async def chat(gateway: Gateway, request: V1ChatRequest, record: RequestRecord) -> Response:
@@ -58,16 +62,18 @@ async def chat(gateway: Gateway, request: V1ChatRequest, record: RequestRecord) 
     outputs, echo, continue_final_message... all vLLM's)."""
     pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
     await _check_conversation(gateway, pool, request, request.messages, request.requested_max_tokens)
-    return await _send(gateway, pool, request, request.body(pool.name), record, CHAT_PATH, request.choices)
+    return await _send(gateway, pool, request, record, CHAT_PATH, request.choices)
 
 
 async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, record: RequestRecord) -> Response:
     """POST /v1/chat/completions/batch: several conversations in one call (vLLM's batch route)."""
+    if request.stream:
+        raise InvalidRequest("The batch route answers whole, it does not stream.", param="stream")
     pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
     for conversation in request.messages:
         await _check_conversation(gateway, pool, request, conversation, request.requested_max_tokens)
     sequences = len(request.messages) * request.choices
-    return await _send(gateway, pool, request, request.body(pool.name), record, BATCH_CHAT_PATH, sequences)
+    return await _send(gateway, pool, request, record, BATCH_CHAT_PATH, sequences)
 
 
 async def responses(gateway: Gateway, request: V1ResponsesRequest, record: RequestRecord) -> Response:
@@ -84,10 +90,15 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, record: Reque
     if messages is not None:  # plain text or plain messages: the gateway can check the context too
         rendered = await gateway.render(pool, messages)
         gateway.check_context(pool, len(rendered.token_ids), request.max_output_tokens)
-    body = request.body(pool.name)
     if request.stream:
+        body = request.body(pool.name)
         return await gateway.stream(pool, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM)
-    return JSONResponse(await gateway.generate(pool, body, record, path=RESPONSES_PATH))
+    return as_is(await gateway.generate(pool, request.as_sent(pool.name), record, path=RESPONSES_PATH))
+
+
+def as_is(answer: Answer) -> Response:
+    """The worker's answer, its bytes unchanged (every field it sent, in its own serialisation)."""
+    return Response(answer.raw, media_type="application/json")
 
 
 def _admit(
@@ -139,18 +150,21 @@ async def _send(
     gateway: Gateway,
     pool: ModelPool,
     request: OpenAIRequest,
-    body: dict[str, Any],
     record: RequestRecord,
     path: str,
     sequences: int,
+    changes: dict[str, Any] | None = None,
 ) -> Response:
-    """The worker's answer, streamed or whole. A stream always asks the worker for usage (the
-    gateway counts tokens); the client gets that usage event only if it asked for it."""
+    """The worker's answer, streamed or whole. The worker gets the request as the client sent it
+    (its very bytes when nothing changes). A stream always asks the worker for usage (the gateway
+    counts tokens); the client gets that usage event only if it asked for it."""
     if request.stream:
+        body = {**request.body(pool.name), **(changes or {})}
         asked = request.stream_options.include_usage if request.stream_options else None
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return await gateway.stream(pool, body, record, None, bool(asked), sequences=sequences, path=path)
-    return JSONResponse(await gateway.generate(pool, body, record, sequences=sequences, path=path))
+    sent = {**request.body(pool.name), **changes} if changes else request.as_sent(pool.name)
+    return as_is(await gateway.generate(pool, sent, record, sequences=sequences, path=path))
 
 
 async def _prompt_tokens(
@@ -176,6 +190,20 @@ async def _prompt_tokens(
         else:
             prompts.append(list(item))
     return prompts, rewritten
+
+
+def _surely_fits(gateway: Gateway, pool: ModelPool, request: V1CompletionRequest) -> bool:
+    """Whether a single text prompt certainly fits without tokenizing it: a token never covers less
+    than one UTF-8 byte, a tokenizer adds at most two special tokens, and the BOS rule can only change
+    a prompt that starts with BOS text. (Scoring needs the exact count: it is tokenized.)"""
+    prompt = request.prompt
+    if not isinstance(prompt, str) or request.prompt_logprobs is not None or request.echo:
+        return False
+    bos = gateway.tokenizers[pool.name].bos_text
+    if bos and prompt.startswith(bos):
+        return False
+    bound = len(prompt) * 4 if len(prompt) > 1024 else len(prompt.encode())  # 4 bytes per character at most
+    return bound + 2 + (request.max_tokens or 0) < gateway.context_of(pool)
 
 
 def _truncated(length: int, truncate: int | None, context: int) -> int:
