@@ -15,12 +15,13 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from service import __version__
+from service.api.auth import ApiKeyMiddleware
+from service.api.body_limit import BodyLimitMiddleware
 from service.api.dispatch import Dispatcher
 from service.api.drain import Drain, DrainMiddleware
 from service.api.endpoint import Endpoint, metric_labels, open_paths, post_endpoints, undrained_paths
 from service.api.endpoints import ENDPOINTS
 from service.api.errors import install_error_handlers
-from service.api.guards import ApiKeyMiddleware, BodyLimitMiddleware
 from service.api.handlers.playground import STATIC_DIR
 from service.api.observability import ObservabilityMiddleware
 from service.api.openapi import install_openapi

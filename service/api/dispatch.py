@@ -1,6 +1,6 @@
 """Serves every POST endpoint of the table, as a pure ASGI layer in front of FastAPI.
 
-The body (already read and size-checked by `guards.BodyLimitMiddleware`) is validated straight
+The body (already read and size-checked by `body_limit.BodyLimitMiddleware`) is validated straight
 from its bytes by pydantic-core and handed to the endpoint's handler with the gateway and the
 request's record; FastAPI's routing, dependency solving and second parse are not involved. The
 handler runs under a watch on the client: if it leaves while the request is queued, rendering or

@@ -35,8 +35,8 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 # What makes a block of worker events need a closer look: a usage object (metrics; maybe dropped),
 # an error object, or the end. A JSON string can't hold a raw `"` or newline, so generated text
 # never matches these; `"usage":null` (vLLM's token events) does not match either. Each pattern
-# starts with a literal, which `re` finds with a fast scan (one alternation of all three cost ~5 us
-# per event, more than everything else the relay does).
+# starts with a literal, which `re` finds with a fast scan (one alternation of all three cost more
+# per event than everything else the relay does; see bench/README.md).
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 ERROR_KEY = re.compile(rb'"error"\s*:')
 DONE_PAYLOAD = b"[DONE]"

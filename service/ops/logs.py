@@ -4,8 +4,8 @@ Records are handed to a bounded queue and formatted and written by a writer thre
 cookbook's "dealing with handlers that block", with QueueHandler on the producing side): a slow stderr
 (a full pipe, a log shipper pushing back) never stalls the event loop, and the formatting is not done
 on it either. The writer is not woken per record: it drains the queue every `FLUSH_SECONDS` and writes
-each batch with one call (a wake-up and a write per record cost ~35 us of CPU per request at load,
-measured with `bench.overhead`). When it cannot keep up, new records are dropped and counted
+each batch with one call (a wake-up and a write per record cost more CPU per request than the record
+itself; bench/README.md has the numbers). When it cannot keep up, new records are dropped and counted
 (`gateway_log_records_dropped_total`) rather than held in memory without limit.
 """
 

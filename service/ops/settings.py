@@ -89,9 +89,8 @@ class ModelSpec(BaseModel):
 
 
 # For small models on CPU: run vLLM's executor inside its engine-core process instead of spawning one
-# more Python process for it (each spawn re-imports vLLM, ~12 s here; the API server always spawns the
-# engine core). Measured alone on this machine: SmolLM2 ready in 29 s instead of 45 s, and 13.6 instead
-# of 10.8 tokens/s (no inter-process hop).
+# more Python process for it (each spawn re-imports vLLM; the API server always spawns the engine
+# core): faster to start and to generate (no inter-process hop); bench/README.md has the numbers.
 SMALL_CPU_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
 SMALL_CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 

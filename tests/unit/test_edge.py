@@ -13,11 +13,12 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
+from service.api.auth import ApiKeyMiddleware
+from service.api.body_limit import BodyLimitMiddleware
 from service.api.dispatch import Dispatcher
 from service.api.drain import Drain, DrainMiddleware
 from service.api.endpoint import Endpoint
 from service.api.errors import error_exit
-from service.api.guards import ApiKeyMiddleware, BodyLimitMiddleware
 from service.errors import ClientDisconnected, InvalidRequest, Overloaded
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
