@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,3 +121,13 @@ async def call_asgi(
 
     await app(scope, receive, send)
     return call
+
+
+def wait_until(
+    condition: Callable[[], object], seconds: float = 10.0, explain: Callable[[], str] = lambda: ""
+) -> None:
+    """Wait (blocking) until `condition()` is true, failing after `seconds` with `explain()`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met in {seconds:g} s\n{explain()}"
+        time.sleep(0.05)

@@ -28,37 +28,56 @@ from service.api.openapi import install_openapi
 from service.core.gateway import Gateway
 from service.core.templates import load_tokenizers
 from service.ops.metrics import Metrics
-from service.ops.settings import Settings
+from service.ops.settings import ModelSpec, Settings
 from service.workers.contract import read_contract
 from service.workers.discovery import discover, keep_discovering
 from service.workers.health import HealthMonitor, read_model_entry
 from service.workers.http_transport import HttpTransport, build_session
 from service.workers.pool import Capacity, ModelPool, Worker
+from service.workers.roster import follow_roster, keep_following
+from service.workers.routing import Router, RoutingConfig
 from service.workers.supervisor import WorkerProcess, build_embedded
 
 log = logging.getLogger(__name__)
 
 
-def _pools(settings: Settings) -> tuple[dict[str, ModelPool], list[WorkerProcess]]:
+def build_pools(settings: Settings) -> tuple[dict[str, ModelPool], list[WorkerProcess]]:
+    """A pool per served model, and a supervised process per embedded worker to launch (none when
+    another process launches them and publishes the roster this one follows)."""
     endpoints: dict[str, list[Worker]] = {}
-    processes = build_embedded(settings, endpoints)
+    processes = build_embedded(settings, endpoints) if settings.roster_file is None else []
     capacity = Capacity(
         settings.max_in_flight_per_worker, settings.max_queue_per_model, settings.queue_timeout
     )
-    pools = {spec.name: ModelPool(spec, endpoints.get(spec.name, []), capacity) for spec in settings.models}
+    pools = {
+        spec.name: ModelPool(
+            spec, endpoints.get(spec.name, []), capacity, Router(routing_config(settings, spec))
+        )
+        for spec in settings.models
+    }
     return pools, processes
+
+
+def routing_config(settings: Settings, spec: ModelSpec) -> RoutingConfig:
+    """A model's routing: its own policy, else the default, with the shared tuning."""
+    return RoutingConfig(
+        policy=spec.routing or settings.routing,
+        max_prefix_tokens=settings.routing_max_prefix_tokens,
+        balance_factor=settings.routing_balance_factor,
+        index_blocks=settings.routing_index_blocks,
+    )
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    pools, processes = _pools(settings)
+    pools, processes = build_pools(settings)
     # Workers take a minute or more to load; launch them first and read tokenizers meanwhile.
     supervisors = [asyncio.create_task(process.supervise()) for process in processes]
     session = build_session(settings)
     # Probes get their own connections: a probe never waits behind traffic, nor reuses its sockets.
     probes = build_session(settings)
-    monitor = discovery = None
+    monitor = discovery = roster = None
     try:
         tokenizers = await asyncio.to_thread(load_tokenizers, settings)
         await discover(list(pools.values()))
@@ -75,11 +94,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             HttpTransport(probes, settings), list(pools.values()), settings.health_interval,
             readers=(read_model_entry, read_contract),
         )  # fmt: skip
+        if settings.roster_file is not None:  # another process launches the workers: follow it
+            seen = follow_roster(list(pools.values()), settings.roster_file)
+            roster = asyncio.create_task(keep_following(list(pools.values()), settings.roster_file, seen))
+        # One round of checks before serving: a gateway process that joins others on a port takes
+        # requests only once it knows which workers answer.
+        await health.check_all()
         monitor = asyncio.create_task(health.run())
         discovery = asyncio.create_task(keep_discovering(list(pools.values()), settings.discovery_interval))
         yield
     finally:
-        background = [task for task in (monitor, discovery) if task is not None]
+        background = [task for task in (monitor, discovery, roster) if task is not None]
         for task in background:
             task.cancel()
         await asyncio.gather(*(process.stop() for process in processes), return_exceptions=True)
@@ -148,7 +173,13 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
             Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit)
         )
     edge.append(Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes))
-    edge.append(Middleware(Dispatcher, endpoints=post_endpoints(endpoints), state=app.state))
+    dispatch = Middleware(
+        Dispatcher,
+        endpoints=post_endpoints(endpoints),
+        state=app.state,
+        session_header=settings.routing_session_header,
+    )
+    edge.append(dispatch)
     app.edge_middleware = edge
     install_error_handlers(app)
     for endpoint in endpoints:

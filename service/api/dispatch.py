@@ -49,10 +49,13 @@ def parse_body(model: type[BaseModel], body: bytes, content_type: bytes | None) 
 class Dispatcher:
     """Serves the table's POST endpoints; every other request goes on to FastAPI."""
 
-    def __init__(self, app: ASGIApp, endpoints: dict[str, Endpoint], state: Any) -> None:
+    def __init__(
+        self, app: ASGIApp, endpoints: dict[str, Endpoint], state: Any, session_header: str = "x-session-id"
+    ) -> None:
         self.app = app
         self.endpoints = endpoints
         self.state = state  # the app's state: the lifespan puts the gateway there
+        self.session_header = session_header.lower().encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
@@ -72,9 +75,12 @@ class Dispatcher:
             request = parse_body(endpoint.body, body, _header(scope, b"content-type"))  # type: ignore[arg-type]
             handler = endpoint.handler
             assert handler is not None
-            context = RequestContext(state.get("request_id", "-"), record, receive)
+            session = _header(scope, self.session_header)
+            context = RequestContext(
+                state.get("request_id", "-"), record, receive, session.decode("latin-1") if session else None
+            )
             response: Response = await context.unless_client_leaves(
-                handler(self.state.gateway, request, record)
+                handler(self.state.gateway, request, context)
             )
         except Exception as exc:
             response = error_exit(exc, record)

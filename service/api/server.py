@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 from service.api.app import create_app
 from service.api.drain import Drain
 from service.api.http_protocol import ClientLimits, guarded_protocol
+from service.api.processes import process_count, serve_many
 from service.errors import GatewayError
 from service.ops.logs import configure_logging
 from service.ops.settings import Settings
@@ -70,19 +72,25 @@ def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGINT/SIGTERM; the lifespan stops every worker before returning."""
+def serve(settings: Settings, sock: socket.socket | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; the lifespan stops every worker before returning. With several
+    processes (GATEWAY_PROCESSES), this one supervises them (see service.api.processes); `sock` is
+    the listening socket a serving process inherited."""
     configure_logging(settings.log_level, settings.log_format, settings.log_queue_size)
-    logging.getLogger(__name__).info(
-        "serving on http://%s:%d; models: %s", settings.host, settings.port,
-        ", ".join(f"{m.name} ({m.kind.value})" for m in settings.models),
-    )  # fmt: skip
+    count = process_count(settings) if sock is None else 1
+    if count > 1:
+        return serve_many(settings, count)
+    if sock is None:
+        logging.getLogger(__name__).info(
+            "serving on http://%s:%d; models: %s", settings.host, settings.port,
+            ", ".join(f"{m.name} ({m.kind.value})" for m in settings.models),
+        )  # fmt: skip
     # uvicorn re-raises the signal it handled once shutdown is done; a graceful stop is a success.
     stopped_by: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stopped_by.append(signum))
     app = create_app(settings)
-    DrainingServer(server_config(app, settings), app.state.drain).run()
+    DrainingServer(server_config(app, settings), app.state.drain).run(sockets=[sock] if sock else None)
     if stopped_by:
         logging.getLogger(__name__).info("stopped by %s", signal.Signals(stopped_by[0]).name)
     return 0

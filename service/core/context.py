@@ -23,8 +23,9 @@ WATCH_AFTER_SECONDS = 0.05
 @dataclass
 class RequestContext:
     request_id: str
-    record: RequestRecord | None
+    record: RequestRecord
     receive: Receive | None = None  # the client's side; None where nobody can leave (tests)
+    session: str | None = None  # the session key header, for `session` routing
 
     async def unless_client_leaves(self, work: Awaitable[T]) -> T:
         """Run `work` in this task; if the client disconnects first, cancel it (leaving the queue,
@@ -50,8 +51,7 @@ class RequestContext:
             if not watchers or not watchers[0].done() or watchers[0].cancelled():
                 raise  # cancelled from elsewhere (shutdown): not ours to swallow
             current.uncancel()
-            if self.record is not None:
-                self.record.disconnected = True
+            self.record.disconnected = True
             raise ClientDisconnected("The client disconnected before the answer was ready.") from None
         finally:
             timer.cancel()

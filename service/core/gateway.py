@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from fastapi.responses import Response
 
+from service.core.context import RequestContext
 from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
 from service.core.templates import (
     DEFAULT_CHAT,
@@ -33,8 +34,9 @@ from service.errors import (
 )
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
-from service.ops.settings import ModelKind, Settings
+from service.ops.settings import ModelKind, RoutingPolicy, Settings
 from service.workers.pool import Lease, ModelPool, Worker
+from service.workers.routing import NO_HINT, RouteHint
 from service.workers.transport import Answer, Body, Transport, WatchedStream, no_token_in_time
 
 COMPLETIONS_PATH = "/v1/completions"
@@ -179,10 +181,11 @@ class Gateway:
         record: RequestRecord,
         sequences: int = 1,
         path: str = COMPLETIONS_PATH,
+        hint: RouteHint = NO_HINT,
     ) -> Answer:
         """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
         lease, answer = await self._with_failover(
-            pool, sequences, lambda worker: self.transport.complete(worker, path, body)
+            pool, sequences, hint, lambda worker: self.transport.complete(worker, path, body)
         )
         pool.release(lease)
         record.set_usage(answer.data.get("usage"))
@@ -199,12 +202,13 @@ class Gateway:
         sequences: int = 1,
         path: str = COMPLETIONS_PATH,
         fmt: StreamFormat = OPENAI_STREAM,
+        hint: RouteHint = NO_HINT,
     ) -> Response:
         """A streamed request: errors before the first byte are ordinary error responses (after
         one retry on another replica); after it, the stream format's error event (and `[DONE]`).
         A `None` translator passes the worker's events through."""
         lease, stream = await self._with_failover(
-            pool, sequences, lambda worker: self._open_stream(worker, path, body, fmt)
+            pool, sequences, hint, lambda worker: self._open_stream(worker, path, body, fmt)
         )
         self.streams.add(stream)
 
@@ -231,12 +235,12 @@ class Gateway:
         return WatchedStream(stream, opened, settings.first_token_timeout, settings.idle_token_timeout)
 
     async def _with_failover(
-        self, pool: ModelPool, sequences: int, send: Callable[[Worker], Awaitable[T]]
+        self, pool: ModelPool, sequences: int, hint: RouteHint, send: Callable[[Worker], Awaitable[T]]
     ) -> tuple[Lease, T]:
         """`send` on a worker of `pool`; if that worker fails before it could produce anything,
         once more on another healthy replica (or, for a connection the worker had already closed,
         on the same one). Returns the lease (the caller releases it) and what `send` returned."""
-        lease: Lease | None = await self._acquire(pool, sequences)
+        lease: Lease | None = await self._acquire(pool, sequences, hint)
         try:
             assert lease is not None
             try:
@@ -247,7 +251,7 @@ class Gateway:
                 exclude = self._retry_exclusion(pool, lease.worker, exc)
                 pool.release(lease)
                 lease = None
-                lease = await self._acquire(pool, sequences, exclude)
+                lease = await self._acquire(pool, sequences, hint, exclude)
                 return lease, await send(lease.worker)
         except BaseException:
             if lease is not None:
@@ -271,9 +275,27 @@ class Gateway:
         raise exc
 
     async def _acquire(
-        self, pool: ModelPool, sequences: int, exclude: frozenset[Worker] = frozenset()
+        self, pool: ModelPool, sequences: int, hint: RouteHint, exclude: frozenset[Worker] = frozenset()
     ) -> Lease:
         started = time.perf_counter()
-        lease = await pool.acquire(sequences, exclude)
-        self.metrics.child(self.metrics.queue_wait, pool.name).observe(time.perf_counter() - started)
+        lease = await pool.acquire(sequences, exclude, hint)
+        metrics = self.metrics
+        metrics.child(metrics.queue_wait, pool.name).observe(time.perf_counter() - started)
+        metrics.child(metrics.routing_decisions, pool.name, pool.policy.value, lease.reason.value).inc()
+        if lease.prefix_tokens:
+            metrics.child(metrics.routing_prefix_tokens, pool.name).inc(lease.prefix_tokens)
+            metrics.child(metrics.routing_prefix_hit_tokens, pool.name).inc(lease.hit_tokens)
         return lease
+
+    @staticmethod
+    def route_hint(
+        pool: ModelPool, ctx: RequestContext, tokens: Sequence[int] | None = None, user: str | None = None
+    ) -> RouteHint:
+        """What the pool's routing policy needs of this request: its prompt's token ids for `prefix`,
+        its session key (the session header, else the `user` field) for `session`."""
+        policy = pool.policy
+        if policy is RoutingPolicy.PREFIX and tokens:
+            return RouteHint(tokens=tokens)
+        if policy is RoutingPolicy.SESSION:
+            return RouteHint(session=ctx.session or user)
+        return NO_HINT

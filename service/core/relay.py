@@ -17,8 +17,8 @@ from starlette.types import Receive, Scope, Send
 from service.core.translate import StreamTranslator
 from service.errors import GatewayError, UpstreamRejected, UpstreamUnavailable
 from service.ops.record import RequestRecord
-from service.workers.pool import Worker
 from service.workers.transport import sse_payloads
+from service.workers.worker import Worker
 
 log = logging.getLogger(__name__)
 

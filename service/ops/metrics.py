@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -49,21 +49,57 @@ def observe_many(histogram: Any, value: float, count: int) -> None:
     buckets[bisect.bisect_left(bounds, value)].inc(count)
 
 
-# (model, worker label, healthy) for every worker, read at scrape time (the pools publish them).
-WorkerRows = Callable[[], Iterable[tuple[str, str, bool]]]
+class WorkerRow(NamedTuple):
+    """One worker as the metrics show it; engine figures are None when its `/metrics` did not say."""
+
+    model: str
+    worker: str
+    up: bool
+    running: float | None = None
+    waiting: float | None = None
+    kv_cache_usage: float | None = None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
+
+
+# Every worker, read at scrape time (the pools publish them).
+WorkerRows = Callable[[], Iterable[WorkerRow]]
+
+# (name, help, field of WorkerRow, family type) of the engine figures re-exported per worker.
+ENGINE_FIGURES = (
+    ("gateway_worker_requests_running", "Requests the worker's engine is running (its own metric)",
+     "running", GaugeMetricFamily),
+    ("gateway_worker_requests_waiting", "Requests waiting in the worker's engine (its own metric)",
+     "waiting", GaugeMetricFamily),
+    ("gateway_worker_kv_cache_usage", "Fraction of the worker's KV cache in use (its own metric)",
+     "kv_cache_usage", GaugeMetricFamily),
+    ("gateway_worker_prefix_cache_queries", "Prompt tokens the worker looked up in its prefix cache",
+     "prefix_cache_queries", CounterMetricFamily),
+    ("gateway_worker_prefix_cache_hits", "Prompt tokens the worker found in its prefix cache",
+     "prefix_cache_hits", CounterMetricFamily),
+)  # fmt: skip
 
 
 class WorkerHealthCollector(Collector):
-    """`gateway_worker_up`, read from the pools at scrape time (no state to keep in sync)."""
+    """`gateway_worker_up` and the engines' own load and prefix-cache figures, read from the pools
+    at scrape time (no state to keep in sync)."""
 
     def __init__(self, rows: WorkerRows) -> None:
         self._rows = rows
 
     def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily("gateway_worker_up", "1 healthy, 0 not", labels=["model", "worker"])
-        for model, worker, up in self._rows():
-            family.add_metric([model, worker], 1.0 if up else 0.0)
-        yield family
+        rows = list(self._rows())
+        up = GaugeMetricFamily("gateway_worker_up", "1 healthy, 0 not", labels=["model", "worker"])
+        for row in rows:
+            up.add_metric([row.model, row.worker], 1.0 if row.up else 0.0)
+        yield up
+        for name, text, attribute, family_type in ENGINE_FIGURES:
+            family = family_type(name, text, labels=["model", "worker"])
+            for row in rows:
+                value = getattr(row, attribute)
+                if value is not None:
+                    family.add_metric([row.model, row.worker], float(value))
+            yield family
 
 
 class LogDropsCollector(Collector):
@@ -125,6 +161,19 @@ class Metrics:
         self.errors = Counter(
             "gateway_errors", "Failures by OpenAI error type", ["endpoint", "type"], registry=registry
         )
+        self.routing_decisions = Counter(
+            "gateway_routing_decisions", "Replica choices by policy and reason",
+            ["model", "policy", "reason"], registry=registry,
+        )  # fmt: skip
+        self.routing_prefix_tokens = Counter(
+            "gateway_routing_prefix_tokens", "Prompt tokens (whole KV blocks) hashed for prefix routing",
+            ["model"], registry=registry,
+        )  # fmt: skip
+        self.routing_prefix_hit_tokens = Counter(
+            "gateway_routing_prefix_hit_tokens",
+            "Of those, tokens the chosen replica likely had cached (the gateway's estimate)",
+            ["model"], registry=registry,
+        )  # fmt: skip
         registry.register(self._health)
         registry.register(LogDropsCollector())
 

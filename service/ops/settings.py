@@ -25,6 +25,16 @@ class ModelKind(StrEnum):
     INSTRUCT = "instruct"
 
 
+class RoutingPolicy(StrEnum):
+    """How a model's requests are spread over its replicas (see workers/routing.py)."""
+
+    AUTO = "auto"  # prefix with two or more replicas, else least_outstanding
+    PREFIX = "prefix"
+    SESSION = "session"
+    LEAST_OUTSTANDING = "least_outstanding"
+    RANDOM = "random"
+
+
 class ModelSpec(BaseModel):
     """One served model: where its weights or workers are, and how to run it."""
 
@@ -41,6 +51,11 @@ class ModelSpec(BaseModel):
     )
     tokenizer: str | None = Field(default=None, description="Tokenizer folder or id; defaults to source.")
     replicas: int = Field(default=1, ge=1, le=64, description="Embedded workers to launch.")
+    routing: RoutingPolicy | None = Field(
+        default=None,
+        description="How requests are spread over the replicas: `prefix`, `session`, `least_outstanding`, "
+        "`random` or `auto`; unset: GATEWAY_ROUTING.",
+    )
     max_model_len: int | None = Field(
         default=None, ge=16, description="Context length in tokens; unset: the worker's own (learned)."
     )
@@ -123,6 +138,18 @@ class Settings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port the gateway listens on.")
+    processes: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Gateway processes serving the port; 0: one per CPU core available to the gateway (cores "
+        "bound to embedded CPU workers excluded), at most 8. One of them supervises the embedded workers.",
+    )
+    roster_file: Path | None = Field(
+        default=None,
+        description="Set by the supervising process for the others: where its embedded workers are (they "
+        "follow this file instead of launching workers). Not for hand use.",
+    )
     models_file: Path | None = Field(default=None, description="YAML file with a top-level `models` list.")
     models: list[ModelSpec] = Field(default_factory=default_models, description="Served models.")
     cache_dir: Path = Field(
@@ -168,6 +195,27 @@ class Settings(BaseSettings):
     read_timeout: float = Field(default=600.0, gt=0, description="Seconds a non-streamed answer may take.")
     first_token_timeout: float = Field(default=300.0, gt=0, description="Seconds to a stream's first token.")
     idle_token_timeout: float = Field(default=60.0, gt=0, description="Seconds between a stream's tokens.")
+    routing: RoutingPolicy = Field(
+        default=RoutingPolicy.AUTO,
+        description="Default routing policy: `auto` (`prefix` with 2+ replicas, else `least_outstanding`), "
+        "`prefix`, `session`, `least_outstanding` or `random`; a model's `routing` overrides it.",
+    )
+    routing_balance_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        description="Bounded load: a replica is preferred for its prefix or session only while its load is "
+        "at most this times the mean; above, requests spill to the least loaded.",
+    )
+    routing_max_prefix_tokens: int = Field(
+        default=8192, ge=1, description="Prompt tokens hashed for prefix routing at most."
+    )
+    routing_index_blocks: int = Field(
+        default=65_536, ge=1, description="Block hashes each model remembers for prefix routing (LRU)."
+    )
+    routing_session_header: str = Field(
+        default="x-session-id",
+        description="Request header carrying the session key for `session` routing (else the `user` field).",
+    )
     max_in_flight_per_worker: int = Field(default=32, ge=1, description="Requests one worker serves at once.")
     max_queue_per_model: int = Field(default=128, ge=0, description="Requests waiting for a slot, per model.")
     queue_timeout: float = Field(default=30.0, gt=0, description="Seconds a request may wait for a slot.")

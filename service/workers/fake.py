@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import GatewayError, UpstreamUnavailable
-from service.workers.pool import Worker
 from service.workers.transport import Answer, Body
+from service.workers.worker import Worker
 
 # A stream item: bytes to deliver, seconds to wait, or an error to raise there.
 StreamItem = bytes | float | GatewayError
@@ -113,5 +113,11 @@ class FakeTransport:
     async def get_json(self, worker: Worker, path: str) -> Any:
         found = self.facts.get((worker.url, path))
         if found is None:
+            raise ValueError(f"GET {path}: nothing scripted")
+        return found
+
+    async def get_text(self, worker: Worker, path: str) -> str:
+        found = self.facts.get((worker.url, path))
+        if not isinstance(found, str):
             raise ValueError(f"GET {path}: nothing scripted")
         return found

@@ -1,9 +1,10 @@
 """Active health checks of every worker, and what a worker tells us about itself.
 
-A probe is `GET /health`; the first time a worker answers, the gateway also reads what it needs from
-it (context length and model entry from `/v1/models`, its version, its request schema) and keeps it
-in `Worker.facts`. Any answer at all, however odd, is a verdict on that worker, never a reason for
-the monitor to stop: an unexpected exception is logged and the round goes on.
+A probe is `GET /health`, then `GET /metrics` for the engine's own load (requests running and waiting,
+KV-cache usage, prefix-cache hits), which routing weighs. The first time a worker answers, the gateway
+also reads what it needs from it (context length and model entry from `/v1/models`, its version, its
+request schema) and keeps it in `Worker.facts`. Any answer at all, however odd, is a verdict on that
+worker, never a reason for the monitor to stop: an unexpected exception is logged and the round goes on.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+from service.workers.engine_metrics import read_engine_load
 from service.workers.pool import ModelPool, Worker
 from service.workers.transport import Transport
+from service.workers.worker import EngineLoad
 
 log = logging.getLogger(__name__)
+
+NO_LOAD = EngineLoad()
 
 # What a worker is asked once it is up; each reader fills `Worker.facts` (absent on failure).
 FactReader = Callable[[Transport, Worker], Awaitable[None]]
@@ -75,6 +80,7 @@ class HealthMonitor:
             healthy = await self.transport.health(worker)
             if healthy:
                 await self._learn(worker)
+                await self._read_load(worker)
         except Exception as exc:
             healthy = False
             if worker.healthy:
@@ -83,6 +89,15 @@ class HealthMonitor:
         worker.failed_checks = 0 if healthy else worker.failed_checks + 1
         worker.mark(healthy)
         return healthy
+
+    async def _read_load(self, worker: Worker) -> None:
+        """The engine's own load figures, for routing; a worker without them is still healthy."""
+        try:
+            await read_engine_load(self.transport, worker)
+        except Exception as exc:
+            if worker.engine != NO_LOAD:
+                log.info("worker %s gave no load figures: %s", worker.label, describe(exc))
+            worker.engine = NO_LOAD
 
     async def _learn(self, worker: Worker) -> None:
         """Read each fact the worker has not told us yet (once per worker)."""

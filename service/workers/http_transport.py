@@ -18,8 +18,8 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.ops.settings import Settings
-from service.workers.pool import Worker
 from service.workers.transport import Answer, Body, SseFramer, encode
+from service.workers.worker import Worker
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 # A pooled connection the worker closed as we reused it: nothing was processed, so the request
@@ -193,3 +193,9 @@ class HttpTransport:
             if response.status != 200:
                 raise ValueError(f"GET {path} answered {response.status}")
             return await response.json(content_type=None)
+
+    async def get_text(self, worker: Worker, path: str) -> str:
+        async with self.session.get(worker.url + path, timeout=self._probe_timeout) as response:
+            if response.status != 200:
+                raise ValueError(f"GET {path} answered {response.status}")
+            return await response.text()

@@ -11,57 +11,25 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Collection
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import NoHealthyWorker, Overloaded
-from service.ops.settings import ModelKind, ModelSpec
+from service.ops.metrics import WorkerRow
+from service.ops.settings import ModelKind, ModelSpec, RoutingPolicy
+from service.workers.routing import (
+    DEFAULT_BLOCK_SIZE,
+    NO_HINT,
+    Reason,
+    RouteHint,
+    Router,
+    RoutingConfig,
+)
+from service.workers.worker import Worker, address_of
+
+__all__ = ["Capacity", "Lease", "ModelPool", "Worker", "address_of"]
 
 log = logging.getLogger(__name__)
-
-
-def address_of(url: str) -> str:
-    """`host:port` of a worker URL, for logs."""
-    return url.removeprefix("http://").removeprefix("https://")
-
-
-@dataclass(eq=False)
-class Worker:
-    """One vLLM OpenAI server: where it is, whether it answers, how busy it is, what it told us."""
-
-    model: str
-    url: str
-    name: str = ""  # stable label for logs and metrics; embedded workers keep theirs across restarts
-    up: InitVar[bool] = False
-    outstanding: int = 0  # sequences admitted and not yet finished
-    max_model_len: int | None = None
-    picked: int = 0  # when it was last picked (a pool-wide count), to share load among equals
-    failed_checks: int = 0  # consecutive failed health checks
-    seen_healthy: bool = False  # healthy at least once since it was (re)started
-    facts: dict[str, Any] = field(default_factory=dict)  # what the worker told us (see health.py)
-    learned: set[str] = field(default_factory=set)  # which fact readers have succeeded
-
-    def __post_init__(self, up: bool) -> None:
-        if not self.name:
-            self.name = address_of(self.url)
-        self._healthy = up
-
-    @property
-    def healthy(self) -> bool:
-        """Whether requests may go to it: its last verdict (written only through `mark`)."""
-        return self._healthy
-
-    @property
-    def label(self) -> str:
-        """Short stable name for logs and metrics."""
-        return self.name
-
-    def mark(self, healthy: bool) -> None:
-        """Record a health verdict (a probe's, or a transport failure's)."""
-        if healthy != self._healthy:
-            log.info("worker %s for %s is %s", self.label, self.model, "up" if healthy else "down")
-        self._healthy = healthy
-        self.seen_healthy = self.seen_healthy or healthy
 
 
 @dataclass(frozen=True)
@@ -79,6 +47,9 @@ class Lease:
 
     worker: Worker
     cost: int
+    reason: Reason = Reason.LEAST_OUTSTANDING  # why this worker (see routing.Reason)
+    prefix_tokens: int = 0  # prompt tokens in whole blocks, hashed for prefix routing
+    hit_tokens: int = 0  # of which the worker likely had cached (the gateway's estimate)
 
 
 @dataclass(eq=False)
@@ -86,6 +57,7 @@ class _Waiter:
     future: asyncio.Future[Lease]
     cost: int
     exclude: Collection[Worker]
+    hint: RouteHint
 
 
 @dataclass
@@ -95,6 +67,7 @@ class ModelPool:
     spec: ModelSpec
     workers: list[Worker] = field(default_factory=list)
     capacity: Capacity = field(default_factory=Capacity)
+    router: Router = field(default_factory=lambda: Router(RoutingConfig()))
     _waiters: deque[_Waiter] = field(default_factory=deque)
     _picks: int = 0
     _context: int | None = None
@@ -125,15 +98,20 @@ class ModelPool:
     def queued(self) -> int:
         return len(self._waiters)
 
-    def health_rows(self, hide_addresses: bool = False) -> list[tuple[str, str, bool]]:
-        """(model, worker label, healthy) per worker, for the metrics. With `hide_addresses`, a worker
+    def health_rows(self, hide_addresses: bool = False) -> list[WorkerRow]:
+        """Each worker's health and engine figures, for the metrics. With `hide_addresses`, a worker
         known only by its address is labelled `<model>-<index>` instead."""
         rows = []
         for index, worker in enumerate(self.workers):
             label = worker.label
             if hide_addresses and label == address_of(worker.url):
                 label = f"{self.name}-{index}"
-            rows.append((self.name, label, worker.healthy))
+            engine = worker.engine
+            row = WorkerRow(
+                self.name, label, worker.healthy, engine.running, engine.waiting,
+                engine.kv_cache_usage, engine.prefix_cache_queries, engine.prefix_cache_hits,
+            )  # fmt: skip
+            rows.append(row)
         return rows
 
     def fact(self, key: str) -> Any:
@@ -149,31 +127,58 @@ class ModelPool:
         """Slots a request of `sequences` sequences takes: all of them, at most one whole worker."""
         return max(1, min(sequences, self.capacity.per_worker))
 
-    def pick(self, exclude: Collection[Worker] = ()) -> Worker:
-        """The healthy worker with the fewest sequences outstanding (ignoring slot limits)."""
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV-cache block on this model's workers (what prefix routing hashes in)."""
+        for worker in self.workers:
+            if worker.engine.block_size:
+                return worker.engine.block_size
+        return DEFAULT_BLOCK_SIZE
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        """The routing policy in force for the current number of replicas."""
+        return self.router.policy_for(len(self.workers))
+
+    def healthy_workers(self, exclude: Collection[Worker] = ()) -> list[Worker]:
+        """Workers requests may go to now; raises NoHealthyWorker when there is none."""
         healthy = [worker for worker in self.workers if worker.healthy and worker not in exclude]
         if not healthy:
             raise NoHealthyWorker(self.name)
-        return min(healthy, key=lambda worker: (worker.outstanding, worker.picked))
+        return healthy
 
-    def _free_worker(self, cost: int, exclude: Collection[Worker]) -> Worker | None:
-        worker = self.pick(exclude)
-        return worker if worker.outstanding + cost <= self.capacity.per_worker else None
+    def pick(self, exclude: Collection[Worker] = (), hint: RouteHint = NO_HINT, cost: int = 1) -> Worker:
+        """The worker the routing policy prefers (ignoring slot limits)."""
+        return self.router.route(self.healthy_workers(exclude), cost, hint, self.block_size).order[0]
 
-    async def acquire(self, sequences: int = 1, exclude: Collection[Worker] = ()) -> Lease:
-        """Slots for `sequences` on the least busy healthy worker not in `exclude`, waiting in line
-        if none has room.
+    def _free_worker(self, cost: int, exclude: Collection[Worker], hint: RouteHint) -> Lease | None:
+        """Slots on the most preferred worker with room for `cost`, or None when none has room."""
+        route = self.router.route(self.healthy_workers(exclude), cost, hint, self.block_size)
+        for worker in route.order:
+            if worker.outstanding + cost <= self.capacity.per_worker:
+                hit_blocks = self.router.chosen(route, worker)
+                block = self.block_size
+                return self._take(
+                    worker, cost, route.reason_for(worker), len(route.blocks) * block, hit_blocks * block
+                )
+        return None
+
+    async def acquire(
+        self, sequences: int = 1, exclude: Collection[Worker] = (), hint: RouteHint = NO_HINT
+    ) -> Lease:
+        """Slots for `sequences` on the healthy worker (not in `exclude`) the routing policy prefers
+        among those with room, waiting in line if none has room.
 
         Raises NoHealthyWorker when none is healthy, Overloaded when the line is full or the wait
         runs out; nothing has been sent upstream then. Pair with `release`.
         """
         cost = self.cost_of(sequences)
-        worker = self._free_worker(cost, exclude) if not self._waiters else None
-        if worker is not None:
-            return self._take(worker, cost)
+        lease = self._free_worker(cost, exclude, hint) if not self._waiters else None
+        if lease is not None:
+            return lease
         if len(self._waiters) >= self.capacity.queue:
             raise Overloaded(self.name, "its queue is full")
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, exclude)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, exclude, hint)
         self._waiters.append(waiter)
         try:
             await asyncio.wait({waiter.future}, timeout=self.capacity.queue_timeout)
@@ -210,16 +215,16 @@ class ModelPool:
                 self._waiters.popleft()
                 continue
             try:
-                worker = self._free_worker(head.cost, head.exclude)
+                lease = self._free_worker(head.cost, head.exclude, head.hint)
             except NoHealthyWorker:
                 return
-            if worker is None:
+            if lease is None:
                 return
             self._waiters.popleft()
-            head.future.set_result(self._take(worker, head.cost))
+            head.future.set_result(lease)
 
-    def _take(self, worker: Worker, cost: int) -> Lease:
+    def _take(self, worker: Worker, cost: int, reason: Reason, prefix_tokens: int, hit_tokens: int) -> Lease:
         self._picks += 1
         worker.picked = self._picks
         worker.outstanding += cost
-        return Lease(worker, cost)
+        return Lease(worker, cost, reason, prefix_tokens, hit_tokens)

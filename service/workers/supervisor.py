@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from service.ops.settings import ModelSpec, Settings
-from service.workers.pool import Worker
+from service.workers.worker import Worker
 from service.workers.worker_log import WorkerLog, log_tail
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ def launch_plan(
         argv.append("--trust-request-chat-template")
     argv += spec.engine_args
     env = dict(os.environ)
+    # The gateway's multiprocess metrics folder is its own: a worker writing there would mix its
+    # metrics with the gateway's and every other worker's.
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update(
         VLLM_CPU_KVCACHE_SPACE=str(settings.worker_kv_cache_gib),
         VLLM_NO_USAGE_STATS="1",
@@ -108,7 +111,7 @@ def launch_plan(
     return LaunchPlan(argv=argv, env=env, log_path=log_path)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: own process group, SIGTERM when the gateway dies."""
     os.setsid()
     with contextlib.suppress(OSError, AttributeError):
@@ -191,7 +194,7 @@ class WorkerProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             os.close(output)  # the child has its copy; the copying thread ends when it exits

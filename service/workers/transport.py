@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.errors import GatewayError, UpstreamTimeout
-from service.workers.pool import Worker
+from service.workers.worker import Worker
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,10 @@ class Transport(Protocol):
 
     async def get_json(self, worker: Worker, path: str) -> Any:
         """A GET whose answer must be 200 and JSON (ValueError otherwise)."""
+        ...
+
+    async def get_text(self, worker: Worker, path: str) -> str:
+        """A GET whose answer must be 200 (ValueError otherwise), as text."""
         ...
 
 

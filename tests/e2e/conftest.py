@@ -17,13 +17,14 @@ import httpx
 import psutil
 import pytest
 
-from service.ops.settings import Settings, default_models
+from service.ops.settings import RoutingPolicy, Settings, default_models
 from service.workers.supervisor import free_port
 
 READY_TIMEOUT_SECONDS = 900
 BASE_MODEL = "gemma-3-270m"
 INSTRUCT_MODEL = "smollm2-135m-instruct"
 SMOL = "smol-supervised"  # the second gateway's only model: SmolLM2 with an overriding chat template
+PAIR = "smol-pair"  # the third gateway's model: two SmolLM2 replicas, prefix routing
 SMOL_LOG_CAP = 6_000  # its worker log's rotation size (vLLM's start-up output alone is ~16 KB)
 # ChatML without SmolLM2's default system prompt, and with a visible marker.
 OVERRIDE_TEMPLATE = (
@@ -52,6 +53,14 @@ class Stack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def worker_urls(self) -> list[str]:
+        """Where every worker listens, read from their command lines."""
+        urls = []
+        for process in self.worker_processes():
+            argv = process.cmdline()
+            urls.append(f"http://127.0.0.1:{argv[argv.index('--port') + 1]}")
+        return sorted(urls)
+
     def worker_url(self, model: str) -> str:
         """Where the (first) worker of `model` listens, read from its command line."""
         for process in self.worker_processes():
@@ -65,6 +74,13 @@ def _is_api_server(process: psutil.Process) -> bool:
     try:
         return "vllm.entrypoints.openai.api_server" in " ".join(process.cmdline())
     except psutil.Error:
+        return False
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
         return False
 
 
@@ -108,7 +124,8 @@ def launch(env_overrides: dict[str, str], log_path: Path) -> Stack:
     """`llm-gateway serve` with a clean GATEWAY_* environment plus `env_overrides`."""
     port = free_port("127.0.0.1")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(GATEWAY_PORT=str(port), **env_overrides)
+    env.update(GATEWAY_PORT=str(port), GATEWAY_PROCESSES="1")
+    env.update(env_overrides)
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT
@@ -145,6 +162,29 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = launch(env, folder / "gateway.log")
     try:
         wait_ready(stack)
+        yield stack
+    finally:
+        stop(stack)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A third gateway: two SmolLM2 replicas with prefix routing, served by two gateway processes
+    (one supervising the workers). Module-scoped: its workers go when the routing tests are done."""
+    spec = default_models()[1].model_copy(update={"name": PAIR, "replicas": 2, "routing": RoutingPolicy.PREFIX})
+    env = {
+        "GATEWAY_MODELS": json.dumps([spec.model_dump(mode="json")]),
+        "GATEWAY_PROCESSES": "2",
+        "GATEWAY_HEALTH_INTERVAL": "0.5",
+    }
+    stack = launch(env, tmp_path_factory.mktemp("pair") / "gateway.log")
+    try:
+        wait_ready(stack)  # one replica up; wait for the other too
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not all(_answers(f"{url}/health") for url in stack.worker_urls()):
+            assert time.monotonic() < deadline, stack.log()[-4000:]
+            time.sleep(1)
+        time.sleep(1.5)  # three health rounds: every gateway process has seen both replicas up
         yield stack
     finally:
         stop(stack)

@@ -59,7 +59,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(CAPS, GATEWAY_PORT=str(port), GATEWAY_MODELS=json.dumps(models), GATEWAY_HEALTH_INTERVAL="0.2",
-               GATEWAY_LOG_LEVEL="warning")  # fmt: skip
+               GATEWAY_LOG_LEVEL="warning", GATEWAY_PROCESSES="1")  # fmt: skip
     with (logs / "gateway.log").open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=log

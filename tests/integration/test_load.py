@@ -56,7 +56,7 @@ def loaded_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
     env.update(
         GATEWAY_PORT=str(port), GATEWAY_MODELS=json.dumps(models), GATEWAY_LOG_LEVEL="warning",
         GATEWAY_MAX_IN_FLIGHT_PER_WORKER=str(PER_WORKER), GATEWAY_MAX_QUEUE_PER_MODEL=str(QUEUE),
-        GATEWAY_QUEUE_TIMEOUT="0.5",
+        GATEWAY_QUEUE_TIMEOUT="0.5", GATEWAY_PROCESSES="1",
     )  # fmt: skip
     with (tmp_path_factory.mktemp("load") / "gateway.log").open("wb") as log:
         gateway = subprocess.Popen(

@@ -19,8 +19,8 @@ import pytest
 import service.workers.supervisor
 from service.api.app import create_app
 from service.ops.settings import ModelKind, ModelSpec, Settings
-from service.workers.pool import Worker
 from service.workers.supervisor import WorkerProcess, free_port
+from service.workers.worker import Worker
 from tests.helpers import eventually
 from tests.integration.conftest import TOKENIZER, serve_in_background
 

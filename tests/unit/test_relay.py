@@ -11,7 +11,7 @@ from prometheus_client import Histogram
 from service.core.relay import Relay, count_events
 from service.ops.metrics import LATENCY_BUCKETS, Metrics, observe_many
 from service.ops.record import RequestRecord
-from service.workers.pool import Worker
+from service.workers.worker import Worker
 
 TOKEN = b'data: {"id":"c","choices":[{"index":0,"text":"%s","finish_reason":null}],"usage":null}\n\n'
 USAGE = (

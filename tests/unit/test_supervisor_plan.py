@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from service.ops.settings import ModelKind, ModelSpec, Settings
 from service.workers.supervisor import launch_plan, plan_core_binding
 
@@ -38,3 +40,14 @@ def test_launch_plan_runs_vllm_openai_server(tmp_path: Path) -> None:
     assert plan.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert plan.env["EXTRA"] == "1"
     assert plan.log_path == tmp_path / "logs" / "m-0.log"
+
+
+def test_workers_do_not_share_the_gateways_metrics_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Several gateway processes merge metrics through this folder; a vLLM worker inheriting it would
+    # write its own metrics there too, and every worker's /metrics would show the sum of all of them.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    spec = ModelSpec(name="m", kind=ModelKind.BASE, source=str(tmp_path))
+    plan = launch_plan(spec, Settings(cache_dir=tmp_path), port=9001, cores=None, replica=0)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in plan.env

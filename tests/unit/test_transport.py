@@ -8,8 +8,8 @@ import pytest
 
 from service.errors import UpstreamTimeout
 from service.workers.fake import FakeStream
-from service.workers.pool import Worker
 from service.workers.transport import SseFramer, WatchedStream, sse_payloads
+from service.workers.worker import Worker
 
 
 def test_the_framer_yields_whole_events_whatever_the_reads() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from service.core.caps import enforce_caps
+from service.core.context import RequestContext
 from service.core.fewshot import build_few_shot
 from service.core.gateway import Gateway
 from service.core.protocol import ChatRequest, CompleteRequest, RenderRequest
@@ -19,9 +20,10 @@ from service.ops.settings import ModelKind
 from service.workers.pool import ModelPool
 
 
-async def complete(gateway: Gateway, request: CompleteRequest, record: RequestRecord) -> Response:
+async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestContext) -> Response:
     """POST /complete: raw continuation, a few-shot pattern when examples are given, or the
     loglikelihood of a given `continuation` when one is."""
+    record = ctx.record
     enforce_caps(request, gateway.settings)
     pool = gateway.resolve(request.model, ModelKind.BASE)
     record.admit(pool.name)
@@ -31,17 +33,19 @@ async def complete(gateway: Gateway, request: CompleteRequest, record: RequestRe
         prompt, boundary = build_few_shot(request.prompt, request.examples, request.layout)
         params.setdefault("stop", boundary)
     if request.continuation is not None:
-        return JSONResponse(await score(gateway, pool, request, prompt, record))
+        return JSONResponse(await score(gateway, pool, request, prompt, ctx))
     ids = await gateway.encode(pool, prompt)
     body = gateway.completion_body(pool, [ids], request.max_tokens, params, request.stream)
+    hint = gateway.route_hint(pool, ctx, ids)
     if request.stream:
-        return await gateway.stream(pool, body, record, NativeStream(pool.name, "text"), sequences=request.n)
-    answer = await gateway.generate(pool, body, record, sequences=request.n)
+        translator = NativeStream(pool.name, "text")
+        return await gateway.stream(pool, body, record, translator, sequences=request.n, hint=hint)
+    answer = await gateway.generate(pool, body, record, sequences=request.n, hint=hint)
     return JSONResponse(native_complete(answer.data, pool.name))
 
 
 async def score(
-    gateway: Gateway, pool: ModelPool, request: CompleteRequest, prompt: str, record: RequestRecord
+    gateway: Gateway, pool: ModelPool, request: CompleteRequest, prompt: str, ctx: RequestContext
 ) -> dict[str, Any]:
     """The loglikelihood of `request.continuation` after `prompt`: each continuation token's
     logprob (and rank), their sum, and whether greedy decoding would have produced it, from the
@@ -58,7 +62,7 @@ async def score(
     gateway.check_context(pool, len(whole), 1)
     gateway.check_scoring(pool, len(whole))
     body = {"model": pool.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
-    answer = (await gateway.generate(pool, body, record)).data
+    answer = (await gateway.generate(pool, body, ctx.record, hint=gateway.route_hint(pool, ctx, whole))).data
     rows = (answer.get("choices") or [{}])[0].get("prompt_logprobs") or []
     tokens = [
         _scored(token_id, row)
@@ -90,19 +94,23 @@ def _scored(token_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-async def chat(gateway: Gateway, request: ChatRequest, record: RequestRecord) -> Response:
+async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> Response:
     """POST /chat: the next assistant turn, rendered with the model's own chat template."""
+    record = ctx.record
     pool, rendered = await _admit_chat(gateway, request, record)
     params = request.engine_params()
     body = gateway.completion_body(pool, [rendered.token_ids], request.max_tokens, params, request.stream)
+    hint = gateway.route_hint(pool, ctx, rendered.token_ids)
     if request.stream:
-        return await gateway.stream(pool, body, record, NativeStream(pool.name, "delta"), sequences=request.n)
-    answer = await gateway.generate(pool, body, record, sequences=request.n)
+        translator = NativeStream(pool.name, "delta")
+        return await gateway.stream(pool, body, record, translator, sequences=request.n, hint=hint)
+    answer = await gateway.generate(pool, body, record, sequences=request.n, hint=hint)
     return JSONResponse(native_chat(answer.data, pool.name))
 
 
-async def render(gateway: Gateway, request: RenderRequest, record: RequestRecord) -> Response:
+async def render(gateway: Gateway, request: RenderRequest, ctx: RequestContext) -> Response:
     """POST /chat/render: the exact prompt text and token ids a /chat request would send."""
+    record = ctx.record
     pool, rendered = await _admit_chat(gateway, request, record)
     return JSONResponse(
         {

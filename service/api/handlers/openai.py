@@ -16,6 +16,7 @@ from typing import Any
 from fastapi.responses import Response
 
 from service.core.caps import enforce_caps
+from service.core.context import RequestContext
 from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
 from service.core.protocol import (
     OpenAIRequest,
@@ -28,7 +29,7 @@ from service.core.relay import RESPONSES_STREAM
 from service.core.templates import ChatOptions, messages_as_dicts
 from service.errors import InvalidRequest
 from service.ops.record import RequestRecord
-from service.ops.settings import ModelKind
+from service.ops.settings import ModelKind, RoutingPolicy
 from service.workers.contract import check_fields
 from service.workers.pool import ModelPool
 from service.workers.transport import Answer
@@ -37,12 +38,13 @@ BATCH_CHAT_PATH = "/v1/chat/completions/batch"
 RESPONSES_PATH = "/v1/responses"
 
 
-async def completions(gateway: Gateway, request: V1CompletionRequest, record: RequestRecord) -> Response:
+async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: RequestContext) -> Response:
     """POST /v1/completions: text prompts go as text (so `echo` returns them as sent) unless the
     gateway's BOS rule changed their tokens; token-id prompts go as ids."""
+    record = ctx.record
     pool = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
-    if _surely_fits(gateway, pool, request):  # nothing here needs its tokens
-        return await _send(gateway, pool, request, record, COMPLETIONS_PATH, request.choices)
+    if pool.policy is not RoutingPolicy.PREFIX and _surely_fits(gateway, pool, request):
+        return await _send(gateway, pool, request, ctx, COMPLETIONS_PATH, request.choices)  # no tokens needed
     prompts, rewritten = await _prompt_tokens(gateway, pool, request)
     lengths = [
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(pool)) for ids in prompts
@@ -52,32 +54,37 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, record: Re
         gateway.check_scoring(pool, sum(lengths))
     # The BOS rule changed a text prompt's tokens: the worker gets the gateway's ids instead.
     changes = {"prompt": prompts[0] if isinstance(request.prompt, str) else prompts} if rewritten else None
-    return await _send(
-        gateway, pool, request, record, COMPLETIONS_PATH, len(prompts) * request.choices, changes
-    )
+    sequences = len(prompts) * request.choices
+    return await _send(gateway, pool, request, ctx, COMPLETIONS_PATH, sequences, changes, prompts[0])
 
 
-async def chat(gateway: Gateway, request: V1ChatRequest, record: RequestRecord) -> Response:
+async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) -> Response:
     """POST /v1/chat/completions on the worker's own chat endpoint (tools, reasoning, structured
     outputs, echo, continue_final_message... all vLLM's)."""
+    record = ctx.record
     pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
-    await _check_conversation(gateway, pool, request, request.messages, request.requested_max_tokens)
-    return await _send(gateway, pool, request, record, CHAT_PATH, request.choices)
+    tokens = await _check_conversation(gateway, pool, request, request.messages, request.requested_max_tokens)
+    return await _send(gateway, pool, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
 
 
-async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, record: RequestRecord) -> Response:
+async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: RequestContext) -> Response:
     """POST /v1/chat/completions/batch: several conversations in one call (vLLM's batch route)."""
+    record = ctx.record
     if request.stream:
         raise InvalidRequest("The batch route answers whole, it does not stream.", param="stream")
     pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
-    for conversation in request.messages:
+    rendered = [
         await _check_conversation(gateway, pool, request, conversation, request.requested_max_tokens)
+        for conversation in request.messages
+    ]
     sequences = len(request.messages) * request.choices
-    return await _send(gateway, pool, request, record, BATCH_CHAT_PATH, sequences)
+    first = rendered[0] if rendered else None
+    return await _send(gateway, pool, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first)
 
 
-async def responses(gateway: Gateway, request: V1ResponsesRequest, record: RequestRecord) -> Response:
+async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestContext) -> Response:
     """POST /v1/responses: OpenAI's Responses API on an instruct model, served by the worker."""
+    record = ctx.record
     enforce_caps(request, gateway.settings)
     pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
     record.admit(pool.name)
@@ -87,13 +94,18 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, record: Reque
     tokenizer.check_text(request.input, "input")
     tokenizer.check_text(request.instructions, "instructions")
     messages = _as_messages(request)
+    tokens = None
     if messages is not None:  # plain text or plain messages: the gateway can check the context too
-        rendered = await gateway.render(pool, messages)
-        gateway.check_context(pool, len(rendered.token_ids), request.max_output_tokens)
+        tokens = (await gateway.render(pool, messages)).token_ids
+        gateway.check_context(pool, len(tokens), request.max_output_tokens)
+    hint = gateway.route_hint(pool, ctx, tokens, _user(request))
     if request.stream:
         body = request.body(pool.name)
-        return await gateway.stream(pool, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM)
-    return as_is(await gateway.generate(pool, request.as_sent(pool.name), record, path=RESPONSES_PATH))
+        return await gateway.stream(
+            pool, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM, hint=hint
+        )
+    sent = request.as_sent(pool.name)
+    return as_is(await gateway.generate(pool, sent, record, path=RESPONSES_PATH, hint=hint))
 
 
 def as_is(answer: Answer) -> Response:
@@ -122,8 +134,9 @@ async def _check_conversation(
     request: V1ChatRequest | V1BatchChatRequest,
     messages: list[Any],
     requested: int | None,
-) -> None:
-    """Render one conversation as the worker will (control tokens refused, context checked)."""
+) -> list[int]:
+    """Render one conversation as the worker will (control tokens refused, context checked); its
+    token ids."""
     if request.chat_template is not None and not pool.spec.trust_request_chat_template:
         raise InvalidRequest(
             f"Model '{pool.name}' does not accept a chat template in requests; its own is used.",
@@ -144,27 +157,39 @@ async def _check_conversation(
     gateway.check_context(pool, len(rendered.token_ids), requested)
     if request.prompt_logprobs is not None:
         gateway.check_scoring(pool, len(rendered.token_ids))
+    return rendered.token_ids
 
 
 async def _send(
     gateway: Gateway,
     pool: ModelPool,
     request: OpenAIRequest,
-    record: RequestRecord,
+    ctx: RequestContext,
     path: str,
     sequences: int,
     changes: dict[str, Any] | None = None,
+    tokens: list[int] | None = None,
 ) -> Response:
     """The worker's answer, streamed or whole. The worker gets the request as the client sent it
     (its very bytes when nothing changes). A stream always asks the worker for usage (the gateway
     counts tokens); the client gets that usage event only if it asked for it."""
+    record = ctx.record
+    hint = gateway.route_hint(pool, ctx, tokens, _user(request))
     if request.stream:
         body = {**request.body(pool.name), **(changes or {})}
         asked = request.stream_options.include_usage if request.stream_options else None
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return await gateway.stream(pool, body, record, None, bool(asked), sequences=sequences, path=path)
+        return await gateway.stream(
+            pool, body, record, None, bool(asked), sequences=sequences, path=path, hint=hint
+        )
     sent = {**request.body(pool.name), **changes} if changes else request.as_sent(pool.name)
-    return as_is(await gateway.generate(pool, sent, record, sequences=sequences, path=path))
+    return as_is(await gateway.generate(pool, sent, record, sequences=sequences, path=path, hint=hint))
+
+
+def _user(request: OpenAIRequest | V1ResponsesRequest) -> str | None:
+    """The request's `user` field (OpenAI's end-user id), a session key for `session` routing."""
+    user = (request.model_extra or {}).get("user")
+    return user if isinstance(user, str) and user else None
 
 
 async def _prompt_tokens(

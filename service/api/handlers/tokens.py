@@ -13,17 +13,18 @@ from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import GatewayDep
 from service.core.caps import enforce_caps
+from service.core.context import RequestContext
 from service.core.gateway import Gateway
 from service.core.protocol import DetokenizeRequest, TokenizeRequest
 from service.core.templates import ChatOptions, messages_as_dicts
 from service.errors import InvalidRequest
-from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind
 from service.workers.contract import check_fields
 
 
-async def tokenize(gateway: Gateway, request: TokenizeRequest, record: RequestRecord) -> Response:
+async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestContext) -> Response:
     """POST /tokenize: `{count, max_model_len, tokens, token_strs}`, as vLLM answers it."""
+    record = ctx.record
     enforce_caps(request, gateway.settings)
     if request.messages is not None:
         pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
@@ -53,8 +54,9 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, record: RequestRe
     )
 
 
-async def detokenize(gateway: Gateway, request: DetokenizeRequest, record: RequestRecord) -> Response:
+async def detokenize(gateway: Gateway, request: DetokenizeRequest, ctx: RequestContext) -> Response:
     """POST /detokenize: `{prompt}`, the text of the ids (special tokens written out, as vLLM does)."""
+    record = ctx.record
     pool = gateway.resolve(request.model, ModelKind.BASE)
     check_fields(pool, "DetokenizeRequest", request.extras(), need_worker=False)
     record.admit(pool.name)

@@ -1,0 +1,78 @@
+"""One vLLM worker as the gateway sees it: where it is, whether it answers, how busy it is (by the
+gateway's own count and by the engine's), and what it told us about itself."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import InitVar, dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def address_of(url: str) -> str:
+    """`host:port` of a worker URL, for logs."""
+    return url.removeprefix("http://").removeprefix("https://")
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the worker's own `/metrics` said at the last health check (None: it did not say)."""
+
+    running: float | None = None
+    waiting: float | None = None
+    kv_cache_usage: float | None = None  # 0..1
+    prefix_cache_queries: float | None = None  # tokens looked up in the prefix cache, since start
+    prefix_cache_hits: float | None = None  # of which found
+    block_size: int | None = None  # tokens per KV-cache block
+
+    @property
+    def requests(self) -> int:
+        """Requests the engine holds (running plus waiting), across every gateway that feeds it."""
+        return int((self.running or 0) + (self.waiting or 0))
+
+
+@dataclass(eq=False)
+class Worker:
+    """One vLLM OpenAI server: where it is, whether it answers, how busy it is, what it told us."""
+
+    model: str
+    url: str
+    name: str = ""  # stable label for logs and metrics; embedded workers keep theirs across restarts
+    up: InitVar[bool] = False
+    outstanding: int = 0  # sequences admitted and not yet finished
+    max_model_len: int | None = None
+    picked: int = 0  # when it was last picked (a pool-wide count), to share load among equals
+    failed_checks: int = 0  # consecutive failed health checks
+    seen_healthy: bool = False  # healthy at least once since it was (re)started
+    facts: dict[str, Any] = field(default_factory=dict)  # what the worker told us (see health.py)
+    learned: set[str] = field(default_factory=set)  # which fact readers have succeeded
+    engine: EngineLoad = field(default_factory=EngineLoad)  # refreshed by every health check
+
+    def __post_init__(self, up: bool) -> None:
+        if not self.name:
+            self.name = address_of(self.url)
+        self._healthy = up
+
+    @property
+    def healthy(self) -> bool:
+        """Whether requests may go to it: its last verdict (written only through `mark`)."""
+        return self._healthy
+
+    @property
+    def load(self) -> int:
+        """Sequences it is busy with: this gateway's count, or the engine's when that is higher (other
+        gateway processes or pods feed the same worker)."""
+        return max(self.outstanding, self.engine.requests)
+
+    @property
+    def label(self) -> str:
+        """Short stable name for logs and metrics."""
+        return self.name
+
+    def mark(self, healthy: bool) -> None:
+        """Record a health verdict (a probe's, or a transport failure's)."""
+        if healthy != self._healthy:
+            log.info("worker %s for %s is %s", self.label, self.model, "up" if healthy else "down")
+        self._healthy = healthy
+        self.seen_healthy = self.seen_healthy or healthy
