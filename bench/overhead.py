@@ -3,6 +3,10 @@ alternating rounds in one run; the load generator runs in its own process.
 
     .venv/bin/python -m bench.overhead            # full run, writes bench/results/overhead.json
     .venv/bin/python -m bench.overhead --quick    # a few seconds (the smoke test uses this)
+    .venv/bin/python -m bench.overhead --processes 2 --only "unstreamed c=32"
+                                                  # also a gateway with 2 serving processes
+    .venv/bin/python -m bench.overhead --tracing --only "unstreamed c=32"
+                                                  # also a gateway exporting traces (to bench.otlp_sink)
 """
 
 from __future__ import annotations
@@ -42,21 +46,21 @@ def start_floor(direct: str) -> tuple[subprocess.Popen[bytes], str]:
     return floor, base
 
 
-def start_stack() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
-    upstream_port, gateway_port = free_port("127.0.0.1"), free_port("127.0.0.1")
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "bench.fast_upstream", "--port", str(upstream_port)], cwd=ROOT
-    )
+def start_gateway(
+    direct: str, processes: int, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A gateway with `processes` serving processes in front of the stand-in."""
+    gateway_port = free_port("127.0.0.1")
     tokenizer = Settings().resolve_source("builtin:smollm2-135m-instruct")
-    models = [
-        {"name": "m", "kind": "base", "tokenizer": tokenizer, "urls": [f"http://127.0.0.1:{upstream_port}"]}
-    ]
+    models = [{"name": "m", "kind": "base", "tokenizer": tokenizer, "urls": [direct]}]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_PORT=str(gateway_port),
         GATEWAY_MODELS=json.dumps(models),
         GATEWAY_MAX_IN_FLIGHT_PER_WORKER="4096",
         GATEWAY_MAX_QUEUE_PER_MODEL="4096",
+        GATEWAY_PROCESSES=str(processes),
+        **(extra_env or {}),
     )
     gateway = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve"],
@@ -65,16 +69,33 @@ def start_stack() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    direct, through = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
-    wait_http(f"{direct}/health", 60, upstream)
+    through = f"http://127.0.0.1:{gateway_port}"
     wait_http(f"{through}/ready", 120, gateway)
+    return gateway, through
+
+
+def start_stack() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
+    upstream_port = free_port("127.0.0.1")
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "bench.fast_upstream", "--port", str(upstream_port)], cwd=ROOT
+    )
+    direct = f"http://127.0.0.1:{upstream_port}"
+    wait_http(f"{direct}/health", 60, upstream)
+    gateway, through = start_gateway(direct, 1)
     return upstream, gateway, direct, through
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (what /proc/<pid>/stat says)."""
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    """User + system CPU time of a process and its children so far (what /proc/<pid>/stat says)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def timed_loadgen(pid: int, url: str, body: dict[str, Any], concurrency: int, count: int) -> dict[str, Any]:
@@ -85,11 +106,31 @@ def timed_loadgen(pid: int, url: str, body: dict[str, Any], concurrency: int, co
     return result
 
 
-def measure(rounds: int, scale: float, with_floor: bool, only: str | None = None) -> dict[str, Any]:
+def measure(
+    rounds: int,
+    scale: float,
+    with_floor: bool,
+    only: str | None = None,
+    processes_n: int = 0,
+    tracing: bool = False,
+) -> dict[str, Any]:
     upstream, gateway, direct, through = start_stack()
     processes = [gateway, upstream]
     # Each target, and the process whose CPU it costs (direct: the stand-in itself).
     targets = [("direct", direct, upstream.pid), ("gateway", through, gateway.pid)]
+    if processes_n:
+        many, many_base = start_gateway(direct, processes_n)
+        processes.insert(0, many)
+        targets.append((f"gateway x{processes_n}", many_base, many.pid))
+    if tracing:
+        sink_port = free_port("127.0.0.1")
+        sink = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink", "--port", str(sink_port)], cwd=ROOT)
+        processes.append(sink)
+        traced, traced_base = start_gateway(
+            direct, 1, {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"}
+        )
+        processes.insert(0, traced)
+        targets.append(("gateway traced", traced_base, traced.pid))
     if with_floor:
         floor, floor_base = start_floor(direct)
         processes.insert(0, floor)
@@ -108,7 +149,7 @@ def measure(rounds: int, scale: float, with_floor: bool, only: str | None = None
                     runs[target].append(
                         timed_loadgen(pid, f"{base}/v1/completions", body, concurrency, count)
                     )
-            results[name] = summarize(runs)
+            results[name] = summarize(runs, processes_n, tracing)
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -116,7 +157,9 @@ def measure(rounds: int, scale: float, with_floor: bool, only: str | None = None
     return results
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarize(
+    runs: dict[str, list[dict[str, Any]]], processes_n: int = 0, tracing: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for target, measurements in runs.items():
         latencies = [x for m in measurements for x in m["latencies"]]
@@ -137,6 +180,16 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out["requests_ratio"] = g["requests_per_s"] / d["requests_per_s"]
     out["events_ratio"] = g["events_per_s"] / d["events_per_s"] if d["events_per_s"] else None
     out["added_itl_p50_ms"] = g["itl_p50_ms"] - d["itl_p50_ms"] if d["itl_p50_ms"] is not None else None
+    if processes_n:
+        m = out[f"gateway x{processes_n}"]
+        out["many_added_p50_ms"] = m["p50_ms"] - d["p50_ms"]
+        out["many_added_p99_ms"] = m["p99_ms"] - d["p99_ms"]
+        out["many_requests_ratio"] = m["requests_per_s"] / d["requests_per_s"]
+    if tracing:
+        t = out["gateway traced"]
+        out["traced_added_p50_ms"] = t["p50_ms"] - d["p50_ms"]
+        out["traced_added_p99_ms"] = t["p99_ms"] - d["p99_ms"]
+        out["traced_requests_ratio"] = t["requests_per_s"] / d["requests_per_s"]
     if "floor" in out:
         f = out["floor"]
         out["floor_added_p50_ms"] = f["p50_ms"] - d["p50_ms"]
@@ -170,6 +223,32 @@ FLOOR_COLUMNS: list[Column] = [
 ]
 
 
+def process_columns(n: int) -> list[Column]:
+    return [
+        ("direct req/s", lambda r: r["direct"]["requests_per_s"]),
+        ("1 process req/s", lambda r: r["gateway"]["requests_per_s"]),
+        (f"{n} processes req/s", lambda r: r[f"gateway x{n}"]["requests_per_s"]),
+        ("1 process added p50", lambda r: r["added_p50_ms"]),
+        (f"{n} added p50", lambda r: r["many_added_p50_ms"]),
+        ("1 process added p99", lambda r: r["added_p99_ms"]),
+        (f"{n} added p99", lambda r: r["many_added_p99_ms"]),
+        ("1 process CPU/req", lambda r: r["gateway"]["cpu_ms_per_request"]),
+        (f"{n} CPU/req", lambda r: r[f"gateway x{n}"]["cpu_ms_per_request"]),
+    ]
+
+
+TRACING_COLUMNS: list[Column] = [
+    ("off added p50", lambda r: r["added_p50_ms"]),
+    ("on added p50", lambda r: r["traced_added_p50_ms"]),
+    ("off added p99", lambda r: r["added_p99_ms"]),
+    ("on added p99", lambda r: r["traced_added_p99_ms"]),
+    ("off req ratio", lambda r: r["requests_ratio"]),
+    ("on req ratio", lambda r: r["traced_requests_ratio"]),
+    ("off CPU/req", lambda r: r["gateway"]["cpu_ms_per_request"]),
+    ("on CPU/req", lambda r: r["gateway traced"]["cpu_ms_per_request"]),
+]
+
+
 def report(title: str, columns: list[Column], results: dict[str, Any]) -> None:
     """One table: a row per scenario, a column per (header, value) pair; missing values print as -."""
     rows = []
@@ -185,15 +264,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short run (smoke test)")
     parser.add_argument("--floor", action="store_true", help="also measure bench/minimal_proxy.py")
     parser.add_argument("--only", choices=[name for name, *_ in SCENARIOS], help="run one scenario")
+    parser.add_argument("--processes", type=int, default=0, help="also a gateway with N serving processes")
+    parser.add_argument(
+        "--tracing", action="store_true", help="also a gateway exporting every request's trace"
+    )
     args = parser.parse_args()
     rounds, scale = (1, 0.02) if args.quick else (args.rounds, 1.0)
-    results = measure(rounds, scale, args.floor, args.only)
+    results = measure(rounds, scale, args.floor, args.only, args.processes, args.tracing)
     report("Gateway overhead (ms; rates per second)", COLUMNS, results)
+    if args.tracing:
+        report("Tracing off vs on (every request traced and exported; ms)", TRACING_COLUMNS, results)
+    if args.processes:
+        title = f"One gateway process vs {args.processes} (ms; rates per second; CPU of all its processes)"
+        report(title, process_columns(args.processes), results)
     if args.floor:
         title = "Gateway vs the minimal proxy (bench/minimal_proxy.py), both against direct"
         report(title, FLOOR_COLUMNS, results)
     name = "overhead" if not args.quick else "overhead-quick"
-    path = save(name, {"rounds": rounds, "floor": args.floor, "results": results})
+    if args.processes:
+        name += f"-processes{args.processes}"
+    if args.tracing:
+        name += "-tracing"
+    path = save(
+        name, {"rounds": rounds, "floor": args.floor, "processes": args.processes, "results": results}
+    )
     console.print(f"wrote {path}")
 
 

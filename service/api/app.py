@@ -29,6 +29,7 @@ from service.core.gateway import Gateway
 from service.core.templates import load_tokenizers
 from service.ops.metrics import Metrics
 from service.ops.settings import ModelSpec, Settings
+from service.ops.tracing import tracing_from_env
 from service.workers.contract import read_contract
 from service.workers.discovery import discover, keep_discovering
 from service.workers.health import HealthMonitor, read_model_entry
@@ -88,6 +89,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             HttpTransport(session, settings),
             app.state.metrics,
             app.state.drain.streams,
+            app.state.tracing,
         )
         app.state.processes = processes
         health = HealthMonitor(
@@ -111,6 +113,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*supervisors, *background, return_exceptions=True)
         await session.close()
         await probes.close()
+        if app.state.tracing is not None:
+            await asyncio.to_thread(app.state.tracing.shutdown)  # sends what is buffered
         log.info("gateway stopped; %d worker process(es) terminated", len(processes))
 
 
@@ -151,9 +155,15 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         lambda: [row for pool in _served_pools(app) for row in pool.health_rows(hide)]
     )
     app.state.drain = Drain(settings.drain_timeout, settings.drain_accept_window)
+    app.state.tracing = tracing_from_env(__version__)  # None unless OTEL_EXPORTER_OTLP_* is set
     # Outermost first: observability wraps everything, so refused requests are counted too.
     edge = [
-        Middleware(ObservabilityMiddleware, metrics=app.state.metrics, labels=metric_labels(endpoints)),
+        Middleware(
+            ObservabilityMiddleware,
+            metrics=app.state.metrics,
+            labels=metric_labels(endpoints),
+            tracing=app.state.tracing,
+        ),
         Middleware(DrainMiddleware, drain=app.state.drain, exempt=undrained_paths(endpoints)),
     ]
     if settings.cors_allow_origins:
@@ -162,8 +172,15 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
                 CORSMiddleware,
                 allow_origins=settings.cors_allow_origins,
                 allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-                expose_headers=["X-Request-Id"],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "X-Request-Id",
+                    settings.routing_session_header,
+                    "traceparent",
+                    "tracestate",
+                ],
+                expose_headers=["X-Request-Id", "Server-Timing"],
             )
         )
     if settings.api_keys:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,19 +14,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.ops.logs import request_id_var
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
+from service.ops.tracing import Tracing
 
 REQUEST_ID_HEADER = b"x-request-id"
 VALID_REQUEST_ID = re.compile(rb"^[\x21-\x7e]{1,128}$")  # visible ASCII, bounded: safe to log and echo
+SERVER_TIMING = b"server-timing"
+TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class ObservabilityMiddleware:
     """Gives every request an id (the client's `X-Request-Id` if sane, else a new one), echoes it on
     the response, and reports every generation request when it ends, however it ends."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, labels: dict[str, str]) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, labels: dict[str, str], tracing: Tracing | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.labels = labels  # path -> metric label of the endpoints whose requests are recorded
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,6 +41,15 @@ class ObservabilityMiddleware:
         request_id = _request_id(scope)
         endpoint = self.labels.get(scope["path"])
         record = RequestRecord(self.metrics, request_id, endpoint) if endpoint else None
+        tracing = self.tracing
+        if record is not None:
+            if tracing is not None:
+                record.span = tracing.server_span(
+                    scope["method"], scope["path"], scope["headers"], request_id
+                )
+                record.trace_id = format(record.span.get_span_context().trace_id, "032x")
+            else:
+                record.trace_id = _callers_trace_id(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["record"] = record
@@ -45,6 +61,7 @@ class ObservabilityMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
                 if record is not None:
                     record.status = message["status"]
+                    message["headers"].append(_server_timing(record))
             await send(message)
 
         try:
@@ -52,12 +69,30 @@ class ObservabilityMiddleware:
         finally:
             if record is not None:
                 record.finish()
+                if record.span is not None and tracing is not None:
+                    tracing.end_server_span(record)
             request_id_var.reset(token)
 
 
 # Request ids: a per-process random prefix and a counter (unique, and no system call per request).
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ids = itertools.count(1)
+
+
+def _server_timing(record: RequestRecord) -> tuple[bytes, bytes]:
+    """`Server-Timing: gateway;dur=…, upstream;dur=…` (milliseconds so far: for a stream, the worker's
+    time until its first event; the rest of the stream is the worker's)."""
+    gateway, upstream = record.split(time.perf_counter())
+    return SERVER_TIMING, f"gateway;dur={gateway * 1e3:.3f}, upstream;dur={upstream * 1e3:.3f}".encode()
+
+
+def _callers_trace_id(scope: Scope) -> str | None:
+    """The trace id of a `traceparent` the caller sent (logged even with tracing off)."""
+    for name, value in scope["headers"]:
+        if name == b"traceparent":
+            match = TRACEPARENT.match(value)
+            return match.group(1).decode() if match else None
+    return None
 
 
 def _request_id(scope: Scope) -> str:

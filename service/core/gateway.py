@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from service.errors import (
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy, Settings
+from service.ops.tracing import Tracing
 from service.workers.pool import Lease, ModelPool, Worker
 from service.workers.routing import NO_HINT, RouteHint
 from service.workers.transport import Answer, Body, Transport, WatchedStream, no_token_in_time
@@ -42,6 +44,9 @@ from service.workers.transport import Answer, Body, Transport, WatchedStream, no
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
 T = TypeVar("T")
+# A call to a worker: (worker, trace headers or None) -> what it returned.
+Send = Callable[[Worker, dict[str, str] | None], Awaitable[T]]
+NO_SPAN: AbstractContextManager[None] = nullcontext()
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,7 @@ class Gateway:
     transport: Transport
     metrics: Metrics
     streams: set[WatchedStream]  # open worker streams (a drain ends the ones still open)
+    tracing: Tracing | None = None  # None: tracing off
 
     def resolve(self, name: str | None, default_kind: ModelKind) -> ModelPool:
         """The named model, or the first one of `default_kind`."""
@@ -100,29 +106,50 @@ class Gateway:
         if pool.kind is not ModelKind.INSTRUCT:
             raise NotAChatModel(pool.name)
 
-    async def encode(self, pool: ModelPool, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(
+        self, pool: ModelPool, text: str, add_special_tokens: bool = True, record: RequestRecord | None = None
+    ) -> list[int]:
         """Token ids of a raw prompt; long prompts are tokenized off the event loop."""
         tokenizer = self.tokenizers[pool.name]
-        if len(text) < INLINE_TOKENIZE_CHARS:
-            return tokenizer.encode(text, add_special_tokens)
-        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
+        with self.span(record, "gateway.tokenize"):
+            if len(text) < INLINE_TOKENIZE_CHARS:
+                return tokenizer.encode(text, add_special_tokens)
+            return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
 
     async def encode_for_worker(
-        self, pool: ModelPool, texts: list[str], add_special_tokens: bool = True
+        self,
+        pool: ModelPool,
+        texts: list[str],
+        add_special_tokens: bool = True,
+        record: RequestRecord | None = None,
     ) -> list[tuple[list[int], bool]]:
         """Token ids of raw prompts (see `ModelTokenizer.encode_for_worker`); a batch or a long
         prompt is tokenized in one call off the event loop."""
         tokenizer = self.tokenizers[pool.name]
-        if len(texts) == 1 and len(texts[0]) < INLINE_TOKENIZE_CHARS:
-            return tokenizer.encode_for_worker(texts, add_special_tokens)
-        return await asyncio.to_thread(tokenizer.encode_for_worker, texts, add_special_tokens)
+        with self.span(record, "gateway.tokenize"):
+            if len(texts) == 1 and len(texts[0]) < INLINE_TOKENIZE_CHARS:
+                return tokenizer.encode_for_worker(texts, add_special_tokens)
+            return await asyncio.to_thread(tokenizer.encode_for_worker, texts, add_special_tokens)
+
+    def span(self, record: RequestRecord | None, name: str) -> AbstractContextManager[Any]:
+        """A child span of the request's for a block of gateway work; nothing with tracing off."""
+        if record is None or record.span is None or self.tracing is None:
+            return NO_SPAN
+        return self.tracing.child(record.span, name)
 
     async def render(
-        self, pool: ModelPool, messages: Sequence[dict[str, Any]], options: ChatOptions = DEFAULT_CHAT
+        self,
+        pool: ModelPool,
+        messages: Sequence[dict[str, Any]],
+        options: ChatOptions = DEFAULT_CHAT,
+        record: RequestRecord | None = None,
     ) -> RenderedPrompt:
         """Chat template rendering and tokenizing, off the event loop."""
         started = time.perf_counter()
-        rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages, options)
+        with self.span(record, "gateway.render") as span:
+            rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages, options)
+            if span is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", len(rendered.token_ids))
         self.metrics.child(self.metrics.render, pool.name).observe(time.perf_counter() - started)
         return rendered
 
@@ -184,11 +211,21 @@ class Gateway:
         hint: RouteHint = NO_HINT,
     ) -> Answer:
         """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
-        lease, answer = await self._with_failover(
-            pool, sequences, hint, lambda worker: self.transport.complete(worker, path, body)
-        )
+        lease, answer, span = await self._with_failover(
+            pool, sequences, hint, record,
+            lambda worker, headers: self.transport.complete(worker, path, body, headers),
+        )  # fmt: skip
+        record.upstream_ended()
         pool.release(lease)
         record.set_usage(answer.data.get("usage"))
+        record.finish_reasons = [
+            str(choice.get("finish_reason"))
+            for choice in answer.data.get("choices") or []
+            if isinstance(choice, dict)
+        ]
+        if span is not None:
+            _describe_answer(span, answer.data)
+            span.end()
         record.token_sent()  # a whole answer: its first token reaches the client now
         return answer
 
@@ -207,27 +244,33 @@ class Gateway:
         """A streamed request: errors before the first byte are ordinary error responses (after
         one retry on another replica); after it, the stream format's error event (and `[DONE]`).
         A `None` translator passes the worker's events through."""
-        lease, stream = await self._with_failover(
-            pool, sequences, hint, lambda worker: self._open_stream(worker, path, body, fmt)
-        )
+        lease, stream, span = await self._with_failover(
+            pool, sequences, hint, record,
+            lambda worker, headers: self._open_stream(worker, path, body, fmt, headers),
+        )  # fmt: skip
         self.streams.add(stream)
 
         async def close() -> None:
             self.streams.discard(stream)
             await stream.close()
+            record.upstream_ended()
             pool.release(lease)
+            if span is not None:
+                span.end()
 
         relay = Relay(lease.worker, record, translator, forward_usage, fmt)
         return RelayResponse(relay, stream.blocks(), on_close=close)
 
-    async def _open_stream(self, worker: Worker, path: str, body: Body, fmt: StreamFormat) -> WatchedStream:
+    async def _open_stream(
+        self, worker: Worker, path: str, body: Body, fmt: StreamFormat, headers: dict[str, str] | None
+    ) -> WatchedStream:
         """Open a worker stream under its deadlines: the first event (headers included) within the
         first-token limit, then no gap over the idle limit."""
         settings = self.settings
         opened = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout_at(opened + settings.first_token_timeout):
-                stream = await self.transport.stream(worker, path, body, fmt.done_marker)
+                stream = await self.transport.stream(worker, path, body, fmt.done_marker, headers)
         except TimeoutError as exc:
             raise no_token_in_time(
                 worker, False, settings.idle_token_timeout, settings.first_token_timeout
@@ -235,27 +278,55 @@ class Gateway:
         return WatchedStream(stream, opened, settings.first_token_timeout, settings.idle_token_timeout)
 
     async def _with_failover(
-        self, pool: ModelPool, sequences: int, hint: RouteHint, send: Callable[[Worker], Awaitable[T]]
-    ) -> tuple[Lease, T]:
+        self, pool: ModelPool, sequences: int, hint: RouteHint, record: RequestRecord, send: Send[T]
+    ) -> tuple[Lease, T, Any]:
         """`send` on a worker of `pool`; if that worker fails before it could produce anything,
         once more on another healthy replica (or, for a connection the worker had already closed,
-        on the same one). Returns the lease (the caller releases it) and what `send` returned."""
-        lease: Lease | None = await self._acquire(pool, sequences, hint)
+        on the same one). Returns the lease (the caller releases it), what `send` returned, and the
+        attempt's trace span (the caller ends it; None with tracing off)."""
+        lease: Lease | None = await self._acquire(pool, sequences, hint, record)
         try:
             assert lease is not None
             try:
-                return lease, await send(lease.worker)
+                return lease, *await self._attempt(pool, lease, record, send)
             except (UpstreamUnavailable, UpstreamTimeout) as exc:
                 if exc.eject:
                     lease.worker.mark(False)
                 exclude = self._retry_exclusion(pool, lease.worker, exc)
                 pool.release(lease)
                 lease = None
-                lease = await self._acquire(pool, sequences, hint, exclude)
-                return lease, await send(lease.worker)
+                lease = await self._acquire(pool, sequences, hint, record, exclude)
+                return lease, *await self._attempt(pool, lease, record, send)
         except BaseException:
             if lease is not None:
                 pool.release(lease)
+            raise
+
+    async def _attempt(
+        self, pool: ModelPool, lease: Lease, record: RequestRecord, send: Send[T]
+    ) -> tuple[T, Any]:
+        """One call to a worker: counted as upstream time and, with tracing on, a client span whose
+        context the worker gets in `traceparent` (vLLM's own span becomes its child)."""
+        span = headers = None
+        tracing = self.tracing
+        if record.span is not None and tracing is not None:
+            span = tracing.client_span(record.span, f"{_operation(record)} {pool.name}", {
+                "gen_ai.operation.name": _operation(record),
+                "gen_ai.provider.name": "vllm",
+                "gen_ai.request.model": pool.name,
+                "server.address": lease.worker.url,
+                "gateway.worker": lease.worker.label,
+                "gateway.routing.reason": lease.reason.value,
+            })  # fmt: skip
+            headers = tracing.headers_for(span)
+        record.upstream_started()
+        try:
+            return await send(lease.worker, headers), span
+        except BaseException as exc:
+            record.upstream_ended()
+            if span is not None and tracing is not None:
+                tracing.fail(span, exc)
+                span.end()
             raise
 
     @staticmethod
@@ -275,10 +346,19 @@ class Gateway:
         raise exc
 
     async def _acquire(
-        self, pool: ModelPool, sequences: int, hint: RouteHint, exclude: frozenset[Worker] = frozenset()
+        self,
+        pool: ModelPool,
+        sequences: int,
+        hint: RouteHint,
+        record: RequestRecord,
+        exclude: frozenset[Worker] = frozenset(),
     ) -> Lease:
         started = time.perf_counter()
-        lease = await pool.acquire(sequences, exclude, hint)
+        with self.span(record, "gateway.queue") as span:
+            lease = await pool.acquire(sequences, exclude, hint)
+            if span is not None:
+                span.set_attribute("gateway.worker", lease.worker.label)
+                span.set_attribute("gateway.routing.reason", lease.reason.value)
         metrics = self.metrics
         metrics.child(metrics.queue_wait, pool.name).observe(time.perf_counter() - started)
         metrics.child(metrics.routing_decisions, pool.name, pool.policy.value, lease.reason.value).inc()
@@ -299,3 +379,28 @@ class Gateway:
         if policy is RoutingPolicy.SESSION:
             return RouteHint(session=ctx.session or user)
         return NO_HINT
+
+
+def _operation(record: RequestRecord) -> str:
+    """The GenAI operation name of a request (its span's name is `<operation> <model>`)."""
+    return "text_completion" if record.endpoint in ("complete", "v1_completions") else "chat"
+
+
+def _describe_answer(span: Any, answer: dict[str, Any]) -> None:
+    """A whole answer's GenAI attributes on its attempt span."""
+    usage = answer.get("usage") or {}
+    if answer.get("id"):
+        span.set_attribute("gen_ai.response.id", str(answer["id"]))
+    if answer.get("model"):
+        span.set_attribute("gen_ai.response.model", str(answer["model"]))
+    if usage:
+        span.set_attribute(
+            "gen_ai.usage.input_tokens", int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+        )
+        span.set_attribute(
+            "gen_ai.usage.output_tokens",
+            int(usage.get("completion_tokens") or usage.get("output_tokens") or 0),
+        )
+    reasons = [c.get("finish_reason") for c in answer.get("choices") or [] if isinstance(c, dict)]
+    if reasons:
+        span.set_attribute("gen_ai.response.finish_reasons", [str(r) for r in reasons])

@@ -33,6 +33,11 @@ class RequestRecord:
     error_type: str | None = None
     disconnected: bool = False
     admitted: bool = False
+    upstream_seconds: float = 0.0  # time spent waiting on workers (send to last byte), attempts summed
+    upstream_since: float | None = None  # when the worker call under way began
+    span: Any = None  # the request's trace span, when tracing is on
+    trace_id: str | None = None  # for the access log: the span's, else the caller's traceparent's
+    finish_reasons: list[str] = field(default_factory=list)
 
     def admit(self, model: str) -> None:
         """The request is for a served model: it counts as in flight until it ends."""
@@ -58,6 +63,23 @@ class RequestRecord:
         if count > 1:  # the others arrived in the same write as the first: no gap
             observe_many(self.metrics.child(self.metrics.itl, self.endpoint, self.model), 0.0, count - 1)
 
+    def upstream_started(self) -> None:
+        """A call to a worker begins (an attempt, or a stream being opened)."""
+        self.upstream_since = time.perf_counter()
+
+    def upstream_ended(self) -> None:
+        """The worker call under way is over (answered, failed, or its stream closed)."""
+        if self.upstream_since is not None:
+            self.upstream_seconds += time.perf_counter() - self.upstream_since
+            self.upstream_since = None
+
+    def split(self, now: float) -> tuple[float, float]:
+        """(gateway, upstream) seconds of the request so far: the worker calls, and the rest."""
+        upstream = self.upstream_seconds
+        if self.upstream_since is not None:
+            upstream += now - self.upstream_since
+        return now - self.started - upstream, upstream
+
     def set_usage(self, usage: dict[str, Any] | None) -> None:
         """Token counts as the worker reported them (chat/completions or Responses API names)."""
         if usage:
@@ -80,6 +102,11 @@ class RequestRecord:
         endpoint, model = self.endpoint, self.model
         m.child(m.requests, endpoint, model, status).inc()
         m.child(m.duration, endpoint, model, status).observe(duration)
+        self.upstream_ended()
+        own, upstream = self.split(ended)
+        m.child(m.own_time, endpoint, model).observe(own)
+        if upstream:
+            m.child(m.upstream_time, endpoint, model).observe(upstream)
         ttft = None
         if self.first_token_at is not None:
             ttft = self.first_token_at - self.started
@@ -110,5 +137,8 @@ class RequestRecord:
                 "duration_s": round(duration, 4),
                 "error_type": self.error_type,
                 "client_disconnected": self.disconnected,
+                "gateway_s": round(own, 4),
+                "upstream_s": round(upstream, 4),
+                "trace_id": self.trace_id,
             },
         )  # fmt: skip

@@ -78,6 +78,7 @@ class FakeTransport:
         self.healthy: dict[str, bool] = {}
         self.facts: dict[tuple[str, str], Any] = {}
         self.sent: list[tuple[str, str, dict[str, Any]]] = []  # (worker name, path, body)
+        self.headers: list[dict[str, str]] = []  # the extra headers of each request
 
     def reply(self, worker: Worker, *replies: Reply) -> None:
         self.replies.setdefault(worker.url, []).extend(replies)
@@ -94,13 +95,24 @@ class FakeTransport:
             raise reply
         return reply
 
-    async def complete(self, worker: Worker, path: str, body: Body) -> Answer:
+    async def complete(
+        self, worker: Worker, path: str, body: Body, headers: dict[str, str] | None = None
+    ) -> Answer:
+        self.headers.append(headers or {})
         reply = self._next(worker, path, body)
         if not isinstance(reply, dict):
             raise TypeError("a non-streamed request was scripted a stream")
         return Answer(reply, json.dumps(reply).encode())
 
-    async def stream(self, worker: Worker, path: str, body: Body, ends_with_done: bool) -> FakeStream:
+    async def stream(
+        self,
+        worker: Worker,
+        path: str,
+        body: Body,
+        ends_with_done: bool,
+        headers: dict[str, str] | None = None,
+    ) -> FakeStream:
+        self.headers.append(headers or {})
         reply = self._next(worker, path, body)
         if not isinstance(reply, FakeStream):
             raise TypeError("a streamed request was scripted an answer")

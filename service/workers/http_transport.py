@@ -140,10 +140,12 @@ class HttpTransport:
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout)
         self._probe_timeout = aiohttp.ClientTimeout(total=settings.health_timeout)
 
-    async def complete(self, worker: Worker, path: str, body: Body) -> Answer:
+    async def complete(
+        self, worker: Worker, path: str, body: Body, headers: dict[str, str] | None = None
+    ) -> Answer:
         try:
             async with self.session.post(
-                worker.url + path, data=encode(body), timeout=self._answer_timeout
+                worker.url + path, data=encode(body), timeout=self._answer_timeout, headers=headers
             ) as response:
                 content = await response.read()
                 status = response.status
@@ -165,12 +167,20 @@ class HttpTransport:
             raise UpstreamUnavailable(f"The worker for model '{worker.model}' sent an unexpected answer.")
         return Answer(data, content)
 
-    async def stream(self, worker: Worker, path: str, body: Body, ends_with_done: bool) -> HttpStream:
+    async def stream(
+        self,
+        worker: Worker,
+        path: str,
+        body: Body,
+        ends_with_done: bool,
+        headers: dict[str, str] | None = None,
+    ) -> HttpStream:
         try:
             response = await self.session.post(
                 worker.url + path,
                 data=encode(body),
                 timeout=self._stream_timeout,
+                headers=headers,
             )
         except aiohttp.ClientError as exc:  # its connect timeout included
             raise translate(exc, worker, self.connect_timeout) from exc

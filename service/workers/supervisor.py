@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from service.ops.settings import ModelSpec, Settings
+from service.ops.tracing import endpoint_from_env, protocol
 from service.workers.worker import Worker
 from service.workers.worker_log import WorkerLog, log_tail
 
@@ -104,6 +105,11 @@ def launch_plan(
     )
     if Path(source).is_dir():
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    traces = endpoint_from_env(env)
+    if traces:  # the gateway traces: the worker exports its spans to the same place
+        argv += ["--otlp-traces-endpoint", traces]
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = protocol(env)
+        env["OTEL_SERVICE_NAME"] = f"vllm {spec.name}"
     if cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores
     env.update(spec.engine_env)

@@ -56,11 +56,20 @@ class UpstreamStream(Protocol):
 class Transport(Protocol):
     """Requests to workers; failures come out as typed gateway errors."""
 
-    async def complete(self, worker: Worker, path: str, body: Body) -> Answer:
-        """A non-streamed request; the worker's JSON answer."""
+    async def complete(
+        self, worker: Worker, path: str, body: Body, headers: dict[str, str] | None = None
+    ) -> Answer:
+        """A non-streamed request (with extra `headers`, such as `traceparent`); the worker's JSON answer."""
         ...
 
-    async def stream(self, worker: Worker, path: str, body: Body, ends_with_done: bool) -> UpstreamStream:
+    async def stream(
+        self,
+        worker: Worker,
+        path: str,
+        body: Body,
+        ends_with_done: bool,
+        headers: dict[str, str] | None = None,
+    ) -> UpstreamStream:
         """A streamed request, open once the worker has answered 200; errors before that raise here."""
         ...
 

@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from bench.otlp_sink import Receiver, Sink
 from service.ops.settings import RoutingPolicy, Settings, default_models
 from service.workers.supervisor import free_port
 
@@ -167,15 +168,26 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stop(stack)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="session")
+def otlp() -> Iterator[Sink]:
+    """An OTLP/HTTP receiver the third gateway and its workers export their spans to."""
+    with Receiver() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory: pytest.TempPathFactory, otlp: Sink) -> Iterator[Stack]:
     """A third gateway: two SmolLM2 replicas with prefix routing, served by two gateway processes
-    (one supervising the workers). Module-scoped: its workers go when the routing tests are done."""
-    spec = default_models()[1].model_copy(update={"name": PAIR, "replicas": 2, "routing": RoutingPolicy.PREFIX})
+    (one supervising the workers), tracing to `otlp` (and so are its workers)."""
+    spec = default_models()[1].model_copy(
+        update={"name": PAIR, "replicas": 2, "routing": RoutingPolicy.PREFIX}
+    )
     env = {
         "GATEWAY_MODELS": json.dumps([spec.model_dump(mode="json")]),
         "GATEWAY_PROCESSES": "2",
         "GATEWAY_HEALTH_INTERVAL": "0.5",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     stack = launch(env, tmp_path_factory.mktemp("pair") / "gateway.log")
     try:

@@ -38,6 +38,7 @@ class Script:
     tokens: list[str] = field(default_factory=lambda: list(TOKENS))
     bodies: list[dict[str, Any]] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    traceparents: list[str | None] = field(default_factory=list)  # each request's `traceparent` header
     open_streams: int = 0
     aborted_streams: int = 0
     aborted_answers: int = 0  # non-streamed requests whose client left while they were computed
@@ -153,6 +154,7 @@ def build_app(script: Script) -> Starlette:
         body = await request.json()
         script.bodies.append(body)
         script.paths.append(request.url.path)
+        script.traceparents.append(request.headers.get("traceparent"))
         if script.mode == "reject":
             error = {
                 "message": "n must be 1 when using greedy sampling, got 2.",
@@ -203,6 +205,7 @@ def build_app(script: Script) -> Starlette:
         body = await request.json()
         script.bodies.append(body)
         script.paths.append(request.url.path)
+        script.traceparents.append(request.headers.get("traceparent"))
         text = "".join(script.tokens)
         usage = {
             "input_tokens": 3,

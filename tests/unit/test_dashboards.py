@@ -11,6 +11,7 @@ import yaml
 from service.ops.metrics import Metrics
 from service.ops.settings import ModelKind, ModelSpec
 from service.workers.pool import ModelPool, Worker
+from service.workers.worker import EngineLoad
 
 ROOT = Path(__file__).parents[2]
 METRIC_NAME = re.compile(r"\b(gateway_[a-z_]+)\b")
@@ -18,12 +19,15 @@ METRIC_NAME = re.compile(r"\b(gateway_[a-z_]+)\b")
 
 def exported_names() -> set[str]:
     """Every sample name the gateway's registry can produce (with one of each label set touched)."""
-    pool = ModelPool(ModelSpec(name="m", kind=ModelKind.BASE, source="/m"), [Worker("m", "http://w")])
+    worker = Worker("m", "http://w")
+    worker.engine = EngineLoad(running=1, waiting=0, kv_cache_usage=0.5, prefix_cache_queries=10,
+                               prefix_cache_hits=5, block_size=16)  # fmt: skip
+    pool = ModelPool(ModelSpec(name="m", kind=ModelKind.BASE, source="/m"), [worker])
     metrics = Metrics(lambda: pool.health_rows())
     metrics.requests.labels("chat", "m", "200")
     for histogram in (metrics.duration,):
         histogram.labels("chat", "m", "200")
-    for histogram in (metrics.ttft, metrics.itl):
+    for histogram in (metrics.ttft, metrics.itl, metrics.own_time, metrics.upstream_time):
         histogram.labels("chat", "m")
     for per_model in (
         metrics.queue_wait,
@@ -35,6 +39,9 @@ def exported_names() -> set[str]:
         per_model.labels("m")
     metrics.disconnects.labels("chat", "m")
     metrics.errors.labels("chat", "timeout")
+    metrics.routing_decisions.labels("m", "prefix", "prefix_match")
+    metrics.routing_prefix_tokens.labels("m")
+    metrics.routing_prefix_hit_tokens.labels("m")
     return {sample.name for family in metrics.registry.collect() for sample in family.samples}
 
 
@@ -59,6 +66,16 @@ def test_exports_exactly_the_documented_metric_names() -> None:
         "gateway_client_disconnects",
         "gateway_errors",
         "gateway_log_records_dropped",
+        "gateway_own_seconds",
+        "gateway_upstream_seconds",
+        "gateway_routing_decisions",
+        "gateway_routing_prefix_tokens",
+        "gateway_routing_prefix_hit_tokens",
+        "gateway_worker_requests_running",
+        "gateway_worker_requests_waiting",
+        "gateway_worker_kv_cache_usage",
+        "gateway_worker_prefix_cache_queries",
+        "gateway_worker_prefix_cache_hits",
     }
 
 
@@ -81,6 +98,13 @@ def test_dashboard_is_valid_and_its_queries_name_exported_metrics() -> None:
         "gateway_completion_tokens_total",
         "gateway_requests_in_flight",
         "gateway_errors_total",
+        "gateway_routing_decisions_total",
+        "gateway_routing_prefix_hit_tokens_total",
+        "gateway_worker_prefix_cache_hits_total",
+        "gateway_worker_kv_cache_usage",
+        "gateway_worker_requests_waiting",
+        "gateway_own_seconds_bucket",
+        "gateway_upstream_seconds_bucket",
     ]
     assert set(wanted) <= named
 

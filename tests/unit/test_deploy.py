@@ -115,6 +115,24 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
     assert {"prometheus", "grafana"} <= set(services)
 
 
+def test_the_tracing_profile_wires_gateway_and_workers_to_the_collector() -> None:
+    schema_file = files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["otel-collector"]["profiles"] == services["jaeger"]["profiles"] == ["tracing"]
+    for gateway in ("gateway", "all-in-one"):
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" in services[gateway]["environment"]
+    collector = yaml.safe_load((ROOT / "deploy" / "otel" / "collector.yaml").read_text())
+    assert collector["service"]["pipelines"]["traces"]["exporters"][0] == "otlp/jaeger"
+    override = yaml.safe_load((ROOT / "deploy" / "compose" / "tracing.gpu.yml").read_text())
+    jsonschema.validate(override, schema)
+    for vllm in ("vllm-base", "vllm-instruct"):
+        command = override["services"][vllm]["command"]
+        assert command[command.index("--otlp-traces-endpoint") + 1] == "http://otel-collector:4317"
+        assert command[: len(services[vllm]["command"])] == services[vllm]["command"]  # the rest unchanged
+
+
 def test_compose_models_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BASE_MODEL", "org/base-model")
     monkeypatch.setenv("INSTRUCT_MODEL", "org/instruct-model")

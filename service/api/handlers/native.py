@@ -34,7 +34,7 @@ async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestConte
         params.setdefault("stop", boundary)
     if request.continuation is not None:
         return JSONResponse(await score(gateway, pool, request, prompt, ctx))
-    ids = await gateway.encode(pool, prompt)
+    ids = await gateway.encode(pool, prompt, record=record)
     body = gateway.completion_body(pool, [ids], request.max_tokens, params, request.stream)
     hint = gateway.route_hint(pool, ctx, ids)
     if request.stream:
@@ -130,4 +130,4 @@ async def _admit_chat(
     pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
     record.admit(pool.name)
     gateway.require_chat(pool)
-    return pool, await gateway.render(pool, messages_as_dicts(request.messages))
+    return pool, await gateway.render(pool, messages_as_dicts(request.messages), record=record)

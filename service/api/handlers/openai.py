@@ -45,7 +45,7 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
     pool = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
     if pool.policy is not RoutingPolicy.PREFIX and _surely_fits(gateway, pool, request):
         return await _send(gateway, pool, request, ctx, COMPLETIONS_PATH, request.choices)  # no tokens needed
-    prompts, rewritten = await _prompt_tokens(gateway, pool, request)
+    prompts, rewritten = await _prompt_tokens(gateway, pool, request, record)
     lengths = [
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(pool)) for ids in prompts
     ]
@@ -63,7 +63,9 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     outputs, echo, continue_final_message... all vLLM's)."""
     record = ctx.record
     pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
-    tokens = await _check_conversation(gateway, pool, request, request.messages, request.requested_max_tokens)
+    tokens = await _check_conversation(
+        gateway, pool, request, request.messages, request.requested_max_tokens, record
+    )
     return await _send(gateway, pool, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
 
 
@@ -74,7 +76,7 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
         raise InvalidRequest("The batch route answers whole, it does not stream.", param="stream")
     pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
     rendered = [
-        await _check_conversation(gateway, pool, request, conversation, request.requested_max_tokens)
+        await _check_conversation(gateway, pool, request, conversation, request.requested_max_tokens, record)
         for conversation in request.messages
     ]
     sequences = len(request.messages) * request.choices
@@ -96,7 +98,7 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     messages = _as_messages(request)
     tokens = None
     if messages is not None:  # plain text or plain messages: the gateway can check the context too
-        tokens = (await gateway.render(pool, messages)).token_ids
+        tokens = (await gateway.render(pool, messages, record=record)).token_ids
         gateway.check_context(pool, len(tokens), request.max_output_tokens)
     hint = gateway.route_hint(pool, ctx, tokens, _user(request))
     if request.stream:
@@ -134,6 +136,7 @@ async def _check_conversation(
     request: V1ChatRequest | V1BatchChatRequest,
     messages: list[Any],
     requested: int | None,
+    record: RequestRecord,
 ) -> list[int]:
     """Render one conversation as the worker will (control tokens refused, context checked); its
     token ids."""
@@ -153,7 +156,7 @@ async def _check_conversation(
     )
     gateway.tokenizers[pool.name].check_text(request.tools, "tools")
     gateway.tokenizers[pool.name].check_text(request.documents, "documents")
-    rendered = await gateway.render(pool, messages_as_dicts(messages), options)
+    rendered = await gateway.render(pool, messages_as_dicts(messages), options, record)
     gateway.check_context(pool, len(rendered.token_ids), requested)
     if request.prompt_logprobs is not None:
         gateway.check_scoring(pool, len(rendered.token_ids))
@@ -193,7 +196,7 @@ def _user(request: OpenAIRequest | V1ResponsesRequest) -> str | None:
 
 
 async def _prompt_tokens(
-    gateway: Gateway, pool: ModelPool, request: V1CompletionRequest
+    gateway: Gateway, pool: ModelPool, request: V1CompletionRequest, record: RequestRecord
 ) -> tuple[list[list[int]], bool]:
     """Token ids of every prompt (texts tokenized as the worker would, in one batch, off the
     loop when large), and whether the gateway's BOS rule changed any text's tokens."""
@@ -204,7 +207,8 @@ async def _prompt_tokens(
     texts = [item for item in items if isinstance(item, str)]
     if not texts:
         return [list(item) for item in items], False
-    encoded = iter(await gateway.encode_for_worker(pool, texts, request.add_special_tokens is not False))
+    add_special = request.add_special_tokens is not False
+    encoded = iter(await gateway.encode_for_worker(pool, texts, add_special, record))
     prompts: list[list[int]] = []
     rewritten = False
     for item in items:
