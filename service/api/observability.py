@@ -38,7 +38,7 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        request_id, traceparent = _ids_of(scope)
         endpoint = self.labels.get(scope["path"])
         record = RequestRecord(self.metrics, request_id, endpoint) if endpoint else None
         tracing = self.tracing
@@ -48,8 +48,9 @@ class ObservabilityMiddleware:
                     scope["method"], scope["path"], scope["headers"], request_id
                 )
                 record.trace_id = format(record.span.get_span_context().trace_id, "032x")
-            else:
-                record.trace_id = _callers_trace_id(scope)
+            elif traceparent is not None:  # logged even with tracing off
+                match = TRACEPARENT.match(traceparent)
+                record.trace_id = match.group(1).decode() if match else None
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["record"] = record
@@ -86,17 +87,13 @@ def _server_timing(record: RequestRecord) -> tuple[bytes, bytes]:
     return SERVER_TIMING, f"gateway;dur={gateway * 1e3:.3f}, upstream;dur={upstream * 1e3:.3f}".encode()
 
 
-def _callers_trace_id(scope: Scope) -> str | None:
-    """The trace id of a `traceparent` the caller sent (logged even with tracing off)."""
-    for name, value in scope["headers"]:
-        if name == b"traceparent":
-            match = TRACEPARENT.match(value)
-            return match.group(1).decode() if match else None
-    return None
-
-
-def _request_id(scope: Scope) -> str:
+def _ids_of(scope: Scope) -> tuple[str, bytes | None]:
+    """The request id (the caller's if sane, else a new one) and the caller's `traceparent`, in one
+    pass over the headers."""
+    request_id = traceparent = None
     for name, value in scope.get("headers", []):
         if name == REQUEST_ID_HEADER and VALID_REQUEST_ID.match(value):
-            return str(value.decode())
-    return f"{_ID_PREFIX}{next(_ids):016x}"  # 32 hex characters, as a uuid4 would be
+            request_id = str(value.decode())
+        elif name == b"traceparent":
+            traceparent = value
+    return request_id or f"{_ID_PREFIX}{next(_ids):016x}", traceparent  # 32 hex characters, as a uuid4

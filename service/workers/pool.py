@@ -153,7 +153,12 @@ class ModelPool:
 
     def _free_worker(self, cost: int, exclude: Collection[Worker], hint: RouteHint) -> Lease | None:
         """Slots on the most preferred worker with room for `cost`, or None when none has room."""
-        route = self.router.route(self.healthy_workers(exclude), cost, hint, self.block_size)
+        healthy = self.healthy_workers(exclude)
+        if len(healthy) == 1:  # nothing to choose between (most pools): no routing work at all
+            only = healthy[0]
+            fits = only.outstanding + cost <= self.capacity.per_worker
+            return self._take(only, cost, Reason.LEAST_OUTSTANDING, 0, 0) if fits else None
+        route = self.router.route(healthy, cost, hint, self.block_size)
         for worker in route.order:
             if worker.outstanding + cost <= self.capacity.per_worker:
                 hit_blocks = self.router.chosen(route, worker)
