@@ -30,4 +30,5 @@ def test_the_workers_span_is_a_child_of_the_gateways_attempt(pair: Stack, otlp: 
     vllm = [s for s in trace if s.service.startswith("vllm")]
     assert vllm and all(s.parent_id == attempt.span_id for s in vllm), tree(trace)
     assert vllm[0].service == f"vllm {PAIR}"
+    print({k: v for k, v in vllm[0].attributes.items() if k.startswith("gen_ai")})
     assert attempt.attributes["gen_ai.usage.output_tokens"] == 4
