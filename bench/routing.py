@@ -105,7 +105,7 @@ def prefix_cache(workers: list[str]) -> tuple[float, float]:
 
 
 async def run_round(url: str, requests: list[tuple[int, list[dict[str, str]]]], concurrency: int,
-                    max_tokens: int) -> dict[str, Any]:  # fmt: skip
+                    max_tokens: int, model: str = MODEL) -> dict[str, Any]:  # fmt: skip
     """Closed loop: `concurrency` clients take the next request in order; streamed, so TTFT is seen."""
     queue = list(reversed(requests))
     ttfts: list[float] = []
@@ -116,7 +116,7 @@ async def run_round(url: str, requests: list[tuple[int, list[dict[str, str]]]], 
         nonlocal tokens, failures
         while queue:
             _, messages = queue.pop()
-            body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
             started = time.perf_counter()
             first = None

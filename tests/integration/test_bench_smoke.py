@@ -49,3 +49,17 @@ def test_cold_start_sampler_follows_the_process_tree_until_ready() -> None:
     python = next(use for role, use in roles.items() if role.startswith(sys.executable))
     assert python.cpu_s > 0.05  # the interpreter's start-up, at least
     assert startup.rows(cold, min_cpu_s=0.05)[0][0] == python.role
+
+
+def test_overhead_benchmark_compares_processes_and_tracing(tmp_path: Path) -> None:
+    env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "bench.overhead", "--quick", "--only", "unstreamed c=32"]
+    run = subprocess.run([*command, "--processes", "2", "--tracing"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads((tmp_path / "overhead-quick-processes2-tracing.json").read_text())
+    scenario = report["results"]["unstreamed c=32"]
+    for target in ("gateway", "gateway x2", "gateway traced"):
+        assert scenario[target]["failures"] == 0 and scenario[target]["requests_per_s"] > 0
+        assert scenario[target]["cpu_ms_per_request"] > 0  # counted over every process of the gateway
+    assert scenario["many_requests_ratio"] > 0 and scenario["traced_requests_ratio"] > 0
