@@ -49,4 +49,4 @@ def parse_engine_load(text: str) -> EngineLoad:
 
 async def read_engine_load(transport: Transport, worker: Worker) -> None:
     """Refresh `worker.engine` from its `/metrics`."""
-    worker.engine = parse_engine_load(await transport.get_text(worker, "/metrics"))
+    worker.observe_engine(parse_engine_load(await transport.get_text(worker, "/metrics")))

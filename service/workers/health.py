@@ -97,7 +97,7 @@ class HealthMonitor:
         except Exception as exc:
             if worker.engine != NO_LOAD:
                 log.info("worker %s gave no load figures: %s", worker.label, describe(exc))
-            worker.engine = NO_LOAD
+            worker.observe_engine(NO_LOAD)
 
     async def _learn(self, worker: Worker) -> None:
         """Read each fact the worker has not told us yet (once per worker)."""

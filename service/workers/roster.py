@@ -61,7 +61,7 @@ def follow(pool: ModelPool, entries: list[dict[str, str]]) -> None:
         elif worker.url != url:
             log.info("model %s: worker %s moved to %s", pool.name, name, url)
             worker.url = url
-            worker.engine = EngineLoad()
+            worker.observe_engine(EngineLoad())
             worker.mark(False)
         workers.append(worker)
     pool.workers = workers

@@ -14,10 +14,10 @@ replica that most likely still holds that prefix in vLLM's prefix cache, so it i
   goes, only its own prefixes move.
 - Bounded load (consistent hashing with bounded loads, Mirrokni et al. 2018): a replica is preferred
   only while its load stays within `balance_factor` x the mean, so one hot prefix cannot pile onto one
-  replica; the rest spills to the least loaded. Load is the larger of the gateway's own count of
-  outstanding sequences and the engine's running + waiting requests (scraped from its `/metrics`, so
-  the traffic of other gateway processes counts); a replica whose KV cache is nearly full is not
-  preferred either.
+  replica; the rest spills to the least loaded. Load is the gateway's own count of outstanding
+  sequences (exact) plus what the engine held beyond it at the last health check (its running + waiting
+  requests, scraped from its `/metrics`: the traffic of other gateway processes and pods); a replica
+  whose KV cache is nearly full is not preferred either.
 
 `session` does the same rendezvous choice on a session key (the `X-Session-Id` header, else the
 request's `user` field), bounded the same way. `least_outstanding` picks the least loaded replica,

@@ -48,6 +48,7 @@ class Worker:
     facts: dict[str, Any] = field(default_factory=dict)  # what the worker told us (see health.py)
     learned: set[str] = field(default_factory=set)  # which fact readers have succeeded
     engine: EngineLoad = field(default_factory=EngineLoad)  # refreshed by every health check
+    others: int = 0  # requests the engine held beyond this gateway's own, at the last check
 
     def __post_init__(self, up: bool) -> None:
         if not self.name:
@@ -61,9 +62,15 @@ class Worker:
 
     @property
     def load(self) -> int:
-        """Sequences it is busy with: this gateway's count, or the engine's when that is higher (other
-        gateway processes or pods feed the same worker)."""
-        return max(self.outstanding, self.engine.requests)
+        """Sequences it is busy with: this gateway's own count (exact, current) plus what the engine
+        held beyond it at the last check (other gateway processes' and pods' requests)."""
+        return self.outstanding + self.others
+
+    def observe_engine(self, engine: EngineLoad) -> None:
+        """What the worker's `/metrics` just said; the part of its load that is not this gateway's is
+        what it holds beyond our own outstanding count (never below zero: answers in transit)."""
+        self.engine = engine
+        self.others = max(0, engine.requests - self.outstanding)
 
     @property
     def label(self) -> str:

@@ -121,7 +121,7 @@ async def test_the_engines_own_queue_counts_as_load() -> None:
     pool = pool_of(workers)
     prompt = tenant(5) + question(0)
     home = pool.pick(hint=RouteHint(tokens=prompt))
-    home.engine = EngineLoad(running=4, waiting=20)
+    home.observe_engine(EngineLoad(running=4, waiting=20))
     worker, reason = await served(pool, prompt)
     assert worker is not home and reason is Reason.SPILL
 
@@ -130,7 +130,7 @@ async def test_a_replica_whose_kv_cache_is_full_is_not_preferred() -> None:
     pool = pool_of(replicas(2))
     prompt = tenant(6) + question(0)
     home = pool.pick(hint=RouteHint(tokens=prompt))
-    home.engine = EngineLoad(kv_cache_usage=0.99)
+    home.observe_engine(EngineLoad(kv_cache_usage=0.99))
     assert (await served(pool, prompt))[0] is not home
 
 
@@ -253,3 +253,16 @@ def test_engine_figures_of_several_engines_add_up() -> None:
     )
     load = parse_engine_load(text)
     assert load.running == 5.0 and load.kv_cache_usage == 0.7 and load.waiting is None
+
+
+def test_the_engines_count_adds_only_what_is_not_ours() -> None:
+    worker = replicas(1)[0]
+    worker.outstanding = 3
+    worker.observe_engine(EngineLoad(running=3, waiting=0))  # all of it ours
+    assert worker.load == 3
+    worker.observe_engine(EngineLoad(running=4, waiting=1))  # two more from other processes
+    assert worker.load == 5
+    worker.outstanding = 1  # two of ours finished since that check: no stale count of them remains
+    assert worker.load == 3
+    worker.observe_engine(EngineLoad(running=0, waiting=0))  # answers in transit: never below our own
+    assert worker.load == 1
