@@ -98,7 +98,6 @@ class Supervisor:
         self.roster_path = folder / "roster.json"
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = asyncio.Event()
-        self.signal_to_forward = signal.SIGTERM
 
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -147,7 +146,6 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(signal.SIGINT)
             return
-        self.signal_to_forward = signal.Signals(sig)
         self.stopping.set()
         for child in self.children:
             with contextlib.suppress(ProcessLookupError):
