@@ -77,18 +77,32 @@ def start_workers(kv_blocks: int | None) -> tuple[list[subprocess.Popen[bytes]],
     return processes, urls
 
 
-def start_gateway(policy: str, workers: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(variant: str, workers: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """A gateway routing by `variant`: a policy, or `prefix@<balance factor>`."""
+    policy, _, factor = variant.partition("@")
     port = free_port("127.0.0.1")
     tokenizer = Settings().model_dir(MODEL)
     model = {"name": MODEL, "kind": "instruct", "tokenizer": str(tokenizer), "urls": workers,
              "tool_call_parser": "hermes", "routing": policy}  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(GATEWAY_PORT=str(port), GATEWAY_MODELS=json.dumps([model]), GATEWAY_PROCESSES="1",
-               GATEWAY_LOG_LEVEL="error", GATEWAY_HEALTH_INTERVAL="0.5")  # fmt: skip
+               GATEWAY_LOG_LEVEL="error", GATEWAY_HEALTH_INTERVAL="1")  # fmt: skip
+    if factor:
+        env["GATEWAY_ROUTING_BALANCE_FACTOR"] = factor
     process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/ready", 120, process)
     return process, url
+
+
+def reasons(gateway: str) -> dict[str, float]:
+    """The gateway's routing decisions so far, by reason."""
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{gateway}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "gateway_routing_decisions_total":
+                counts[sample.labels["reason"]] = counts.get(sample.labels["reason"], 0) + sample.value
+    return counts
 
 
 def prefix_cache(workers: list[str]) -> tuple[float, float]:
@@ -144,28 +158,33 @@ async def run_round(url: str, requests: list[tuple[int, list[dict[str, str]]]], 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     workers, worker_urls = start_workers(args.kv_blocks)
-    gateways = {policy: start_gateway(policy, worker_urls) for policy in POLICIES}
+    policies = POLICIES + tuple(f"prefix@{factor:g}" for factor in args.balance_factors)
+    gateways = {policy: start_gateway(policy, worker_urls) for policy in policies}
     results: dict[str, Any] = {}
     turn = 0  # the policies' order alternates from one round to the next, across concurrencies too
     try:
         for concurrency in args.concurrency:
-            runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in POLICIES}
+            runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in policies}
             for round_index in range(args.rounds):
-                order = POLICIES if turn % 2 == 0 else tuple(reversed(POLICIES))
+                order = policies if turn % 2 == 0 else tuple(reversed(policies))
                 turn += 1
                 for policy in order:
                     for url in worker_urls:  # every policy starts from empty caches
                         httpx.post(f"{url}/reset_prefix_cache", timeout=30).raise_for_status()
                     requests = workload(args.tenants, args.questions, args.words, seed=round_index)
-                    before = prefix_cache(worker_urls)
+                    before, decided = prefix_cache(worker_urls), reasons(gateways[policy][1])
                     run = asyncio.run(run_round(gateways[policy][1], requests, concurrency, args.max_tokens))
                     after = prefix_cache(worker_urls)
+                    now = reasons(gateways[policy][1])
+                    run["reasons"] = {
+                        k: v - decided.get(k, 0) for k, v in now.items() if v > decided.get(k, 0)
+                    }
                     run["cache_queries"], run["cache_hits"] = after[0] - before[0], after[1] - before[1]
                     runs[policy].append(run)
                     console.print(f"c={concurrency} round {round_index} {policy}: "
                                   f"TTFT p50 {percentile(run['ttfts'], 50):.3f} s, "
                                   f"hit rate {run['cache_hits'] / max(1, run['cache_queries']):.2f}")  # fmt: skip
-            results[f"c={concurrency}"] = {policy: summarize(runs[policy]) for policy in POLICIES}
+            results[f"c={concurrency}"] = {policy: summarize(runs[policy]) for policy in policies}
     finally:
         for process, _ in gateways.values():
             process.send_signal(signal.SIGTERM)
@@ -186,6 +205,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "prefix_cache_hit_rate": sum(r["cache_hits"] for r in runs)
         / max(1.0, sum(r["cache_queries"] for r in runs)),
         "requests": len(ttfts),
+        "reasons": {
+            k: sum(run["reasons"].get(k, 0) for run in runs) for k in {k for r in runs for k in r["reasons"]}
+        },
         "failures": sum(run["failures"] for run in runs),
     }
 
@@ -202,6 +224,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--kv-blocks", type=int, default=48,
                         help="KV-cache blocks (128 tokens) per worker; 0: vLLM's own size from its memory")  # fmt: skip
+    parser.add_argument("--balance-factors", type=float, nargs="*", default=[],
+                        help="also prefix routing with these GATEWAY_ROUTING_BALANCE_FACTOR values")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a short run (smoke test)")
     args = parser.parse_args()
     if args.quick:
@@ -210,11 +234,12 @@ def main() -> None:
     rows = []
     for scenario, by_policy in results.items():
         for policy, r in by_policy.items():
+            spread = ", ".join(f"{k} {v:g}" for k, v in sorted(r["reasons"].items()))
             rows.append([scenario, policy, r["ttft_p50_s"], r["ttft_p90_s"], r["output_tokens_per_s"],
-                         r["prefix_cache_hit_rate"], r["requests"], r["failures"]])  # fmt: skip
+                         r["prefix_cache_hit_rate"], r["requests"], r["failures"], spread])  # fmt: skip
     table("Routing policies, two SmolLM2 replicas (TTFT in s)",
           ["scenario", "policy", "TTFT p50", "TTFT p90", "output tok/s", "vLLM prefix hit rate", "requests",
-           "failures"], rows)  # fmt: skip
+           "failures", "routing reasons"], rows)  # fmt: skip
     path = save("routing" if not args.quick else "routing-quick", {"args": vars(args), "results": results})
     console.print(f"wrote {path}")
 

@@ -38,6 +38,7 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 # starts with a literal, which `re` finds with a fast scan (one alternation of all three cost more
 # per event than everything else the relay does; see bench/README.md).
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([A-Za-z_]+)"')
 ERROR_KEY = re.compile(rb'"error"\s*:')
 DONE_PAYLOAD = b"[DONE]"
 
@@ -126,6 +127,8 @@ class Relay:
         try:
             async with contextlib.aclosing(blocks):  # type: ignore[type-var]
                 async for block in blocks:
+                    if self.record.span is not None:  # traced: the span gets the finish reasons
+                        self.record.finish_reasons += [r.decode() for r in FINISH_REASON.findall(block)]
                     if self.translator is None:
                         plain, block = split_plain(block)
                         if plain:

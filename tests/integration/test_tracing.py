@@ -101,6 +101,7 @@ async def test_a_stream_keeps_its_attempt_open_until_the_worker_is_done(
     assert server.parent_id == "" and attempt.name == "text_completion base"
     assert attempt.seconds >= 0.15  # four tokens 50 ms apart: the span covers the whole stream
     assert server.attributes["gen_ai.usage.output_tokens"] == 4
+    assert server.attributes["gen_ai.response.finish_reasons"] == ["length"]  # read from the stream
     assert parent_of(script.traceparents[-1]) == (server.trace_id, attempt.span_id)
 
 
