@@ -149,7 +149,7 @@ def measure(
                     runs[target].append(
                         timed_loadgen(pid, f"{base}/v1/completions", body, concurrency, count)
                     )
-            results[name] = summarize(runs, processes_n, tracing)
+            results[name] = summarize(runs, processes_n)
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -157,9 +157,19 @@ def measure(
     return results
 
 
-def summarize(
-    runs: dict[str, list[dict[str, Any]]], processes_n: int = 0, tracing: bool = False
-) -> dict[str, Any]:
+def versus(direct: dict[str, Any], other: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """What `other` adds to direct: latency added, requests and events per second as ratios."""
+    return {
+        f"{prefix}added_p50_ms": other["p50_ms"] - direct["p50_ms"],
+        f"{prefix}added_p99_ms": other["p99_ms"] - direct["p99_ms"],
+        f"{prefix}requests_ratio": other["requests_per_s"] / direct["requests_per_s"],
+        f"{prefix}events_ratio": other["events_per_s"] / direct["events_per_s"]
+        if direct["events_per_s"]
+        else None,
+    }
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], processes_n: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for target, measurements in runs.items():
         latencies = [x for m in measurements for x in m["latencies"]]
@@ -174,27 +184,19 @@ def summarize(
             "failures": sum(m["failures"] for m in measurements),
             "cpu_ms_per_request": sum(m["cpu_s"] for m in measurements) / len(latencies) * 1e3,
         }
-    d, g = out["direct"], out["gateway"]
-    out["added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
-    out["added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
-    out["requests_ratio"] = g["requests_per_s"] / d["requests_per_s"]
-    out["events_ratio"] = g["events_per_s"] / d["events_per_s"] if d["events_per_s"] else None
-    out["added_itl_p50_ms"] = g["itl_p50_ms"] - d["itl_p50_ms"] if d["itl_p50_ms"] is not None else None
-    if processes_n:
-        m = out[f"gateway x{processes_n}"]
-        out["many_added_p50_ms"] = m["p50_ms"] - d["p50_ms"]
-        out["many_added_p99_ms"] = m["p99_ms"] - d["p99_ms"]
-        out["many_requests_ratio"] = m["requests_per_s"] / d["requests_per_s"]
-    if tracing:
-        t = out["gateway traced"]
-        out["traced_added_p50_ms"] = t["p50_ms"] - d["p50_ms"]
-        out["traced_added_p99_ms"] = t["p99_ms"] - d["p99_ms"]
-        out["traced_requests_ratio"] = t["requests_per_s"] / d["requests_per_s"]
-    if "floor" in out:
-        f = out["floor"]
-        out["floor_added_p50_ms"] = f["p50_ms"] - d["p50_ms"]
-        out["floor_requests_ratio"] = f["requests_per_s"] / d["requests_per_s"]
-        out["floor_events_ratio"] = f["events_per_s"] / d["events_per_s"] if d["events_per_s"] else None
+    d = out["direct"]
+    out.update(versus(d, out["gateway"], ""))
+    out["added_itl_p50_ms"] = (
+        out["gateway"]["itl_p50_ms"] - d["itl_p50_ms"] if d["itl_p50_ms"] is not None else None
+    )
+    # Each other gateway (and the floor) against direct, under its own prefix.
+    for target, prefix in (
+        (f"gateway x{processes_n}", "many_"),
+        ("gateway traced", "traced_"),
+        ("floor", "floor_"),
+    ):
+        if target in out:
+            out.update(versus(d, out[target], prefix))
     return out
 
 

@@ -125,8 +125,10 @@ class Supervisor:
         pools, processes = build_pools(self.settings)
         supervisors = [asyncio.create_task(process.supervise()) for process in processes]
         probes = build_session(self.settings)
+        # Checks here only serve supervision (a wedged worker is restarted); the serving processes
+        # read the workers' facts and load themselves.
         health = HealthMonitor(HttpTransport(probes, self.settings), list(pools.values()),
-                               self.settings.health_interval)  # fmt: skip
+                               self.settings.health_interval, readers=(), engine_load=False)  # fmt: skip
         tasks = [asyncio.create_task(health.run()),
                  asyncio.create_task(self._publish(list(pools.values())))]  # fmt: skip
         try:

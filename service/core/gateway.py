@@ -218,13 +218,8 @@ class Gateway:
         record.upstream_ended()
         pool.release(lease)
         record.set_usage(answer.data.get("usage"))
-        record.finish_reasons = [
-            str(choice.get("finish_reason"))
-            for choice in answer.data.get("choices") or []
-            if isinstance(choice, dict)
-        ]
         if span is not None:
-            _describe_answer(span, answer.data)
+            record.finish_reasons = _describe_answer(span, answer.data)
             span.end()
         record.token_sent()  # a whole answer: its first token reaches the client now
         return answer
@@ -386,8 +381,8 @@ def _operation(record: RequestRecord) -> str:
     return "text_completion" if record.endpoint in ("complete", "v1_completions") else "chat"
 
 
-def _describe_answer(span: Any, answer: dict[str, Any]) -> None:
-    """A whole answer's GenAI attributes on its attempt span."""
+def _describe_answer(span: Any, answer: dict[str, Any]) -> list[str]:
+    """A whole answer's GenAI attributes on its attempt span; its finish reasons."""
     usage = answer.get("usage") or {}
     if answer.get("id"):
         span.set_attribute("gen_ai.response.id", str(answer["id"]))
@@ -401,6 +396,7 @@ def _describe_answer(span: Any, answer: dict[str, Any]) -> None:
             "gen_ai.usage.output_tokens",
             int(usage.get("completion_tokens") or usage.get("output_tokens") or 0),
         )
-    reasons = [c.get("finish_reason") for c in answer.get("choices") or [] if isinstance(c, dict)]
+    reasons = [str(c.get("finish_reason")) for c in answer.get("choices") or [] if isinstance(c, dict)]
     if reasons:
-        span.set_attribute("gen_ai.response.finish_reasons", [str(r) for r in reasons])
+        span.set_attribute("gen_ai.response.finish_reasons", reasons)
+    return reasons

@@ -68,7 +68,7 @@ def check_fields(pool: ModelPool, schema: str, fields: Iterable[str], need_worke
     known: dict[str, frozenset[str]] | None = pool.fact("fields")
     if known is None:
         if need_worker:
-            pool.pick()  # no worker has been seen yet: the 503 that says so
+            pool.healthy_workers()  # raises the 503 that says no worker has been seen yet
         return
     accepted = known.get(schema)
     if accepted is None:

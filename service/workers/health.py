@@ -53,19 +53,23 @@ class HealthMonitor:
         pools: Sequence[ModelPool],
         interval: float,
         readers: Sequence[FactReader] = DEFAULT_FACT_READERS,
+        engine_load: bool = True,
     ) -> None:
         self.transport = transport
         self.pools = pools
         self.interval = interval
         self.readers = readers
+        self.engine_load = engine_load  # read each worker's /metrics too (only routing needs it)
 
     async def run(self) -> None:
+        """A round every `interval` seconds, the first one `interval` from now (call `check_all` first
+        for one at once)."""
         while True:
+            await asyncio.sleep(self.interval)
             try:
                 await self.check_all()
             except Exception:  # a bug here must not end health checking for good
                 log.exception("health check round failed; next round in %g s", self.interval)
-            await asyncio.sleep(self.interval)
 
     async def check_all(self) -> None:
         workers = [worker for pool in self.pools for worker in pool.workers]
@@ -80,7 +84,8 @@ class HealthMonitor:
             healthy = await self.transport.health(worker)
             if healthy:
                 await self._learn(worker)
-                await self._read_load(worker)
+                if self.engine_load:
+                    await self._read_load(worker)
         except Exception as exc:
             healthy = False
             if worker.healthy:

@@ -158,11 +158,11 @@ class ModelPool:
             only = healthy[0]
             fits = only.outstanding + cost <= self.capacity.per_worker
             return self._take(only, cost, Reason.LEAST_OUTSTANDING, 0, 0) if fits else None
-        route = self.router.route(healthy, cost, hint, self.block_size)
+        block = self.block_size
+        route = self.router.route(healthy, cost, hint, block)
         for worker in route.order:
             if worker.outstanding + cost <= self.capacity.per_worker:
                 hit_blocks = self.router.chosen(route, worker)
-                block = self.block_size
                 return self._take(
                     worker, cost, route.reason_for(worker), len(route.blocks) * block, hit_blocks * block
                 )

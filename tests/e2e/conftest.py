@@ -4,24 +4,18 @@ workers with the two packaged models (prepared by `make test` before pytest runs
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from bench.otlp_sink import Receiver, Sink
 from service.ops.settings import RoutingPolicy, Settings, default_models
-from service.workers.supervisor import free_port
+from tests.gateway_process import READY_TIMEOUT_SECONDS, Stack, answers, launch, stop, wait_ready
 
-READY_TIMEOUT_SECONDS = 900
 BASE_MODEL = "gemma-3-270m"
 INSTRUCT_MODEL = "smollm2-135m-instruct"
 SMOL = "smol-supervised"  # the second gateway's only model: SmolLM2 with an overriding chat template
@@ -33,71 +27,6 @@ OVERRIDE_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n[override] ' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-@dataclass
-class Stack:
-    """A running gateway process and how to reach it."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def worker_processes(self) -> list[psutil.Process]:
-        """The vLLM API server processes the gateway launched."""
-        try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        return [p for p in children if _is_api_server(p)]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def worker_urls(self) -> list[str]:
-        """Where every worker listens, read from their command lines."""
-        urls = []
-        for process in self.worker_processes():
-            argv = process.cmdline()
-            urls.append(f"http://127.0.0.1:{argv[argv.index('--port') + 1]}")
-        return sorted(urls)
-
-    def worker_url(self, model: str) -> str:
-        """Where the (first) worker of `model` listens, read from its command line."""
-        for process in self.worker_processes():
-            argv = process.cmdline()
-            if argv[argv.index("--served-model-name") + 1] == model:
-                return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
-        raise AssertionError(f"no worker process for {model}")
-
-
-def _is_api_server(process: psutil.Process) -> bool:
-    try:
-        return "vllm.entrypoints.openai.api_server" in " ".join(process.cmdline())
-    except psutil.Error:
-        return False
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_ready(stack: Stack) -> None:
-    """Until /ready says 200 (fails with the gateway's log tail if it exits or takes too long)."""
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if stack.process.poll() is not None:
-            pytest.fail(f"gateway exited with {stack.process.returncode}:\n{stack.log()[-4000:]}")
-        try:
-            if httpx.get(f"{stack.url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"gateway not ready after {READY_TIMEOUT_SECONDS} s:\n{stack.log()[-4000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -119,28 +48,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stop(stack)
-
-
-def launch(env_overrides: dict[str, str], log_path: Path) -> Stack:
-    """`llm-gateway serve` with a clean GATEWAY_* environment plus `env_overrides`."""
-    port = free_port("127.0.0.1")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(GATEWAY_PORT=str(port), GATEWAY_PROCESSES="1")
-    env.update(env_overrides)
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    return Stack(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
-
-
-def stop(stack: Stack) -> None:
-    if stack.process.poll() is None:
-        stack.process.send_signal(signal.SIGTERM)
-        try:
-            stack.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            stack.process.kill()
 
 
 @pytest.fixture(scope="session")
@@ -193,7 +100,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory, otlp: Sink) -> Iterator[Stack
     try:
         wait_ready(stack)  # one replica up; wait for the other too
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while not all(_answers(f"{url}/health") for url in stack.worker_urls()):
+        while not all(answers(f"{url}/health") for url in stack.worker_urls()):
             assert time.monotonic() < deadline, stack.log()[-4000:]
             time.sleep(1)
         time.sleep(1.5)  # three health rounds: every gateway process has seen both replicas up

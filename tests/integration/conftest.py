@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from service.api.app import create_app
 from service.core.gateway import Gateway
 from service.ops.settings import ModelKind, ModelSpec, Settings
+from service.workers.pool import ModelPool
 from service.workers.supervisor import free_port
 from tests.integration.standin import Script, build_app
 
@@ -109,6 +110,19 @@ async def http(gateway_app: FastAPI, script: Script) -> AsyncIterator[httpx.Asyn
                 break
             await asyncio.sleep(0.05)
         yield client
+
+
+@contextlib.contextmanager
+def first_replica_first(pool: ModelPool) -> Iterator[None]:
+    """Both replicas taken as up (as if the last health check saw them) and, for the block, the first
+    one picked first: the second carries pretend load (beyond any routing bound)."""
+    for worker in pool.workers:
+        worker.mark(True)
+    pool.workers[1].outstanding = 5
+    try:
+        yield
+    finally:
+        pool.workers[1].outstanding = 0
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,7 @@ import pytest
 
 from service.workers.supervisor import free_port
 from tests.helpers import eventually, outstanding, sse_payloads
-from tests.integration.conftest import extra_standin, running_gateway, standin_settings
+from tests.integration.conftest import extra_standin, first_replica_first, running_gateway, standin_settings
 from tests.integration.standin import Script
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}
@@ -74,17 +74,14 @@ async def test_a_failing_worker_is_retried_once_on_another_replica(
             http,
         ):
             pool = app.state.gateway.pools["chat"]
-            for worker in pool.workers:
-                worker.mark(True)  # as if the last health check saw both up
-            pool.workers[1].outstanding = 5  # so the first pick is the failing one
-            response = await http.post("/chat", json=CHAT)
+            with first_replica_first(pool):  # the failing one
+                response = await http.post("/chat", json=CHAT)
             assert response.status_code == 200, response.text
             assert len(script.bodies) == 1  # the healthy replica served it
             if fault == "fail":
                 assert len(other.bodies) == 1  # tried first, answered 500
             else:
                 assert not pool.workers[0].healthy  # ejected at once
-            pool.workers[1].outstanding = 0
             assert outstanding(app.state.gateway) == 0
 
 

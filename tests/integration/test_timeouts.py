@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers import stream_payloads
-from tests.integration.conftest import running_gateway, standin_settings
+from tests.integration.conftest import first_replica_first, running_gateway, standin_settings
 from tests.integration.standin import Script
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}
@@ -105,11 +105,7 @@ async def test_connect_limit_fails_over_to_a_replica_that_answers(standin_url: s
     with unaccepting_listener() as silent:
         settings = standin_settings(silent, standin_url, connect_timeout=0.5, health_interval=60)
         async with running_gateway(settings) as (app, http):
-            pool = app.state.gateway.pools["chat"]
-            for worker in pool.workers:
-                worker.mark(True)
-            pool.workers[1].outstanding = 5  # the silent one is picked first
-            response = await http.post("/chat", json=CHAT)
-            pool.workers[1].outstanding = 0
+            with first_replica_first(app.state.gateway.pools["chat"]):  # the silent one
+                response = await http.post("/chat", json=CHAT)
             assert response.status_code == 200, response.text
             assert len(script.bodies) == 1

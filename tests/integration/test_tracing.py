@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from bench.otlp_sink import Receiver, Sink, Span
-from tests.integration.conftest import extra_standin, running_gateway, standin_settings
+from tests.integration.conftest import extra_standin, first_replica_first, running_gateway, standin_settings
 from tests.integration.standin import Script
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}
@@ -114,12 +114,8 @@ async def test_a_failover_shows_both_attempts(
             app,
             http,
         ):
-            pool = app.state.gateway.pools["chat"]
-            for worker in pool.workers:
-                worker.mark(True)
-            pool.workers[1].outstanding = 5  # the failing replica is picked first
-            response = await http.post("/chat", json=CHAT)
-            pool.workers[1].outstanding = 0
+            with first_replica_first(app.state.gateway.pools["chat"]):  # the failing one
+                response = await http.post("/chat", json=CHAT)
     assert response.status_code == 200, response.text
     tree = request_spans(sink, response.headers["x-request-id"], attempts=2)
     first, second = sorted(tree["attempt"], key=lambda span: span.start_ns)
