@@ -27,8 +27,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,14 +71,26 @@ class Layout:
         return offset + TABLE_HEADER + rows * (KEY_BYTES + 8 * words)
 
 
-Lock = Callable[[int], AbstractContextManager[None]]
+class _Locks:
+    """Byte-range locks on the counters file, excluding other processes (none for anonymous memory)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def lock(self, offset: int) -> None:
+        if self.fd is not None:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, offset)
+
+    def unlock(self, offset: int) -> None:
+        if self.fd is not None:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
 
 
 class _Table:
-    """Rows of `words` int64 each, found by key digest; `lock(offset)` excludes other processes."""
+    """Rows of `words` int64 each, found by key digest."""
 
-    def __init__(self, memory: mmap.mmap, offset: int, rows: int, words: int, lock: Lock) -> None:
-        self.memory, self.offset, self.rows, self.words, self.lock = memory, offset, rows, words, lock
+    def __init__(self, memory: mmap.mmap, offset: int, rows: int, words: int, locks: _Locks) -> None:
+        self.memory, self.offset, self.rows, self.words, self.locks = memory, offset, rows, words, locks
         self.row_bytes = KEY_BYTES + 8 * words
         self.codec = struct.Struct(f"<{words}q")
         self.cache: dict[str, tuple[bytes, int]] = {}  # key -> digest, row; checked under the row's lock
@@ -98,9 +109,13 @@ class _Table:
         start = self.at(row)
         return self.memory[start : start + KEY_BYTES]
 
-    @contextmanager
-    def row(self, key: str, idle: Callable[[list[int]], bool], claim: bool) -> Iterator[int | None]:
-        """The row of `key`, locked (claimed if it has none and `claim`); None if it has none."""
+    def unlock(self, row: int) -> None:
+        """Release a row `locate` returned."""
+        self.locks.unlock(self.at(row))
+
+    def locate(self, key: str, idle: Callable[[list[int]], bool], claim: bool) -> int | None:
+        """The row of `key` (claimed if it has none and `claim`), locked: `unlock` it when done. None:
+        it has no row (and none could be claimed)."""
         cached = self.cache.get(key)
         digest = cached[0] if cached else hashlib.blake2b(key.encode(), digest_size=KEY_BYTES).digest()
         row = cached[1] if cached else None
@@ -108,23 +123,23 @@ class _Table:
             if row is None:
                 row = self._find(digest, idle, claim)
                 if row is None:
-                    yield None
-                    return
-            with self.lock(self.at(row)):
-                if self.key_at(row) == digest:
-                    if len(self.cache) >= self.rows:
-                        self.cache.clear()  # addresses come and go: keep the memo bounded
-                    self.cache[key] = (digest, row)
-                    yield row
-                    return
+                    return None
+            self.locks.lock(self.at(row))
+            if self.key_at(row) == digest:
+                if len(self.cache) >= self.rows:
+                    self.cache.clear()  # addresses come and go: keep the memo bounded
+                self.cache[key] = (digest, row)
+                return row
+            self.unlock(row)
             self.cache.pop(key, None)
             row = None
-        yield None
+        return None
 
     def _find(self, digest: bytes, idle: Callable[[list[int]], bool], claim: bool) -> int | None:
         """Under the table's lock: the row holding `digest`, else (if `claim`) one claimed for it."""
-        start = int.from_bytes(digest[:8], "little") % self.rows
-        with self.lock(self.offset):
+        self.locks.lock(self.offset)
+        try:
+            start = int.from_bytes(digest[:8], "little") % self.rows
             free = None
             for probe in range(min(PROBES, self.rows)):
                 row = (start + probe) % self.rows
@@ -138,13 +153,22 @@ class _Table:
                     free = row
             if free is None or not claim:
                 return None
-            with self.lock(self.at(free)):
-                if self.key_at(free) != EMPTY and not idle(self.read(free)):
-                    return None  # taken meanwhile by a process that found it under its own row lock
-                self.write(free, [0] * self.words)
-                start_byte = self.at(free)
-                self.memory[start_byte : start_byte + KEY_BYTES] = digest
-            return free
+            return free if self._claim(free, digest, idle) else None
+        finally:
+            self.locks.unlock(self.offset)
+
+    def _claim(self, row: int, digest: bytes, idle: Callable[[list[int]], bool]) -> bool:
+        """Give an unused or idle row to `digest` (under the table's lock)."""
+        self.locks.lock(self.at(row))
+        try:
+            if self.key_at(row) != EMPTY and not idle(self.read(row)):
+                return False  # used meanwhile by a process that holds its row from its memo
+            self.write(row, [0] * self.words)
+            start = self.at(row)
+            self.memory[start : start + KEY_BYTES] = digest
+            return True
+        finally:
+            self.unlock(row)
 
 
 class HostCounters:
@@ -153,8 +177,9 @@ class HostCounters:
     def __init__(self, memory: mmap.mmap, layout: Layout, column: int, fd: int | None) -> None:
         self.memory, self.layout, self.column, self.fd = memory, layout, column, fd
         self._thread_lock = threading.Lock()  # fcntl locks are per process: threads need their own
+        self._locks = _Locks(fd)
         holdings, keys, addresses = (
-            _Table(memory, offset, rows, words, self._lock) for offset, rows, words in layout.tables()
+            _Table(memory, offset, rows, words, self._locks) for offset, rows, words in layout.tables()
         )
         self.holdings, self.key_windows, self.address_windows = holdings, keys, addresses
         self.clock = time.monotonic  # system-wide on Linux: every process reads the same clock
@@ -193,44 +218,49 @@ class HostCounters:
         """True when other processes count in the same memory."""
         return self.fd is not None
 
-    def _lock(self, offset: int) -> AbstractContextManager[None]:
-        return nullcontext() if self.fd is None else self._locked(self.fd, offset)
-
-    @staticmethod
-    @contextmanager
-    def _locked(fd: int, offset: int) -> Iterator[None]:
-        fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
-        try:
-            yield
-        finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
-
     # Holdings -----------------------------------------------------------------------------------
 
     def take(self, key: str, cost: int, cap: int) -> bool:
         """Hold `cost` more of `key` if every process's holdings together stay within `cap`."""
-        with self._thread_lock, self.holdings.row(key, _nothing_held, claim=True) as row:
+        table = self.holdings
+        with self._thread_lock:
+            row = table.locate(key, _nothing_held, claim=True)
             if row is None:
                 return True  # no room to count it: admit, as a limit without a store would
-            held = self.holdings.read(row)
-            if sum(held) + cost > cap:
-                return False
-            held[self.column] += cost
-            self.holdings.write(row, held)
-            return True
+            try:
+                held = table.read(row)
+                if sum(held) + cost > cap:
+                    return False
+                held[self.column] += cost
+                table.write(row, held)
+                return True
+            finally:
+                table.unlock(row)
 
     def give(self, key: str, cost: int) -> None:
         """Give back `cost` of `key` this process holds."""
-        with self._thread_lock, self.holdings.row(key, _nothing_held, claim=False) as row:
+        table = self.holdings
+        with self._thread_lock:
+            row = table.locate(key, _nothing_held, claim=False)
             if row is not None:
-                held = self.holdings.read(row)
-                held[self.column] = max(0, held[self.column] - cost)
-                self.holdings.write(row, held)
+                try:
+                    held = table.read(row)
+                    held[self.column] = max(0, held[self.column] - cost)
+                    table.write(row, held)
+                finally:
+                    table.unlock(row)
 
     def held(self, key: str) -> int:
         """Units of `key` every process holds together."""
-        with self._thread_lock, self.holdings.row(key, _nothing_held, claim=False) as row:
-            return 0 if row is None else sum(self.holdings.read(row))
+        table = self.holdings
+        with self._thread_lock:
+            row = table.locate(key, _nothing_held, claim=False)
+            if row is None:
+                return 0
+            try:
+                return sum(table.read(row))
+            finally:
+                table.unlock(row)
 
     def reclaim(self, column: int) -> None:
         """Zero what serving process `column` held (it died; the supervisor calls this)."""
@@ -239,11 +269,14 @@ class HostCounters:
             for row in range(table.rows):
                 if table.key_at(row) == EMPTY:
                     continue
-                with self._lock(table.at(row)):
+                self._locks.lock(table.at(row))
+                try:
                     held = table.read(row)
                     if held[column]:
                         held[column] = 0
                         table.write(row, held)
+                finally:
+                    table.unlock(row)
 
     # Windows ------------------------------------------------------------------------------------
 
@@ -282,20 +315,24 @@ class WindowCounter:
 
     def _visit(self, key: str, cost: int, count: bool) -> Verdict:
         window, table = self.window, self.table
-        with self.counters._thread_lock, table.row(key, self._idle, claim=count) as row:
+        with self.counters._thread_lock:
+            row = table.locate(key, self._idle, claim=count)
             now = self.counters.clock()
             bucket = int(now / window.bucket_seconds)
             if row is None:
                 return verdict([0] * (BUCKETS + 1), bucket, window, cost, now)
-            words = table.read(row)
-            ring = words[2:]
-            advance(ring, words[0], bucket)
-            found = verdict(ring, bucket, window, cost, now)
-            if count and found.allowed:
-                ring[bucket % len(ring)] += cost
-                expiry = int((bucket + len(ring)) * window.bucket_seconds * 1e9)
-                table.write(row, [bucket, expiry, *ring])
-            return found
+            try:
+                words = table.read(row)
+                ring = words[2:]
+                advance(ring, words[0], bucket)
+                found = verdict(ring, bucket, window, cost, now)
+                if count and found.allowed:
+                    ring[bucket % len(ring)] += cost
+                    expiry = int((bucket + len(ring)) * window.bucket_seconds * 1e9)
+                    table.write(row, [bucket, expiry, *ring])
+                return found
+            finally:
+                table.unlock(row)
 
 
 def layout_for(settings: Settings, columns: int) -> Layout:

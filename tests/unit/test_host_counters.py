@@ -8,7 +8,9 @@ import multiprocessing
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,12 +50,13 @@ def hold_and_look(path: Path, column: int, seconds: float, cap: int, at: float) 
     return most
 
 
-def take_and_hang(path: Path, column: int, cost: int) -> None:
-    """Hold slots and a row lock forever (until killed)."""
+def take_and_hang(path: Path, column: int, cost: int, ready: Any) -> None:
+    """Hold slots, then the row's lock, forever (until killed)."""
     counters = HostCounters.attach(path, column)
     assert counters.take("slots/m/w", cost, 100)
-    with counters._lock(counters.holdings.at(0)):
-        signal.pause()
+    counters.holdings.locate("slots/m/w", lambda _: False, claim=False)  # its row, locked
+    ready.set()
+    signal.pause()
 
 
 def test_a_window_shared_by_processes_admits_exactly_its_limit(tmp_path: Path) -> None:
@@ -75,20 +78,21 @@ def test_holdings_never_exceed_the_cap_across_processes(tmp_path: Path) -> None:
 
 def test_a_killed_process_neither_wedges_the_others_nor_keeps_its_slots(tmp_path: Path) -> None:
     path, supervisor = counters_file(tmp_path)
-    victim = SPAWN.Process(target=take_and_hang, args=(path, 1, 3))
+    ready = SPAWN.Event()
+    victim = SPAWN.Process(target=take_and_hang, args=(path, 1, 3, ready))
     victim.start()
+    assert ready.wait(30)
     other = HostCounters.attach(path, 0)
-    deadline = 200
-    while other.held("slots/m/w") != 3 and deadline:
-        victim.join(0.05)
-        deadline -= 1
-    assert other.held("slots/m/w") == 3
-    assert victim.pid is not None
-    os.kill(victim.pid, signal.SIGKILL)  # inside a row lock: the kernel drops it
+    with ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(other.take, "slots/m/w", 98, 100)
+        time.sleep(0.3)
+        assert not blocked.done()  # the victim holds the row's lock...
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)  # ...and dies inside it: the kernel drops the lock
+        assert blocked.result(timeout=5) is False  # its 3 slots still count
     victim.join(10)
-    assert not other.take("slots/m/w", 98, 100)  # its 3 still count...
     supervisor.reclaim(1)
-    assert other.take("slots/m/w", 98, 100) and other.held("slots/m/w") == 98  # ...until given back
+    assert other.take("slots/m/w", 98, 100) and other.held("slots/m/w") == 98  # given back
 
 
 class Clock:
