@@ -7,10 +7,12 @@ import hashlib
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from service.api.auth import ApiKeyMiddleware, ClientAddress, FailedKeyLimit
 from service.ops.host_counters import HostCounters
 from service.ops.metrics import Metrics
+from service.ops.settings import Settings
 from tests.helpers import call_asgi
 
 GOOD = {"authorization": "Bearer k2"}
@@ -87,3 +89,10 @@ def test_the_client_address_trusts_only_the_configured_proxies(
 ) -> None:
     headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
     assert ClientAddress(proxies).of({"client": (peer, 1), "headers": headers}) == client
+
+
+def test_trusted_proxies_are_read_comma_separated_and_checked() -> None:
+    settings = Settings(trusted_proxies="10.0.0.0/8, 127.0.0.1")  # type: ignore[arg-type]
+    assert settings.trusted_proxies == ["10.0.0.0/8", "127.0.0.1"]
+    with pytest.raises(ValidationError, match="not an address or CIDR network"):
+        Settings(trusted_proxies="10.0.0.0/8, proxy.internal")  # type: ignore[arg-type]
