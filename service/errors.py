@@ -12,6 +12,7 @@
     ├── RequestTooLarge               413 invalid_request_error / request_too_large
     ├── HeadersTooLarge               431 invalid_request_error / headers_too_large
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded, with Retry-After
+    ├── TooManyFailedKeys             429 rate_limit_error / too_many_failed_attempts, with Retry-After
     ├── NoHealthyWorker               503 service_unavailable
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
     ├── TooManyConnections            503 service_unavailable / too_many_connections
@@ -167,6 +168,18 @@ class RateLimited(GatewayError):
     def __init__(self, limit: str, retry_after: int) -> None:
         super().__init__(f"Rate limit of {limit} exceeded for this API key.")
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class TooManyFailedKeys(GatewayError):
+    """A client address sent too many wrong keys: refused before any key is compared."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "too_many_failed_attempts"
+
+    def __init__(self, retry_after: str) -> None:
+        super().__init__("Too many failed API-key attempts from this address; retry later.")
+        self.headers = {"Retry-After": retry_after}
 
 
 class NoHealthyWorker(GatewayError):

@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from service import __version__
-from service.api.auth import ApiKeyMiddleware
+from service.api.auth import ApiKeyMiddleware, FailedKeyLimit
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.dispatch import Dispatcher
 from service.api.drain import Drain, DrainMiddleware
@@ -27,6 +27,7 @@ from service.api.observability import ObservabilityMiddleware
 from service.api.openapi import install_openapi
 from service.core.gateway import Gateway
 from service.core.templates import load_tokenizers
+from service.ops.host_counters import HostCounters, counters_for
 from service.ops.metrics import Metrics
 from service.ops.settings import ModelSpec, Settings
 from service.ops.tracing import tracing_from_env
@@ -42,17 +43,21 @@ from service.workers.supervisor import WorkerProcess, build_embedded
 log = logging.getLogger(__name__)
 
 
-def build_pools(settings: Settings) -> tuple[dict[str, ModelPool], list[WorkerProcess]]:
+def build_pools(
+    settings: Settings, counters: HostCounters | None = None
+) -> tuple[dict[str, ModelPool], list[WorkerProcess]]:
     """A pool per served model, and a supervised process per embedded worker to launch (none when
-    another process launches them and publishes the roster this one follows)."""
+    another process launches them and publishes the roster this one follows); slots are counted in
+    `counters` (the host's, shared with the other processes)."""
     endpoints: dict[str, list[Worker]] = {}
     processes = build_embedded(settings, endpoints) if settings.roster_file is None else []
     capacity = Capacity(
         settings.max_in_flight_per_worker, settings.max_queue_per_model, settings.queue_timeout
     )
+    slots = counters or HostCounters.in_memory()
     pools = {
         spec.name: ModelPool(
-            spec, endpoints.get(spec.name, []), capacity, Router(routing_config(settings, spec))
+            spec, endpoints.get(spec.name, []), capacity, Router(routing_config(settings, spec)), slots
         )
         for spec in settings.models
     }
@@ -72,7 +77,7 @@ def routing_config(settings: Settings, spec: ModelSpec) -> RoutingConfig:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    pools, processes = build_pools(settings)
+    pools, processes = build_pools(settings, app.state.counters)
     # Workers take a minute or more to load; launch them first and read tokenizers meanwhile.
     supervisors = [asyncio.create_task(process.supervise()) for process in processes]
     session = build_session(settings)
@@ -155,6 +160,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         lambda: [row for pool in _served_pools(app) for row in pool.health_rows(hide)]
     )
     app.state.drain = Drain(settings.drain_timeout, settings.drain_accept_window)
+    app.state.counters = counters_for(settings)  # limits' counters, shared by the host's processes
     app.state.tracing = tracing_from_env(__version__)  # None unless OTEL_EXPORTER_OTLP_* is set
     # Outermost first: observability wraps everything, so refused requests are counted too.
     edge = [
@@ -186,9 +192,13 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
     if settings.api_keys:
         exempt = open_paths(endpoints) | ({"/metrics"} if not settings.metrics_need_key else set())
         keys = [key.get_secret_value() for key in settings.api_keys]
-        edge.append(
-            Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit)
+        failed = FailedKeyLimit(
+            settings.auth_failure_limit, settings.auth_failure_window, settings.trusted_proxies
         )
+        edge.append(
+            Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit,
+                       failed_keys=failed, counters=app.state.counters, metrics=app.state.metrics)
+        )  # fmt: skip
     edge.append(Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes))
     dispatch = Middleware(
         Dispatcher,

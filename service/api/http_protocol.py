@@ -7,7 +7,9 @@ This subclass of uvicorn's httptools protocol (passed as `uvicorn.Config(http=..
   to the end of the headers, else 408 and close;
 - a head size cap (request line plus headers), else 431 and close;
 - a body deadline: from the end of the head to the end of the body, else 408 and close;
-- a cap on open connections, else 503 and close.
+- a cap on open connections, else 503 and close. It holds per serving process, not for the host: what
+  it protects (file descriptors under the process's `ulimit -n`, memory, one event loop) is each
+  process's own, and a process with room should not refuse because others are busy.
 Deadlines are timer handles on the connection (no task or `asyncio.timeout` per request). Every
 refusal is a typed error whose
 envelope is the answer, and is counted (`gateway_errors_total{endpoint="connection"}`): it happens

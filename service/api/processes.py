@@ -4,8 +4,11 @@ The supervising process binds the port, launches and supervises the embedded wor
 them, to restart a wedged one), publishes where they are in a roster file, and starts N serving
 processes that inherit the listening socket (the kernel spreads connections over them). Each serving
 process is a whole gateway (its own pools, health checks, routing) except that it follows the roster
-instead of launching workers. Metrics of all of them are merged through prometheus-client's
-multiprocess mode (a shared directory). SIGTERM goes to every serving process, which drains as a single
+instead of launching workers. The limits that hold per worker, per model and per key (slots, queue
+places, rates, failed key attempts) are counted in a file of shared counters (service.ops.host_counters)
+in which each serving process has its own column: what a dead one held is given back before it is
+started again. Metrics of all of them are merged through prometheus-client's multiprocess mode (a
+shared directory, emptied at start). SIGTERM goes to every serving process, which drains as a single
 gateway does; then the workers are stopped. A serving process that dies is started again.
 """
 
@@ -24,10 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from limits import parse
 from prometheus_client import multiprocess
 
 from service.api.app import build_pools
+from service.ops.host_counters import HostCounters, layout_for
 from service.ops.settings import Settings
 from service.workers.health import HealthMonitor
 from service.workers.http_transport import HttpTransport, build_session
@@ -61,22 +64,6 @@ def process_count(settings: Settings) -> int:
     return max(1, min(MAX_AUTO_PROCESSES, available_cores() - embedded))
 
 
-def shares(settings: Settings, count: int) -> dict[str, str]:
-    """Each serving process's part of the limits that count across the gateway (worker slots, the
-    queue, connections, each key's rate), so N processes together admit what one would."""
-    part = {
-        "GATEWAY_MAX_IN_FLIGHT_PER_WORKER": math.ceil(settings.max_in_flight_per_worker / count),
-        "GATEWAY_MAX_QUEUE_PER_MODEL": math.ceil(settings.max_queue_per_model / count),
-        "GATEWAY_MAX_CONNECTIONS": math.ceil(settings.max_connections / count),
-    }
-    env = {name: str(value) for name, value in part.items()}
-    if settings.rate_limit:
-        limit = parse(settings.rate_limit)
-        amount = math.ceil(limit.amount / count)
-        env["GATEWAY_RATE_LIMIT"] = f"{amount}/{limit.multiples} {limit.GRANULARITY.name}"
-    return env
-
-
 def listening_socket(settings: Settings) -> socket.socket:
     """The gateway's port, bound once here and inherited by every serving process."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -96,27 +83,32 @@ class Supervisor:
         self.count = count
         self.sock = sock
         self.roster_path = folder / "roster.json"
+        self.counters_path = folder / "counters"
+        self.counters = HostCounters.create(self.counters_path, layout_for(settings, count))
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = asyncio.Event()
 
-    def child_env(self) -> dict[str, str]:
+    def child_env(self, index: int) -> dict[str, str]:
+        """Serving process `index`'s environment: the supervisor's, plus where the shared state is."""
         env = dict(os.environ)
         env.update(
             GATEWAY_PROCESSES="1",
             GATEWAY_ROSTER_FILE=str(self.roster_path),
+            GATEWAY_SHARED_COUNTERS_FILE=str(self.counters_path),
+            GATEWAY_SHARED_COUNTERS_COLUMN=str(index),
             GATEWAY_HOST=self.settings.host,
             GATEWAY_PORT=str(self.sock.getsockname()[1]),
         )
         if self.settings.models_file is not None:
             env["GATEWAY_MODELS_FILE"] = str(self.settings.models_file)
-        env.update(shares(self.settings, self.count))
         return env
 
-    def spawn(self) -> subprocess.Popen[bytes]:
+    def spawn(self, index: int) -> subprocess.Popen[bytes]:
         fd = self.sock.fileno()
         argv = [sys.executable, "-m", "service.api.processes", str(fd)]
         # Its own session, so a terminal's Ctrl-C reaches only this process, which forwards it once.
-        return subprocess.Popen(argv, env=self.child_env(), pass_fds=(fd,), preexec_fn=die_with_parent)
+        env = self.child_env(index)
+        return subprocess.Popen(argv, env=env, pass_fds=(fd,), preexec_fn=die_with_parent)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -140,6 +132,7 @@ class Supervisor:
             await asyncio.gather(*(process.stop() for process in processes), return_exceptions=True)
             await asyncio.gather(*supervisors, *tasks, return_exceptions=True)
             await probes.close()
+            self.counters.close()
             log.info("gateway stopped: %d serving processes, %d workers", self.count, len(processes))
 
     def _stop(self, sig: int) -> None:
@@ -168,10 +161,11 @@ class Supervisor:
         """One serving process, started again if it dies before the gateway stops."""
         delay = RESPAWN_BACKOFF[0]
         while not self.stopping.is_set():
-            child = self.spawn()
+            child = self.spawn(index)
             self.children.append(child)
             code = await asyncio.to_thread(child.wait)
             self.children.remove(child)
+            self.counters.reclaim(index)  # the slots and queue places it held come back
             if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
                 multiprocess.mark_process_dead(child.pid)  # type: ignore[no-untyped-call]
             if self.stopping.is_set():
@@ -186,7 +180,9 @@ class Supervisor:
 def serve_many(settings: Settings, count: int) -> int:
     """Serve with `count` processes until SIGTERM/SIGINT; 0 when stopped by a signal."""
     folder = Path(tempfile.mkdtemp(prefix="llm-gateway-"))
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        clear_metrics_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    else:
         (folder / "metrics").mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder / "metrics")
     sock = listening_socket(settings)
@@ -197,6 +193,18 @@ def serve_many(settings: Settings, count: int) -> int:
         sock.close()
         shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def clear_metrics_dir(folder: Path) -> None:
+    """Remove an earlier run's metric files from an operator-given multiprocess folder (they would be
+    merged into /metrics): only the supervising process does this, before any serving process starts."""
+    removed = 0
+    for stale in folder.glob("*.db"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed += 1
+    if removed:
+        log.info("removed %d metric files of an earlier run from %s", removed, folder)
 
 
 def _serve_inherited(fd: int) -> int:

@@ -186,6 +186,14 @@ class Metrics:
             "Of those, tokens the chosen replica likely had cached (the gateway's estimate)",
             ["model"], registry=registry,
         )  # fmt: skip
+        self.auth_failures = Counter(
+            "gateway_auth_failures", "Requests with a missing or wrong API key", registry=registry
+        )
+        self.auth_throttled = Counter(
+            "gateway_auth_throttled",
+            "Requests refused without a key check: their address sent too many wrong keys",
+            registry=registry,
+        )
         registry.register(self._health)
         registry.register(LogDropsCollector())
 

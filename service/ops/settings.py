@@ -240,7 +240,7 @@ class Settings(BaseSettings):
         default=64 * 1024, ge=1024, description="Largest request line plus headers (431 above)."
     )
     max_connections: int = Field(
-        default=4096, ge=1, description="Open client connections at most (503 and close above)."
+        default=4096, ge=1, description="Open client connections per serving process (503 and close above)."
     )
     max_n: int = Field(default=8, ge=1, le=16, description="Largest `n`.")
     max_stop: int = Field(default=8, ge=1, le=16, description="Most `stop` sequences.")
@@ -280,8 +280,31 @@ class Settings(BaseSettings):
     log_queue_size: int = Field(
         default=10_000, ge=100, description="Log records waiting for the writer at most (more are dropped)."
     )
+    # Part D (issue 19): limits shared by the processes of a host, failed-key throttling.
+    auth_failure_limit: int = Field(
+        default=10,
+        ge=0,
+        description="Wrong or missing API keys one client address may send within "
+        "GATEWAY_AUTH_FAILURE_WINDOW; then it gets 429 with Retry-After, before any key is compared; 0: off.",
+    )
+    auth_failure_window: float = Field(
+        default=60.0, gt=0, description="Seconds over which failed key attempts are counted."
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Proxies (addresses or CIDR networks, comma-separated) whose X-Forwarded-For names the "
+        "client, for counting failed key attempts per client; empty: the peer address counts.",
+    )
+    shared_counters_file: Path | None = Field(
+        default=None,
+        description="Set by the supervising process for the others: the file holding the limits' counters "
+        "the processes share. Not for hand use.",
+    )
+    shared_counters_column: int = Field(
+        default=0, ge=0, description="Set by the supervising process: this process's column in that file."
+    )
 
-    @field_validator("api_keys", "cors_allow_origins", mode="before")
+    @field_validator("api_keys", "cors_allow_origins", "trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -298,6 +321,18 @@ class Settings(BaseSettings):
                 parse(value)
             except ValueError as exc:
                 raise ValueError("expected a rate such as `600/minute` or `10/second`") from exc
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an address or CIDR network") from exc
         return value
 
     @field_validator("log_level")

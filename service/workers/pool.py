@@ -3,6 +3,12 @@
 Admission is counted in sequences, not requests: a request costs `prompts x n` slots (capped at one
 worker's capacity, so a huge batch waits for a whole worker instead of being refused), so a batch of
 1,024 prompts cannot run under the slot of a single request.
+
+Slots and queue places are held in `Holdings` (service.ops.counters) shared by the gateway processes
+of the host, so the caps hold per worker and per model whatever the process count. The line itself is
+per process (strictly first come first served within it); while another process has requests waiting,
+new arrivals here join the line instead of taking a freed slot first, and while the line is not empty
+it looks for slots freed by other processes every `Capacity.poll` seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import NoHealthyWorker, Overloaded
+from service.ops.counters import Holdings
+from service.ops.host_counters import HostCounters
 from service.ops.metrics import WorkerRow
 from service.ops.settings import ModelKind, ModelSpec, RoutingPolicy
 from service.workers.routing import (
@@ -39,6 +47,7 @@ class Capacity:
     per_worker: int = 16
     queue: int = 64
     queue_timeout: float = 30.0
+    poll: float = 0.01  # while requests wait: how often to look for slots other processes freed
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +59,7 @@ class Lease:
     reason: Reason = Reason.LEAST_OUTSTANDING  # why this worker (see routing.Reason)
     prefix_tokens: int = 0  # prompt tokens in whole blocks, hashed for prefix routing
     hit_tokens: int = 0  # of which the worker likely had cached (the gateway's estimate)
+    slot_key: str = ""  # what the slots are counted under (the worker's name could change meanwhile)
 
 
 @dataclass(eq=False)
@@ -68,7 +78,9 @@ class ModelPool:
     workers: list[Worker] = field(default_factory=list)
     capacity: Capacity = field(default_factory=Capacity)
     router: Router = field(default_factory=lambda: Router(RoutingConfig()))
+    slots: Holdings = field(default_factory=HostCounters.in_memory)  # shared by the host's processes
     _waiters: deque[_Waiter] = field(default_factory=deque)
+    _poller: asyncio.Task[None] | None = None
     _picks: int = 0
     _context: int | None = None
 
@@ -156,17 +168,33 @@ class ModelPool:
         healthy = self.healthy_workers(exclude)
         if len(healthy) == 1:  # nothing to choose between (most pools): no routing work at all
             only = healthy[0]
-            fits = only.outstanding + cost <= self.capacity.per_worker
-            return self._take(only, cost, Reason.LEAST_OUTSTANDING, 0, 0) if fits else None
+            key = self._take_slots(only, cost)
+            return self._take(only, cost, key, Reason.LEAST_OUTSTANDING, 0, 0) if key else None
         block = self.block_size
         route = self.router.route(healthy, cost, hint, block)
         for worker in route.order:
-            if worker.outstanding + cost <= self.capacity.per_worker:
+            key = self._take_slots(worker, cost)
+            if key:
                 hit_blocks = self.router.chosen(route, worker)
-                return self._take(
-                    worker, cost, route.reason_for(worker), len(route.blocks) * block, hit_blocks * block
-                )
+                reason = route.reason_for(worker)
+                return self._take(worker, cost, key, reason, len(route.blocks) * block, hit_blocks * block)
         return None
+
+    def _take_slots(self, worker: Worker, cost: int) -> str | None:
+        """Hold `cost` slots of `worker` for the whole host if it has room; what they are held under."""
+        cap = self.capacity.per_worker
+        if worker.outstanding + cost > cap:  # this process alone fills it: no need to ask the others
+            return None
+        key = f"slots/{self.name}/{worker.name}"
+        return key if self.slots.take(key, cost, cap) else None
+
+    @property
+    def _queue_key(self) -> str:
+        return f"queue/{self.name}"
+
+    def _others_waiting(self) -> bool:
+        """Whether requests wait in another process's line (new arrivals must not overtake them)."""
+        return self.slots.shared and self.slots.held(self._queue_key) > 0
 
     async def acquire(
         self, sequences: int = 1, exclude: Collection[Worker] = (), hint: RouteHint = NO_HINT
@@ -178,13 +206,15 @@ class ModelPool:
         runs out; nothing has been sent upstream then. Pair with `release`.
         """
         cost = self.cost_of(sequences)
-        lease = self._free_worker(cost, exclude, hint) if not self._waiters else None
-        if lease is not None:
-            return lease
-        if len(self._waiters) >= self.capacity.queue:
+        if not self._waiters and not self._others_waiting():
+            lease = self._free_worker(cost, exclude, hint)
+            if lease is not None:
+                return lease
+        if not self.slots.take(self._queue_key, 1, self.capacity.queue):
             raise Overloaded(self.name, "its queue is full")
         waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, exclude, hint)
         self._waiters.append(waiter)
+        self._keep_polling()
         try:
             await asyncio.wait({waiter.future}, timeout=self.capacity.queue_timeout)
         except BaseException:
@@ -195,10 +225,15 @@ class ModelPool:
             raise Overloaded(self.name, f"no worker slot freed within {self.capacity.queue_timeout:g} s")
         return waiter.future.result()
 
+    def _leave(self, waiter: _Waiter) -> None:
+        """Out of the line (served, cancelled or timed out): its queue place goes back."""
+        self._waiters.remove(waiter)
+        self.slots.give(self._queue_key, 1)
+
     def _forget(self, waiter: _Waiter) -> None:
         """Leave the line; slots handed over meanwhile go back."""
         if waiter in self._waiters:
-            self._waiters.remove(waiter)
+            self._leave(waiter)
         future = waiter.future
         if future.done() and not future.cancelled():
             self.release(future.result())
@@ -206,9 +241,21 @@ class ModelPool:
             future.cancel()
         self.hand_over()  # the next in line may fit where this one did not
 
+    def _keep_polling(self) -> None:
+        """With other processes sharing the slots, look for slots they free while the line is not empty
+        (their releases do not reach this process)."""
+        if self.slots.shared and (self._poller is None or self._poller.done()):
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while self._waiters:
+            await asyncio.sleep(self.capacity.poll)
+            self.hand_over()
+
     def release(self, lease: Lease) -> None:
         """The request behind `lease` is over: its slots go to the next in line."""
         lease.worker.outstanding -= lease.cost
+        self.slots.give(lease.slot_key, lease.cost)
         self.hand_over()
 
     def hand_over(self) -> None:
@@ -217,7 +264,7 @@ class ModelPool:
         while self._waiters:
             head = self._waiters[0]
             if head.future.done():
-                self._waiters.popleft()
+                self._leave(head)
                 continue
             try:
                 lease = self._free_worker(head.cost, head.exclude, head.hint)
@@ -225,11 +272,13 @@ class ModelPool:
                 return
             if lease is None:
                 return
-            self._waiters.popleft()
+            self._leave(head)
             head.future.set_result(lease)
 
-    def _take(self, worker: Worker, cost: int, reason: Reason, prefix_tokens: int, hit_tokens: int) -> Lease:
+    def _take(
+        self, worker: Worker, cost: int, key: str, reason: Reason, prefix_tokens: int, hit_tokens: int
+    ) -> Lease:
         self._picks += 1
         worker.picked = self._picks
         worker.outstanding += cost
-        return Lease(worker, cost, reason, prefix_tokens, hit_tokens)
+        return Lease(worker, cost, reason, prefix_tokens, hit_tokens, key)

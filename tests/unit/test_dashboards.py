@@ -76,6 +76,8 @@ def test_exports_exactly_the_documented_metric_names() -> None:
         "gateway_worker_kv_cache_usage",
         "gateway_worker_prefix_cache_queries",
         "gateway_worker_prefix_cache_hits",
+        "gateway_auth_failures",
+        "gateway_auth_throttled",
     }
 
 

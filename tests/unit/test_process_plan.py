@@ -1,10 +1,14 @@
-"""How many gateway processes serve, and how the gateway-wide limits are split between them."""
+"""How many gateway processes serve, and what each is told: the limits as set, where shared state is."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
 import service.api.processes as processes
+from service.ops.host_counters import HostCounters
 from service.ops.settings import ModelKind, ModelSpec, Settings
 
 EXTERNAL = ModelSpec(name="m", kind=ModelKind.BASE, tokenizer="/t", urls=["http://w:1"])
@@ -27,15 +31,29 @@ def test_the_default_is_a_process_per_free_core(
     assert processes.process_count(Settings(models=models, processes=setting)) == expected
 
 
-def test_gateway_wide_limits_are_split_between_the_processes() -> None:
-    settings = Settings(
-        models=[EXTERNAL], max_in_flight_per_worker=32, max_queue_per_model=5, max_connections=4096,
-        rate_limit="600/minute",
-    )  # fmt: skip
-    assert processes.shares(settings, 3) == {
-        "GATEWAY_MAX_IN_FLIGHT_PER_WORKER": "11",
-        "GATEWAY_MAX_QUEUE_PER_MODEL": "2",
-        "GATEWAY_MAX_CONNECTIONS": "1366",
-        "GATEWAY_RATE_LIMIT": "200/1 minute",
-    }
-    Settings(models=[EXTERNAL], rate_limit=processes.shares(settings, 3)["GATEWAY_RATE_LIMIT"])  # valid
+def test_every_serving_process_gets_the_limits_as_set_and_its_own_counters_column(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    limits = {"GATEWAY_MAX_IN_FLIGHT_PER_WORKER": "32", "GATEWAY_MAX_QUEUE_PER_MODEL": "5",
+              "GATEWAY_MAX_CONNECTIONS": "4096", "GATEWAY_RATE_LIMIT": "600/minute"}  # fmt: skip
+    for name, value in limits.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(models=[EXTERNAL], port=0)
+    with processes.listening_socket(settings) as sock:
+        supervisor = processes.Supervisor(settings, 3, sock, tmp_path)
+        envs = [supervisor.child_env(index) for index in range(3)]
+    placement = {"GATEWAY_PROCESSES", "GATEWAY_ROSTER_FILE", "GATEWAY_SHARED_COUNTERS_FILE",
+                 "GATEWAY_SHARED_COUNTERS_COLUMN", "GATEWAY_HOST", "GATEWAY_PORT"}  # fmt: skip
+    for index, env in enumerate(envs):
+        changed = {k for k, v in env.items() if k.startswith("GATEWAY_") and os.environ.get(k) != v}
+        assert changed <= placement  # no limit is divided: each holds host-wide, as set
+        assert env["GATEWAY_SHARED_COUNTERS_COLUMN"] == str(index)
+        HostCounters.attach(Path(env["GATEWAY_SHARED_COUNTERS_FILE"]), index).close()
+
+
+def test_the_supervisor_empties_an_operator_given_metrics_folder(tmp_path: Path) -> None:
+    (tmp_path / "counter_1234.db").write_bytes(b"stale")
+    (tmp_path / "gauge_livesum_99.db").write_bytes(b"stale")
+    (tmp_path / "notes.txt").write_text("not ours")
+    processes.clear_metrics_dir(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
