@@ -64,4 +64,5 @@ class ApiKeyMiddleware:
             retry_after = max(1, int(reset - time.time()) + 1)
             await reject(scope, receive, send, RateLimited(str(self.limit), retry_after))
             return
+        scope.setdefault("state", {})["api_key_id"] = self.digests[index][:16].hex()
         await self.app(scope, receive, send)
