@@ -55,12 +55,12 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stop(stack)
 
 
-def probe(stack: Stack, key: str, prompt: str) -> tuple[float, float, int]:
+def probe(stack: Stack, key: str, prompt: str, **fields: Any) -> tuple[float, float, int]:
     """Send `prompt` as `key`: (seconds to the answer, prefix-cache hit tokens on the worker, prompt
     tokens). One token is generated, so the time is the prefill's."""
     worker = stack.worker_url(MODEL)
     _, hits_before = prefix_cache(worker)
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, **fields}
     started = time.perf_counter()
     answer = httpx.post(
         f"{stack.url}/v1/completions",
@@ -75,33 +75,42 @@ def probe(stack: Stack, key: str, prompt: str) -> tuple[float, float, int]:
 
 
 def test_another_keys_exact_guess_is_as_slow_as_a_wrong_one(tenants: Stack) -> None:
-    secret, wrong = long_prompt(1), long_prompt(2)
-    probe(tenants, "b", long_prompt(3))  # warm-up: the worker's first long prefill is slower
+    secret = long_prompt(1)
+    probe(tenants, "b", long_prompt(2))  # warm-up: the worker's first long prefill is slower
     first = probe(tenants, "a", secret)  # cold: prefilled and cached under a's group salt
-    own = min(probe(tenants, "a", secret), probe(tenants, "a", secret))  # the faster of two hits
     exact = probe(tenants, "b", secret)  # the probe: b's exact guess of a's prompt
-    guess = probe(tenants, "b", wrong)
-    grouped = probe(tenants, "c", secret)  # c shares a's cache on purpose
-    timings = {
-        "a first": first,
-        "a again": own,
-        "b exact guess": exact,
-        "b wrong guess": guess,
-        "c (a's group)": grouped,
+    runs: dict[str, list[tuple[float, float, int]]] = {
+        "a again": [],
+        "c (a's group)": [],
+        "b wrong guess": [],
     }
-    for name, (seconds, hits, tokens) in timings.items():
-        print(
-            f"{name:>15}: {seconds:6.3f} s, {hits:6.0f} of {tokens} prompt tokens from the prefix cache",
-            file=sys.stderr,
-        )
+    runs["b exact guess"] = [exact]
+    for attempt in range(3):  # interleaved, so a busy moment of the shared machine hits all kinds alike
+        runs["a again"].append(probe(tenants, "a", secret))
+        runs["c (a's group)"].append(probe(tenants, "c", secret))  # c shares a's cache on purpose
+        runs["b wrong guess"].append(probe(tenants, "b", long_prompt(10 + attempt)))
+        if attempt:  # b's exact guess again, under a salt of b's own choosing: still nothing of a's
+            runs["b exact guess"].append(probe(tenants, "b", secret, cache_salt=f"guess-{attempt}"))
+    print(
+        f"\n        a first: {first[0]:6.3f} s, {first[1]:6.0f} of {first[2]} tokens cached", file=sys.stderr
+    )
+    for name, measured in runs.items():
+        seconds = ", ".join(f"{run[0]:.3f}" for run in measured)
+        hits = ", ".join(f"{run[1]:.0f}" for run in measured)
+        print(f"{name:>15}: {seconds} s; {hits} of {first[2]} tokens cached", file=sys.stderr)
     tokens = first[2]
-    assert tokens > 1200
-    assert own[1] >= 0.8 * tokens and grouped[1] >= 0.8 * tokens  # a key (and its group) hit their cache
-    assert exact[1] == 0 and guess[1] == 0  # nothing of a's reaches b
+    assert tokens > 1200 and first[1] == 0
+    for name in ("a again", "c (a's group)"):  # a key, and the keys of its group, hit their cache
+        assert all(run[1] >= 0.8 * tokens for run in runs[name]), runs[name]
+    for name in ("b exact guess", "b wrong guess"):  # nothing of a's reaches b
+        assert all(run[1] == 0 for run in runs[name]), runs[name]
     # The timing channel is closed: b's exact guess costs a whole prefill, like a wrong one, while a
-    # cached prompt answers in a fraction of it (generous bounds: the machine is shared).
-    assert exact[0] > 0.5 * guess[0]
-    assert own[0] < 0.5 * exact[0] and grouped[0] < 0.5 * exact[0]
+    # cached prompt answers in a fraction of it. The fastest of each kind is compared: on a shared
+    # machine, other work only ever adds time.
+    fastest = {name: min(run[0] for run in measured) for name, measured in runs.items()}
+    assert fastest["b exact guess"] > 0.5 * fastest["b wrong guess"]
+    assert fastest["a again"] < 0.5 * fastest["b exact guess"]
+    assert fastest["c (a's group)"] < 0.5 * fastest["b exact guess"]
 
 
 def test_the_worker_answers_the_gateway_only(tenants: Stack) -> None:

@@ -6,6 +6,11 @@ from __future__ import annotations
 import hashlib
 from array import array
 
+from service.core.context import RequestContext
+from service.core.gateway import Gateway
+from service.core.tenancy import Caller
+from service.ops.metrics import Metrics
+from service.ops.record import RequestRecord
 from service.ops.settings import RoutingPolicy
 from service.workers.pool import ModelPool, Worker
 from service.workers.routing import Reason, RouteHint, block_hashes
@@ -68,3 +73,12 @@ async def test_two_groups_place_the_same_prompts_independently() -> None:
     differ = sum(a != b for a, b in zip(placed_a, placed_b, strict=True))
     # Independent choices among 4 replicas differ 3 times in 4 (48 of 64); identical ones never.
     assert 32 <= differ <= 60
+
+
+def test_a_requests_route_hint_carries_its_callers_salt() -> None:
+    pool = pool_of(replicas(2))
+    tokens = tenant(4)
+    record = RequestRecord(Metrics(lambda: []), "id", "test")
+    caller = Caller(key_id="k", cache_group="key:k", salt=SALT_A)
+    assert Gateway.route_hint(pool, RequestContext("id", record, caller=caller), tokens).salt == SALT_A
+    assert Gateway.route_hint(pool, RequestContext("id", record), tokens).salt is None  # no keys
