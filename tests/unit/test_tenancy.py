@@ -131,6 +131,8 @@ def test_the_salt_is_spliced_into_the_clients_bytes_and_wins_over_its_own() -> N
     escaped = b'{"prompt": "x", "cache\\u005fsalt": "client"}'
     assert json.loads(splice_member(escaped, "cache_salt", "gateway"))["cache_salt"] == "gateway"
     assert json.loads(splice_member(b"{ }", "k", "v")) == {"k": "v"}
+    for odd in ('quote " and \\ backslash', "tab\tnewline\n", "ünïcode", "\u2028"):
+        assert json.loads(splice_member(b'{"a": 1}', "k", odd)) == {"a": 1, "k": odd}
     with pytest.raises(ValueError, match="not a JSON object"):
         splice_member(b'["x"]', "k", "v")
 
