@@ -74,8 +74,8 @@ def measure(baseline: Path, rounds: int, scale: float, only: str | None) -> dict
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
             for _name, base, _ in targets:  # warm up both
                 loadgen(f"{base}/v1/completions", body, concurrency, max(concurrency, count // 10), KEY)
-            for _ in range(rounds):
-                for name, base, pid in targets:
+            for index in range(rounds):  # ABBA: neither gateway always runs first (or on a warmer machine)
+                for name, base, pid in targets if index % 2 == 0 else targets[::-1]:
                     before = cpu_seconds(pid)
                     run = loadgen(f"{base}/v1/completions", body, concurrency, count, KEY)
                     run["cpu_ms_per_request"] = (cpu_seconds(pid) - before) / len(run["latencies"]) * 1e3
@@ -101,7 +101,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "p99_ms": percentile(latencies, 99) * 1e3,
             "failures": sum(run["failures"] for run in measured),
         }
-    out["cpu_ratio"] = out["this tree"]["cpu_ms_per_request"] / out["baseline"]["cpu_ms_per_request"]
+    # Each round's two runs were back to back: their ratio is the least disturbed by the machine's
+    # other load, which drifts over a run.
+    pairs = zip(
+        out["this tree"]["cpu_ms_per_request_rounds"],
+        out["baseline"]["cpu_ms_per_request_rounds"],
+        strict=True,
+    )
+    out["cpu_ratio"] = statistics.median(this / baseline for this, baseline in pairs)
     return out
 
 
