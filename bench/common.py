@@ -54,12 +54,15 @@ def wait_http(
     raise TimeoutError(url)
 
 
-def loadgen(url: str, body: dict[str, Any], concurrency: int, requests: int) -> dict[str, Any]:
+def loadgen(
+    url: str, body: dict[str, Any], concurrency: int, requests: int, bearer: str | None = None
+) -> dict[str, Any]:
     """Run the load generator in its own process and return its measurements (read from a file)."""
     with tempfile.TemporaryDirectory(prefix="loadgen-") as scratch:
         report = Path(scratch) / "report.json"
         command = [sys.executable, "-m", "bench.loadgen", "--url", url, "--body", json.dumps(body)]
         command += ["--concurrency", str(concurrency), "--requests", str(requests), "--output", str(report)]
+        command += ["--bearer", bearer] if bearer else []
         run = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"load generator exited with {run.returncode}: {run.stderr[-2000:]}")

@@ -15,7 +15,9 @@ from typing import Any
 import aiohttp
 
 
-async def run(url: str, body: dict[str, Any], concurrency: int, requests: int) -> dict[str, Any]:
+async def run(
+    url: str, body: dict[str, Any], concurrency: int, requests: int, bearer: str | None = None
+) -> dict[str, Any]:
     latencies: list[float] = []
     first_events: list[float] = []
     gaps: list[float] = []
@@ -24,6 +26,8 @@ async def run(url: str, body: dict[str, Any], concurrency: int, requests: int) -
     remaining = requests
     payload = json.dumps(body).encode()
     headers = {"content-type": "application/json"}
+    if bearer:
+        headers["authorization"] = f"Bearer {bearer}"
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -73,6 +77,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--output", type=Path, help="write the JSON report here instead of stdout")
+    parser.add_argument("--bearer", help="an API key to send (Authorization: Bearer)")
     args = parser.parse_args()
     try:
         import uvloop
@@ -80,7 +85,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(run(args.url, json.loads(args.body), args.concurrency, args.requests))
+    result = asyncio.run(run(args.url, json.loads(args.body), args.concurrency, args.requests, args.bearer))
     report = json.dumps(result)
     if args.output is None:
         print(report)

@@ -27,6 +27,7 @@ from service.api.observability import ObservabilityMiddleware
 from service.api.openapi import install_openapi
 from service.core.gateway import Gateway
 from service.core.templates import load_tokenizers
+from service.core.tenancy import Tenancy
 from service.ops.host_counters import HostCounters, counters_for
 from service.ops.metrics import Metrics
 from service.ops.settings import ModelSpec, Settings
@@ -154,6 +155,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.tenancy = Tenancy.from_settings(settings)  # who each API key is, and its cache salt
     # While keys are set, metrics readable without one must not show where the workers are.
     hide = bool(settings.api_keys) and not settings.metrics_need_key
     app.state.metrics = Metrics(

@@ -79,6 +79,7 @@ class Dispatcher:
             context = RequestContext(
                 state.get("request_id", "-"), record, receive, session.decode("latin-1") if session else None
             )
+            context.caller = self.state.tenancy.caller(state.get("api_key_id"))
             response: Response = await context.unless_client_leaves(
                 handler(self.state.gateway, request, context)
             )

@@ -1,5 +1,6 @@
 """What one request carries through the gateway besides its body: its id, the client's side of the
-connection (to notice it leaving) and its record (observation only, see `service.ops.record`)."""
+connection (to notice it leaving), who is calling (`service.core.tenancy`) and its record
+(observation only, see `service.ops.record`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TypeVar
 
 from starlette.types import Receive
 
+from service.core.tenancy import OPEN, Caller
 from service.errors import ClientDisconnected
 from service.ops.record import RequestRecord
 
@@ -26,6 +28,7 @@ class RequestContext:
     record: RequestRecord
     receive: Receive | None = None  # the client's side; None where nobody can leave (tests)
     session: str | None = None  # the session key header, for `session` routing
+    caller: Caller = OPEN  # its API key's id and cache group; OPEN without keys
 
     async def unless_client_leaves(self, work: Awaitable[T]) -> T:
         """Run `work` in this task; if the client disconnects first, cancel it (leaving the queue,

@@ -370,7 +370,7 @@ class Gateway:
         its session key (the session header, else the `user` field) for `session`."""
         policy = pool.policy
         if policy is RoutingPolicy.PREFIX and tokens:
-            return RouteHint(tokens=tokens)
+            return RouteHint(tokens=tokens, salt=ctx.caller.salt)
         if policy is RoutingPolicy.SESSION:
             return RouteHint(session=ctx.session or user)
         return NO_HINT

@@ -5,6 +5,7 @@ Invalid configuration stops start-up with a message naming the field (pydantic d
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from enum import StrEnum
@@ -303,6 +304,46 @@ class Settings(BaseSettings):
     shared_counters_column: int = Field(
         default=0, ge=0, description="Set by the supervising process: this process's column in that file."
     )
+    # Part E (tenancy): prefix-cache isolation between API keys, and the workers' own key.
+    cache_salt_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret the per-key prefix-cache salts are derived from; unset: from the API keys "
+        "themselves (every process and pod agrees, and only a key's holder could derive its salt).",
+    )
+    cache_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Keys that share one prefix cache on purpose, as JSON: group name -> key ids (the "
+        "first 32 hex digits of the key's SHA-256); every other key has a cache of its own.",
+    )
+    worker_api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token sent to workers on every request and probe; embedded workers are launched "
+        "with it (vLLM's --api-key, as VLLM_API_KEY). Unset: none.",
+    )
+
+    @field_validator("cache_salt_secret", "worker_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # compose passes `${VAR:-}` as an empty string
+
+    @model_validator(mode="after")
+    def _groups_name_configured_keys(self) -> Self:
+        """Each grouped key id is one of the configured keys', in one group only."""
+        ids = {hashlib.sha256(k.get_secret_value().encode()).digest()[:16].hex() for k in self.api_keys}
+        seen: set[str] = set()
+        for name, members in self.cache_groups.items():
+            if not name:
+                raise ValueError("cache_groups: a group needs a name")
+            for member in members:
+                if member not in ids:
+                    raise ValueError(
+                        f"cache_groups: {member!r} in group {name!r} is the id of none of the api_keys "
+                        "(a key's id is the first 32 hex digits of its SHA-256)"
+                    )
+                if member in seen:
+                    raise ValueError(f"cache_groups: key id {member!r} is in more than one group")
+                seen.add(member)
+        return self
 
     @field_validator("api_keys", "cors_allow_origins", "trusted_proxies", mode="before")
     @classmethod

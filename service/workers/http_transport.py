@@ -36,8 +36,14 @@ def build_session(settings: Settings) -> aiohttp.ClientSession:
     )
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout)
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False, headers=JSON_HEADERS
+        connector=connector, timeout=timeout, auto_decompress=False, headers=worker_headers(settings)
     )
+
+
+def worker_headers(settings: Settings) -> dict[str, str]:
+    """Headers of every request to a worker, probes included: JSON, and the workers' own key if set."""
+    token = settings.worker_api_key  # vLLM's --api-key: guards the worker's /v1 routes
+    return {**JSON_HEADERS, "Authorization": f"Bearer {token.get_secret_value()}"} if token else JSON_HEADERS
 
 
 def translate(exc: BaseException, worker: Worker, connect_timeout: float) -> GatewayError:

@@ -8,6 +8,10 @@ replica that most likely still holds that prefix in vLLM's prefix cache, so it i
   the end of that block), as vLLM's own prefix cache does; only whole blocks can be cached.
 - Each pool remembers (bounded, least recently used first out) which replica each chained hash went
   to; the replica holding the longest run of the prompt's blocks is preferred.
+- With API keys configured, the hashes are keyed by the request's cache salt (see
+  `service.core.tenancy`), as vLLM keys its own block hashes by it: the same prompt from two cache
+  groups is two unrelated prefixes, placed independently, and no group's request is steered to the
+  replica holding another group's prefix. Without a salt the hashes are unkeyed, as before.
 - A prefix seen nowhere goes to the replica chosen by rendezvous hashing (highest random weight) of
   the hash of its first blocks and the replicas' stable names. That choice needs no memory, so every
   gateway process and every gateway pod sends a new prefix to the same replica, and when a replica
@@ -56,10 +60,12 @@ class Reason(StrEnum):
 
 @dataclass(frozen=True)
 class RouteHint:
-    """What a request offers for routing: its prompt's token ids, its session key."""
+    """What a request offers for routing: its prompt's token ids, its session key, and the cache salt
+    its prompt is cached under on the worker (None: unsalted)."""
 
     tokens: Sequence[int] | None = None
     session: str | None = None
+    salt: str | None = None
 
 
 NO_HINT = RouteHint()
@@ -82,15 +88,18 @@ class Route:
         return self.reason
 
 
-def block_hashes(tokens: Sequence[int], block_size: int, max_tokens: int) -> list[int]:
+def block_hashes(
+    tokens: Sequence[int], block_size: int, max_tokens: int, salt: str | None = None
+) -> list[int]:
     """Chained hashes of the whole blocks among the first `max_tokens` tokens: block i's hash covers
-    every token up to the end of block i. blake2b, not Python's `hash`, so every process agrees."""
+    every token up to the end of block i (and the salt, as blake2b's key: unrelated hashes per salt).
+    blake2b, not Python's `hash`, so every process agrees."""
     whole = min(len(tokens), max_tokens) // block_size * block_size
     if whole == 0:
         return []
     data = array("i", tokens[:whole]).tobytes()
     step = block_size * 4
-    hasher = hashlib.blake2b(digest_size=8)
+    hasher = hashlib.blake2b(digest_size=8, key=salt.encode()[:64] if salt else b"")
     hashes = []
     for start in range(0, len(data), step):
         hasher.update(data[start : start + step])
@@ -186,7 +195,7 @@ class Router:
                 return Route(least_loaded, Reason.LEAST_OUTSTANDING)
             ranked = rendezvous(hint.session.encode(), workers)
             return self._bounded(Route(ranked, Reason.SESSION, ranked[0]), least_loaded, cost)
-        blocks = block_hashes(hint.tokens or (), block_size, self.config.max_prefix_tokens)
+        blocks = block_hashes(hint.tokens or (), block_size, self.config.max_prefix_tokens, hint.salt)
         if not blocks:
             return Route(least_loaded, Reason.LEAST_OUTSTANDING)
         key_depth = max(1, min(len(blocks), KEY_TOKENS // block_size))

@@ -110,6 +110,8 @@ def launch_plan(
         argv += ["--otlp-traces-endpoint", traces]
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = protocol(env)
         env["OTEL_SERVICE_NAME"] = f"vllm {spec.name}"
+    if settings.worker_api_key:  # vLLM's --api-key, by environment: not on a command line all can read
+        env["VLLM_API_KEY"] = settings.worker_api_key.get_secret_value()
     if cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores
     env.update(spec.engine_env)

@@ -49,8 +49,8 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
     kinds = sorted(doc["kind"] for doc in documents)
     assert kinds == sorted(
-        ["Deployment"] * 3 + ["Service"] * 3
-        + ["PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "ConfigMap", "Secret"]
+        ["Deployment"] * 3 + ["Service"] * 3 + ["Secret"] * 2
+        + ["PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "ConfigMap", "NetworkPolicy"]
     )  # fmt: skip
 
 
@@ -153,3 +153,68 @@ def test_the_validation_catches_a_typo() -> None:
     deployment["spec"]["replicass"] = 2
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def labels_match(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector["matchLabels"].items())
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_only_the_gateway_and_prometheus_reach_the_workers(overlay: str) -> None:
+    documents = render(K8S / "overlays" / overlay)
+    deployments = by_kind(documents, "Deployment")
+    policy = by_kind(documents, "NetworkPolicy")["vllm-workers"]["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    selected = {name for name, d in deployments.items() if labels_match(policy["podSelector"], pod_labels(d))}
+    assert selected == {"vllm-base", "vllm-instruct"}  # every worker pod, and no other
+    [rule] = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    gateway, prometheus = rule["from"]
+    assert set(gateway) == {"podSelector"}  # the gateway's pods, in the workers' own namespace
+    assert labels_match(gateway["podSelector"], pod_labels(deployments["llm-gateway"]))
+    assert set(prometheus) == {"namespaceSelector", "podSelector"}  # both: a pod of that namespace only
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {item["name"]: item.get("valueFrom") or item.get("value") for item in container["env"]}
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_workers_require_the_key_the_gateway_sends(overlay: str) -> None:
+    documents = render(K8S / "overlays" / overlay)
+    deployments = by_kind(documents, "Deployment")
+    gateway = env_of(deployments["llm-gateway"]["spec"]["template"]["spec"]["containers"][0])
+    reference = gateway["GATEWAY_WORKER_API_KEY"]["secretKeyRef"]
+    secret = by_kind(documents, "Secret")[reference["name"]]["stringData"]
+    assert secret[reference["key"]] and secret[reference["key"]] not in secret.get("api-keys", "")
+    assert reference["name"] != "llm-gateway-keys"  # workers never see the clients' keys
+    for model in ("base", "instruct"):
+        container = deployments[f"vllm-{model}"]["spec"]["template"]["spec"]["containers"][0]
+        assert env_of(container)["VLLM_API_KEY"]["secretKeyRef"] == reference
+        assert "--api-key" not in container["args"]  # from the Secret, not on a command line
+        # vLLM's --api-key guards /v1 (and /v2, /inference); the kubelet's probes must stay open.
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/health"
+    Settings(api_keys="k", worker_api_key=secret[reference["key"]])  # type: ignore[arg-type]
+
+
+MONITORING = ("prometheus", "grafana", "otel-collector", "jaeger")
+
+
+def test_compose_binds_the_unauthenticated_services_to_loopback() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in MONITORING:
+        ports = services[name]["ports"]
+        assert ports and all(str(port).startswith("127.0.0.1:") for port in ports), (name, ports)
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {*MONITORING, "gateway", "all-in-one"}  # no worker port is published
+    for worker in ("vllm-base", "vllm-instruct"):
+        assert services[worker]["environment"]["VLLM_API_KEY"] == "${WORKER_API_KEY:-}"
+    for gateway in ("gateway", "all-in-one"):
+        assert services[gateway]["environment"]["GATEWAY_WORKER_API_KEY"] == "${WORKER_API_KEY:-}"

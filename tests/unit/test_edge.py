@@ -19,6 +19,7 @@ from service.api.dispatch import Dispatcher
 from service.api.drain import Drain, DrainMiddleware
 from service.api.endpoint import Endpoint
 from service.api.errors import error_exit
+from service.core.tenancy import NO_TENANCY
 from service.errors import ClientDisconnected, InvalidRequest, Overloaded
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
@@ -43,6 +44,7 @@ async def echo(gateway: Any, request: Echo, rec: RequestRecord) -> Response:
 
 class State:
     gateway = "the gateway"
+    tenancy = NO_TENANCY
 
 
 async def not_found(scope: Any, receive: Any, send: Any) -> None:

@@ -13,6 +13,7 @@ from service.core.fewshot import build_few_shot
 from service.core.gateway import Gateway
 from service.core.protocol import ChatRequest, CompleteRequest, RenderRequest
 from service.core.templates import RenderedPrompt, messages_as_dicts
+from service.core.tenancy import add_salt
 from service.core.translate import NativeStream, native_chat, native_complete
 from service.errors import InvalidRequest
 from service.ops.record import RequestRecord
@@ -36,6 +37,7 @@ async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestConte
         return JSONResponse(await score(gateway, pool, request, prompt, ctx))
     ids = await gateway.encode(pool, prompt, record=record)
     body = gateway.completion_body(pool, [ids], request.max_tokens, params, request.stream)
+    add_salt(body, ctx.caller, pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(pool, ctx, ids)
     if request.stream:
         translator = NativeStream(pool.name, "text")
@@ -62,6 +64,7 @@ async def score(
     gateway.check_context(pool, len(whole), 1)
     gateway.check_scoring(pool, len(whole))
     body = {"model": pool.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
+    add_salt(body, ctx.caller, pool)  # with keys: the caller's prefix-cache salt
     answer = (await gateway.generate(pool, body, ctx.record, hint=gateway.route_hint(pool, ctx, whole))).data
     rows = (answer.get("choices") or [{}])[0].get("prompt_logprobs") or []
     tokens = [
@@ -100,6 +103,7 @@ async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> R
     pool, rendered = await _admit_chat(gateway, request, record)
     params = request.engine_params()
     body = gateway.completion_body(pool, [rendered.token_ids], request.max_tokens, params, request.stream)
+    add_salt(body, ctx.caller, pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(pool, ctx, rendered.token_ids)
     if request.stream:
         translator = NativeStream(pool.name, "delta")

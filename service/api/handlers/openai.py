@@ -27,6 +27,13 @@ from service.core.protocol import (
 )
 from service.core.relay import RESPONSES_STREAM
 from service.core.templates import ChatOptions, messages_as_dicts
+from service.core.tenancy import (
+    SALT_FIELD,
+    check_client_fields,
+    check_stored_responses,
+    with_salt,
+    worker_salt,
+)
 from service.errors import InvalidRequest
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy
@@ -87,6 +94,9 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
 async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestContext) -> Response:
     """POST /v1/responses: OpenAI's Responses API on an instruct model, served by the worker."""
     record = ctx.record
+    fields = request.model_extra or {}
+    check_stored_responses(fields)
+    check_client_fields(ctx.caller, fields)
     enforce_caps(request, gateway.settings)
     pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
     record.admit(pool.name)
@@ -101,12 +111,13 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
         tokens = (await gateway.render(pool, messages, record=record)).token_ids
         gateway.check_context(pool, len(tokens), request.max_output_tokens)
     hint = gateway.route_hint(pool, ctx, tokens, _user(request))
+    salt = worker_salt(ctx.caller, pool, RESPONSES_PATH, fields.get(SALT_FIELD))
     if request.stream:
-        body = request.body(pool.name)
+        body = with_salt(request.body(pool.name), salt)
         return await gateway.stream(
             pool, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM, hint=hint
         )
-    sent = request.as_sent(pool.name)
+    sent = with_salt(request.as_sent(pool.name), salt)
     return as_is(await gateway.generate(pool, sent, record, path=RESPONSES_PATH, hint=hint))
 
 
@@ -174,18 +185,23 @@ async def _send(
     tokens: list[int] | None = None,
 ) -> Response:
     """The worker's answer, streamed or whole. The worker gets the request as the client sent it
-    (its very bytes when nothing changes). A stream always asks the worker for usage (the gateway
-    counts tokens); the client gets that usage event only if it asked for it."""
+    (its very bytes when nothing changes), plus the caller's cache salt when keys are configured. A
+    stream always asks the worker for usage (the gateway counts tokens); the client gets that usage
+    event only if it asked for it."""
     record = ctx.record
+    extras = request.model_extra or {}
+    check_client_fields(ctx.caller, extras)
+    salt = worker_salt(ctx.caller, pool, path, extras.get(SALT_FIELD))  # None: the body stays as it is
     hint = gateway.route_hint(pool, ctx, tokens, _user(request))
     if request.stream:
         body = {**request.body(pool.name), **(changes or {})}
         asked = request.stream_options.include_usage if request.stream_options else None
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return await gateway.stream(
-            pool, body, record, None, bool(asked), sequences=sequences, path=path, hint=hint
+            pool, with_salt(body, salt), record, None, bool(asked), sequences=sequences, path=path, hint=hint
         )
     sent = {**request.body(pool.name), **changes} if changes else request.as_sent(pool.name)
+    sent = with_salt(sent, salt)  # the client's own bytes: the salt spliced in, not re-serialised
     return as_is(await gateway.generate(pool, sent, record, sequences=sequences, path=path, hint=hint))
 
 
