@@ -280,6 +280,21 @@ class Settings(BaseSettings):
     log_queue_size: int = Field(
         default=10_000, ge=100, description="Log records waiting for the writer at most (more are dropped)."
     )
+    # Part A (render): chat templates sent in requests (models with `trust_request_chat_template`).
+    client_template_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds a chat template sent in a request may run (its renders together); over it, a "
+        "400.",
+    )
+    client_template_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Threads rendering chat templates sent in requests, apart from the pool that renders and "
+        "tokenizes for everyone.",
+    )
 
     @field_validator("api_keys", "cors_allow_origins", mode="before")
     @classmethod
