@@ -103,7 +103,7 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     messages = _as_messages(request)
     tokens = None
     if messages is not None:  # plain text or plain messages: the gateway can check the context too
-        tokens = (await gateway.render(pool, messages, record=record)).token_ids
+        tokens = (await gateway.render(pool, messages, ChatOptions(param="input"), record)).token_ids
         gateway.check_context(pool, len(tokens), request.max_output_tokens)
     hint = gateway.route_hint(pool, ctx, tokens, _user(request))
     if request.stream:
