@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -264,29 +265,33 @@ async def test_legitimate_native_chat_still_answers(gateway: httpx.AsyncClient, 
 
 
 async def test_runaway_client_templates_never_hold_up_anyone_else(gateway: httpx.AsyncClient) -> None:
-    """Three templates that would run for ever (more than the client-template executor's one thread)
-    while plain chat renders and tokenizations go on: those are served at once, each runaway is
-    stopped at its budget (they queue behind each other, not in front of anyone else)."""
+    """Six templates that would run for ever (as many as the shared pool's threads on 2 cores, which
+    they all held before) while plain chat renders and tokenizations go on: those are served at once
+    throughout; each runaway is stopped at its budget, queued behind the others in the client-template
+    executor (one thread here), in front of no one else."""
+    others = (
+        ("/chat/render", {"model": "chat", "messages": [ASK]}),
+        ("/tokenize", {"model": "llama", "messages": [ASK, CALLED, ANSWERED]}),
+    )
+    for path, body in others:  # warm: templates compiled, threads started
+        assert (await gateway.post(path, json=body)).status_code == 200
     runaway = {"model": "chat", "messages": [ASK], "max_tokens": 1}
     bombs = [
         asyncio.create_task(gateway.post("/v1/chat/completions", json={**runaway, "chat_template": template}))
-        for template in (NESTED_RANGES, MACRO_BOMB, NESTED_RANGES)
+        for template in (NESTED_RANGES, MACRO_BOMB) * 3
     ]
     await asyncio.sleep(0.1)  # the first is running, the others waiting for the executor
     served: list[float] = []
     while not all(bomb.done() for bomb in bombs):
         started = time.monotonic()
-        others = (
-            ("/chat/render", {"model": "chat", "messages": [ASK]}),
-            ("/tokenize", {"model": "llama", "messages": [ASK, CALLED, ANSWERED]}),
-        )
         for path, body in others:
             response = await gateway.post(path, json=body)
             assert response.status_code == 200, response.text
         served.append(time.monotonic() - started)
     answers = [await bomb for bomb in bombs]
-    assert [a.json()["error"]["code"] for a in answers] == ["chat_template_budget_exceeded"] * 3
-    assert len(served) >= 5 and max(served) < BUDGET / 2, served
+    assert [a.json()["error"]["code"] for a in answers] == ["chat_template_budget_exceeded"] * 6
+    # Never behind a runaway (each holds its thread for the whole budget); scheduling noise aside.
+    assert len(served) >= 10 and statistics.median(served) < BUDGET / 5 and max(served) < 2 * BUDGET, served
 
 
 async def test_the_client_templates_length_counts_in_the_prompt_characters(
