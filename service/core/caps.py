@@ -56,6 +56,7 @@ def prompt_chars(request: BaseModel) -> tuple[str, int]:
     extra = 0
     if isinstance(request, V1ChatRequest | V1BatchChatRequest | TokenizeRequest):
         extra = text_chars(request.tools) + text_chars(request.documents)
+        extra += len(request.chat_template or "") + text_chars(request.chat_template_kwargs)  # rendered too
     return "messages", text_chars(_field(request, "messages")) + extra
 
 

@@ -5,6 +5,7 @@ resolve the model, tokenize, fit the context, send to a worker, shape the answer
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -147,7 +148,11 @@ class Gateway:
         """Chat template rendering and tokenizing, off the event loop."""
         started = time.perf_counter()
         with self.span(record, "gateway.render") as span:
-            rendered = await asyncio.to_thread(self.tokenizers[pool.name].render_chat, messages, options)
+            tokenizer = self.tokenizers[pool.name]
+            job = functools.partial(tokenizer.render_chat, messages, options)
+            # A template sent in the request renders in its own executor, never in the shared pool.
+            client = tokenizer.client_templates if options.chat_template is not None else None
+            rendered = await (client.run(pool.name, job) if client is not None else asyncio.to_thread(job))
             if span is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", len(rendered.token_ids))
         self.metrics.child(self.metrics.render, pool.name).observe(time.perf_counter() - started)

@@ -6,6 +6,7 @@ sampling part of the body sent to a worker's `/v1/completions`.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
@@ -25,6 +26,28 @@ def _valid_unicode(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+ROLE_RULE = (
+    "a role is a plain name: 1 to 64 letters, digits, '_', '.' or '-' "
+    "(system, user, assistant, developer, tool, ipython, function, ...)"
+)
+
+
+def is_plain_name(text: str) -> bool:
+    """1 to 64 letters, digits, `_`, `.` or `-`: what roles, types and tool names are."""
+    return PLAIN_NAME.fullmatch(text) is not None
+
+
+def _plain_role(value: str) -> str:
+    """Roles are names a template compares and writes: refuse anything else (a role that held
+    `<|im_end|>` and a newline would write a turn of its own)."""
+    if not is_plain_name(value):
+        raise ValueError(ROLE_RULE)
+    return value
+
+
+Role = Annotated[str, AfterValidator(_plain_role)]
+
 StopField = Annotated[
     Text | list[Annotated[Text, Field(min_length=1)]] | None,
     Field(default=None, description="Sequence(s) that end generation; not included in the output."),
@@ -42,9 +65,9 @@ class TextPart(Strict):
 
 class ChatMessage(Strict):
     """One turn of a conversation; content is text (a string or text parts). Any role the model's
-    chat template accepts (`system`, `user`, `assistant`, `developer`, `tool`, ...)."""
+    chat template accepts (`system`, `user`, `assistant`, `developer`, `tool`, ...), as a plain name."""
 
-    role: Text = Field(min_length=1, max_length=64)
+    role: Role
     content: Text | list[TextPart]
     name: Text | None = None
 
@@ -295,11 +318,11 @@ class ContentPart(Passthrough):
 
 
 class Message(Passthrough):
-    """One chat message as OpenAI and vLLM take it: any role the template accepts, content as text,
-    parts, or nothing (an assistant turn that only calls tools); other fields (tool_calls,
-    tool_call_id, name, reasoning) are kept."""
+    """One chat message as OpenAI and vLLM take it: any role the template accepts (a plain name),
+    content as text, parts, or nothing (an assistant turn that only calls tools); other fields
+    (tool_calls, tool_call_id, name, reasoning) are kept."""
 
-    role: Text = Field(min_length=1, max_length=64)
+    role: Role
     content: Text | list[ContentPart] | None = None
 
 

@@ -320,6 +320,21 @@ class Settings(BaseSettings):
         description="Bearer token sent to workers on every request and probe; embedded workers are launched "
         "with it (vLLM's --api-key, as VLLM_API_KEY). Unset: none.",
     )
+    # Part A (render): chat templates sent in requests (models with `trust_request_chat_template`).
+    client_template_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds a chat template sent in a request may run (its renders together); over it, a "
+        "400.",
+    )
+    client_template_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Threads rendering chat templates sent in requests, apart from the pool that renders and "
+        "tokenizes for everyone.",
+    )
 
     @field_validator("cache_salt_secret", "worker_api_key", mode="before")
     @classmethod

@@ -9,12 +9,8 @@ from typing import Any
 
 import pytest
 
-from service.core.templates import (
-    ModelTokenizer,
-    load_tokenizer,
-    load_with_transformers,
-    read_tokenizer_folder,
-)
+from service.core.templates import ModelTokenizer, load_tokenizer
+from service.core.tokenizer_files import load_with_transformers, read_tokenizer_folder
 from service.errors import InvalidRequest
 from service.ops.settings import ModelKind, ModelSpec, Settings
 

@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse, Response
 
 from service.core.caps import enforce_caps
 from service.core.context import RequestContext
+from service.core.conversation import messages_as_dicts
 from service.core.fewshot import build_few_shot
 from service.core.gateway import Gateway
 from service.core.protocol import ChatRequest, CompleteRequest, RenderRequest
-from service.core.templates import RenderedPrompt, messages_as_dicts
+from service.core.templates import RenderedPrompt
 from service.core.tenancy import add_salt
 from service.core.translate import NativeStream, native_chat, native_complete
 from service.errors import InvalidRequest

@@ -11,22 +11,26 @@ the context check, control tokens and routing; the token counts it reports come 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi.responses import Response
 
 from service.core.caps import enforce_caps
 from service.core.context import RequestContext
+from service.core.conversation import messages_as_dicts
 from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
 from service.core.protocol import (
+    ROLE_RULE,
     OpenAIRequest,
     V1BatchChatRequest,
     V1ChatRequest,
     V1CompletionRequest,
     V1ResponsesRequest,
+    is_plain_name,
 )
 from service.core.relay import RESPONSES_STREAM
-from service.core.templates import ChatOptions, messages_as_dicts
+from service.core.templates import ChatOptions, ModelTokenizer
 from service.core.tenancy import (
     SALT_FIELD,
     check_client_fields,
@@ -83,8 +87,10 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
         raise InvalidRequest("The batch route answers whole, it does not stream.", param="stream")
     pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
     rendered = [
-        await _check_conversation(gateway, pool, request, conversation, request.requested_max_tokens, record)
-        for conversation in request.messages
+        await _check_conversation(
+            gateway, pool, request, conversation, request.requested_max_tokens, record, f"messages.{index}"
+        )
+        for index, conversation in enumerate(request.messages)
     ]
     sequences = len(request.messages) * request.choices
     first = rendered[0] if rendered else None
@@ -102,13 +108,12 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     record.admit(pool.name)
     gateway.require_chat(pool)
     check_fields(pool, "ResponsesRequest", request.extras())
-    tokenizer = gateway.tokenizers[pool.name]
-    tokenizer.check_text(request.input, "input")
-    tokenizer.check_text(request.instructions, "instructions")
+    # Everything vLLM hands its template from this request, scanned off the event loop.
+    await asyncio.to_thread(_check_responses_texts, gateway.tokenizers[pool.name], request)
     messages = _as_messages(request)
     tokens = None
     if messages is not None:  # plain text or plain messages: the gateway can check the context too
-        tokens = (await gateway.render(pool, messages, record=record)).token_ids
+        tokens = (await gateway.render(pool, messages, ChatOptions(param="input"), record)).token_ids
         gateway.check_context(pool, len(tokens), request.max_output_tokens)
     hint = gateway.route_hint(pool, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, pool, RESPONSES_PATH, fields.get(SALT_FIELD))
@@ -148,9 +153,10 @@ async def _check_conversation(
     messages: list[Any],
     requested: int | None,
     record: RequestRecord,
+    param: str = "messages",
 ) -> list[int]:
-    """Render one conversation as the worker will (control tokens refused, context checked); its
-    token ids."""
+    """Render one conversation as the worker will (control tokens refused in the render, off the
+    event loop; context checked); its token ids."""
     if request.chat_template is not None and not pool.spec.trust_request_chat_template:
         raise InvalidRequest(
             f"Model '{pool.name}' does not accept a chat template in requests; its own is used.",
@@ -164,9 +170,8 @@ async def _check_conversation(
         template_kwargs=request.chat_template_kwargs,
         add_special_tokens=bool(request.add_special_tokens),
         chat_template=request.chat_template,
+        param=param,
     )
-    gateway.tokenizers[pool.name].check_text(request.tools, "tools")
-    gateway.tokenizers[pool.name].check_text(request.documents, "documents")
     rendered = await gateway.render(pool, messages_as_dicts(messages), options, record)
     gateway.check_context(pool, len(rendered.token_ids), requested)
     if request.prompt_logprobs is not None:
@@ -256,6 +261,26 @@ def _truncated(length: int, truncate: int | None, context: int) -> int:
     if truncate is None:
         return length
     return min(length, context if truncate == -1 else truncate)
+
+
+def _check_responses_texts(tokenizer: ModelTokenizer, request: V1ResponsesRequest) -> None:
+    """The control-token rule on what vLLM hands its template from a Responses request: input items
+    (messages, function-call arguments as decoded, function-call outputs), instructions, tools and
+    template variables; input roles are plain names, as chat roles are."""
+    extras = request.model_extra or {}
+    items = request.input if isinstance(request.input, list) else []
+    for index, item in enumerate(items):
+        role = item.get("role")
+        if role is not None and not (isinstance(role, str) and is_plain_name(role)):
+            raise InvalidRequest(f"input.{index}.role: {ROLE_RULE}.", param=f"input.{index}.role")
+    tokenizer.check_text(request.input, "input")
+    tokenizer.check_text(request.instructions, "instructions")
+    tokenizer.check_text(extras.get("tools"), "tools")
+    kwargs = extras.get("chat_template_kwargs")
+    if isinstance(kwargs, dict):
+        tokenizer.check_template_kwargs(kwargs)
+    else:  # not an object: the worker's schema refuses it; its strings are scanned all the same
+        tokenizer.check_text(kwargs, "chat_template_kwargs")
 
 
 def _as_messages(request: V1ResponsesRequest) -> list[dict[str, Any]] | None:

@@ -14,9 +14,10 @@ from fastapi.responses import JSONResponse, Response
 from service.api.deps import GatewayDep
 from service.core.caps import enforce_caps
 from service.core.context import RequestContext
+from service.core.conversation import messages_as_dicts
 from service.core.gateway import Gateway
 from service.core.protocol import DetokenizeRequest, TokenizeRequest
-from service.core.templates import ChatOptions, messages_as_dicts
+from service.core.templates import ChatOptions
 from service.errors import InvalidRequest
 from service.ops.settings import ModelKind
 from service.workers.contract import check_fields
@@ -36,9 +37,10 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
             continue_final_message=bool(request.continue_final_message),
             template_kwargs=request.chat_template_kwargs,
             add_special_tokens=bool(request.add_special_tokens),
+            chat_template=request.chat_template,  # refused in the render unless the model trusts them
         )
         record.admit(pool.name)
-        tokens = (await gateway.render(pool, messages_as_dicts(request.messages), options)).token_ids
+        tokens = (await gateway.render(pool, messages_as_dicts(request.messages), options, record)).token_ids
     elif request.prompt is not None:
         pool = gateway.resolve(request.model, ModelKind.BASE)
         check_fields(pool, "TokenizeCompletionRequest", request.extras(), need_worker=False)
