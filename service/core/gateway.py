@@ -37,9 +37,10 @@ from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy, Settings
 from service.ops.tracing import Tracing
+from service.workers.answer import Answer
 from service.workers.pool import Lease, ModelPool, Worker
 from service.workers.routing import NO_HINT, RouteHint
-from service.workers.transport import Answer, Body, Transport, WatchedStream, no_token_in_time
+from service.workers.transport import Body, Transport, WatchedStream, no_token_in_time
 
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
@@ -217,9 +218,9 @@ class Gateway:
         )  # fmt: skip
         record.upstream_ended()
         pool.release(lease)
-        record.set_usage(answer.data.get("usage"))
+        record.set_usage(answer.usage)
         if span is not None:
-            record.finish_reasons = _describe_answer(span, answer.data)
+            record.finish_reasons = _describe_answer(span, answer)
             span.end()
         record.token_sent()  # a whole answer: its first token reaches the client now
         return answer
@@ -381,13 +382,15 @@ def _operation(record: RequestRecord) -> str:
     return "text_completion" if record.endpoint in ("complete", "v1_completions") else "chat"
 
 
-def _describe_answer(span: Any, answer: dict[str, Any]) -> list[str]:
-    """A whole answer's GenAI attributes on its attempt span; its finish reasons."""
-    usage = answer.get("usage") or {}
-    if answer.get("id"):
-        span.set_attribute("gen_ai.response.id", str(answer["id"]))
-    if answer.get("model"):
-        span.set_attribute("gen_ai.response.model", str(answer["model"]))
+def _describe_answer(span: Any, answer: Answer) -> list[str]:
+    """A whole answer's GenAI attributes on its attempt span (read from its bytes, never parsed
+    whole); its finish reasons."""
+    answer_id, model, reasons = answer.summary()
+    usage = answer.usage or {}
+    if answer_id:
+        span.set_attribute("gen_ai.response.id", answer_id)
+    if model:
+        span.set_attribute("gen_ai.response.model", model)
     if usage:
         span.set_attribute(
             "gen_ai.usage.input_tokens", int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
@@ -396,7 +399,6 @@ def _describe_answer(span: Any, answer: dict[str, Any]) -> list[str]:
             "gen_ai.usage.output_tokens",
             int(usage.get("completion_tokens") or usage.get("output_tokens") or 0),
         )
-    reasons = [str(c.get("finish_reason")) for c in answer.get("choices") or [] if isinstance(c, dict)]
     if reasons:
         span.set_attribute("gen_ai.response.finish_reasons", reasons)
     return reasons

@@ -280,6 +280,13 @@ class Settings(BaseSettings):
     log_queue_size: int = Field(
         default=10_000, ge=100, description="Log records waiting for the writer at most (more are dropped)."
     )
+    # Part B (costs): caps on work that grows with a request's input, counted before the work.
+    max_answer_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="Largest answer a worker may send (a whole non-streamed answer, or one event of a "
+        "stream); over it, a 502 saying what to ask for less of. 1,024 prompts with top-20 logprobs: ~70 MB.",
+    )
 
     @field_validator("api_keys", "cors_allow_origins", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.core.caps import enforce_caps
 from service.core.context import RequestContext
@@ -30,11 +31,12 @@ from service.core.templates import ChatOptions, messages_as_dicts
 from service.errors import InvalidRequest
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy
+from service.workers.answer import Answer
 from service.workers.contract import check_fields
 from service.workers.pool import ModelPool
-from service.workers.transport import Answer
 
 BATCH_CHAT_PATH = "/v1/chat/completions/batch"
+SEND_SLICE_BYTES = 1 << 20
 RESPONSES_PATH = "/v1/responses"
 
 
@@ -112,7 +114,24 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
 
 def as_is(answer: Answer) -> Response:
     """The worker's answer, its bytes unchanged (every field it sent, in its own serialisation)."""
-    return Response(answer.raw, media_type="application/json")
+    return AnswerResponse(memoryview(answer.raw), media_type="application/json")
+
+
+class AnswerResponse(Response):
+    """A response whose large body is handed to the server in slices, each sent once the client has
+    taken the last: the server never buffers a copy of a large answer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.body
+        if len(body) <= SEND_SLICE_BYTES:
+            await super().__call__(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        view = memoryview(body)
+        for start in range(0, len(view), SEND_SLICE_BYTES):
+            more = start + SEND_SLICE_BYTES < len(view)
+            await send({"type": "http.response.body", "body": view[start : start + SEND_SLICE_BYTES],
+                        "more_body": more})  # fmt: skip
 
 
 def _admit(
