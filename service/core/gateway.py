@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi.responses import Response
+from pydantic import BaseModel
 
+from service.core.caps import prompt_logprobs_source
 from service.core.context import RequestContext
 from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
 from service.core.templates import (
@@ -42,6 +44,12 @@ from service.workers.pool import Lease, ModelPool, Worker
 from service.workers.routing import NO_HINT, RouteHint
 from service.workers.transport import Body, Transport, WatchedStream, no_token_in_time
 
+# How each field that asks for prompt logprobs is named in a refusal.
+SCORING_CAUSES = {
+    "prompt_logprobs": "Prompt logprobs",
+    "echo": "With `echo` the worker computes prompt logprobs (as vLLM derives them), which",
+    "continuation": "Scoring a continuation takes prompt logprobs, which",
+}
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
 T = TypeVar("T")
@@ -110,7 +118,8 @@ class Gateway:
     async def encode(
         self, pool: ModelPool, text: str, add_special_tokens: bool = True, record: RequestRecord | None = None
     ) -> list[int]:
-        """Token ids of a raw prompt; long prompts are tokenized off the event loop."""
+        """Token ids of a raw prompt; long prompts are tokenized off the event loop (by a tokenizer
+        call that lets go of the GIL, so the loop runs meanwhile)."""
         tokenizer = self.tokenizers[pool.name]
         with self.span(record, "gateway.tokenize"):
             if len(text) < INLINE_TOKENIZE_CHARS:
@@ -131,6 +140,17 @@ class Gateway:
             if len(texts) == 1 and len(texts[0]) < INLINE_TOKENIZE_CHARS:
                 return tokenizer.encode_for_worker(texts, add_special_tokens)
             return await asyncio.to_thread(tokenizer.encode_for_worker, texts, add_special_tokens)
+
+    async def encode_pair(
+        self, pool: ModelPool, context: str, continuation: str, record: RequestRecord | None = None
+    ) -> tuple[list[int], list[int]]:
+        """The tokens of a scored context and continuation (see `ModelTokenizer.encode_pair`); long
+        texts are tokenized off the event loop."""
+        tokenizer = self.tokenizers[pool.name]
+        with self.span(record, "gateway.tokenize"):
+            if len(context) + len(continuation) < INLINE_TOKENIZE_CHARS:
+                return tokenizer.encode_pair(context, continuation)
+            return await asyncio.to_thread(tokenizer.encode_pair, context, continuation)
 
     def span(self, record: RequestRecord | None, name: str) -> AbstractContextManager[Any]:
         """A child span of the request's for a block of gateway work; nothing with tracing off."""
@@ -158,17 +178,22 @@ class Gateway:
         """The request's prompt and the tokens it asks for fit in the model's context."""
         check_fits(prompt_tokens, requested, self.context_of(pool))
 
-    def check_scoring(self, pool: ModelPool, prompt_tokens: int) -> None:
+    def check_scoring(self, pool: ModelPool, request: BaseModel, prompt_tokens: int) -> None:
         """Prompt logprobs make the worker hold prompt_tokens x vocabulary floats at once: refuse
-        (400, with the numbers) what is over the configured budget, before it reaches a worker."""
+        (400, with the numbers and the field that asked for them) what is over the configured budget,
+        before it reaches a worker. `prompt_tokens`: every prompt of the request, summed."""
+        asked_by = prompt_logprobs_source(request)
+        if asked_by is None:
+            return
         vocab = self.tokenizers[pool.name].vocab_size
         budget = self.settings.scoring_budget
-        if prompt_tokens * vocab > budget:
+        logits = prompt_tokens * vocab
+        if logits > budget:
             raise InvalidRequest(
-                f"Prompt logprobs for {prompt_tokens} prompt tokens need {prompt_tokens * vocab:,} logits "
+                f"{SCORING_CAUSES[asked_by]} for {prompt_tokens} prompt tokens need {logits:,} logits "
                 f"({prompt_tokens} x a vocabulary of {vocab:,}); this gateway allows {budget:,} per request "
                 f"(at most {budget // vocab:,} prompt tokens for this model).",
-                param="prompt_logprobs",
+                param=asked_by,
                 code="scoring_budget_exceeded",
             )
 

@@ -56,12 +56,12 @@ async def score(
             "Scoring a continuation takes neither `stream` nor `n` > 1.", param="continuation"
         )
     continuation = request.continuation or ""
-    context_ids, continuation_ids = gateway.tokenizers[pool.name].encode_pair(prompt, continuation)
+    context_ids, continuation_ids = await gateway.encode_pair(pool, prompt, continuation, ctx.record)
     if not continuation_ids:
         raise InvalidRequest("The continuation to score is empty (no tokens).", param="continuation")
     whole = context_ids + continuation_ids
     gateway.check_context(pool, len(whole), 1)
-    gateway.check_scoring(pool, len(whole))
+    gateway.check_scoring(pool, request, len(whole))
     body = {"model": pool.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
     sent = await gateway.generate(pool, body, ctx.record, hint=gateway.route_hint(pool, ctx, whole))
     answer = await parse_answer(sent.raw, pool.name)

@@ -52,8 +52,7 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(pool)) for ids in prompts
     ]
     gateway.check_context(pool, max(lengths), request.max_tokens)
-    if request.prompt_logprobs is not None or (request.echo and request.logprobs is not None):
-        gateway.check_scoring(pool, sum(lengths))
+    gateway.check_scoring(pool, request, sum(lengths))
     # The BOS rule changed a text prompt's tokens: the worker gets the gateway's ids instead.
     changes = {"prompt": prompts[0] if isinstance(request.prompt, str) else prompts} if rewritten else None
     sequences = len(prompts) * request.choices
@@ -68,6 +67,7 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     tokens = await _check_conversation(
         gateway, pool, request, request.messages, request.requested_max_tokens, record
     )
+    gateway.check_scoring(pool, request, len(tokens))
     return await _send(gateway, pool, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
 
 
@@ -81,6 +81,7 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
         await _check_conversation(gateway, pool, request, conversation, request.requested_max_tokens, record)
         for conversation in request.messages
     ]
+    gateway.check_scoring(pool, request, sum(len(tokens) for tokens in rendered))  # they run together
     sequences = len(request.messages) * request.choices
     first = rendered[0] if rendered else None
     return await _send(gateway, pool, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first)
@@ -177,8 +178,6 @@ async def _check_conversation(
     gateway.tokenizers[pool.name].check_text(request.documents, "documents")
     rendered = await gateway.render(pool, messages_as_dicts(messages), options, record)
     gateway.check_context(pool, len(rendered.token_ids), requested)
-    if request.prompt_logprobs is not None:
-        gateway.check_scoring(pool, len(rendered.token_ids))
     return rendered.token_ids
 
 
@@ -220,8 +219,8 @@ async def _prompt_tokens(
     """Token ids of every prompt (texts tokenized as the worker would, in one batch, off the
     loop when large), and whether the gateway's BOS rule changed any text's tokens."""
     prompt = request.prompt
-    if isinstance(prompt, list) and all(isinstance(item, int) for item in prompt):
-        return [list(prompt)], False  # type: ignore[arg-type]
+    if isinstance(prompt, list) and isinstance(prompt[0], int):  # a list is of one kind: ids here
+        return [list(prompt)], False
     items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
     texts = [item for item in items if isinstance(item, str)]
     if not texts:
