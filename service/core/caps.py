@@ -17,6 +17,7 @@ from service.core.fewshot import few_shot_length
 from service.core.protocol import (
     CompleteRequest,
     DetokenizeRequest,
+    Passthrough,
     TokenizeRequest,
     V1BatchChatRequest,
     V1ChatRequest,
@@ -141,6 +142,9 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
     longest = max((len(chat) for chat in chats), default=0)
     if longest > settings.max_messages:
         raise _over("messages", longest, settings.max_messages)
+    size = request.body_bytes if isinstance(request, Passthrough) else None
+    if size is not None and size <= settings.max_prompt_chars:
+        return  # every character of its text took at least a byte of the body: no need to walk it
     counted, chars = prompt_chars(request)
     if chars > settings.max_prompt_chars:
         raise _over(f"{counted} characters", chars, settings.max_prompt_chars)

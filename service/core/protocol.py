@@ -225,6 +225,11 @@ class Passthrough(BaseModel):
     def keep_raw(self, raw: bytes) -> None:
         self._raw = raw
 
+    @property
+    def body_bytes(self) -> int | None:
+        """The size of the body it was read from (None when built in code)."""
+        return None if self._raw is None else len(self._raw)
+
     def extras(self) -> list[str]:
         """The fields sent that the gateway does not declare (the worker's schema must have them)."""
         return list(self.model_extra or ())

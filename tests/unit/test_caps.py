@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from service.core.caps import enforce_caps, prompt_chars, prompt_logprobs_source
@@ -120,3 +122,18 @@ def test_detokenize_takes_at_most_the_configured_ids() -> None:
     with pytest.raises(InvalidRequest) as caught:
         enforce_caps(DetokenizeRequest(tokens=[1, 2, 3, 4]), settings)
     assert caught.value.param == "tokens" and "4" in caught.value.message
+
+
+def test_a_body_no_longer_than_the_character_cap_is_not_walked_and_a_longer_one_is() -> None:
+    def parsed(content: str) -> V1ChatRequest:
+        body = json.dumps({"messages": [{"role": "user", "content": content}]}).encode()
+        request = V1ChatRequest.model_validate_json(body)
+        request.keep_raw(body)
+        return request
+
+    small = parsed("x" * 40)  # its text can't be longer than its body
+    assert small.body_bytes is not None and small.body_bytes <= 100
+    enforce_caps(small, SETTINGS)
+    enforce_caps(parsed("é" * 20 + "x" * 76), SETTINGS)  # 100 characters with "user", a longer body: walked
+    with pytest.raises(InvalidRequest):
+        enforce_caps(parsed("é" * 20 + "x" * 77), SETTINGS)
