@@ -90,8 +90,13 @@ def corpus() -> list[tuple[str, str, bytes]]:
          {"model": "base", "prompt": "x", "standin_answer_bytes": ANSWER_CAP - 65_536}),
         ("answer over the cap", "/v1/completions",
          {"model": "base", "prompt": "x", "standin_answer_bytes": ANSWER_CAP + 65_536}),
+        # Over the container cap by brackets, then quotes only: counting must stay linear.
+        ("quotes after many brackets", "/v1/completions", b"[" * 70_000 + b'"' * 4_000_000),
     ]  # fmt: skip
-    return [(name, path, json.dumps(body, separators=(",", ":")).encode()) for name, path, body in cases]
+    return [
+        (name, path, body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode())
+        for name, path, body in cases
+    ]
 
 
 def hostile(url: str, cases: list[tuple[str, str, bytes]], until: float, statuses: dict[str, int]) -> None:
