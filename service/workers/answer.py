@@ -55,9 +55,9 @@ class Answer:
         found_id, found_model = ANSWER_ID.search(head), ANSWER_MODEL.search(head)
         reasons = FINISH_REASON.findall(self.raw) if len(self.raw) <= INLINE_PARSE_BYTES else []
         return (
-            found_id.group(1).decode() if found_id else None,
-            found_model.group(1).decode() if found_model else None,
-            [reason.decode() for reason in reasons],
+            found_id.group(1).decode(errors="replace") if found_id else None,
+            found_model.group(1).decode(errors="replace") if found_model else None,
+            [reason.decode() for reason in reasons],  # ASCII letters only
         )
 
 
