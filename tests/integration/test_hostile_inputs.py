@@ -28,7 +28,7 @@ STANDIN = Path(__file__).with_name("standin.py")
 CAPS = {
     "GATEWAY_MAX_N": "4", "GATEWAY_MAX_STOP": "4", "GATEWAY_MAX_TOKENS_LIMIT": "64",
     "GATEWAY_MAX_LOGPROBS": "5", "GATEWAY_MAX_MESSAGES": "32", "GATEWAY_MAX_PROMPT_CHARS": "200000",
-    "GATEWAY_MAX_PROMPTS": "256",
+    "GATEWAY_MAX_PROMPTS": "256", "GATEWAY_SCORING_BUDGET": str(49_152 * 64),  # 64 SmolLM2 tokens
 }  # fmt: skip
 ONE_MESSAGE = [{"role": "user", "content": "x"}]
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -127,6 +127,10 @@ def corpus() -> list[tuple[str, str, Any]]:
         ("logprob ids one over", "/v1/chat/completions", {**CHAT, "logprobs": True,
                                                           "logprob_token_ids": [1] * 6}),
         ("detokenize one over", "/detokenize", {"tokens": [1] * 131_073}),
+        ("chat echo over the scoring budget", "/v1/chat/completions",
+         {"model": "chat", "messages": [{"role": "user", "content": "word " * 60}], "echo": True}),
+        ("batch echo over the scoring budget", "/v1/chat/completions/batch",
+         {"model": "chat", "messages": [[{"role": "user", "content": "word " * 20}]] * 3, "echo": True}),
         ("invalid ids at the body cap", "/v1/completions", {"model": "base", "prompt": [-1] * 1_300_000}),
         ("a million arrays", "/v1/completions", {"model": "base", "prompt": [[1]] * 1_000_000}),
         ("token strings at the prompt budget", "/tokenize", {"prompt": "x " * 100_000,
@@ -193,6 +197,8 @@ def test_hostile_corpus_never_5xx_and_leaves_nothing_behind(gateway: Gateway) ->
     assert errors["continuation over the prompt budget"]["param"] == "prompt and continuation characters"
     assert errors["logprob ids one over"]["param"] == "logprob_token_ids"
     assert errors["detokenize one over"]["param"] == "tokens"
+    assert errors["chat echo over the scoring budget"]["param"] == "echo"
+    assert errors["batch echo over the scoring budget"]["code"] == "scoring_budget_exceeded"
     assert errors["a million arrays"]["code"] == "too_many_json_containers"
     assert statuses["invalid ids at the body cap"] == 400
     assert statuses["token strings at the prompt budget"] == 200
