@@ -207,6 +207,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         endpoints=post_endpoints(endpoints),
         state=app.state,
         session_header=settings.routing_session_header,
+        max_json_containers=settings.max_json_containers,
     )
     edge.append(dispatch)
     app.edge_middleware = edge

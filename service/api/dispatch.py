@@ -2,7 +2,10 @@
 
 The body (already read and size-checked by `body_limit.BodyLimitMiddleware`) is validated straight
 from its bytes by pydantic-core and handed to the endpoint's handler with the gateway and the
-request's record; FastAPI's routing, dependency solving and second parse are not involved. The
+request's record; FastAPI's routing, dependency solving and second parse are not involved. What
+parsing costs grows with the body's arrays and objects, so they are counted (a byte scan) before it;
+a large body is validated in a thread, where its Python validators let the loop run (pydantic-core
+itself holds the GIL: only the caps bound that part). The
 handler runs under a watch on the client: if it leaves while the request is queued, rendering or
 waiting for a non-streamed answer, the work is cancelled (and the worker's request aborted).
 Errors take the one exit, `service.api.errors.error_exit`.
@@ -10,6 +13,7 @@ Errors take the one exit, `service.api.errors.error_exit`.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -22,6 +26,9 @@ from service.core.context import RequestContext
 from service.core.protocol import Passthrough
 from service.errors import InvalidRequest, MethodNotAllowed, invalid_request
 
+INLINE_PARSE_BYTES = 64 * 1024  # bodies up to this size are validated on the loop (well under 1 ms)
+DEFAULT_CONTAINERS = 65_536
+
 
 def is_json(content_type: bytes | None) -> bool:
     """`application/json` or `application/<anything>+json`, parameters ignored."""
@@ -31,14 +38,38 @@ def is_json(content_type: bytes | None) -> bool:
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
-def parse_body(model: type[BaseModel], body: bytes, content_type: bytes | None) -> Any:
+def json_containers(body: bytes, limit: int) -> int:
+    """Arrays and objects in a JSON body: an upper bound (every bracket) while that is within
+    `limit`, else the brackets outside strings. Linear whatever the body (no regex that could
+    backtrack over an unterminated string): escapes removed, then every other piece between quotes."""
+    rough = body.count(b"[") + body.count(b"{")
+    if rough <= limit:
+        return rough
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")  # `\\` first: `\\"` ends a string
+    outside = b"".join(unescaped.split(b'"')[::2])
+    return outside.count(b"[") + outside.count(b"{")
+
+
+async def parse_body(
+    model: type[BaseModel], body: bytes, content_type: bytes | None, max_containers: int = DEFAULT_CONTAINERS
+) -> Any:
     """The validated request, or an InvalidRequest that says what is wrong in plain words."""
     if not body:
         raise InvalidRequest("The request has no body; send a JSON object.")
     if not is_json(content_type):
         raise InvalidRequest("Send the request body as JSON, with `Content-Type: application/json`.")
+    containers = json_containers(body, max_containers)
+    if containers > max_containers:
+        raise InvalidRequest(
+            f"The request body holds {containers:,} JSON arrays and objects; this gateway allows at most "
+            f"{max_containers:,}.",
+            code="too_many_json_containers",
+        )
     try:
-        request = model.model_validate_json(body)
+        if len(body) <= INLINE_PARSE_BYTES:
+            request = model.model_validate_json(body)
+        else:
+            request = await asyncio.to_thread(model.model_validate_json, body)
     except ValidationError as exc:
         raise invalid_request(exc.errors(include_url=False, include_input=False)) from None
     if isinstance(request, Passthrough):
@@ -50,12 +81,18 @@ class Dispatcher:
     """Serves the table's POST endpoints; every other request goes on to FastAPI."""
 
     def __init__(
-        self, app: ASGIApp, endpoints: dict[str, Endpoint], state: Any, session_header: str = "x-session-id"
+        self,
+        app: ASGIApp,
+        endpoints: dict[str, Endpoint],
+        state: Any,
+        session_header: str = "x-session-id",
+        max_json_containers: int = DEFAULT_CONTAINERS,
     ) -> None:
         self.app = app
         self.endpoints = endpoints
         self.state = state  # the app's state: the lifespan puts the gateway there
         self.session_header = session_header.lower().encode("latin-1")
+        self.max_json_containers = max_json_containers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
@@ -72,7 +109,9 @@ class Dispatcher:
                 body = await _read_body(receive)
             if body is None:
                 return  # the client left while sending
-            request = parse_body(endpoint.body, body, _header(scope, b"content-type"))  # type: ignore[arg-type]
+            assert endpoint.body is not None
+            content_type = _header(scope, b"content-type")
+            request = await parse_body(endpoint.body, body, content_type, self.max_json_containers)
             handler = endpoint.handler
             assert handler is not None
             session = _header(scope, self.session_header)

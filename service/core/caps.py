@@ -1,7 +1,9 @@
 """Configurable caps on what one request may ask for, checked before any work is done.
 
 The prompt-character budget counts every text the gateway would render or tokenize: the prompt (for
-few-shot requests, the prompt that would be built), every message part, tool and document.
+few-shot requests, the prompt that would be built; for scoring, with its continuation), every message
+part, tool and document. Logprob caps count what the worker will return per token, however it is
+asked for (`logprobs`, `top_logprobs`, `prompt_logprobs`, the ids of `logprob_token_ids`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pydantic import BaseModel
 from service.core.fewshot import few_shot_length
 from service.core.protocol import (
     CompleteRequest,
+    DetokenizeRequest,
+    Passthrough,
     TokenizeRequest,
     V1BatchChatRequest,
     V1ChatRequest,
@@ -44,11 +48,14 @@ def text_chars(value: Any) -> int:
 def prompt_chars(request: BaseModel) -> tuple[str, int]:
     """Which input is counted, and its characters of text to render or tokenize."""
     if isinstance(request, CompleteRequest):
-        if not request.examples:
-            return "prompt", len(request.prompt)
-        return "prompt", few_shot_length(request.prompt, request.examples, request.layout)
+        chars = len(request.prompt)
+        if request.examples:
+            chars = few_shot_length(request.prompt, request.examples, request.layout)
+        if request.continuation is not None:  # scored text is tokenized with the prompt
+            return "prompt and continuation", chars + len(request.continuation)
+        return "prompt", chars
     if isinstance(request, V1CompletionRequest):
-        return "prompt", text_chars(request.prompt)
+        return "prompt", sum(map(len, prompt_texts(request)))
     if isinstance(request, V1ResponsesRequest):
         return "input", text_chars(request.input) + len(request.instructions or "")
     if isinstance(request, TokenizeRequest) and request.messages is None:
@@ -58,6 +65,15 @@ def prompt_chars(request: BaseModel) -> tuple[str, int]:
         extra = text_chars(request.tools) + text_chars(request.documents)
         extra += len(request.chat_template or "") + text_chars(request.chat_template_kwargs)  # rendered too
     return "messages", text_chars(_field(request, "messages")) + extra
+
+
+def prompt_texts(request: V1CompletionRequest) -> list[str]:
+    """The texts among a completion request's prompts (a list of them is of one kind: its first
+    item says which, so a list of two million ids is not walked)."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    return prompt if isinstance(prompt[0], str) else []
 
 
 def conversations(request: BaseModel) -> list[Any]:
@@ -82,8 +98,28 @@ def requested_tokens(request: BaseModel) -> int | None:
     return None
 
 
+def prompt_logprobs_source(request: BaseModel) -> str | None:
+    """The field that makes the worker compute prompt logprobs (a logit for every vocabulary entry at
+    every prompt position), or None. vLLM's rule (`to_sampling_params`): `prompt_logprobs` if set, else
+    with `echo` the number of logprobs asked (completions: `logprobs`, none if unset; chat:
+    `top_logprobs`, which defaults to 0, so chat `echo` alone asks for them)."""
+    if isinstance(request, CompleteRequest):
+        return "continuation" if request.continuation is not None else None
+    if _field(request, "prompt_logprobs") is not None:
+        return "prompt_logprobs"
+    if not _field(request, "echo"):
+        return None
+    if isinstance(request, V1CompletionRequest):
+        return "echo" if request.logprobs is not None else None
+    return "echo" if isinstance(request, V1ChatRequest | V1BatchChatRequest) else None
+
+
 def enforce_caps(request: BaseModel, settings: Settings) -> None:
     """Raise a 400 naming the field when the request asks for more than the configured caps."""
+    if isinstance(request, DetokenizeRequest):
+        if len(request.tokens) > settings.max_detokenize_tokens:
+            raise _over("tokens", len(request.tokens), settings.max_detokenize_tokens)
+        return
     n = _field(request, "n")
     if isinstance(n, int) and n > settings.max_n:
         raise _over("n", n, settings.max_n)
@@ -96,8 +132,9 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
     if limit is not None and isinstance(asked, int) and asked > limit:
         raise _over("max_tokens", asked, limit)
     _logprob_caps(request, settings.max_logprobs)
-    if isinstance(request, V1CompletionRequest) and isinstance(request.prompt, list):
-        batch = sum(isinstance(item, str | list) for item in request.prompt)
+    prompt = request.prompt if isinstance(request, V1CompletionRequest) else None
+    if isinstance(prompt, list) and not isinstance(prompt[0], int):  # texts or id lists: a batch
+        batch = len(prompt)
         if batch > settings.max_prompts:
             raise _over("prompt", batch, settings.max_prompts)
     chats = conversations(request)
@@ -106,6 +143,9 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
     longest = max((len(chat) for chat in chats), default=0)
     if longest > settings.max_messages:
         raise _over("messages", longest, settings.max_messages)
+    size = request.body_bytes if isinstance(request, Passthrough) else None
+    if size is not None and size <= settings.max_prompt_chars:
+        return  # every character of its text took at least a byte of the body: no need to walk it
     counted, chars = prompt_chars(request)
     if chars > settings.max_prompt_chars:
         raise _over(f"{counted} characters", chars, settings.max_prompt_chars)
@@ -128,3 +168,10 @@ def _logprob_caps(request: BaseModel, cap: int) -> None:
             )
         if value > cap:
             raise _over(param, value, cap)
+    ids = (request.model_extra or {}).get("logprob_token_ids")
+    if isinstance(ids, list) and len(ids) > cap:  # vLLM returns a logprob per listed id, per token
+        raise InvalidRequest(
+            f"logprob_token_ids lists {len(ids)} ids, a logprob each for every generated token; this gateway "
+            f"allows at most {cap} logprobs per token.",
+            param="logprob_token_ids",
+        )

@@ -44,6 +44,9 @@ class ControlTokenFinder:
     """
 
     UNKNOWN = "\x00"
+    # Longer texts go through the batch call, which releases the GIL while it scans (a render thread
+    # holding the GIL for a long text would stall the event loop as much as scanning on it would).
+    BATCH_ABOVE_CHARS = 4096
 
     def __init__(self, tokens: Sequence[str]) -> None:
         self._finder = Tokenizer(models.WordLevel({self.UNKNOWN: 0}, unk_token=self.UNKNOWN))
@@ -51,7 +54,10 @@ class ControlTokenFinder:
 
     def first(self, text: str) -> str | None:
         """The first control token written in `text`, or None (TypeError: not valid Unicode)."""
-        encoding = self._finder.encode(text, add_special_tokens=False)
+        if len(text) > self.BATCH_ABOVE_CHARS:
+            encoding = self._finder.encode_batch([text], add_special_tokens=False)[0]
+        else:
+            encoding = self._finder.encode(text, add_special_tokens=False)
         return next((token for token, id_ in zip(encoding.tokens, encoding.ids, strict=True) if id_), None)
 
 

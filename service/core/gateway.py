@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi.responses import Response
+from pydantic import BaseModel
 
+from service.core.caps import prompt_logprobs_source
 from service.core.context import RequestContext
 from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
 from service.core.templates import (
@@ -38,10 +40,17 @@ from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy, Settings
 from service.ops.tracing import Tracing
+from service.workers.answer import Answer
 from service.workers.pool import Lease, ModelPool, Worker
 from service.workers.routing import NO_HINT, RouteHint
-from service.workers.transport import Answer, Body, Transport, WatchedStream, no_token_in_time
+from service.workers.transport import Body, Transport, WatchedStream, no_token_in_time
 
+# How each field that asks for prompt logprobs is named in a refusal.
+SCORING_CAUSES = {
+    "prompt_logprobs": "Prompt logprobs",
+    "echo": "With `echo` the worker computes prompt logprobs (as vLLM derives them), which",
+    "continuation": "Scoring a continuation takes prompt logprobs, which",
+}
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
 T = TypeVar("T")
@@ -110,7 +119,8 @@ class Gateway:
     async def encode(
         self, pool: ModelPool, text: str, add_special_tokens: bool = True, record: RequestRecord | None = None
     ) -> list[int]:
-        """Token ids of a raw prompt; long prompts are tokenized off the event loop."""
+        """Token ids of a raw prompt; long prompts are tokenized off the event loop (by a tokenizer
+        call that lets go of the GIL, so the loop runs meanwhile)."""
         tokenizer = self.tokenizers[pool.name]
         with self.span(record, "gateway.tokenize"):
             if len(text) < INLINE_TOKENIZE_CHARS:
@@ -131,6 +141,17 @@ class Gateway:
             if len(texts) == 1 and len(texts[0]) < INLINE_TOKENIZE_CHARS:
                 return tokenizer.encode_for_worker(texts, add_special_tokens)
             return await asyncio.to_thread(tokenizer.encode_for_worker, texts, add_special_tokens)
+
+    async def encode_pair(
+        self, pool: ModelPool, context: str, continuation: str, record: RequestRecord | None = None
+    ) -> tuple[list[int], list[int]]:
+        """The tokens of a scored context and continuation (see `ModelTokenizer.encode_pair`); long
+        texts are tokenized off the event loop."""
+        tokenizer = self.tokenizers[pool.name]
+        with self.span(record, "gateway.tokenize"):
+            if len(context) + len(continuation) < INLINE_TOKENIZE_CHARS:
+                return tokenizer.encode_pair(context, continuation)
+            return await asyncio.to_thread(tokenizer.encode_pair, context, continuation)
 
     def span(self, record: RequestRecord | None, name: str) -> AbstractContextManager[Any]:
         """A child span of the request's for a block of gateway work; nothing with tracing off."""
@@ -162,17 +183,22 @@ class Gateway:
         """The request's prompt and the tokens it asks for fit in the model's context."""
         check_fits(prompt_tokens, requested, self.context_of(pool))
 
-    def check_scoring(self, pool: ModelPool, prompt_tokens: int) -> None:
+    def check_scoring(self, pool: ModelPool, request: BaseModel, prompt_tokens: int) -> None:
         """Prompt logprobs make the worker hold prompt_tokens x vocabulary floats at once: refuse
-        (400, with the numbers) what is over the configured budget, before it reaches a worker."""
+        (400, with the numbers and the field that asked for them) what is over the configured budget,
+        before it reaches a worker. `prompt_tokens`: every prompt of the request, summed."""
+        asked_by = prompt_logprobs_source(request)
+        if asked_by is None:
+            return
         vocab = self.tokenizers[pool.name].vocab_size
         budget = self.settings.scoring_budget
-        if prompt_tokens * vocab > budget:
+        logits = prompt_tokens * vocab
+        if logits > budget:
             raise InvalidRequest(
-                f"Prompt logprobs for {prompt_tokens} prompt tokens need {prompt_tokens * vocab:,} logits "
+                f"{SCORING_CAUSES[asked_by]} for {prompt_tokens} prompt tokens need {logits:,} logits "
                 f"({prompt_tokens} x a vocabulary of {vocab:,}); this gateway allows {budget:,} per request "
                 f"(at most {budget // vocab:,} prompt tokens for this model).",
-                param="prompt_logprobs",
+                param=asked_by,
                 code="scoring_budget_exceeded",
             )
 
@@ -222,9 +248,9 @@ class Gateway:
         )  # fmt: skip
         record.upstream_ended()
         pool.release(lease)
-        record.set_usage(answer.data.get("usage"))
+        record.set_usage(answer.usage)
         if span is not None:
-            record.finish_reasons = _describe_answer(span, answer.data)
+            record.finish_reasons = _describe_answer(span, answer)
             span.end()
         record.token_sent()  # a whole answer: its first token reaches the client now
         return answer
@@ -386,13 +412,15 @@ def _operation(record: RequestRecord) -> str:
     return "text_completion" if record.endpoint in ("complete", "v1_completions") else "chat"
 
 
-def _describe_answer(span: Any, answer: dict[str, Any]) -> list[str]:
-    """A whole answer's GenAI attributes on its attempt span; its finish reasons."""
-    usage = answer.get("usage") or {}
-    if answer.get("id"):
-        span.set_attribute("gen_ai.response.id", str(answer["id"]))
-    if answer.get("model"):
-        span.set_attribute("gen_ai.response.model", str(answer["model"]))
+def _describe_answer(span: Any, answer: Answer) -> list[str]:
+    """A whole answer's GenAI attributes on its attempt span (read from its bytes, never parsed
+    whole); its finish reasons."""
+    answer_id, model, reasons = answer.summary()
+    usage = answer.usage or {}
+    if answer_id:
+        span.set_attribute("gen_ai.response.id", answer_id)
+    if model:
+        span.set_attribute("gen_ai.response.model", model)
     if usage:
         span.set_attribute(
             "gen_ai.usage.input_tokens", int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
@@ -401,7 +429,6 @@ def _describe_answer(span: Any, answer: dict[str, Any]) -> list[str]:
             "gen_ai.usage.output_tokens",
             int(usage.get("completion_tokens") or usage.get("output_tokens") or 0),
         )
-    reasons = [str(c.get("finish_reason")) for c in answer.get("choices") or [] if isinstance(c, dict)]
     if reasons:
         span.set_attribute("gen_ai.response.finish_reasons", reasons)
     return reasons

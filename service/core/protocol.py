@@ -248,6 +248,11 @@ class Passthrough(BaseModel):
     def keep_raw(self, raw: bytes) -> None:
         self._raw = raw
 
+    @property
+    def body_bytes(self) -> int | None:
+        """The size of the body it was read from (None when built in code)."""
+        return None if self._raw is None else len(self._raw)
+
     def extras(self) -> list[str]:
         """The fields sent that the gateway does not declare (the worker's schema must have them)."""
         return list(self.model_extra or ())
@@ -290,7 +295,15 @@ class OpenAIRequest(Passthrough):
 
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
-PromptField = Text | list[Text] | list[TokenId] | list[list[TokenId]]
+# A 4 MiB body holds two million ids: validation stops at the first bad item (else one error each,
+# seconds of work for a body of -1s) and the union's members each give up at once.
+TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
+PromptField = (
+    Text
+    | Annotated[list[Text], Field(fail_fast=True)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(fail_fast=True)]
+)
 
 
 class V1CompletionRequest(OpenAIRequest):
@@ -305,9 +318,10 @@ class V1CompletionRequest(OpenAIRequest):
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value: PromptField) -> PromptField:
-        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+        if value == "" or (isinstance(value, list) and not value):
             raise ValueError("prompt must not be empty")
-        if value == "" or (isinstance(value, list) and any(p == "" for p in value)):
+        # A list is of one kind (its first item says which); `all` finds an empty text or id list.
+        if isinstance(value, list) and not isinstance(value[0], int) and not all(value):
             raise ValueError("prompt must not be empty")
         return value
 
@@ -394,4 +408,4 @@ class DetokenizeRequest(Passthrough):
     """POST /detokenize (vLLM's DetokenizeRequest)."""
 
     model: Text | None = None
-    tokens: list[TokenId] = Field(max_length=1_000_000)
+    tokens: TokenIds = Field(max_length=1_000_000)

@@ -68,7 +68,9 @@ class ModelTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a raw completion prompt: BOS first exactly once when the model uses one."""
-        return self._single_bos(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        # The batch call, as fast for one text, lets go of the GIL (`encode` holds it throughout).
+        encoding = self._tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+        return self._single_bos(encoding.ids)
 
     def encode_for_worker(
         self, texts: Sequence[str], add_special_tokens: bool = True
@@ -122,7 +124,8 @@ class ModelTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of token ids, special tokens kept (used to show exactly what the worker sees)."""
-        return self._tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        # The batch call lets go of the GIL (`decode` holds it throughout).
+        return self._tokenizer.decode_batch([list(token_ids)], skip_special_tokens=False)[0]
 
     def _single_bos(self, ids: list[int]) -> list[int]:
         if self.bos_id is None:

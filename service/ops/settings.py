@@ -261,7 +261,9 @@ class Settings(BaseSettings):
     )
     max_messages: int = Field(default=256, ge=1, le=1024, description="Most chat messages.")
     max_prompt_chars: int = Field(
-        default=1_000_000, ge=1, description="Longest prompt (all messages) in characters."
+        default=1_000_000,
+        ge=1,
+        description="Longest prompt (all messages; for scoring, prompt plus continuation) in characters.",
     )
     drain_timeout: float = Field(default=30.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
     drain_accept_window: float = Field(
@@ -334,6 +336,22 @@ class Settings(BaseSettings):
         le=64,
         description="Threads rendering chat templates sent in requests, apart from the pool that renders and "
         "tokenizes for everyone.",
+    )
+    # Part B (costs): caps on work that grows with a request's input, counted before the work.
+    max_answer_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="Largest answer a worker may send (a whole non-streamed answer, or one event of a "
+        "stream); over it, a 502 saying what to ask for less of. 1,024 prompts with top-20 logprobs: ~70 MB.",
+    )
+    max_json_containers: int = Field(
+        default=65_536,
+        ge=16,
+        description="Arrays and objects in one request body at most, counted before it is parsed (each costs "
+        "the parser an object; a body of a million empty arrays took seconds).",
+    )
+    max_detokenize_tokens: int = Field(
+        default=131_072, ge=1, description="Most token ids in one /detokenize request (a 128k context)."
     )
 
     @field_validator("cache_salt_secret", "worker_api_key", mode="before")

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import GatewayError, UpstreamUnavailable
-from service.workers.transport import Answer, Body
+from service.workers.answer import Answer
+from service.workers.transport import Body
 from service.workers.worker import Worker
 
 # A stream item: bytes to deliver, seconds to wait, or an error to raise there.
@@ -67,7 +68,7 @@ class FakeStream:
         self.aborted = not self.finished
 
 
-Reply = dict[str, Any] | GatewayError | FakeStream
+Reply = dict[str, Any] | bytes | GatewayError | FakeStream  # bytes: a whole answer as sent
 
 
 class FakeTransport:
@@ -100,9 +101,9 @@ class FakeTransport:
     ) -> Answer:
         self.headers.append(headers or {})
         reply = self._next(worker, path, body)
-        if not isinstance(reply, dict):
+        if isinstance(reply, FakeStream):
             raise TypeError("a non-streamed request was scripted a stream")
-        return Answer(reply, json.dumps(reply).encode())
+        return Answer.of(reply if isinstance(reply, bytes) else json.dumps(reply).encode())
 
     async def stream(
         self,

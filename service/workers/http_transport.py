@@ -18,10 +18,14 @@ from service.errors import (
     UpstreamUnavailable,
 )
 from service.ops.settings import Settings
-from service.workers.transport import Answer, Body, SseFramer, encode
+from service.workers.answer import Answer, looks_like_object
+from service.workers.transport import Body, OversizedEvent, SseFramer, encode
 from service.workers.worker import Worker
 
-JSON_HEADERS = {"Content-Type": "application/json"}
+# aiohttp asks for gzip by default, and the gateway passes answers on as they came: a compressing
+# ingress in front of a worker would hand clients compressed bytes. Ask for them as they are.
+JSON_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+MAX_ERROR_BYTES = 1 << 20  # a worker's error answer is read (and parsed) up to this size
 # A pooled connection the worker closed as we reused it: nothing was processed, so the request
 # may go again, even to the same worker.
 STALE_ERRNOS = {errno.ECONNRESET, errno.EPIPE}
@@ -80,23 +84,71 @@ def rejection(status: int, body: bytes, worker: Worker, path: str) -> GatewayErr
     )
 
 
+def answer_too_large(worker: Worker, limit: int, what: str = "answer") -> UpstreamUnavailable:
+    """The 502 for a worker answer over the gateway's cap: what it was, and what to ask for less of."""
+    return UpstreamUnavailable(
+        f"The worker for model '{worker.model}' sent an {what} over this gateway's limit of {limit:,} bytes "
+        "(GATEWAY_MAX_ANSWER_BYTES). Ask for less per request: fewer prompts or conversations, a smaller n, "
+        "fewer logprobs or prompt logprobs, or fewer tokens; or stream the answer."
+    )
+
+
+def compressed(response: aiohttp.ClientResponse, worker: Worker) -> UpstreamUnavailable | None:
+    """The 502 for an answer compressed in spite of `Accept-Encoding: identity`, else None."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    return UpstreamUnavailable(
+        f"The worker for model '{worker.model}' answered with Content-Encoding {encoding!r} although the "
+        "gateway asks for identity; whatever sits in front of the worker must not compress its answers."
+    )
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytearray | None:
+    """The whole body, or None as soon as it is over `limit` (from Content-Length when the worker
+    declares it, else by counting). One buffer, sized up front when the length is declared."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        return None
+    body = bytearray(declared) if declared is not None else bytearray()
+    size = 0
+    async for chunk in response.content.iter_any():
+        end = size + len(chunk)
+        if end > limit:
+            return None
+        if declared is not None and end <= declared:
+            body[size:end] = chunk  # fills the buffer sized up front, no growth
+        else:
+            body += chunk
+        size = end
+    if declared is not None and size < declared:
+        del body[size:]
+    return body
+
+
 class HttpStream:
     """An open streamed response (see `transport.UpstreamStream`)."""
 
     def __init__(
-        self, response: aiohttp.ClientResponse, worker: Worker, connect_timeout: float, ends_with_done: bool
+        self,
+        response: aiohttp.ClientResponse,
+        worker: Worker,
+        connect_timeout: float,
+        ends_with_done: bool,
+        max_event_bytes: int,
     ) -> None:
         self.response = response
         self.worker = worker
         self.connect_timeout = connect_timeout
         self.ends_with_done = ends_with_done
+        self.max_event_bytes = max_event_bytes
         self.reason: GatewayError | None = None
 
     async def blocks(self) -> AsyncIterator[bytes]:
         """For a stream that ends with `[DONE]`, ending before the reader stopped there is an error;
         otherwise the worker's clean end of the response ends it."""
         content = self.response.content
-        framer = SseFramer()
+        framer = SseFramer(self.max_event_bytes)
         try:
             while True:
                 chunk = await content.readany()
@@ -118,6 +170,8 @@ class HttpStream:
             if self.reason is not None:
                 raise self.reason from exc
             raise translate(exc, self.worker, self.connect_timeout) from exc
+        except OversizedEvent as exc:
+            raise answer_too_large(self.worker, self.max_event_bytes, "event") from exc
 
     def end(self, reason: GatewayError) -> None:
         if self.reason is None:
@@ -140,6 +194,7 @@ class HttpTransport:
         self.session = session
         self.connect_timeout = settings.connect_timeout
         self.read_timeout = settings.read_timeout
+        self.max_answer_bytes = settings.max_answer_bytes
         self._answer_timeout = aiohttp.ClientTimeout(
             total=settings.read_timeout, connect=settings.connect_timeout
         )
@@ -153,8 +208,12 @@ class HttpTransport:
             async with self.session.post(
                 worker.url + path, data=encode(body), timeout=self._answer_timeout, headers=headers
             ) as response:
-                content = await response.read()
                 status = response.status
+                limit = self.max_answer_bytes if status == 200 else MAX_ERROR_BYTES
+                content = await read_capped(response, limit)
+                if content is None:
+                    response.close()  # drop the rest unread
+                problem = compressed(response, worker)
         except aiohttp.ConnectionTimeoutError as exc:
             raise translate(exc, worker, self.connect_timeout) from exc
         except TimeoutError as exc:
@@ -164,14 +223,14 @@ class HttpTransport:
         except aiohttp.ClientError as exc:
             raise translate(exc, worker, self.connect_timeout) from exc
         if status != 200:
-            raise rejection(status, content, worker, path)
-        try:
-            data = json.loads(content)
-        except ValueError as exc:
-            raise UpstreamUnavailable(f"The worker for model '{worker.model}' sent malformed JSON.") from exc
-        if not isinstance(data, dict):
-            raise UpstreamUnavailable(f"The worker for model '{worker.model}' sent an unexpected answer.")
-        return Answer(data, content)
+            raise rejection(status, bytes(content or b""), worker, path)
+        if content is None:
+            raise answer_too_large(worker, self.max_answer_bytes)
+        if problem is not None:
+            raise problem
+        if not looks_like_object(content):
+            raise UpstreamUnavailable(f"The worker for model '{worker.model}' sent malformed JSON.")
+        return Answer.of(content)
 
     async def stream(
         self,
@@ -192,13 +251,16 @@ class HttpTransport:
             raise translate(exc, worker, self.connect_timeout) from exc
         if response.status != 200:
             try:
-                content = await response.read()
+                content = bytes(await read_capped(response, MAX_ERROR_BYTES) or b"")
             except (TimeoutError, aiohttp.ClientError):
                 content = b""
             finally:
                 response.release()
             raise rejection(response.status, content, worker, path)
-        return HttpStream(response, worker, self.connect_timeout, ends_with_done)
+        if (problem := compressed(response, worker)) is not None:
+            response.close()
+            raise problem
+        return HttpStream(response, worker, self.connect_timeout, ends_with_done, self.max_answer_bytes)
 
     async def health(self, worker: Worker) -> bool:
         async with self.session.get(f"{worker.url}/health", timeout=self._probe_timeout) as response:

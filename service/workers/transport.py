@@ -14,20 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.errors import GatewayError, UpstreamTimeout
+from service.workers.answer import Answer
 from service.workers.worker import Worker
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A worker's non-streamed answer: parsed (usage, native shapes) and as it came (passed through)."""
-
-    data: dict[str, Any]
-    raw: bytes
-
 
 # A request body: built here (a dict), or the client's own bytes when nothing in it changes.
 Body = dict[str, Any] | bytes
@@ -86,29 +77,55 @@ class Transport(Protocol):
         ...
 
 
+class OversizedEvent(ValueError):
+    """An event stream's event grew over the framer's limit before it ended."""
+
+
 class SseFramer:
     """Cuts bytes as they arrive into blocks of whole events (one read may carry many events when
     the worker is faster than the client; nothing is split per line here). CRLF line ends are
-    normalised."""
+    normalised. An unfinished event is kept once (each read is searched, never the whole event
+    again) and may grow to `limit` bytes at most."""
 
-    def __init__(self) -> None:
-        self.pending = b""
+    def __init__(self, limit: int | None = None) -> None:
+        self.pending = bytearray()
+        self.limit = limit
+        self._cr = False  # the last read ended with a CR that may start a CRLF
 
     def feed(self, chunk: bytes) -> bytes:
         """The whole events completed by `chunk` (b"" while an event is still incomplete)."""
-        data = self.pending + chunk if self.pending else chunk
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        end = data.rfind(b"\n\n") + 2
-        if end < 2:
-            self.pending = data
+        if self._cr:
+            chunk, self._cr = b"\r" + chunk, False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk, self._cr = chunk[:-1], True
+            chunk = chunk.replace(b"\r\n", b"\n")
+        found = chunk.rfind(b"\n\n")
+        if found >= 0:
+            end = found + 2
+        elif self.pending.endswith(b"\n") and chunk.startswith(b"\n"):
+            end = 1  # the blank line that ends an event straddles two reads
+        else:
+            self.pending += chunk
+            self._check(len(self.pending))
             return b""
-        self.pending = data[end:]
-        return data[:end] if self.pending else data
+        if not self.pending:
+            if end == len(chunk):
+                return chunk  # the common case: a read of whole events, passed on without a copy
+            self.pending += chunk[end:]
+            return chunk[:end]
+        self._check(len(self.pending) + end)
+        whole = bytes(self.pending) + chunk[:end]
+        self.pending = bytearray(chunk[end:])
+        return whole
+
+    def _check(self, size: int) -> None:
+        if self.limit is not None and size > self.limit:
+            raise OversizedEvent(f"an event is over {self.limit} bytes")
 
     def rest(self) -> bytes:
         """What is left when the stream ends cleanly, as a last event (b"" if nothing)."""
-        return self.pending + b"\n\n" if self.pending.strip() else b""
+        return bytes(self.pending) + b"\n\n" if self.pending.strip() else b""
 
 
 def encode(body: Body) -> bytes:

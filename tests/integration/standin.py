@@ -3,6 +3,8 @@ gateway sent. Never the proof that the product works: that is tests/e2e against 
 
 It answers /v1/completions, /v1/chat/completions and /v1/responses (streamed or not) with the
 scripted tokens, in vLLM's shapes. It publishes an OpenAPI schema only when the script gives one.
+Whole answers can be padded to a size (logprobs-like, with text that looks like a usage key, as
+generated text may), sent without a Content-Length, or compressed as a compressing ingress would.
 
 Run as a script it serves on `--port` (used as a fake engine for supervisor tests).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import time
@@ -31,7 +34,7 @@ TOKENS = ["Hello", ",", " world", "!"]
 class Script:
     """What the stand-in does next, and what it saw."""
 
-    mode: str = "ok"  # ok | reject | fail | garbage | die_mid_stream
+    mode: str = "ok"  # ok | reject | fail | garbage | broken_json | die_mid_stream
     first_token_delay: float = 0.0  # before the first streamed token, or before a whole answer
     healthy: bool = True
     token_delay: float = 0.0
@@ -46,6 +49,11 @@ class Script:
     schema: dict[str, list[str]] | None = None  # request model -> fields, published as /openapi.json
     in_flight: int = 0  # requests being answered right now
     most_in_flight: int = 0
+    answer_bytes: int = 0  # pad whole answers to about this size (a request's `standin_answer_bytes` too)
+    chunked_answers: bool = False  # whole answers without a Content-Length
+    compress: str = ""  # "allowed": gzip whole answers when the request accepts it; "always": anyway
+    accept_encodings: list[str | None] = field(default_factory=list)  # each request's Accept-Encoding
+    last_answer: bytes = b""  # the last whole answer's bytes, as sent
 
 
 def usage_of(body: dict[str, Any], tokens: list[str]) -> dict[str, int]:
@@ -94,6 +102,43 @@ def batch_chat(body: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
     answer = chat_completion(body, tokens)
     answer["choices"] = [{**answer["choices"][0], "index": i} for i in range(len(body.get("messages") or []))]
     return answer
+
+
+# Logprobs-like padding for one token: a token whose text looks like a usage object, and a top-logprobs
+# mapping with a `usage` key (as completions' top logprobs have tokens for keys).
+PAD_TOKEN = json.dumps(
+    {"token": '"usage":{"prompt_tokens":999}', "logprob": -0.25,
+     "top_logprobs": {"usage": -0.5, '"usage": {"total_tokens": 7}': -1.5, " the": -2.25}}
+).encode()  # fmt: skip
+PAD_MARK = "__standin_padding__"
+
+
+def whole_answer(answer: dict[str, Any], size: int) -> bytes:
+    """The answer's bytes, its first choice's logprobs padded so that the whole is about `size`."""
+    if size <= 0 or not answer.get("choices"):
+        return json.dumps(answer).encode()
+    answer["choices"][0]["logprobs"] = PAD_MARK
+    raw = json.dumps(answer).encode()
+    count = max(1, (size - len(raw)) // (len(PAD_TOKEN) + 1))
+    padding = b'{"content":[' + b",".join([PAD_TOKEN] * count) + b"]}"
+    return raw.replace(json.dumps(PAD_MARK).encode(), padding, 1)
+
+
+def send_whole(script: Script, request: Request, raw: bytes) -> Response:
+    """A whole answer as the script says: compressed or not, with a Content-Length or chunked."""
+    script.last_answer = raw
+    headers = {}
+    accepted = request.headers.get("accept-encoding") or ""
+    if script.compress == "always" or (script.compress == "allowed" and "gzip" in accepted):
+        raw, headers = gzip.compress(raw, compresslevel=1), {"content-encoding": "gzip"}
+    if not script.chunked_answers:
+        return Response(raw, media_type="application/json", headers=headers)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(raw), 65536):
+            yield raw[start : start + 65536]
+
+    return StreamingResponse(pieces(), media_type="application/json", headers=headers)
 
 
 def text_chunk(body: dict[str, Any], token: str, last: bool) -> dict[str, Any]:
@@ -155,6 +200,7 @@ def build_app(script: Script) -> Starlette:
         script.bodies.append(body)
         script.paths.append(request.url.path)
         script.traceparents.append(request.headers.get("traceparent"))
+        script.accept_encodings.append(request.headers.get("accept-encoding"))
         if script.mode == "reject":
             error = {
                 "message": "n must be 1 when using greedy sampling, got 2.",
@@ -167,6 +213,8 @@ def build_app(script: Script) -> Starlette:
             return PlainTextResponse("Internal Server Error", status_code=500)
         if script.mode == "garbage":
             return PlainTextResponse("<html>not json</html>", status_code=200)
+        if script.mode == "broken_json":
+            return PlainTextResponse('{"id": "cmpl-standin", "choices": [}', media_type="application/json")
         if body.get("stream"):
             return StreamingResponse(stream(body, chunk), media_type="text/event-stream")
         waited = 0.0
@@ -176,7 +224,8 @@ def build_app(script: Script) -> Starlette:
                 return PlainTextResponse("", status_code=499)
             await asyncio.sleep(0.01)
             waited += 0.01
-        return JSONResponse(whole(body, script.tokens))
+        size = int(body.get("standin_answer_bytes") or script.answer_bytes)
+        return send_whole(script, request, whole_answer(whole(body, script.tokens), size))
 
     async def stream(body: dict[str, Any], chunk: Any) -> AsyncIterator[bytes]:
         script.open_streams += 1

@@ -63,3 +63,13 @@ def test_overhead_benchmark_compares_processes_and_tracing(tmp_path: Path) -> No
         assert scenario[target]["failures"] == 0 and scenario[target]["requests_per_s"] > 0
         assert scenario[target]["cpu_ms_per_request"] > 0  # counted over every process of the gateway
     assert scenario["many_requests_ratio"] > 0 and scenario["traced_requests_ratio"] > 0
+
+
+def test_large_answer_benchmark_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "bench.large_answer", "--mb", "2", "--requests", "1"]
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads((tmp_path / "large_answer.json").read_text())
+    assert 1.5 < report["answer_mb"] < 2.5 and report["health_polls"] > 0
+    assert report["rss_peak_mib"] >= report["rss_before_mib"] > 0

@@ -28,7 +28,7 @@ STANDIN = Path(__file__).with_name("standin.py")
 CAPS = {
     "GATEWAY_MAX_N": "4", "GATEWAY_MAX_STOP": "4", "GATEWAY_MAX_TOKENS_LIMIT": "64",
     "GATEWAY_MAX_LOGPROBS": "5", "GATEWAY_MAX_MESSAGES": "32", "GATEWAY_MAX_PROMPT_CHARS": "200000",
-    "GATEWAY_MAX_PROMPTS": "256",
+    "GATEWAY_MAX_PROMPTS": "256", "GATEWAY_SCORING_BUDGET": str(49_152 * 64),  # 64 SmolLM2 tokens
 }  # fmt: skip
 ONE_MESSAGE = [{"role": "user", "content": "x"}]
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -122,6 +122,19 @@ def corpus() -> list[tuple[str, str, Any]]:
         ("control tokens in a raw prompt", "/v1/completions", {"model": "base", "prompt": "<|im_start|>x",
                                                                "max_tokens": 1}),
         ("body over the limit", "/complete", b'{"prompt": "' + b"x" * (5 * 1024 * 1024) + b'"}'),
+        # Costs that grow with input (issue 19): each capped before the work.
+        ("continuation over the prompt budget", "/complete", {"prompt": "x", "continuation": "y" * 3900000}),
+        ("logprob ids one over", "/v1/chat/completions", {**CHAT, "logprobs": True,
+                                                          "logprob_token_ids": [1] * 6}),
+        ("detokenize one over", "/detokenize", {"tokens": [1] * 131_073}),
+        ("chat echo over the scoring budget", "/v1/chat/completions",
+         {"model": "chat", "messages": [{"role": "user", "content": "word " * 60}], "echo": True}),
+        ("batch echo over the scoring budget", "/v1/chat/completions/batch",
+         {"model": "chat", "messages": [[{"role": "user", "content": "word " * 20}]] * 3, "echo": True}),
+        ("invalid ids at the body cap", "/v1/completions", {"model": "base", "prompt": [-1] * 1_300_000}),
+        ("a million arrays", "/v1/completions", {"model": "base", "prompt": [[1]] * 1_000_000}),
+        ("token strings at the prompt budget", "/tokenize", {"prompt": "x " * 100_000,
+                                                             "return_token_strs": True}),
     ]  # fmt: skip
     for field, at_cap, over in (("n", 4, 5), ("max_tokens", 64, 65)):
         cases.append((f"{field} at the cap", "/complete", {**BASE, field: at_cap}))
@@ -181,5 +194,13 @@ def test_hostile_corpus_never_5xx_and_leaves_nothing_behind(gateway: Gateway) ->
     assert statuses["control tokens in a raw prompt"] == 200  # raw completion text is the client's own
     assert statuses["prompts at the cap"] == 200 and statuses["prompts one over"] == 400
     assert statuses["body over the limit"] == 413
+    assert errors["continuation over the prompt budget"]["param"] == "prompt and continuation characters"
+    assert errors["logprob ids one over"]["param"] == "logprob_token_ids"
+    assert errors["detokenize one over"]["param"] == "tokens"
+    assert errors["chat echo over the scoring budget"]["param"] == "echo"
+    assert errors["batch echo over the scoring budget"]["code"] == "scoring_budget_exceeded"
+    assert errors["a million arrays"]["code"] == "too_many_json_containers"
+    assert statuses["invalid ids at the body cap"] == 400
+    assert statuses["token strings at the prompt budget"] == 200
     assert after <= before * 1.10, f"RSS {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB"
     assert in_flight and all(value == 0 for value in in_flight)

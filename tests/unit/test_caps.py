@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from service.core.caps import enforce_caps, prompt_chars
+from service.core.caps import enforce_caps, prompt_chars, prompt_logprobs_source
 from service.core.protocol import (
     ChatRequest,
     CompleteRequest,
+    DetokenizeRequest,
     V1BatchChatRequest,
     V1ChatRequest,
     V1CompletionRequest,
@@ -66,3 +69,71 @@ def test_every_text_of_a_chat_counts() -> None:
                              tools=[{"function": {"description": "12345"}}])  # fmt: skip
     counted, chars = prompt_chars(request_)
     assert counted == "messages" and chars >= len("abc") + len("12345")
+
+
+@pytest.mark.parametrize(
+    ("request_", "source"),
+    [
+        # vLLM's to_sampling_params: prompt_logprobs, else with echo the logprobs asked for.
+        (V1CompletionRequest(prompt="x", prompt_logprobs=0), "prompt_logprobs"),
+        (V1CompletionRequest(prompt="x", echo=True, logprobs=0), "echo"),
+        (V1CompletionRequest(prompt="x", echo=True), None),  # completions: no logprobs, none
+        (V1CompletionRequest(prompt="x", logprobs=5), None),
+        (V1ChatRequest(messages=HI, echo=True), "echo"),  # chat: top_logprobs defaults to 0
+        (V1ChatRequest(messages=HI, echo=True, top_logprobs=None), "echo"),  # null means 0 too
+        (V1ChatRequest(messages=HI, echo=True, prompt_logprobs=2), "prompt_logprobs"),
+        (V1ChatRequest(messages=HI, logprobs=True, top_logprobs=5), None),
+        (V1BatchChatRequest(messages=[HI, HI], echo=True), "echo"),
+        (CompleteRequest(prompt="x", continuation=" y"), "continuation"),
+        (CompleteRequest(prompt="x"), None),
+    ],
+)
+def test_prompt_logprobs_are_derived_as_vllm_derives_them(request_: object, source: str | None) -> None:
+    assert prompt_logprobs_source(request_) == source  # type: ignore[arg-type]
+
+
+def test_a_continuation_counts_with_its_prompt() -> None:
+    at_cap = CompleteRequest(prompt="x" * 60, continuation="y" * 40)
+    assert prompt_chars(at_cap) == ("prompt and continuation", 100)
+    enforce_caps(at_cap, SETTINGS)
+    with pytest.raises(InvalidRequest) as caught:
+        enforce_caps(CompleteRequest(prompt="x" * 60, continuation="y" * 41), SETTINGS)
+    assert caught.value.param == "prompt and continuation characters"
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        V1ChatRequest(messages=HI, logprobs=True, logprob_token_ids=[1, 2, 3]),
+        V1BatchChatRequest(messages=[HI], logprobs=True, logprob_token_ids=[1, 2, 3]),
+        V1CompletionRequest(prompt="x", logprobs=1, logprob_token_ids=[1, 2, 3]),
+    ],
+)
+def test_logprob_token_ids_count_as_logprobs(request_: object) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        enforce_caps(request_, SETTINGS)  # type: ignore[arg-type]
+    assert caught.value.param == "logprob_token_ids" and "3 ids" in caught.value.message
+    enforce_caps(V1ChatRequest(messages=HI, logprobs=True, logprob_token_ids=[1, 2]), SETTINGS)
+
+
+def test_detokenize_takes_at_most_the_configured_ids() -> None:
+    settings = Settings(max_detokenize_tokens=3)
+    enforce_caps(DetokenizeRequest(tokens=[1, 2, 3]), settings)
+    with pytest.raises(InvalidRequest) as caught:
+        enforce_caps(DetokenizeRequest(tokens=[1, 2, 3, 4]), settings)
+    assert caught.value.param == "tokens" and "4" in caught.value.message
+
+
+def test_a_body_no_longer_than_the_character_cap_is_not_walked_and_a_longer_one_is() -> None:
+    def parsed(content: str) -> V1ChatRequest:
+        body = json.dumps({"messages": [{"role": "user", "content": content}]}).encode()
+        request = V1ChatRequest.model_validate_json(body)
+        request.keep_raw(body)
+        return request
+
+    small = parsed("x" * 40)  # its text can't be longer than its body
+    assert small.body_bytes is not None and small.body_bytes <= 100
+    enforce_caps(small, SETTINGS)
+    enforce_caps(parsed("é" * 20 + "x" * 76), SETTINGS)  # 100 characters with "user", a longer body: walked
+    with pytest.raises(InvalidRequest):
+        enforce_caps(parsed("é" * 20 + "x" * 77), SETTINGS)

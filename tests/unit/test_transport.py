@@ -8,7 +8,7 @@ import pytest
 
 from service.errors import UpstreamTimeout
 from service.workers.fake import FakeStream
-from service.workers.transport import SseFramer, WatchedStream, sse_payloads
+from service.workers.transport import OversizedEvent, SseFramer, WatchedStream, sse_payloads
 from service.workers.worker import Worker
 
 
@@ -19,6 +19,25 @@ def test_the_framer_yields_whole_events_whatever_the_reads() -> None:
     assert framer.feed(b"ta: 3\r\n\r\n") == b"data: 3\n\n"  # CRLF line ends are the same events
     assert framer.feed(b"event: x\ndata: 4") == b"" and framer.rest() == b"event: x\ndata: 4\n\n"
     assert sse_payloads(b"event: e\ndata: {}\n\ndata: [DONE]\n\n") == [b"{}", b"[DONE]"]
+
+
+def test_line_ends_split_between_reads_still_end_events() -> None:
+    framer = SseFramer()
+    assert framer.feed(b"data: 1\r") == b"" and framer.feed(b"\n\r") == b""
+    assert framer.feed(b"\ndata: 2\n") == b"data: 1\n\n"
+    assert framer.feed(b"\n") == b"data: 2\n\n"
+
+
+def test_an_unfinished_event_may_grow_to_the_limit_and_no_further() -> None:
+    framer = SseFramer(limit=100)
+    assert framer.feed(b"data: " + b"a" * 50) == b""
+    assert framer.feed(b"a" * 42 + b"\n\ndata: b") == b"data: " + b"a" * 92 + b"\n\n"  # 100 bytes
+    with pytest.raises(OversizedEvent):
+        framer.feed(b"b" * 100)
+    framer = SseFramer(limit=100)
+    framer.feed(b"data: " + b"a" * 90)
+    with pytest.raises(OversizedEvent):  # over the limit by the read that ends it
+        framer.feed(b"a" * 10 + b"\n\n")
 
 
 async def collect(stream: WatchedStream) -> list[bytes]:

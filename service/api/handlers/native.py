@@ -19,6 +19,7 @@ from service.core.translate import NativeStream, native_chat, native_complete
 from service.errors import InvalidRequest
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind
+from service.workers.answer import parse_answer
 from service.workers.pool import ModelPool
 
 
@@ -44,7 +45,7 @@ async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestConte
         translator = NativeStream(pool.name, "text")
         return await gateway.stream(pool, body, record, translator, sequences=request.n, hint=hint)
     answer = await gateway.generate(pool, body, record, sequences=request.n, hint=hint)
-    return JSONResponse(native_complete(answer.data, pool.name))
+    return JSONResponse(native_complete(await parse_answer(answer.raw, pool.name), pool.name))
 
 
 async def score(
@@ -58,15 +59,16 @@ async def score(
             "Scoring a continuation takes neither `stream` nor `n` > 1.", param="continuation"
         )
     continuation = request.continuation or ""
-    context_ids, continuation_ids = gateway.tokenizers[pool.name].encode_pair(prompt, continuation)
+    context_ids, continuation_ids = await gateway.encode_pair(pool, prompt, continuation, ctx.record)
     if not continuation_ids:
         raise InvalidRequest("The continuation to score is empty (no tokens).", param="continuation")
     whole = context_ids + continuation_ids
     gateway.check_context(pool, len(whole), 1)
-    gateway.check_scoring(pool, len(whole))
+    gateway.check_scoring(pool, request, len(whole))
     body = {"model": pool.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
     add_salt(body, ctx.caller, pool)  # with keys: the caller's prefix-cache salt
-    answer = (await gateway.generate(pool, body, ctx.record, hint=gateway.route_hint(pool, ctx, whole))).data
+    sent = await gateway.generate(pool, body, ctx.record, hint=gateway.route_hint(pool, ctx, whole))
+    answer = await parse_answer(sent.raw, pool.name)
     rows = (answer.get("choices") or [{}])[0].get("prompt_logprobs") or []
     tokens = [
         _scored(token_id, row)
@@ -110,7 +112,7 @@ async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> R
         translator = NativeStream(pool.name, "delta")
         return await gateway.stream(pool, body, record, translator, sequences=request.n, hint=hint)
     answer = await gateway.generate(pool, body, record, sequences=request.n, hint=hint)
-    return JSONResponse(native_chat(answer.data, pool.name))
+    return JSONResponse(native_chat(await parse_answer(answer.raw, pool.name), pool.name))
 
 
 async def render(gateway: Gateway, request: RenderRequest, ctx: RequestContext) -> Response:

@@ -15,6 +15,7 @@ import asyncio
 from typing import Any
 
 from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.core.caps import enforce_caps
 from service.core.context import RequestContext
@@ -41,11 +42,12 @@ from service.core.tenancy import (
 from service.errors import InvalidRequest
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy
+from service.workers.answer import Answer
 from service.workers.contract import check_fields
 from service.workers.pool import ModelPool
-from service.workers.transport import Answer
 
 BATCH_CHAT_PATH = "/v1/chat/completions/batch"
+SEND_SLICE_BYTES = 1 << 20
 RESPONSES_PATH = "/v1/responses"
 
 
@@ -61,8 +63,7 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(pool)) for ids in prompts
     ]
     gateway.check_context(pool, max(lengths), request.max_tokens)
-    if request.prompt_logprobs is not None or (request.echo and request.logprobs is not None):
-        gateway.check_scoring(pool, sum(lengths))
+    gateway.check_scoring(pool, request, sum(lengths))
     # The BOS rule changed a text prompt's tokens: the worker gets the gateway's ids instead.
     changes = {"prompt": prompts[0] if isinstance(request.prompt, str) else prompts} if rewritten else None
     sequences = len(prompts) * request.choices
@@ -77,6 +78,7 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     tokens = await _check_conversation(
         gateway, pool, request, request.messages, request.requested_max_tokens, record
     )
+    gateway.check_scoring(pool, request, len(tokens))
     return await _send(gateway, pool, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
 
 
@@ -92,6 +94,7 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
         )
         for index, conversation in enumerate(request.messages)
     ]
+    gateway.check_scoring(pool, request, sum(len(tokens) for tokens in rendered))  # they run together
     sequences = len(request.messages) * request.choices
     first = rendered[0] if rendered else None
     return await _send(gateway, pool, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first)
@@ -128,7 +131,24 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
 
 def as_is(answer: Answer) -> Response:
     """The worker's answer, its bytes unchanged (every field it sent, in its own serialisation)."""
-    return Response(answer.raw, media_type="application/json")
+    return AnswerResponse(memoryview(answer.raw), media_type="application/json")
+
+
+class AnswerResponse(Response):
+    """A response whose large body is handed to the server in slices, each sent once the client has
+    taken the last: the server never buffers a copy of a large answer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.body
+        if len(body) <= SEND_SLICE_BYTES:
+            await super().__call__(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        view = memoryview(body)
+        for start in range(0, len(view), SEND_SLICE_BYTES):
+            more = start + SEND_SLICE_BYTES < len(view)
+            await send({"type": "http.response.body", "body": view[start : start + SEND_SLICE_BYTES],
+                        "more_body": more})  # fmt: skip
 
 
 def _admit(
@@ -174,8 +194,6 @@ async def _check_conversation(
     )
     rendered = await gateway.render(pool, messages_as_dicts(messages), options, record)
     gateway.check_context(pool, len(rendered.token_ids), requested)
-    if request.prompt_logprobs is not None:
-        gateway.check_scoring(pool, len(rendered.token_ids))
     return rendered.token_ids
 
 
@@ -222,8 +240,8 @@ async def _prompt_tokens(
     """Token ids of every prompt (texts tokenized as the worker would, in one batch, off the
     loop when large), and whether the gateway's BOS rule changed any text's tokens."""
     prompt = request.prompt
-    if isinstance(prompt, list) and all(isinstance(item, int) for item in prompt):
-        return [list(prompt)], False  # type: ignore[arg-type]
+    if isinstance(prompt, list) and isinstance(prompt[0], int):  # a list is of one kind: ids here
+        return [list(prompt)], False
     items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
     texts = [item for item in items if isinstance(item, str)]
     if not texts:

@@ -7,6 +7,9 @@ models) and the first instruct model for messages."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
@@ -17,10 +20,13 @@ from service.core.context import RequestContext
 from service.core.conversation import messages_as_dicts
 from service.core.gateway import Gateway
 from service.core.protocol import DetokenizeRequest, TokenizeRequest
-from service.core.templates import ChatOptions
+from service.core.templates import ChatOptions, ModelTokenizer
 from service.errors import InvalidRequest
 from service.ops.settings import ModelKind
 from service.workers.contract import check_fields
+
+INLINE_TOKENS = 4096  # answers of up to this many tokens are built on the loop (about a millisecond)
+JSON_SLICE = 8192
 
 
 async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestContext) -> Response:
@@ -50,26 +56,56 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
         raise InvalidRequest(
             "Send `prompt` (text) or `messages` (a conversation) to tokenize.", param="prompt"
         )
-    strings = gateway.tokenizers[pool.name].token_strings(tokens) if request.return_token_strs else None
-    return JSONResponse(
-        {"count": len(tokens), "max_model_len": pool.max_model_len, "tokens": tokens, "token_strs": strings}
+    tokenizer = gateway.tokenizers[pool.name]
+    if len(tokens) <= INLINE_TOKENS:
+        strings = tokenizer.token_strings(tokens) if request.return_token_strs else None
+        answer = {"count": len(tokens), "max_model_len": pool.max_model_len, "tokens": tokens}
+        return JSONResponse({**answer, "token_strs": strings})
+    # A long answer is built in a thread, in slices, so that the loop runs in between.
+    body = await asyncio.to_thread(
+        _tokenize_answer, tokens, pool.max_model_len, tokenizer if request.return_token_strs else None
     )
+    return Response(body, media_type="application/json")
 
 
 async def detokenize(gateway: Gateway, request: DetokenizeRequest, ctx: RequestContext) -> Response:
     """POST /detokenize: `{prompt}`, the text of the ids (special tokens written out, as vLLM does)."""
     record = ctx.record
+    enforce_caps(request, gateway.settings)
     pool = gateway.resolve(request.model, ModelKind.BASE)
     check_fields(pool, "DetokenizeRequest", request.extras(), need_worker=False)
     record.admit(pool.name)
     tokenizer = gateway.tokenizers[pool.name]
-    unknown = next((token for token in request.tokens if token >= tokenizer.vocab_size), None)
-    if unknown is not None:
+    tokens = request.tokens
+    if tokens and max(tokens) >= tokenizer.vocab_size:
+        unknown = next(token for token in tokens if token >= tokenizer.vocab_size)
         raise InvalidRequest(
             f"Token id {unknown} is not in the vocabulary of '{pool.name}' ({tokenizer.vocab_size} ids).",
             param="tokens",
         )
-    return JSONResponse({"prompt": tokenizer.decode(request.tokens)})
+    if len(tokens) <= INLINE_TOKENS:
+        return JSONResponse({"prompt": tokenizer.decode(tokens)})
+    return JSONResponse({"prompt": await asyncio.to_thread(tokenizer.decode, tokens)})
+
+
+def _tokenize_answer(
+    tokens: list[int], max_model_len: int | None, strings_of: ModelTokenizer | None
+) -> bytes:
+    """The /tokenize answer as JSONResponse writes it, serialised a slice at a time."""
+    strings = _json_list(strings_of.token_strings(tokens)) if strings_of is not None else "null"
+    return (
+        f'{{"count":{len(tokens)},"max_model_len":{json.dumps(max_model_len)},'
+        f'"tokens":{_json_list(tokens)},"token_strs":{strings}}}'
+    ).encode()
+
+
+def _json_list(items: Sequence[Any]) -> str:
+    """A JSON array of `items`, written slice by slice (between two, another thread may run)."""
+    slices = (
+        json.dumps(items[start : start + JSON_SLICE], ensure_ascii=False, separators=(",", ":"))[1:-1]
+        for start in range(0, len(items), JSON_SLICE)
+    )
+    return "[" + ",".join(slices) + "]"
 
 
 async def tokenizer_info(gateway: GatewayDep, model: str | None = None) -> dict[str, Any]:
