@@ -280,6 +280,13 @@ class Settings(BaseSettings):
     log_queue_size: int = Field(
         default=10_000, ge=100, description="Log records waiting for the writer at most (more are dropped)."
     )
+    # Part C (health): worker facts are read again, not once.
+    worker_facts_interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between re-reading what each worker says about itself (context length, request "
+        "schema, version); also re-read when a worker comes back or moves.",
+    )
 
     @field_validator("api_keys", "cors_allow_origins", mode="before")
     @classmethod
