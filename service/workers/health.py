@@ -7,9 +7,10 @@ A probe is `GET /health`. Its outcome:
 - no answer in time: slow, which alone is no reason to eject. A slow worker that made progress lately
   (bytes arrived on a request since its last verdict or within the longest probe; or, for a worker
   whose processes are on this host, they used CPU during the probe or wait runnable for it, and none
-  is stopped) is busy: it keeps its verdict, is not
-  counted as failing, and its next probe may take longer. Without progress it is wedged: a failed
-  check (down; the supervisor restarts an embedded worker after enough of them in a row).
+  is stopped) is busy: it keeps its verdict, is not counted as failing, and its next probe may take
+  longer. Without progress it is wedged: down, and a failed check (the supervisor restarts an embedded
+  worker after enough of them in a row), except while requests are open on it and its last bytes are
+  younger than a stream's idle limit: a worker frozen a while that then goes on keeps its streams.
 
 The probe's time limit counts only time the gateway's own event loop ran: a stall of the gateway (a
 blocked loop, a starved process) moves the deadline instead of failing the worker. Each worker is
@@ -81,6 +82,7 @@ class HealthMonitor:
         timeout: float = 2.0,
         facts_interval: float = 60.0,
         silence_limit: float = 300.0,
+        stream_limit: float = 60.0,
     ) -> None:
         self.transport = transport
         self.pools = pools
@@ -94,6 +96,10 @@ class HealthMonitor:
         # Bytes this recent vouch for a slow worker even from before its last check: at least one
         # longest probe and the pause before it, so tokens slower than probes still count.
         self.recent = interval + SLOW_LIMIT_FACTOR * timeout
+        # A worker whose bytes are older than `recent` is out of routing; while requests are open on it,
+        # its checks count toward a restart only once they are older than this too: the gateway waits
+        # that long between a stream's tokens (a worker frozen a while, then going on, keeps them).
+        self.stream_limit = stream_limit
         self._checks: dict[Worker, asyncio.Task[None]] = {}
         self._contexts: dict[str, int | None] = {}  # each model's context length, as last logged
 
@@ -150,7 +156,7 @@ class HealthMonitor:
                 if busy:
                     self._busy(worker, timeout, why)
                 else:
-                    self._failed(worker, f"{probe.reason} and {why}")
+                    self._failed(worker, f"{probe.reason} and {why}", counts=not self._streams_wait(worker))
         finally:
             before.cancel()
         worker.checked_at = time.monotonic()
@@ -163,8 +169,8 @@ class HealthMonitor:
         if self.engine_load:
             await self._read_load(worker, limit)
         worker.answered_at = time.monotonic()
-        limit = min(max(2 * seconds, self.timeout), SLOW_LIMIT_FACTOR * self.timeout)
-        worker.probe_timeout = limit if limit > self.timeout else None
+        wait = min(max(2 * seconds, self.timeout), SLOW_LIMIT_FACTOR * self.timeout)  # twice what it took
+        worker.probe_timeout = wait if wait > self.timeout else None
         worker.failed_checks = 0
         worker.mark(True)
 
@@ -175,11 +181,19 @@ class HealthMonitor:
         worker.probe_timeout = min(2 * timeout, SLOW_LIMIT_FACTOR * self.timeout)
         worker.failed_checks = 0
 
-    def _failed(self, worker: Worker, reason: str) -> None:
+    def _streams_wait(self, worker: Worker) -> bool:
+        """Whether requests are open on the worker and it sent bytes lately enough that the gateway
+        still waits on them: a restart would cut them."""
+        return worker.outstanding > 0 and time.monotonic() - worker.progress_at < self.stream_limit
+
+    def _failed(self, worker: Worker, reason: str, counts: bool = True) -> None:
+        """Out of routing; and, if `counts`, one more failed check toward a restart."""
         if worker.healthy:
-            log.warning("worker %s for %s failed its health check: %s", worker.label, worker.model, reason)
+            note = "" if counts else " (no restart while its streams may still go on)"
+            log.warning("worker %s for %s failed its health check: %s%s", worker.label, worker.model,
+                        reason, note)  # fmt: skip
         worker.probe_timeout = None
-        worker.failed_checks += 1
+        worker.failed_checks += 1 if counts else 0
         worker.mark(False)
 
     async def _probe(self, worker: Worker, limit: float) -> Probe:
@@ -252,6 +266,7 @@ def build_monitor(
         timeout=settings.health_timeout,
         facts_interval=settings.worker_facts_interval,
         silence_limit=settings.first_token_timeout,
+        stream_limit=settings.idle_token_timeout,
     )  # fmt: skip
 
 

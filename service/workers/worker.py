@@ -85,11 +85,11 @@ class Worker:
         """Short stable name for logs and metrics."""
         return self.name
 
-    def move(self, url: str, pid: int | None = None) -> None:
+    def move(self, url: str) -> None:
         """A new process now serves this replica at `url`: nothing it answered before holds, and
         what it told us about itself is read again (kept meanwhile: the same model, most likely)."""
         self.url = url
-        self.pid = pid
+        self.pid = None  # until its new process is known
         self.mark(False)
         self.seen_healthy = False
         self.failed_checks = 0

@@ -142,8 +142,16 @@ async def test_a_slow_worker_whose_requests_progress_stays_in_and_gets_longer(li
     assert worker.probe_timeout == 2 * LIMIT  # the next probe may take longer
     assert await health.check(worker)  # bytes from before the last check, but recent: still busy
     worker.progress_at -= health.recent  # no bytes for longer than the longest probe
+    worker.outstanding = 1  # a stream is open on it
     assert not await health.check(worker)
-    assert worker.failed_checks == 1 and worker.probe_timeout is None
+    assert worker.failed_checks == 0 and worker.probe_timeout is None  # out, but its stream may go on
+    worker.outstanding = 0  # nothing open that a restart would cut
+    assert not await health.check(worker)
+    assert worker.failed_checks == 1  # counted toward a restart
+    worker.outstanding = 1
+    worker.progress_at -= health.stream_limit  # longer than the gateway waits between a stream's tokens
+    assert not await health.check(worker)
+    assert worker.failed_checks == 2
 
 
 async def test_a_busy_probe_limit_is_capped(listening: str) -> None:
