@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -144,21 +144,17 @@ class HealthMonitor:
         """One check: the probe, then the verdict on the worker (see the module docstring); whether it
         is healthy now."""
         timeout = worker.probe_timeout or self.timeout
-        before = asyncio.ensure_future(_sample(worker.pid))
-        try:
-            probe = await self._probe(worker, timeout)
-            if probe.outcome is Outcome.UP:
-                await self._answered(worker, probe.seconds, timeout)
-            elif probe.outcome is Outcome.DOWN:
-                self._failed(worker, probe.reason)
+        probe, before = await self._probe(worker, timeout)
+        if probe.outcome is Outcome.UP:
+            await self._answered(worker, probe.seconds, timeout)
+        elif probe.outcome is Outcome.DOWN:
+            self._failed(worker, probe.reason)
+        else:
+            busy, why = await self._progress(worker, before)
+            if busy:
+                self._busy(worker, timeout, why)
             else:
-                busy, why = await self._progress(worker, await before)
-                if busy:
-                    self._busy(worker, timeout, why)
-                else:
-                    self._failed(worker, f"{probe.reason} and {why}", counts=not self._streams_wait(worker))
-        finally:
-            before.cancel()
+                self._failed(worker, f"{probe.reason} and {why}", counts=not self._streams_wait(worker))
         worker.checked_at = time.monotonic()
         return worker.healthy
 
@@ -196,20 +192,28 @@ class HealthMonitor:
         worker.failed_checks += 1 if counts else 0
         worker.mark(False)
 
-    async def _probe(self, worker: Worker, limit: float) -> Probe:
-        """`GET /health` within `limit` seconds of the gateway's own running time; alongside it, a
-        fresh connection to tell an unreachable worker from a slow one."""
+    async def _probe(self, worker: Worker, limit: float) -> tuple[Probe, TreeSample | None]:
+        """`GET /health` within `limit` seconds of the gateway's own running time. Once it is slow to
+        answer (most are not), a fresh connection tells an unreachable worker from a slow one, and a
+        look at its processes starts the window in which their CPU use is measured."""
         loop = asyncio.get_running_loop()
         answer = asyncio.ensure_future(self.transport.health(worker))
-        reach = asyncio.ensure_future(accepts_connection(worker.url))
+        extras: list[asyncio.Future[Any]] = []  # [accepts a connection, its processes] once slow
+
+        def slow() -> None:
+            extras.append(asyncio.ensure_future(accepts_connection(worker.url)))
+            extras.append(asyncio.ensure_future(_sample(worker.pid)))
+
         started = loop.time()
         try:
-            stalled = await _wait_running(answer, limit, SLOW_LIMIT_FACTOR * self.timeout)
-            return _judge(answer, reach, limit, loop.time() - started - stalled)
+            stalled = await _wait_running(answer, limit, SLOW_LIMIT_FACTOR * self.timeout, slow)
+            probe = _judge(answer, extras[0] if extras else None, limit, loop.time() - started - stalled)
+            before = await extras[1] if extras and probe.outcome is Outcome.SLOW else None
+            return probe, before
         finally:
-            for task in (answer, reach):
+            for task in (answer, *extras):
                 task.cancel()
-            await asyncio.gather(answer, reach, return_exceptions=True)
+            await asyncio.gather(answer, *extras, return_exceptions=True)
 
     async def _progress(self, worker: Worker, before: TreeSample | None) -> tuple[bool, str]:
         """Whether a slow worker made progress since its last check, and the evidence (or its lack)."""
@@ -270,15 +274,22 @@ def build_monitor(
     )  # fmt: skip
 
 
-async def _wait_running(task: asyncio.Future[Any], limit: float, most_stalled: float) -> float:
+async def _wait_running(
+    task: asyncio.Future[Any], limit: float, most_stalled: float, slow: Callable[[], None]
+) -> float:
     """Wait for `task` until `limit` seconds of the loop's running time have passed (time the loop
-    could not run, up to `most_stalled` seconds, does not count); the seconds not counted."""
+    could not run, up to `most_stalled` seconds, does not count), calling `slow` once if it is not
+    done after the first look; the seconds not counted."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     stalled = 0.0
+    first = True
     while not task.done() and (now := loop.time()) < deadline:
         step = min(TICK, deadline - now)
         await asyncio.wait({task}, timeout=step)
+        if first and not task.done():
+            slow()
+        first = False
         late = loop.time() - now - step  # the loop woke us late: it was not running, we were not slow
         if not task.done() and late > 0 and stalled < most_stalled:
             extra = min(late, most_stalled - stalled)
@@ -291,7 +302,9 @@ async def _wait_running(task: asyncio.Future[Any], limit: float, most_stalled: f
     return stalled
 
 
-def _judge(answer: asyncio.Future[bool], reach: asyncio.Future[bool], limit: float, seconds: float) -> Probe:
+def _judge(
+    answer: asyncio.Future[bool], reach: asyncio.Future[bool] | None, limit: float, seconds: float
+) -> Probe:
     """The outcome of a probe from its answer (if any) and whether the worker accepted a connection."""
     if answer.done() and not answer.cancelled():
         error = answer.exception()
@@ -301,7 +314,10 @@ def _judge(answer: asyncio.Future[bool], reach: asyncio.Future[bool], limit: flo
             return Probe(Outcome.DOWN, seconds, "it answered /health with an error")
         if not isinstance(error, TimeoutError):
             return Probe(Outcome.DOWN, seconds, describe(error))
-    accepted = reach.done() and not reach.cancelled() and reach.exception() is None and reach.result()
+    accepted = (
+        reach is not None and reach.done() and not reach.cancelled() and reach.exception() is None
+        and reach.result()
+    )  # fmt: skip
     if not accepted:
         return Probe(Outcome.DOWN, seconds, f"it accepted no connection within {limit:g} s")
     return Probe(Outcome.SLOW, seconds, f"it answered no probe within {limit:g} s")
