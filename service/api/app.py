@@ -34,7 +34,8 @@ from service.ops.settings import ModelSpec, Settings
 from service.ops.tracing import tracing_from_env
 from service.workers.contract import read_contract
 from service.workers.discovery import discover, keep_discovering
-from service.workers.health import HealthMonitor, read_model_entry
+from service.workers.facts import read_model_entry
+from service.workers.health import build_monitor
 from service.workers.http_transport import HttpTransport, build_session
 from service.workers.pool import Capacity, ModelPool, Worker
 from service.workers.roster import follow_roster, keep_following
@@ -98,10 +99,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.tracing,
         )
         app.state.processes = processes
-        health = HealthMonitor(
-            HttpTransport(probes, settings), list(pools.values()), settings.health_interval,
-            readers=(read_model_entry, read_contract),
-        )  # fmt: skip
+        health = build_monitor(settings, probes, list(pools.values()), (read_model_entry, read_contract))
         if settings.roster_file is not None:  # another process launches the workers: follow it
             seen = follow_roster(list(pools.values()), settings.roster_file)
             roster = asyncio.create_task(keep_following(list(pools.values()), settings.roster_file, seen))

@@ -32,8 +32,8 @@ from prometheus_client import multiprocess
 from service.api.app import build_pools
 from service.ops.host_counters import HostCounters, layout_for
 from service.ops.settings import Settings
-from service.workers.health import HealthMonitor
-from service.workers.http_transport import HttpTransport, build_session
+from service.workers.health import build_monitor
+from service.workers.http_transport import build_session
 from service.workers.pool import ModelPool
 from service.workers.roster import roster_of, write_roster
 from service.workers.supervisor import die_with_parent
@@ -119,8 +119,7 @@ class Supervisor:
         probes = build_session(self.settings)
         # Checks here only serve supervision (a wedged worker is restarted); the serving processes
         # read the workers' facts and load themselves.
-        health = HealthMonitor(HttpTransport(probes, self.settings), list(pools.values()),
-                               self.settings.health_interval, readers=(), engine_load=False)  # fmt: skip
+        health = build_monitor(self.settings, probes, list(pools.values()), readers=(), engine_load=False)
         tasks = [asyncio.create_task(health.run()),
                  asyncio.create_task(self._publish(list(pools.values())))]  # fmt: skip
         try:

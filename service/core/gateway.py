@@ -247,6 +247,7 @@ class Gateway:
             lambda worker, headers: self.transport.complete(worker, path, body, headers),
         )  # fmt: skip
         record.upstream_ended()
+        lease.worker.progress_at = time.monotonic()  # a sign of progress for health checks
         pool.release(lease)
         record.set_usage(answer.usage)
         if span is not None:

@@ -353,6 +353,13 @@ class Settings(BaseSettings):
     max_detokenize_tokens: int = Field(
         default=131_072, ge=1, description="Most token ids in one /detokenize request (a 128k context)."
     )
+    # Part C (health): worker facts are read again, not once.
+    worker_facts_interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between re-reading what each worker says about itself (context length, request "
+        "schema, version); also re-read when a worker comes back or moves.",
+    )
 
     @field_validator("cache_salt_secret", "worker_api_key", mode="before")
     @classmethod

@@ -10,7 +10,9 @@ knows is a 400 that names it (vLLM itself would ignore it with a warning: a typo
 nothing).
 
 A worker that publishes no schema (started with `--disable-fastapi-docs`, or not vLLM) cannot be
-checked against: its requests pass with every field, and the gateway says so once in its log.
+checked against: its requests pass with every field, and the gateway says so once in its log. The
+schema is read again whenever the worker's facts are (see facts.py): a worker upgraded in place
+brings its new fields with it; one whose schema cannot be fetched for a while keeps the one it had.
 """
 
 from __future__ import annotations
@@ -46,20 +48,34 @@ def request_fields(openapi: Any) -> dict[str, frozenset[str]]:
 
 
 async def read_contract(transport: Transport, worker: Worker) -> None:
-    """Fact reader (see health.py): the worker's request schemas and its version."""
-    try:
-        fields = request_fields(await transport.get_json(worker, "/openapi.json"))
-    except ValueError:
-        fields = {}
-    if not fields:
+    """Fact reader (see facts.py): the worker's request schemas and its version. A schema that cannot
+    be fetched raises (what was known stays, and it is fetched again next time); one fetched that
+    defines none of the request models is a worker that cannot be checked against."""
+    fields = request_fields(await transport.get_json(worker, "/openapi.json"))
+    known: dict[str, frozenset[str]] | None = worker.facts.get("fields")
+    if not fields and known != {}:
         log.warning("worker %s publishes no OpenAPI schema: request fields cannot be checked against it",
                     worker.label)  # fmt: skip
+    elif known and fields != known:
+        log.info("worker %s for %s: request schema changed (%s)", worker.label, worker.model,
+                 schema_change(known, fields))  # fmt: skip
     worker.facts["fields"] = fields
     try:
-        version = await transport.get_json(worker, "/version")
-    except ValueError:
-        version = None
-    worker.facts["version"] = version.get("version") if isinstance(version, dict) else None
+        answer = await transport.get_json(worker, "/version")
+    except Exception:  # not every server says (any failure): the version known before, if any, stays
+        return
+    version = answer.get("version") if isinstance(answer, dict) else None
+    if worker.facts.get("version") not in (None, version):
+        log.info("worker %s for %s: version %s -> %s", worker.label, worker.model,
+                 worker.facts["version"], version)  # fmt: skip
+    worker.facts["version"] = version
+
+
+def schema_change(before: dict[str, frozenset[str]], after: dict[str, frozenset[str]]) -> str:
+    """Fields added and removed across the request models, for a log line."""
+    old = {f"{name}.{field}" for name, fields in before.items() for field in fields}
+    new = {f"{name}.{field}" for name, fields in after.items() for field in fields}
+    return f"added {sorted(new - old)[:10]}, removed {sorted(old - new)[:10]}"
 
 
 def check_fields(pool: ModelPool, schema: str, fields: Iterable[str], need_worker: bool = True) -> None:

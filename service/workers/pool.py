@@ -82,7 +82,6 @@ class ModelPool:
     _waiters: deque[_Waiter] = field(default_factory=deque)
     _poller: asyncio.Task[None] | None = None
     _picks: int = 0
-    _context: int | None = None
 
     @property
     def name(self) -> str:
@@ -94,13 +93,13 @@ class ModelPool:
 
     @property
     def max_model_len(self) -> int | None:
-        """Configured context length, else what a worker reported (kept once known: every worker of
-        a model serves the same model)."""
-        if self._context is None:
-            self._context = self.spec.max_model_len or next(
-                (w.max_model_len for w in self.workers if w.max_model_len), None
-            )
-        return self._context
+        """Configured context length, else the smallest its healthy workers report (a request that
+        fits it fits each of them), else the smallest any worker reported; None before any did."""
+        if self.spec.max_model_len:
+            return self.spec.max_model_len
+        healthy = [w.max_model_len for w in self.workers if w.healthy and w.max_model_len]
+        known = healthy or [w.max_model_len for w in self.workers if w.max_model_len]
+        return min(known) if known else None
 
     @property
     def ready(self) -> bool:
@@ -128,8 +127,9 @@ class ModelPool:
 
     def fact(self, key: str) -> Any:
         """Something a worker of this model reported (its schema, version, root), or None. Read from
-        the current workers each time: a rolling upgrade brings workers with a newer schema."""
-        for worker in self.workers:
+        the current workers each time, healthy ones first: a rolling upgrade brings workers with a
+        newer schema."""
+        for worker in sorted(self.workers, key=lambda w: not w.healthy):
             found = worker.facts.get(key)
             if found is not None:
                 return found

@@ -130,8 +130,9 @@ class WorkerProcess:
     """Keeps one embedded worker process alive until `stop()`.
 
     Every start takes a port that is free right then (a port kept from an earlier run may have been
-    taken meanwhile) and publishes the new address on the `Worker`. A worker that was healthy and
-    then fails `restart_after_failed_checks` health checks in a row (alive but wedged) is restarted;
+    taken meanwhile) and publishes the new address (and process id) on the `Worker`. A worker that was
+    healthy and then fails `restart_after_failed_checks` health checks in a row (alive but wedged: a
+    busy worker's slow probes do not count, see health.py) is restarted;
     so is one that never becomes healthy within the start timeout; a launch that fails outright
     (a bad engine Python, an unwritable folder) is logged and retried with the same backoff.
     """
@@ -160,6 +161,7 @@ class WorkerProcess:
                 started = time.monotonic()
                 reason = await self._run_once(started)
                 self.worker.mark(False)
+                self.worker.pid = None
                 if self._stopping.is_set():
                     break
                 if time.monotonic() - started > STABLE_RUN_SECONDS:
@@ -190,9 +192,7 @@ class WorkerProcess:
 
     async def _start(self) -> None:
         port = free_port(self.settings.worker_host)
-        self.worker.url = f"http://{self.settings.worker_host}:{port}"
-        self.worker.failed_checks = 0
-        self.worker.seen_healthy = False
+        self.worker.move(f"http://{self.settings.worker_host}:{port}")
         self.plan = launch_plan(self.spec, self.settings, port, self.cores, self.replica)
         output = self.log.pipe()
         try:
@@ -206,6 +206,7 @@ class WorkerProcess:
             )
         finally:
             os.close(output)  # the child has its copy; the copying thread ends when it exits
+        self.worker.pid = self.process.pid  # where health checks look for signs of progress
         log.info(
             "worker %s (%s) launched on %s, pid %d, log %s",
             self.worker.label, self.worker.model, self.worker.url, self.process.pid, self.plan.log_path,

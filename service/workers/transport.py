@@ -160,6 +160,7 @@ class WatchedStream:
     async def blocks(self) -> AsyncIterator[bytes]:
         async for block in self.stream.blocks():
             self.last = self.loop.time()
+            self.worker.progress_at = self.last  # a sign of progress for health checks (same clock)
             if not self.started:
                 self.started = True
                 self.interval = self.idle_timeout

@@ -1,5 +1,6 @@
 """One vLLM worker as the gateway sees it: where it is, whether it answers, how busy it is (by the
-gateway's own count and by the engine's), and what it told us about itself."""
+gateway's own count and by the engine's), whether it still makes progress, and what it told us about
+itself."""
 
 from __future__ import annotations
 
@@ -45,10 +46,17 @@ class Worker:
     picked: int = 0  # when it was last picked (a pool-wide count), to share load among equals
     failed_checks: int = 0  # consecutive failed health checks
     seen_healthy: bool = False  # healthy at least once since it was (re)started
-    facts: dict[str, Any] = field(default_factory=dict)  # what the worker told us (see health.py)
-    learned: set[str] = field(default_factory=set)  # which fact readers have succeeded
+    facts: dict[str, Any] = field(default_factory=dict)  # what the worker told us (see facts.py)
+    facts_read: dict[str, float] = field(default_factory=dict)  # fact reader -> when it last succeeded
+    facts_failing: set[str] = field(default_factory=set)  # fact readers failing now (logged once)
     engine: EngineLoad = field(default_factory=EngineLoad)  # refreshed by every health check
     others: int = 0  # requests the engine held beyond this gateway's own, at the last check
+    pid: int | None = None  # its process on this host (embedded workers), for signs of progress
+    # Times below are on the monotonic clock (asyncio's and uvloop's `loop.time()` are the same).
+    progress_at: float = 0.0  # when bytes last arrived from it on a request
+    answered_at: float = 0.0  # when it last answered a health probe
+    checked_at: float = 0.0  # when its last health verdict was made
+    probe_timeout: float | None = None  # its next probe's limit (None: the configured one)
 
     def __post_init__(self, up: bool) -> None:
         if not self.name:
@@ -76,6 +84,19 @@ class Worker:
     def label(self) -> str:
         """Short stable name for logs and metrics."""
         return self.name
+
+    def move(self, url: str) -> None:
+        """A new process now serves this replica at `url`: nothing it answered before holds, and
+        what it told us about itself is read again (kept meanwhile: the same model, most likely)."""
+        self.url = url
+        self.pid = None  # until its new process is known
+        self.mark(False)
+        self.seen_healthy = False
+        self.failed_checks = 0
+        self.observe_engine(EngineLoad())
+        self.facts_read.clear()
+        self.progress_at = self.answered_at = 0.0
+        self.probe_timeout = None
 
     def mark(self, healthy: bool) -> None:
         """Record a health verdict (a probe's, or a transport failure's)."""

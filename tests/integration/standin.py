@@ -54,6 +54,11 @@ class Script:
     compress: str = ""  # "allowed": gzip whole answers when the request accepts it; "always": anyway
     accept_encodings: list[str | None] = field(default_factory=list)  # each request's Accept-Encoding
     last_answer: bytes = b""  # the last whole answer's bytes, as sent
+    health_hangs_while_busy: bool = False  # /health answers only once no request is being answered
+    health_delay: float = 0.0  # seconds /health takes
+    health_pending: int = 0  # /health requests being answered right now
+    schema_failures: int = 0  # /openapi.json answers 500 this many more times before the schema
+    max_model_len: int = 2048  # the context its /v1/models reports
 
 
 def usage_of(body: dict[str, Any], tokens: list[str]) -> dict[str, int]:
@@ -170,18 +175,27 @@ def openapi(schema: dict[str, list[str]]) -> dict[str, Any]:
 
 def build_app(script: Script) -> Starlette:
     async def health(_: Request) -> Response:
+        script.health_pending += 1
+        try:
+            while script.health_hangs_while_busy and (script.in_flight or script.open_streams):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(script.health_delay)
+        finally:
+            script.health_pending -= 1
         return PlainTextResponse("", status_code=200 if script.healthy else 503)
 
     async def models(_: Request) -> Response:
         if script.models_answer is not None:
             return JSONResponse(script.models_answer)
-        return JSONResponse(
-            {"object": "list", "data": [{"id": "any", "max_model_len": 2048, "root": "/standin"}]}
-        )
+        entry = {"id": "any", "max_model_len": script.max_model_len, "root": "/standin"}
+        return JSONResponse({"object": "list", "data": [entry]})
 
     async def openapi_json(_: Request) -> Response:
         if script.schema is None:
             return PlainTextResponse("Not Found", status_code=404)
+        if script.schema_failures > 0:
+            script.schema_failures -= 1
+            return PlainTextResponse("Internal Server Error", status_code=500)
         return JSONResponse(openapi(script.schema))
 
     def endpoint(whole: Callable[[dict[str, Any], list[str]], dict[str, Any]], chunk: Any) -> Any:
@@ -304,6 +318,7 @@ def main() -> None:
         healthy=os.environ.get("STANDIN_HEALTHY", "1") == "1",
         first_token_delay=float(os.environ.get("STANDIN_FIRST_TOKEN_DELAY", "0")),
         token_delay=float(os.environ.get("STANDIN_TOKEN_DELAY", "0")),
+        health_hangs_while_busy=os.environ.get("STANDIN_HEALTH_HANGS_WHILE_BUSY", "0") == "1",
     )
     uvicorn.run(build_app(script), host=args.host, port=args.port, log_level="warning")
 

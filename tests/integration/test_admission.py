@@ -84,9 +84,12 @@ async def test_the_health_monitor_survives_an_unexpected_answer(standin_url: str
     async with running_gateway(standin_settings(standin_url)) as (app, http):
         await asyncio.sleep(0.3)  # a few rounds of probes against the odd answer
         worker = app.state.gateway.pools["base"].workers[0]
-        assert not worker.healthy  # an answer it cannot use is a failed check...
+        assert worker.healthy  # a fact it cannot use is no verdict on the worker...
+        request = {"model": "base", "prompt": "x", "max_tokens": 2}
+        assert (await http.post("/complete", json=request)).status_code == 503  # ...context unknown yet
         script.models_answer = None
-        await eventually(lambda: worker.healthy, seconds=5)  # ...and monitoring went on
+        await eventually(lambda: worker.max_model_len == 2048, seconds=5)  # read again at a later check
+        assert (await http.post("/complete", json=request)).status_code == 200
         script.healthy = False
-        await eventually(lambda: not worker.healthy, seconds=5)
+        await eventually(lambda: not worker.healthy, seconds=5)  # and monitoring went on
         assert (await http.get("/ready")).status_code == 503

@@ -4,6 +4,7 @@ restart after a crash, kill-and-restart after a start timeout, nothing left afte
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from service.api.app import create_app
 from service.ops.settings import ModelKind, ModelSpec, Settings
 from service.workers.supervisor import WorkerProcess, free_port
 from service.workers.worker import Worker
-from tests.helpers import eventually
+from tests.helpers import eventually, stream_payloads
 from tests.integration.conftest import TOKENIZER, serve_in_background
 
 STANDIN = Path(__file__).with_name("standin.py")
@@ -54,7 +55,7 @@ async def test_a_crashed_worker_is_restarted_and_stopped_on_shutdown(
         worker = supervised.worker
         await eventually(lambda: worker.healthy, seconds=30)
         first = supervised.process
-        assert first is not None
+        assert first is not None and worker.pid == first.pid  # where health checks look for progress
         os.killpg(first.pid, signal.SIGKILL)
         await eventually(lambda: not worker.healthy, seconds=30)
         await eventually(lambda: worker.healthy and supervised.process is not first, seconds=30)
@@ -88,8 +89,39 @@ async def test_a_worker_that_wedges_after_being_healthy_is_restarted(tmp_path: P
         wedged = supervised.process
         assert wedged is not None
         os.kill(wedged.pid, signal.SIGSTOP)
+        await eventually(lambda: not supervised.worker.healthy, seconds=30)  # ejected...
         await eventually(lambda: supervised.restarts == 1 and supervised.worker.healthy, seconds=30)
         assert wedged.returncode is not None  # the wedged one was killed, not left behind
+
+
+async def test_a_busy_worker_whose_probes_time_out_is_neither_ejected_nor_restarted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its /health waits behind a stream that still delivers tokens: busy, not wedged."""
+    caplog.set_level(logging.INFO)
+    busy = {"STANDIN_HEALTH_HANGS_WHILE_BUSY": "1", "STANDIN_TOKEN_DELAY": "1.0"}
+    settings = fake_engine_settings(tmp_path, engine_env=busy).model_copy(
+        update={"worker_restart_after_failed_checks": 3, "health_timeout": 0.5}
+    )
+    app = create_app(settings)
+    async with serve_in_background(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        supervised: WorkerProcess = app.state.processes[0]
+        worker = supervised.worker
+        await eventually(lambda: worker.healthy, seconds=30)
+        seen_down = False
+
+        async def watch() -> None:
+            nonlocal seen_down
+            while True:
+                seen_down = seen_down or not worker.healthy
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.ensure_future(watch())
+        payloads = await stream_payloads(http, "/v1/completions", {"model": "fake", "prompt": "x"})
+        watcher.cancel()
+        assert payloads[-1] == "[DONE]"  # the stream was not cut by a restart
+        assert not seen_down and supervised.restarts == 0
+        assert "answered no probe within 0.5 s but is busy" in caplog.text  # its probes did time out
 
 
 async def test_a_launch_that_fails_is_logged_retried_and_reported(
