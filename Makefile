@@ -6,7 +6,7 @@ EXTRAS ?= cpu,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install browser prepare run test test-unit test-fast lint check clean
+.PHONY: install browser postgres prepare run test test-unit test-fast lint check clean
 
 install: $(STAMP)
 
@@ -32,7 +32,13 @@ browser:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
-test: prepare browser
+# The store's tests start a throwaway PostgreSQL from Debian's packages.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql; }
+
+test: prepare browser postgres
 	$(BIN)/pytest
 
 # Pure logic only: no server, no worker, no model (seconds).

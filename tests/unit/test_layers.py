@@ -1,7 +1,8 @@
-"""The packages are layers, and no import runs upward: errors < ops < workers < core < api < cli.
+"""The packages are layers, and no import runs upward: errors < ops < store < workers < core < api < cli.
 
 errors   the typed error tree (every layer may raise these)
 ops      settings, metrics, logs, the request record (observation)
+store    state that outlives a process: the database, its schema and migrations
 workers  the vLLM workers: pool, health, transport, contract, supervisor, discovery, prepare
 core     what a request becomes: protocol, templates, few-shot, caps, gateway, relay, context
 api      the HTTP edge: endpoint table, dispatcher, middlewares, handlers, OpenAPI, server
@@ -13,7 +14,7 @@ import ast
 from pathlib import Path
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
-LAYERS = ["errors", "ops", "workers", "core", "api", "cli"]
+LAYERS = ["errors", "ops", "store", "workers", "core", "api", "cli"]
 
 
 def layer_of(module: str) -> int:

@@ -1,0 +1,97 @@
+"""The database: an engine for the configured URL, migrations run once at start (under a lock, so several
+processes or pods starting together migrate once), and a small thread pool so no query runs on the event
+loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).with_name("migrations")
+MIGRATION_LOCK = 0x6C6C6D67  # a PostgreSQL advisory lock id: "llmg"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def default_url(cache_dir: Path) -> str:
+    """SQLite in the cache folder: nothing to install, shared safely by the processes of one host."""
+    return f"sqlite:///{cache_dir / 'gateway.db'}"
+
+
+def redacted(url: str) -> str:
+    """A URL fit for a log line (no password)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Database:
+    """One engine, its migrations, and the threads its queries run on."""
+
+    def __init__(self, url: str, threads: int = 2) -> None:
+        self.url = url
+        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            path = make_url(url).database
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="store")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent; blocking: call before serving)."""
+        with self._migration_lock(), self.engine.begin() as connection:
+            if not self.is_sqlite:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK})
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        log.info("database %s is at the newest schema", redacted(self.url))
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """SQLite has no advisory locks: processes of one host take a file lock beside the database."""
+        path = make_url(self.url).database if self.is_sqlite else None
+        if not path or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.migrate-lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection in a transaction (committed on success), for use in `run`'s threads."""
+        return self.engine.begin()
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)` on the store's threads, awaited from the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    """WAL: readers never wait for a writer; a busy timeout instead of 'database is locked' at once."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
