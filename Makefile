@@ -6,7 +6,7 @@ EXTRAS ?= cpu,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install browser postgres prepare run test test-unit test-fast lint check clean
+.PHONY: install browser postgres prepare run test test-unit test-fast lint docs docs-serve check clean
 
 install: $(STAMP)
 
@@ -50,11 +50,18 @@ test-fast: install
 	$(BIN)/pytest -m "not e2e"
 
 lint: install
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
-	$(BIN)/mypy service bench
+	$(BIN)/ruff check service tests bench docs/hooks.py
+	$(BIN)/ruff format --check service tests bench docs/hooks.py
+	$(BIN)/mypy service bench docs/hooks.py
 
-check: lint test
+# The documentation site; --strict turns a broken link or a missing page into a failure.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+check: lint docs test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -1,22 +1,39 @@
-"""`llm-gateway serve | prepare | render`: the console entry point."""
+"""`llm-gateway serve | prepare | render`: the console entry point.
+
+Options may come before or after the command (`llm-gateway --models-file F serve` and
+`llm-gateway serve --models-file F` mean the same). Bad input is one line on stderr and a non-zero exit,
+never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
-from service.ops.settings import Settings
+from service import __version__
+from service.ops.settings import ModelKind, Settings
+
+
+class CliError(Exception):
+    """A bad input the user can fix; its message is printed as one line."""
 
 
 def _load_settings(overrides: dict[str, object]) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
     except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        problems = "; ".join(_problem(error) for error in exc.errors(include_url=False))
+        raise CliError(f"invalid configuration: {problems}") from None
+
+
+def _problem(error: Any) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -33,30 +50,65 @@ def _prepare(args: argparse.Namespace) -> int:
     try:
         prepare_all(settings)
     except PrepareError as exc:
-        print(f"prepare failed: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(f"prepare failed: {exc}") from None
     return 0
 
 
 def _render(args: argparse.Namespace) -> int:
-    from service.core.templates import load_tokenizers
+    from service.core.templates import load_tokenizer
+    from service.errors import GatewayError
 
     settings = _load_settings({"models_file": args.models_file})
-    messages = json.loads(args.messages)
-    tokenizers = load_tokenizers(settings)
-    model = args.model or next(m.name for m in settings.models if m.kind == "instruct")
-    rendered = tokenizers[model].render_chat(messages)
-    print(json.dumps({"model": model, "prompt": rendered.text, "token_ids": rendered.token_ids}, indent=2))
+    try:
+        messages = json.loads(args.messages)
+    except ValueError as exc:
+        example = '[{"role": "user", "content": "Hi"}]'
+        raise CliError(f"MESSAGES is not JSON ({exc}); e.g. '{example}'") from None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise CliError("MESSAGES must be a JSON list of objects with `role` and `content`")
+    spec = _instruct_model(settings, args.model)
+    try:
+        rendered = load_tokenizer(spec, settings).render_chat(messages)
+    except (GatewayError, FileNotFoundError, ValueError) as exc:
+        raise CliError(getattr(exc, "message", None) or str(exc)) from None
+    print(
+        json.dumps({"model": spec.name, "prompt": rendered.text, "token_ids": rendered.token_ids}, indent=2)
+    )
     return 0
+
+
+def _instruct_model(settings: Settings, name: str | None) -> Any:
+    """The model to render for: `name`, else the first instruct model; a clear error otherwise."""
+    names = ", ".join(m.name for m in settings.models)
+    if name is None:
+        spec = next((m for m in settings.models if m.kind is ModelKind.INSTRUCT), None)
+        if spec is None:
+            raise CliError(f"no instruct model is configured (models: {names})")
+        return spec
+    spec = next((m for m in settings.models if m.name == name), None)
+    if spec is None:
+        raise CliError(f"no model named {name!r} (models: {names})")
+    if spec.kind is not ModelKind.INSTRUCT:
+        raise CliError(f"{name!r} is a base model: it has no chat template to render")
+    return spec
+
+
+def _models_file_option(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--models-file", default=default, help="YAML file listing the models (GATEWAY_MODELS_FILE)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; every setting also reads GATEWAY_<NAME> from the environment."""
-    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
-    parser.add_argument("--models-file", help="YAML file listing models (GATEWAY_MODELS_FILE)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="llm-gateway", description="Base and instruct models behind one door, on vLLM workers."
+    )
+    parser.add_argument("--version", action="version", version=f"llm-gateway {__version__}")
+    _models_file_option(parser, None)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="launch workers and serve the API")
+    serve = commands.add_parser("serve", help="launch the workers and serve the API")
     serve.add_argument("--host", help="listen address (GATEWAY_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (GATEWAY_PORT, default 8000)")
     serve.set_defaults(handler=_serve)
@@ -65,16 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(handler=_prepare)
 
     render = commands.add_parser("render", help="print the chat prompt and token ids for messages")
-    render.add_argument("messages", help='JSON list, e.g. \'[{"role": "user", "content": "Hi"}]\'')
+    render.add_argument(
+        "messages", metavar="MESSAGES", help='JSON list, e.g. \'[{"role": "user", "content": "Hi"}]\''
+    )
     render.add_argument("--model", help="instruct model name (default: the first)")
     render.set_defaults(handler=_render)
+    for command in (serve, prepare, render):
+        # SUPPRESS: an option given before the command is not overwritten by the command's default.
+        _models_file_option(command, argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script."""
     args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except CliError as exc:
+        print(f"llm-gateway: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import pytest
 
 from tests.e2e.conftest import BASE_MODEL, Stack
 
-TASK_DIR = Path(__file__).with_name("lm_eval_task")
+ROOT = Path(__file__).parents[2]
+TASK_DIR = ROOT / "docs" / "examples" / "lm-eval"  # the task the researchers' docs run
 
 
 def evaluate(model_args: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
@@ -20,15 +21,15 @@ def evaluate(model_args: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> lis
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    monkeypatch.chdir(TASK_DIR)  # the task's data file is relative
+    monkeypatch.chdir(ROOT)  # the task's data file is relative to the repository
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     args = ",".join(f"{key}={value}" for key, value in model_args.items())
     results = lm_eval.simple_evaluate(
-        model="local-completions", model_args=args, tasks=["gateway_capitals"],
+        model="local-completions", model_args=args, tasks=["capitals"],
         task_manager=TaskManager(include_path=str(TASK_DIR)), log_samples=True, batch_size=1,
     )  # fmt: skip
     assert results is not None
-    samples = sorted(results["samples"]["gateway_capitals"], key=lambda sample: sample["doc_id"])
+    samples = sorted(results["samples"]["capitals"], key=lambda sample: sample["doc_id"])
     return [[float(resp[0][0]) for resp in sample["resps"]] for sample in samples]
 
 
