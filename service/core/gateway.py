@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi.responses import Response
@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from service.core.caps import prompt_logprobs_source
 from service.core.context import RequestContext
 from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
+from service.core.served import ServedModel, ServedModels, models_of
 from service.core.templates import (
     DEFAULT_CHAT,
     INLINE_TOKENIZE_CHARS,
@@ -30,9 +31,7 @@ from service.core.translate import StreamTranslator
 from service.errors import (
     ContextLengthExceeded,
     InvalidRequest,
-    ModelNotFound,
     NoHealthyWorker,
-    NotAChatModel,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -88,40 +87,34 @@ def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, cap:
 
 @dataclass
 class Gateway:
-    """What the routes share: settings, model pools, tokenizers and the upstream client."""
+    """What the routes share: settings, the served models and their pools, and the upstream client."""
 
     settings: Settings
-    pools: dict[str, ModelPool]
-    tokenizers: dict[str, ModelTokenizer]
+    pools: dict[str, ModelPool]  # the replicas of each configured model
+    tokenizers: dict[str, ModelTokenizer]  # each configured model's
     transport: Transport
     metrics: Metrics
     streams: set[WatchedStream]  # open worker streams (a drain ends the ones still open)
     tracing: Tracing | None = None  # None: tracing off
+    models: ServedModels = field(init=False)  # every name a request may send as `model`
 
-    def resolve(self, name: str | None, default_kind: ModelKind) -> ModelPool:
-        """The named model, or the first one of `default_kind`."""
-        if name is None:
-            pool = next((p for p in self.pools.values() if p.kind is default_kind), None)
-            if pool is None:
-                raise ModelNotFound(f"<default {default_kind.value} model>", list(self.pools))
-            return pool
-        pool = self.pools.get(name)
-        if pool is None:
-            raise ModelNotFound(name, list(self.pools))
-        return pool
+    def __post_init__(self) -> None:
+        self.models = models_of(self.pools, self.tokenizers)
 
-    @staticmethod
-    def require_chat(pool: ModelPool) -> None:
-        """Chat needs an instruct model; base models are refused with a pointer to /complete."""
-        if pool.kind is not ModelKind.INSTRUCT:
-            raise NotAChatModel(pool.name)
+    def resolve(self, name: str | None, default_kind: ModelKind) -> ServedModel:
+        """The named model, or the first one of `default_kind` (a 404 listing the served names)."""
+        return self.models.resolve(name, default_kind)
 
     async def encode(
-        self, pool: ModelPool, text: str, add_special_tokens: bool = True, record: RequestRecord | None = None
+        self,
+        model: ServedModel,
+        text: str,
+        add_special_tokens: bool = True,
+        record: RequestRecord | None = None,
     ) -> list[int]:
         """Token ids of a raw prompt; long prompts are tokenized off the event loop (by a tokenizer
         call that lets go of the GIL, so the loop runs meanwhile)."""
-        tokenizer = self.tokenizers[pool.name]
+        tokenizer = model.tokenizer
         with self.span(record, "gateway.tokenize"):
             if len(text) < INLINE_TOKENIZE_CHARS:
                 return tokenizer.encode(text, add_special_tokens)
@@ -129,25 +122,25 @@ class Gateway:
 
     async def encode_for_worker(
         self,
-        pool: ModelPool,
+        model: ServedModel,
         texts: list[str],
         add_special_tokens: bool = True,
         record: RequestRecord | None = None,
     ) -> list[tuple[list[int], bool]]:
         """Token ids of raw prompts (see `ModelTokenizer.encode_for_worker`); a batch or a long
         prompt is tokenized in one call off the event loop."""
-        tokenizer = self.tokenizers[pool.name]
+        tokenizer = model.tokenizer
         with self.span(record, "gateway.tokenize"):
             if len(texts) == 1 and len(texts[0]) < INLINE_TOKENIZE_CHARS:
                 return tokenizer.encode_for_worker(texts, add_special_tokens)
             return await asyncio.to_thread(tokenizer.encode_for_worker, texts, add_special_tokens)
 
     async def encode_pair(
-        self, pool: ModelPool, context: str, continuation: str, record: RequestRecord | None = None
+        self, model: ServedModel, context: str, continuation: str, record: RequestRecord | None = None
     ) -> tuple[list[int], list[int]]:
         """The tokens of a scored context and continuation (see `ModelTokenizer.encode_pair`); long
         texts are tokenized off the event loop."""
-        tokenizer = self.tokenizers[pool.name]
+        tokenizer = model.tokenizer
         with self.span(record, "gateway.tokenize"):
             if len(context) + len(continuation) < INLINE_TOKENIZE_CHARS:
                 return tokenizer.encode_pair(context, continuation)
@@ -161,7 +154,7 @@ class Gateway:
 
     async def render(
         self,
-        pool: ModelPool,
+        model: ServedModel,
         messages: Sequence[dict[str, Any]],
         options: ChatOptions = DEFAULT_CHAT,
         record: RequestRecord | None = None,
@@ -169,28 +162,28 @@ class Gateway:
         """Chat template rendering and tokenizing, off the event loop."""
         started = time.perf_counter()
         with self.span(record, "gateway.render") as span:
-            tokenizer = self.tokenizers[pool.name]
+            tokenizer = model.tokenizer
             job = functools.partial(tokenizer.render_chat, messages, options)
             # A template sent in the request renders in its own executor, never in the shared pool.
             client = tokenizer.client_templates if options.chat_template is not None else None
-            rendered = await (client.run(pool.name, job) if client is not None else asyncio.to_thread(job))
+            rendered = await (client.run(model.name, job) if client is not None else asyncio.to_thread(job))
             if span is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", len(rendered.token_ids))
-        self.metrics.child(self.metrics.render, pool.name).observe(time.perf_counter() - started)
+        self.metrics.child(self.metrics.render, model.name).observe(time.perf_counter() - started)
         return rendered
 
-    def check_context(self, pool: ModelPool, prompt_tokens: int, requested: int | None) -> None:
+    def check_context(self, model: ServedModel, prompt_tokens: int, requested: int | None) -> None:
         """The request's prompt and the tokens it asks for fit in the model's context."""
-        check_fits(prompt_tokens, requested, self.context_of(pool))
+        check_fits(prompt_tokens, requested, self.context_of(model))
 
-    def check_scoring(self, pool: ModelPool, request: BaseModel, prompt_tokens: int) -> None:
+    def check_scoring(self, model: ServedModel, request: BaseModel, prompt_tokens: int) -> None:
         """Prompt logprobs make the worker hold prompt_tokens x vocabulary floats at once: refuse
         (400, with the numbers and the field that asked for them) what is over the configured budget,
         before it reaches a worker. `prompt_tokens`: every prompt of the request, summed."""
         asked_by = prompt_logprobs_source(request)
         if asked_by is None:
             return
-        vocab = self.tokenizers[pool.name].vocab_size
+        vocab = model.tokenizer.vocab_size
         budget = self.settings.scoring_budget
         logits = prompt_tokens * vocab
         if logits > budget:
@@ -202,28 +195,29 @@ class Gateway:
                 code="scoring_budget_exceeded",
             )
 
-    def context_of(self, pool: ModelPool) -> int:
+    @staticmethod
+    def context_of(model: ServedModel) -> int:
         """The model's context length; unknown only while no worker has answered yet."""
-        context = pool.max_model_len
+        context = model.max_model_len
         if context is None:  # no worker has answered a probe yet: as good as none healthy
-            raise NoHealthyWorker(pool.name)
+            raise NoHealthyWorker(model.name)
         return context
 
     def completion_body(
         self,
-        pool: ModelPool,
+        model: ServedModel,
         prompts: list[list[int]],
         requested_max_tokens: int | None,
         params: dict[str, Any],
         stream: bool,
     ) -> dict[str, Any]:
         """The body for a worker's /v1/completions, with max_tokens fitted to the context."""
-        context = self.context_of(pool)
+        context = self.context_of(model)
         longest = max(len(ids) for ids in prompts)
         max_tokens = fit_max_tokens(longest, requested_max_tokens, context, self.settings.default_max_tokens)
         body: dict[str, Any] = {
             **params,
-            "model": pool.name,
+            "model": model.name,
             "prompt": prompts[0] if len(prompts) == 1 else prompts,
             "max_tokens": max_tokens,
             "stream": stream,
@@ -234,7 +228,7 @@ class Gateway:
 
     async def generate(
         self,
-        pool: ModelPool,
+        model: ServedModel,
         body: Body,
         record: RequestRecord,
         sequences: int = 1,
@@ -242,6 +236,7 @@ class Gateway:
         hint: RouteHint = NO_HINT,
     ) -> Answer:
         """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
+        pool = model.pool
         lease, answer, span = await self._with_failover(
             pool, sequences, hint, record,
             lambda worker, headers: self.transport.complete(worker, path, body, headers),
@@ -258,7 +253,7 @@ class Gateway:
 
     async def stream(
         self,
-        pool: ModelPool,
+        model: ServedModel,
         body: Body,
         record: RequestRecord,
         translator: StreamTranslator | None,
@@ -271,6 +266,7 @@ class Gateway:
         """A streamed request: errors before the first byte are ordinary error responses (after
         one retry on another replica); after it, the stream format's error event (and `[DONE]`).
         A `None` translator passes the worker's events through."""
+        pool = model.pool
         lease, stream, span = await self._with_failover(
             pool, sequences, hint, record,
             lambda worker, headers: self._open_stream(worker, path, body, fmt, headers),
@@ -396,11 +392,11 @@ class Gateway:
 
     @staticmethod
     def route_hint(
-        pool: ModelPool, ctx: RequestContext, tokens: Sequence[int] | None = None, user: str | None = None
+        model: ServedModel, ctx: RequestContext, tokens: Sequence[int] | None = None, user: str | None = None
     ) -> RouteHint:
         """What the pool's routing policy needs of this request: its prompt's token ids for `prefix`,
         its session key (the session header, else the `user` field) for `session`."""
-        policy = pool.policy
+        policy = model.pool.policy
         if policy is RoutingPolicy.PREFIX and tokens:
             return RouteHint(tokens=tokens, salt=ctx.caller.salt)
         if policy is RoutingPolicy.SESSION:

@@ -36,7 +36,7 @@ def test_the_workers_span_is_a_child_of_the_gateways_attempt(pair: Stack, otlp: 
     server = next(s for s in spans if s.attributes.get("gateway.request_id") == request_id)
     assert (server.trace_id, server.parent_id) == (CALLERS_TRACE, CALLERS_SPAN)  # the caller's trace
     trace = [s for s in spans if s.trace_id == server.trace_id]
-    print(f"\n{tree(trace)}")  # the README shows this tree
+    print(f"\n{tree(trace)}")  # docs/operations/observability.md shows this tree
     attempt = next(s for s in trace if s.kind == "client" and s.parent_id == server.span_id)
     vllm = [s for s in trace if s.service.startswith("vllm")]
     assert vllm and all(s.parent_id == attempt.span_id for s in vllm), tree(trace)

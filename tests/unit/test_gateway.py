@@ -11,6 +11,7 @@ import pytest
 
 from service.core.gateway import Gateway
 from service.core.relay import OPENAI_STREAM
+from service.core.served import ServedModel
 from service.errors import ShuttingDown, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
@@ -33,13 +34,14 @@ def token(text: str) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def gateway_with(*workers: Worker, **settings: Any) -> tuple[Gateway, FakeTransport, ModelPool]:
+def gateway_with(*workers: Worker, **settings: Any) -> tuple[Gateway, FakeTransport, ServedModel]:
+    """A gateway over a fake transport, and its one model (no tokenizer: these tests send bodies as built)."""
     spec = ModelSpec(name="m", kind=ModelKind.BASE, urls=["http://unused"], tokenizer="unused")
     pool = ModelPool(spec, list(workers), Capacity(per_worker=4, queue=4, queue_timeout=1))
     fake = FakeTransport()
     metrics = Metrics(lambda: [])
     gateway = Gateway(Settings(models=[spec], **settings), {"m": pool}, {}, fake, metrics, set())
-    return gateway, fake, pool
+    return gateway, fake, ServedModel("m", ModelKind.BASE, None, pool)  # type: ignore[arg-type]
 
 
 def record_of(gateway: Gateway) -> RequestRecord:

@@ -8,6 +8,7 @@ from array import array
 
 from service.core.context import RequestContext
 from service.core.gateway import Gateway
+from service.core.served import ServedModel
 from service.core.tenancy import Caller
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
@@ -80,5 +81,6 @@ def test_a_requests_route_hint_carries_its_callers_salt() -> None:
     tokens = tenant(4)
     record = RequestRecord(Metrics(lambda: []), "id", "test")
     caller = Caller(key_id="k", cache_group="key:k", salt=SALT_A)
-    assert Gateway.route_hint(pool, RequestContext("id", record, caller=caller), tokens).salt == SALT_A
-    assert Gateway.route_hint(pool, RequestContext("id", record), tokens).salt is None  # no keys
+    model = ServedModel(pool.name, pool.kind, None, pool)  # type: ignore[arg-type]  # no tokenizer needed
+    assert Gateway.route_hint(model, RequestContext("id", record, caller=caller), tokens).salt == SALT_A
+    assert Gateway.route_hint(model, RequestContext("id", record), tokens).salt is None  # no keys

@@ -6,17 +6,18 @@ from typing import Any
 
 from service import __version__
 from service.api.deps import GatewayDep
+from service.core.served import ServedModel
 from service.errors import ModelNotFound
-from service.workers.pool import ModelPool
 
 CREATED = 1_700_000_000
 # What the gateway says of every model, over what its worker said of it.
 OWN_FIELDS = ("id", "object", "kind", "max_model_len", "ready")
 
 
-def model_entry(pool: ModelPool) -> dict[str, Any]:
+def model_entry(model: ServedModel) -> dict[str, Any]:
     """The worker's own /v1/models entry (`root`, `parent`, `permission`, ...) plus the gateway's
     (`kind`, `ready`); before any worker answered, the fields vLLM would give."""
+    pool = model.pool
     worker: dict[str, Any] = pool.fact("model_entry") or {}
     entry: dict[str, Any] = {
         "created": CREATED,
@@ -26,22 +27,26 @@ def model_entry(pool: ModelPool) -> dict[str, Any]:
         **worker,
     }
     entry.update(
-        id=pool.name, object="model", kind=pool.kind.value, max_model_len=pool.max_model_len, ready=pool.ready
+        id=model.name,
+        object="model",
+        kind=model.kind.value,
+        max_model_len=model.max_model_len,
+        ready=pool.ready,
     )
     return entry
 
 
 async def list_models(gateway: GatewayDep) -> dict[str, Any]:
     """Served models, each with its `kind` and `max_model_len`."""
-    return {"object": "list", "data": [model_entry(pool) for pool in gateway.pools.values()]}
+    return {"object": "list", "data": [model_entry(model) for model in gateway.models.values()]}
 
 
 async def get_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
     """One served model."""
-    pool = gateway.pools.get(model_id)
-    if pool is None:
-        raise ModelNotFound(model_id, list(gateway.pools))
-    return model_entry(pool)
+    model = gateway.models.get(model_id)
+    if model is None:
+        raise ModelNotFound(model_id, list(gateway.models))
+    return model_entry(model)
 
 
 async def version(gateway: GatewayDep) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from service.core.conversation import messages_as_dicts
 from service.core.fewshot import build_few_shot
 from service.core.gateway import Gateway
 from service.core.protocol import ChatRequest, CompleteRequest, RenderRequest
+from service.core.served import ServedModel
 from service.core.templates import RenderedPrompt
 from service.core.tenancy import add_salt
 from service.core.translate import NativeStream, native_chat, native_complete
@@ -20,7 +21,6 @@ from service.errors import InvalidRequest
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind
 from service.workers.answer import parse_answer
-from service.workers.pool import ModelPool
 
 
 async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestContext) -> Response:
@@ -28,28 +28,28 @@ async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestConte
     loglikelihood of a given `continuation` when one is."""
     record = ctx.record
     enforce_caps(request, gateway.settings)
-    pool = gateway.resolve(request.model, ModelKind.BASE)
-    record.admit(pool.name)
+    model = gateway.resolve(request.model, ModelKind.BASE)
+    record.admit(model.name)
     params = request.engine_params()
     prompt = request.prompt
     if request.examples:
         prompt, boundary = build_few_shot(request.prompt, request.examples, request.layout)
         params.setdefault("stop", boundary)
     if request.continuation is not None:
-        return JSONResponse(await score(gateway, pool, request, prompt, ctx))
-    ids = await gateway.encode(pool, prompt, record=record)
-    body = gateway.completion_body(pool, [ids], request.max_tokens, params, request.stream)
-    add_salt(body, ctx.caller, pool)  # with keys: the caller's prefix-cache salt
-    hint = gateway.route_hint(pool, ctx, ids)
+        return JSONResponse(await score(gateway, model, request, prompt, ctx))
+    ids = await gateway.encode(model, prompt, record=record)
+    body = gateway.completion_body(model, [ids], request.max_tokens, params, request.stream)
+    add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
+    hint = gateway.route_hint(model, ctx, ids)
     if request.stream:
-        translator = NativeStream(pool.name, "text")
-        return await gateway.stream(pool, body, record, translator, sequences=request.n, hint=hint)
-    answer = await gateway.generate(pool, body, record, sequences=request.n, hint=hint)
-    return JSONResponse(native_complete(await parse_answer(answer.raw, pool.name), pool.name))
+        translator = NativeStream(model.name, "text")
+        return await gateway.stream(model, body, record, translator, sequences=request.n, hint=hint)
+    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint)
+    return JSONResponse(native_complete(await parse_answer(answer.raw, model.name), model.name))
 
 
 async def score(
-    gateway: Gateway, pool: ModelPool, request: CompleteRequest, prompt: str, ctx: RequestContext
+    gateway: Gateway, model: ServedModel, request: CompleteRequest, prompt: str, ctx: RequestContext
 ) -> dict[str, Any]:
     """The loglikelihood of `request.continuation` after `prompt`: each continuation token's
     logprob (and rank), their sum, and whether greedy decoding would have produced it, from the
@@ -59,16 +59,16 @@ async def score(
             "Scoring a continuation takes neither `stream` nor `n` > 1.", param="continuation"
         )
     continuation = request.continuation or ""
-    context_ids, continuation_ids = await gateway.encode_pair(pool, prompt, continuation, ctx.record)
+    context_ids, continuation_ids = await gateway.encode_pair(model, prompt, continuation, ctx.record)
     if not continuation_ids:
         raise InvalidRequest("The continuation to score is empty (no tokens).", param="continuation")
     whole = context_ids + continuation_ids
-    gateway.check_context(pool, len(whole), 1)
-    gateway.check_scoring(pool, request, len(whole))
-    body = {"model": pool.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
-    add_salt(body, ctx.caller, pool)  # with keys: the caller's prefix-cache salt
-    sent = await gateway.generate(pool, body, ctx.record, hint=gateway.route_hint(pool, ctx, whole))
-    answer = await parse_answer(sent.raw, pool.name)
+    gateway.check_context(model, len(whole), 1)
+    gateway.check_scoring(model, request, len(whole))
+    body = {"model": model.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
+    add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
+    sent = await gateway.generate(model, body, ctx.record, hint=gateway.route_hint(model, ctx, whole))
+    answer = await parse_answer(sent.raw, model.name)
     rows = (answer.get("choices") or [{}])[0].get("prompt_logprobs") or []
     tokens = [
         _scored(token_id, row)
@@ -80,7 +80,7 @@ async def score(
         )
     return {
         "id": answer.get("id", ""),
-        "model": pool.name,
+        "model": model.name,
         "loglikelihood": sum(token["logprob"] for token in tokens),
         "is_greedy": all(token["rank"] == 1 for token in tokens),
         "tokens": tokens,
@@ -103,25 +103,25 @@ def _scored(token_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
 async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> Response:
     """POST /chat: the next assistant turn, rendered with the model's own chat template."""
     record = ctx.record
-    pool, rendered = await _admit_chat(gateway, request, record)
+    model, rendered = await _admit_chat(gateway, request, record)
     params = request.engine_params()
-    body = gateway.completion_body(pool, [rendered.token_ids], request.max_tokens, params, request.stream)
-    add_salt(body, ctx.caller, pool)  # with keys: the caller's prefix-cache salt
-    hint = gateway.route_hint(pool, ctx, rendered.token_ids)
+    body = gateway.completion_body(model, [rendered.token_ids], request.max_tokens, params, request.stream)
+    add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
+    hint = gateway.route_hint(model, ctx, rendered.token_ids)
     if request.stream:
-        translator = NativeStream(pool.name, "delta")
-        return await gateway.stream(pool, body, record, translator, sequences=request.n, hint=hint)
-    answer = await gateway.generate(pool, body, record, sequences=request.n, hint=hint)
-    return JSONResponse(native_chat(await parse_answer(answer.raw, pool.name), pool.name))
+        translator = NativeStream(model.name, "delta")
+        return await gateway.stream(model, body, record, translator, sequences=request.n, hint=hint)
+    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint)
+    return JSONResponse(native_chat(await parse_answer(answer.raw, model.name), model.name))
 
 
 async def render(gateway: Gateway, request: RenderRequest, ctx: RequestContext) -> Response:
     """POST /chat/render: the exact prompt text and token ids a /chat request would send."""
     record = ctx.record
-    pool, rendered = await _admit_chat(gateway, request, record)
+    model, rendered = await _admit_chat(gateway, request, record)
     return JSONResponse(
         {
-            "model": pool.name,
+            "model": model.name,
             "prompt": rendered.text,
             "token_ids": rendered.token_ids,
             "num_tokens": len(rendered.token_ids),
@@ -131,10 +131,10 @@ async def render(gateway: Gateway, request: RenderRequest, ctx: RequestContext) 
 
 async def _admit_chat(
     gateway: Gateway, request: ChatRequest | RenderRequest, record: RequestRecord
-) -> tuple[ModelPool, RenderedPrompt]:
+) -> tuple[ServedModel, RenderedPrompt]:
     """Checks shared by the native chat endpoints, then the rendered prompt."""
     enforce_caps(request, gateway.settings)
-    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
-    record.admit(pool.name)
-    gateway.require_chat(pool)
-    return pool, await gateway.render(pool, messages_as_dicts(request.messages), record=record)
+    model = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    record.admit(model.name)
+    model.require_chat()
+    return model, await gateway.render(model, messages_as_dicts(request.messages), record=record)

@@ -31,6 +31,7 @@ from service.core.protocol import (
     is_plain_name,
 )
 from service.core.relay import RESPONSES_STREAM
+from service.core.served import ServedModel
 from service.core.templates import ChatOptions, ModelTokenizer
 from service.core.tenancy import (
     SALT_FIELD,
@@ -44,7 +45,6 @@ from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy
 from service.workers.answer import Answer
 from service.workers.contract import check_fields
-from service.workers.pool import ModelPool
 
 BATCH_CHAT_PATH = "/v1/chat/completions/batch"
 SEND_SLICE_BYTES = 1 << 20
@@ -55,31 +55,33 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
     """POST /v1/completions: text prompts go as text (so `echo` returns them as sent) unless the
     gateway's BOS rule changed their tokens; token-id prompts go as ids."""
     record = ctx.record
-    pool = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
-    if pool.policy is not RoutingPolicy.PREFIX and _surely_fits(gateway, pool, request):
-        return await _send(gateway, pool, request, ctx, COMPLETIONS_PATH, request.choices)  # no tokens needed
-    prompts, rewritten = await _prompt_tokens(gateway, pool, request, record)
+    model = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
+    if model.pool.policy is not RoutingPolicy.PREFIX and _surely_fits(gateway, model, request):
+        return await _send(
+            gateway, model, request, ctx, COMPLETIONS_PATH, request.choices
+        )  # no tokens needed
+    prompts, rewritten = await _prompt_tokens(gateway, model, request, record)
     lengths = [
-        _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(pool)) for ids in prompts
+        _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(model)) for ids in prompts
     ]
-    gateway.check_context(pool, max(lengths), request.max_tokens)
-    gateway.check_scoring(pool, request, sum(lengths))
+    gateway.check_context(model, max(lengths), request.max_tokens)
+    gateway.check_scoring(model, request, sum(lengths))
     # The BOS rule changed a text prompt's tokens: the worker gets the gateway's ids instead.
     changes = {"prompt": prompts[0] if isinstance(request.prompt, str) else prompts} if rewritten else None
     sequences = len(prompts) * request.choices
-    return await _send(gateway, pool, request, ctx, COMPLETIONS_PATH, sequences, changes, prompts[0])
+    return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, sequences, changes, prompts[0])
 
 
 async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) -> Response:
     """POST /v1/chat/completions on the worker's own chat endpoint (tools, reasoning, structured
     outputs, echo, continue_final_message... all vLLM's)."""
     record = ctx.record
-    pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
+    model = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
     tokens = await _check_conversation(
-        gateway, pool, request, request.messages, request.requested_max_tokens, record
+        gateway, model, request, request.messages, request.requested_max_tokens, record
     )
-    gateway.check_scoring(pool, request, len(tokens))
-    return await _send(gateway, pool, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
+    gateway.check_scoring(model, request, len(tokens))
+    return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
 
 
 async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: RequestContext) -> Response:
@@ -87,17 +89,17 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
     record = ctx.record
     if request.stream:
         raise InvalidRequest("The batch route answers whole, it does not stream.", param="stream")
-    pool = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
+    model = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
     rendered = [
         await _check_conversation(
-            gateway, pool, request, conversation, request.requested_max_tokens, record, f"messages.{index}"
+            gateway, model, request, conversation, request.requested_max_tokens, record, f"messages.{index}"
         )
         for index, conversation in enumerate(request.messages)
     ]
-    gateway.check_scoring(pool, request, sum(len(tokens) for tokens in rendered))  # they run together
+    gateway.check_scoring(model, request, sum(len(tokens) for tokens in rendered))  # they run together
     sequences = len(request.messages) * request.choices
     first = rendered[0] if rendered else None
-    return await _send(gateway, pool, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first)
+    return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first)
 
 
 async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestContext) -> Response:
@@ -107,26 +109,26 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     check_stored_responses(fields)
     check_client_fields(ctx.caller, fields)
     enforce_caps(request, gateway.settings)
-    pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
-    record.admit(pool.name)
-    gateway.require_chat(pool)
-    check_fields(pool, "ResponsesRequest", request.extras())
+    model = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    record.admit(model.name)
+    model.require_chat()
+    check_fields(model.pool, "ResponsesRequest", request.extras())
     # Everything vLLM hands its template from this request, scanned off the event loop.
-    await asyncio.to_thread(_check_responses_texts, gateway.tokenizers[pool.name], request)
+    await asyncio.to_thread(_check_responses_texts, model.tokenizer, request)
     messages = _as_messages(request)
     tokens = None
     if messages is not None:  # plain text or plain messages: the gateway can check the context too
-        tokens = (await gateway.render(pool, messages, ChatOptions(param="input"), record)).token_ids
-        gateway.check_context(pool, len(tokens), request.max_output_tokens)
-    hint = gateway.route_hint(pool, ctx, tokens, _user(request))
-    salt = worker_salt(ctx.caller, pool, RESPONSES_PATH, fields.get(SALT_FIELD))
+        tokens = (await gateway.render(model, messages, ChatOptions(param="input"), record)).token_ids
+        gateway.check_context(model, len(tokens), request.max_output_tokens)
+    hint = gateway.route_hint(model, ctx, tokens, _user(request))
+    salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
     if request.stream:
-        body = with_salt(request.body(pool.name), salt)
+        body = with_salt(request.body(model.name), salt)
         return await gateway.stream(
-            pool, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM, hint=hint
+            model, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM, hint=hint
         )
-    sent = with_salt(request.as_sent(pool.name), salt)
-    return as_is(await gateway.generate(pool, sent, record, path=RESPONSES_PATH, hint=hint))
+    sent = with_salt(request.as_sent(model.name), salt)
+    return as_is(await gateway.generate(model, sent, record, path=RESPONSES_PATH, hint=hint))
 
 
 def as_is(answer: Answer) -> Response:
@@ -153,22 +155,22 @@ class AnswerResponse(Response):
 
 def _admit(
     gateway: Gateway, request: OpenAIRequest, record: RequestRecord, kind: ModelKind, schema: str
-) -> ModelPool:
+) -> ServedModel:
     """Checks every /v1 generation request goes through before any work is done."""
     enforce_caps(request, gateway.settings)
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest("stream_options can only be set when stream is true.", param="stream_options")
-    pool = gateway.resolve(request.model, kind)
-    record.admit(pool.name)
+    model = gateway.resolve(request.model, kind)
+    record.admit(model.name)
     if kind is ModelKind.INSTRUCT:
-        gateway.require_chat(pool)
-    check_fields(pool, schema, request.extras())
-    return pool
+        model.require_chat()
+    check_fields(model.pool, schema, request.extras())
+    return model
 
 
 async def _check_conversation(
     gateway: Gateway,
-    pool: ModelPool,
+    model: ServedModel,
     request: V1ChatRequest | V1BatchChatRequest,
     messages: list[Any],
     requested: int | None,
@@ -177,9 +179,9 @@ async def _check_conversation(
 ) -> list[int]:
     """Render one conversation as the worker will (control tokens refused in the render, off the
     event loop; context checked); its token ids."""
-    if request.chat_template is not None and not pool.spec.trust_request_chat_template:
+    if request.chat_template is not None and not model.spec.trust_request_chat_template:
         raise InvalidRequest(
-            f"Model '{pool.name}' does not accept a chat template in requests; its own is used.",
+            f"Model '{model.name}' does not accept a chat template in requests; its own is used.",
             param="chat_template",
         )
     options = ChatOptions(
@@ -192,14 +194,14 @@ async def _check_conversation(
         chat_template=request.chat_template,
         param=param,
     )
-    rendered = await gateway.render(pool, messages_as_dicts(messages), options, record)
-    gateway.check_context(pool, len(rendered.token_ids), requested)
+    rendered = await gateway.render(model, messages_as_dicts(messages), options, record)
+    gateway.check_context(model, len(rendered.token_ids), requested)
     return rendered.token_ids
 
 
 async def _send(
     gateway: Gateway,
-    pool: ModelPool,
+    model: ServedModel,
     request: OpenAIRequest,
     ctx: RequestContext,
     path: str,
@@ -214,18 +216,18 @@ async def _send(
     record = ctx.record
     extras = request.model_extra or {}
     check_client_fields(ctx.caller, extras)
-    salt = worker_salt(ctx.caller, pool, path, extras.get(SALT_FIELD))  # None: the body stays as it is
-    hint = gateway.route_hint(pool, ctx, tokens, _user(request))
+    salt = worker_salt(ctx.caller, model.pool, path, extras.get(SALT_FIELD))  # None: the body stays as it is
+    hint = gateway.route_hint(model, ctx, tokens, _user(request))
     if request.stream:
-        body = {**request.body(pool.name), **(changes or {})}
+        body = {**request.body(model.name), **(changes or {})}
         asked = request.stream_options.include_usage if request.stream_options else None
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return await gateway.stream(
-            pool, with_salt(body, salt), record, None, bool(asked), sequences=sequences, path=path, hint=hint
+            model, with_salt(body, salt), record, None, bool(asked), sequences=sequences, path=path, hint=hint
         )
-    sent = {**request.body(pool.name), **changes} if changes else request.as_sent(pool.name)
+    sent = {**request.body(model.name), **changes} if changes else request.as_sent(model.name)
     sent = with_salt(sent, salt)  # the client's own bytes: the salt spliced in, not re-serialised
-    return as_is(await gateway.generate(pool, sent, record, sequences=sequences, path=path, hint=hint))
+    return as_is(await gateway.generate(model, sent, record, sequences=sequences, path=path, hint=hint))
 
 
 def _user(request: OpenAIRequest | V1ResponsesRequest) -> str | None:
@@ -235,7 +237,7 @@ def _user(request: OpenAIRequest | V1ResponsesRequest) -> str | None:
 
 
 async def _prompt_tokens(
-    gateway: Gateway, pool: ModelPool, request: V1CompletionRequest, record: RequestRecord
+    gateway: Gateway, model: ServedModel, request: V1CompletionRequest, record: RequestRecord
 ) -> tuple[list[list[int]], bool]:
     """Token ids of every prompt (texts tokenized as the worker would, in one batch, off the
     loop when large), and whether the gateway's BOS rule changed any text's tokens."""
@@ -247,7 +249,7 @@ async def _prompt_tokens(
     if not texts:
         return [list(item) for item in items], False
     add_special = request.add_special_tokens is not False
-    encoded = iter(await gateway.encode_for_worker(pool, texts, add_special, record))
+    encoded = iter(await gateway.encode_for_worker(model, texts, add_special, record))
     prompts: list[list[int]] = []
     rewritten = False
     for item in items:
@@ -260,18 +262,18 @@ async def _prompt_tokens(
     return prompts, rewritten
 
 
-def _surely_fits(gateway: Gateway, pool: ModelPool, request: V1CompletionRequest) -> bool:
+def _surely_fits(gateway: Gateway, model: ServedModel, request: V1CompletionRequest) -> bool:
     """Whether a single text prompt certainly fits without tokenizing it: a token never covers less
     than one UTF-8 byte, a tokenizer adds at most two special tokens, and the BOS rule can only change
     a prompt that starts with BOS text. (Scoring needs the exact count: it is tokenized.)"""
     prompt = request.prompt
     if not isinstance(prompt, str) or request.prompt_logprobs is not None or request.echo:
         return False
-    bos = gateway.tokenizers[pool.name].bos_text
+    bos = model.tokenizer.bos_text
     if bos and prompt.startswith(bos):
         return False
     bound = len(prompt) * 4 if len(prompt) > 1024 else len(prompt.encode())  # 4 bytes per character at most
-    return bound + 2 + (request.max_tokens or 0) < gateway.context_of(pool)
+    return bound + 2 + (request.max_tokens or 0) < gateway.context_of(model)
 
 
 def _truncated(length: int, truncate: int | None, context: int) -> int:

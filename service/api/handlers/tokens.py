@@ -34,9 +34,9 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
     record = ctx.record
     enforce_caps(request, gateway.settings)
     if request.messages is not None:
-        pool = gateway.resolve(request.model, ModelKind.INSTRUCT)
-        gateway.require_chat(pool)
-        check_fields(pool, "TokenizeChatRequest", request.extras(), need_worker=False)
+        model = gateway.resolve(request.model, ModelKind.INSTRUCT)
+        model.require_chat()
+        check_fields(model.pool, "TokenizeChatRequest", request.extras(), need_worker=False)
         options = ChatOptions(
             tools=request.tools,
             add_generation_prompt=request.add_generation_prompt is not False,
@@ -45,25 +45,25 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
             add_special_tokens=bool(request.add_special_tokens),
             chat_template=request.chat_template,  # refused in the render unless the model trusts them
         )
-        record.admit(pool.name)
-        tokens = (await gateway.render(pool, messages_as_dicts(request.messages), options, record)).token_ids
+        record.admit(model.name)
+        tokens = (await gateway.render(model, messages_as_dicts(request.messages), options, record)).token_ids
     elif request.prompt is not None:
-        pool = gateway.resolve(request.model, ModelKind.BASE)
-        check_fields(pool, "TokenizeCompletionRequest", request.extras(), need_worker=False)
-        record.admit(pool.name)
-        tokens = await gateway.encode(pool, request.prompt, request.add_special_tokens is not False)
+        model = gateway.resolve(request.model, ModelKind.BASE)
+        check_fields(model.pool, "TokenizeCompletionRequest", request.extras(), need_worker=False)
+        record.admit(model.name)
+        tokens = await gateway.encode(model, request.prompt, request.add_special_tokens is not False)
     else:
         raise InvalidRequest(
             "Send `prompt` (text) or `messages` (a conversation) to tokenize.", param="prompt"
         )
-    tokenizer = gateway.tokenizers[pool.name]
+    tokenizer = model.tokenizer
     if len(tokens) <= INLINE_TOKENS:
         strings = tokenizer.token_strings(tokens) if request.return_token_strs else None
-        answer = {"count": len(tokens), "max_model_len": pool.max_model_len, "tokens": tokens}
+        answer = {"count": len(tokens), "max_model_len": model.max_model_len, "tokens": tokens}
         return JSONResponse({**answer, "token_strs": strings})
     # A long answer is built in a thread, in slices, so that the loop runs in between.
     body = await asyncio.to_thread(
-        _tokenize_answer, tokens, pool.max_model_len, tokenizer if request.return_token_strs else None
+        _tokenize_answer, tokens, model.max_model_len, tokenizer if request.return_token_strs else None
     )
     return Response(body, media_type="application/json")
 
@@ -72,15 +72,15 @@ async def detokenize(gateway: Gateway, request: DetokenizeRequest, ctx: RequestC
     """POST /detokenize: `{prompt}`, the text of the ids (special tokens written out, as vLLM does)."""
     record = ctx.record
     enforce_caps(request, gateway.settings)
-    pool = gateway.resolve(request.model, ModelKind.BASE)
-    check_fields(pool, "DetokenizeRequest", request.extras(), need_worker=False)
-    record.admit(pool.name)
-    tokenizer = gateway.tokenizers[pool.name]
+    model = gateway.resolve(request.model, ModelKind.BASE)
+    check_fields(model.pool, "DetokenizeRequest", request.extras(), need_worker=False)
+    record.admit(model.name)
+    tokenizer = model.tokenizer
     tokens = request.tokens
     if tokens and max(tokens) >= tokenizer.vocab_size:
         unknown = next(token for token in tokens if token >= tokenizer.vocab_size)
         raise InvalidRequest(
-            f"Token id {unknown} is not in the vocabulary of '{pool.name}' ({tokenizer.vocab_size} ids).",
+            f"Token id {unknown} is not in the vocabulary of '{model.name}' ({tokenizer.vocab_size} ids).",
             param="tokens",
         )
     if len(tokens) <= INLINE_TOKENS:
@@ -111,8 +111,7 @@ def _json_list(items: Sequence[Any]) -> str:
 async def tokenizer_info(gateway: GatewayDep, model: str | None = None) -> dict[str, Any]:
     """GET /tokenizer_info[?model=]: the tokenizer's configuration (special tokens, class, chat
     template), as vLLM's server publishes it."""
-    pool = gateway.resolve(model, ModelKind.BASE)
-    tokenizer = gateway.tokenizers[pool.name]
+    tokenizer = gateway.resolve(model, ModelKind.BASE).tokenizer
     info: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.config}
     info.update({name: text for name, text in tokenizer.special_tokens.items()})
     if tokenizer.chat_template:

@@ -1,0 +1,90 @@
+"""What a request names: a served model, resolved once into everything downstream needs.
+
+A served model is a name a client may send as `model`, its kind (base or instruct), the tokenizer and
+chat template its prompts are made with, and the pool of replicas that runs it. Every step after
+resolution (caps, rendering, context and scoring checks, admission, the body sent to a worker, metrics)
+takes the served model, so a variant that shares another model's workers (a fine-tuned adapter) is one
+more entry in the table, not a branch anywhere downstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from service.core.templates import ModelTokenizer
+from service.errors import ModelNotFound, NotAChatModel
+from service.ops.settings import ModelKind, ModelSpec
+from service.workers.pool import ModelPool
+
+
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """One name a client may send as `model`."""
+
+    name: str  # what the client sends and the worker is asked for
+    kind: ModelKind
+    tokenizer: ModelTokenizer
+    pool: ModelPool  # the replicas that run it (and hold its slots)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The configuration of the model whose workers run it."""
+        return self.pool.spec
+
+    @property
+    def max_model_len(self) -> int | None:
+        """Its context length (that of the workers that run it)."""
+        return self.pool.max_model_len
+
+    def require_chat(self) -> None:
+        """Chat needs an instruct model; a base model is refused with a pointer to /complete."""
+        if self.kind is not ModelKind.INSTRUCT:
+            raise NotAChatModel(self.name)
+
+
+class ServedModels(Mapping[str, ServedModel]):
+    """Every served model by name, in the order they were added (the first of a kind is the default)."""
+
+    def __init__(self, models: list[ServedModel] | None = None) -> None:
+        self._models: dict[str, ServedModel] = {}
+        for model in models or []:
+            self.add(model)
+
+    def add(self, model: ServedModel) -> None:
+        self._models[model.name] = model
+
+    def remove(self, name: str) -> None:
+        self._models.pop(name, None)
+
+    def __getitem__(self, name: str) -> ServedModel:
+        return self._models[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def resolve(self, name: str | None, default_kind: ModelKind) -> ServedModel:
+        """The named model, or the first one of `default_kind`; a 404 listing the served names."""
+        if name is None:
+            found = next((m for m in self._models.values() if m.kind is default_kind), None)
+            if found is None:
+                raise ModelNotFound(f"<default {default_kind.value} model>", list(self._models))
+            return found
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(name, list(self._models))
+        return model
+
+
+def models_of(pools: Mapping[str, ModelPool], tokenizers: Mapping[str, ModelTokenizer]) -> ServedModels:
+    """The configured models, one per pool (with its tokenizer: every configured model has one)."""
+    return ServedModels(
+        [
+            ServedModel(name, pool.kind, tokenizers[name], pool)
+            for name, pool in pools.items()
+            if name in tokenizers
+        ]
+    )
