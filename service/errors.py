@@ -5,6 +5,7 @@
     │   ├── ContextLengthExceeded     400 invalid_request_error / context_length_exceeded
     │   └── NotAChatModel             400 invalid_request_error / model_not_chat (param: model)
     ├── Unauthorized                  401 invalid_request_error / invalid_api_key, WWW-Authenticate
+    ├── Forbidden                     403 permission_error (a key that may not do this; code: the rule)
     ├── ModelNotFound                 404 invalid_request_error / model_not_found (param: model)
     ├── RouteNotFound                 404 not_found_error / route_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed, with Allow
@@ -117,9 +118,19 @@ class Unauthorized(GatewayError):
     error_type = "invalid_request_error"
     code = "invalid_api_key"
 
-    def __init__(self) -> None:
-        super().__init__("Missing or invalid API key: send `Authorization: Bearer <key>`.")
+    def __init__(
+        self, message: str = "Missing or invalid API key: send `Authorization: Bearer <key>`."
+    ) -> None:
+        super().__init__(message)
         self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(GatewayError):
+    """A known key that may not do this (an operator route without an operator key, a model its policy
+    leaves out): the message names the rule."""
+
+    status_code = 403
+    error_type = "permission_error"
 
 
 class RequestTimeout(GatewayError):

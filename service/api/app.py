@@ -15,11 +15,19 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp
 
 from service import __version__
+from service.api.admin_auth import AdminGuard
 from service.api.auth import ApiKeyMiddleware, FailedKeyLimit
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.dispatch import Dispatcher
 from service.api.drain import Drain, DrainMiddleware
-from service.api.endpoint import Endpoint, metric_labels, open_paths, post_endpoints, undrained_paths
+from service.api.endpoint import (
+    Endpoint,
+    admin_paths,
+    metric_labels,
+    open_paths,
+    post_endpoints,
+    undrained_paths,
+)
 from service.api.endpoints import ENDPOINTS
 from service.api.errors import install_error_handlers
 from service.api.handlers.playground import STATIC_DIR
@@ -32,6 +40,7 @@ from service.ops.host_counters import HostCounters, counters_for
 from service.ops.metrics import Metrics
 from service.ops.settings import ModelSpec, Settings
 from service.ops.tracing import tracing_from_env
+from service.store.database import Database, default_url
 from service.workers.contract import read_contract
 from service.workers.discovery import discover, keep_discovering
 from service.workers.facts import read_model_entry
@@ -87,6 +96,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     probes = build_session(settings)
     monitor = discovery = roster = None
     try:
+        # Migrating takes a lock, so processes and pods starting together migrate once.
+        await asyncio.to_thread(app.state.database.migrate)
         tokenizers = await asyncio.to_thread(load_tokenizers, settings)
         await discover(list(pools.values()))
         app.state.gateway = Gateway(
@@ -117,9 +128,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*supervisors, *background, return_exceptions=True)
         await session.close()
         await probes.close()
+        await asyncio.to_thread(app.state.database.close)
         if app.state.tracing is not None:
             await asyncio.to_thread(app.state.tracing.shutdown)  # sends what is buffered
         log.info("gateway stopped; %d worker process(es) terminated", len(processes))
+
+
+def database_url(settings: Settings) -> str:
+    """The configured database, else SQLite in the cache folder."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return default_url(settings.cache_dir)
 
 
 def _served_pools(app: FastAPI) -> list[ModelPool]:
@@ -161,6 +180,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
     )
     app.state.drain = Drain(settings.drain_timeout, settings.drain_accept_window)
     app.state.counters = counters_for(settings)  # limits' counters, shared by the host's processes
+    app.state.database = Database(database_url(settings))  # state that outlives a process
     app.state.tracing = tracing_from_env(__version__)  # None unless OTEL_EXPORTER_OTLP_* is set
     # Outermost first: observability wraps everything, so refused requests are counted too.
     edge = [
@@ -177,7 +197,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_allow_origins,
-                allow_methods=["GET", "POST"],
+                allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=[
                     "Authorization",
                     "Content-Type",
@@ -189,15 +209,21 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
                 expose_headers=["X-Request-Id", "Server-Timing"],
             )
         )
+    failed = FailedKeyLimit(
+        settings.auth_failure_limit, settings.auth_failure_window, settings.trusted_proxies
+    )
+    operator = admin_paths(endpoints)
+    if operator:  # the operator's routes take admin keys only (and are off without them)
+        admin_keys = [key.get_secret_value() for key in settings.admin_keys]
+        edge.append(Middleware(AdminGuard, keys=admin_keys, paths=operator, failed_keys=failed,
+                               counters=app.state.counters))  # fmt: skip
     if settings.api_keys:
         exempt = open_paths(endpoints) | ({"/metrics"} if not settings.metrics_need_key else set())
         keys = [key.get_secret_value() for key in settings.api_keys]
-        failed = FailedKeyLimit(
-            settings.auth_failure_limit, settings.auth_failure_window, settings.trusted_proxies
-        )
         edge.append(
             Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit,
-                       failed_keys=failed, counters=app.state.counters, metrics=app.state.metrics)
+                       failed_keys=failed, counters=app.state.counters, metrics=app.state.metrics,
+                       operator_paths=operator)
         )  # fmt: skip
     edge.append(Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes))
     dispatch = Middleware(
@@ -211,10 +237,11 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
     app.edge_middleware = edge
     install_error_handlers(app)
     for endpoint in endpoints:
-        if endpoint.method == "GET" and endpoint.handler is not None:
+        if endpoint.method in ("GET", "DELETE") and endpoint.handler is not None:
             documented = endpoint.tag != "playground"
-            app.add_api_route(endpoint.path, endpoint.handler, methods=["GET"], summary=endpoint.summary,
-                              tags=[endpoint.tag], include_in_schema=documented)  # fmt: skip
+            app.add_api_route(endpoint.path, endpoint.handler, methods=[endpoint.method],
+                              summary=endpoint.summary, tags=[endpoint.tag],
+                              include_in_schema=documented)  # fmt: skip
     install_openapi(app, endpoints)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

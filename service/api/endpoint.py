@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
+from starlette.routing import compile_path
 
 # A POST handler: (gateway, validated body, request record) -> Response.
 PostHandler = Callable[[Any, Any, Any], Awaitable[Any]]
@@ -23,7 +24,7 @@ class Endpoint:
     path: str
     summary: str
     tag: str
-    method: Literal["GET", "POST"] = "POST"
+    method: Literal["GET", "POST", "DELETE"] = "POST"
     body: type[BaseModel] | None = None  # POST: the request model, validated from the raw bytes
     handler: Callable[..., Awaitable[Any]] | None = None  # POST: a PostHandler; GET: a FastAPI endpoint
     metric: str | None = None  # label of the gateway_* request metrics (every POST endpoint has one)
@@ -31,6 +32,7 @@ class Endpoint:
     response: type[BaseModel] | None = None  # the documented 200 body
     open: bool = False  # served without an API key
     drained: bool = True  # refused once a drain stops accepting work
+    admin: bool = False  # the operator's: needs one of GATEWAY_ADMIN_KEYS, never a client key
 
 
 def metric_labels(table: Iterable[Endpoint]) -> dict[str, str]:
@@ -44,6 +46,25 @@ def open_paths(table: Iterable[Endpoint]) -> frozenset[str]:
 
 def undrained_paths(table: Iterable[Endpoint]) -> frozenset[str]:
     return frozenset(e.path for e in table if not e.drained)
+
+
+def admin_paths(table: Iterable[Endpoint]) -> PathSet:
+    """The operator's routes (path parameters included), for the admin guard."""
+    return PathSet([e.path for e in table if e.admin])
+
+
+class PathSet:
+    """Paths with Starlette's `{param}` placeholders, matched against a request path."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.exact = frozenset(p for p in paths if "{" not in p)
+        self.patterns = [compile_path(p)[0] for p in paths if "{" in p]
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and (path in self.exact or any(p.match(path) for p in self.patterns))
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.patterns)
 
 
 def post_endpoints(table: Iterable[Endpoint]) -> dict[str, Endpoint]:

@@ -361,7 +361,20 @@ class Settings(BaseSettings):
         "schema, version); also re-read when a worker comes back or moves.",
     )
 
-    @field_validator("cache_salt_secret", "worker_api_key", mode="before")
+    # The operator API and state that outlives a process (issue 20 and after).
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys of the operator API (adapters, keys, usage), comma-separated; distinct from client "
+        "keys. Empty: the operator API is off (403).",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="Where state that outlives a process is kept (registered adapters, keys, usage): a "
+        "SQLAlchemy URL such as postgresql+psycopg://user:pass@host/db for several pods. Unset: SQLite in "
+        "GATEWAY_CACHE_DIR (gateway.db), shared by the processes of one host.",
+    )
+
+    @field_validator("cache_salt_secret", "worker_api_key", "database_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value  # compose passes `${VAR:-}` as an empty string
@@ -385,7 +398,7 @@ class Settings(BaseSettings):
                 seen.add(member)
         return self
 
-    @field_validator("api_keys", "cors_allow_origins", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_allow_origins", "trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):

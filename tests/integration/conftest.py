@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -15,6 +15,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.api.app import create_app
+from service.api.endpoint import Endpoint
+from service.api.endpoints import ENDPOINTS
 from service.core.gateway import Gateway
 from service.ops.settings import ModelKind, ModelSpec, Settings
 from service.workers.pool import ModelPool
@@ -75,9 +77,12 @@ def standin_settings(*urls: str, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """A gateway app with `settings`, served, and a client of it once every model is ready."""
-    app = create_app(settings)
+async def running_gateway(
+    settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """A gateway app with `settings` (and an endpoint table), served, and a client of it once every model
+    is ready."""
+    app = create_app(settings, endpoints)
     async with serve_in_background(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
         for _ in range(200):
             if (await client.get("/ready")).status_code == 200:
