@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-
 from service.api.endpoint import Endpoint
 from service.api.endpoints import ENDPOINTS
 from tests.integration.conftest import running_gateway, standin_settings
