@@ -21,6 +21,16 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR", ROOT / "bench" / "results"))
 console = Console(width=200)
+# The store of every gateway a benchmark starts: a throwaway one, never the user's (<cache>/gateway.db).
+STORE = f"sqlite:///{Path(tempfile.mkdtemp(prefix='bench-store-')) / 'gateway.db'}"
+
+
+def gateway_env(store: str = STORE) -> dict[str, str]:
+    """The caller's environment without GATEWAY_* (a run sets what it measures) and with its own store, so a
+    gateway started from another checkout never migrates the user's database nor fails on it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATABASE_URL"] = store
+    return env
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -23,7 +23,7 @@ import aiohttp
 import psutil
 
 from bench import startup
-from bench.common import ROOT, console, percentile, save, table
+from bench.common import ROOT, console, gateway_env, percentile, save, table
 from service.workers.supervisor import free_port
 
 MODEL = "smollm2-135m-instruct"
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--cold-start-only", action="store_true", help="measure make run -> /ready and stop")
     args = parser.parse_args()
     port = free_port("127.0.0.1")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env()
     env.update(GATEWAY_PORT=str(port), GATEWAY_LOG_LEVEL="warning")
     make = subprocess.Popen(
         ["make", "-s", "run"],

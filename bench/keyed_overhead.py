@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, console, loadgen, percentile, save, table, wait_http
+from bench.common import ROOT, console, gateway_env, loadgen, percentile, save, table, wait_http
 from bench.overhead import PROMPT, SCENARIOS, cpu_seconds
 from service.ops.settings import Settings
 from service.workers.supervisor import free_port
@@ -32,7 +31,7 @@ def start_gateway(checkout: Path, direct: str) -> tuple[subprocess.Popen[bytes],
     port = free_port("127.0.0.1")
     tokenizer = Settings().resolve_source("builtin:smollm2-135m-instruct")
     models = [{"name": "m", "kind": "base", "tokenizer": tokenizer, "urls": [direct]}]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env()
     env.update(
         PYTHONPATH=str(checkout),
         GATEWAY_PORT=str(port),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import psutil
 import uvicorn
 
 from bench.asgi import read_body
-from bench.common import ROOT, console, save, table, wait_http
+from bench.common import ROOT, console, gateway_env, save, table, wait_http
 from service.workers.supervisor import free_port
 
 MODELS = json.dumps({"object": "list", "data": [{"id": "m", "max_model_len": 4096}]}).encode()
@@ -91,7 +90,7 @@ def start(root: Path, megabytes: float) -> tuple[subprocess.Popen[bytes], subpro
     models = [
         {"name": "m", "kind": "base", "tokenizer": tokenizer, "urls": [f"http://127.0.0.1:{upstream_port}"]}
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env()
     env.update(GATEWAY_PORT=str(gateway_port), GATEWAY_MODELS=json.dumps(models), GATEWAY_PROCESSES="1",
                GATEWAY_LOG_LEVEL="warning", PYTHONPATH=str(root))  # fmt: skip
     gateway = subprocess.Popen(

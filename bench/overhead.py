@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import ROOT, console, loadgen, percentile, save, table, wait_http
+from bench.common import ROOT, console, gateway_env, loadgen, percentile, save, table, wait_http
 from service.ops.settings import Settings
 from service.workers.supervisor import free_port
 
@@ -53,7 +52,7 @@ def start_gateway(
     gateway_port = free_port("127.0.0.1")
     tokenizer = Settings().resolve_source("builtin:smollm2-135m-instruct")
     models = [{"name": "m", "kind": "base", "tokenizer": tokenizer, "urls": [direct]}]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env()
     env.update(
         GATEWAY_PORT=str(gateway_port),
         GATEWAY_MODELS=json.dumps(models),

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import ROOT, loadgen, save, table, wait_http
+from bench.common import ROOT, gateway_env, loadgen, save, table, wait_http
 from bench.overhead import cpu_seconds
 from service.ops.settings import Settings
 from service.workers.supervisor import free_port
@@ -81,7 +81,7 @@ def start_gateway(checkout: Path, upstream: str) -> tuple[subprocess.Popen[bytes
     port = free_port("127.0.0.1")
     tokenizer = Settings().resolve_source("builtin:smollm2-135m-instruct")
     models = [{"name": "m", "kind": "instruct", "tokenizer": tokenizer, "urls": [upstream]}]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env()
     env.update(
         PYTHONPATH=str(checkout), GATEWAY_PORT=str(port), GATEWAY_MODELS=json.dumps(models),
         GATEWAY_MAX_IN_FLIGHT_PER_WORKER="4096", GATEWAY_MAX_QUEUE_PER_MODEL="4096", GATEWAY_PROCESSES="1",

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import ROOT, console, percentile, save, table, wait_http
+from bench.common import ROOT, console, gateway_env, percentile, save, table, wait_http
 from service.ops.settings import Settings, default_models
 from service.workers.supervisor import free_port, launch_plan
 
@@ -84,7 +84,7 @@ def start_gateway(variant: str, workers: list[str]) -> tuple[subprocess.Popen[by
     tokenizer = Settings().model_dir(MODEL)
     model = {"name": MODEL, "kind": "instruct", "tokenizer": str(tokenizer), "urls": workers,
              "tool_call_parser": "hermes", "routing": policy}  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env()
     env.update(GATEWAY_PORT=str(port), GATEWAY_MODELS=json.dumps([model]), GATEWAY_PROCESSES="1",
                GATEWAY_LOG_LEVEL="error", GATEWAY_HEALTH_INTERVAL="1")  # fmt: skip
     if factor:

@@ -7,13 +7,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.gateway_process import TEST_STORE
+
 
 @pytest.fixture(autouse=True)
 def clean_gateway_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No GATEWAY_* variable from the caller's shell leaks into a test's settings."""
+    """No GATEWAY_* variable from the caller's shell leaks into a test; the store is the suite's."""
     for name in list(os.environ):
         if name.startswith("GATEWAY_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", TEST_STORE)
     yield
 
 

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import gateway_env
+from tests.gateway_process import TEST_STORE
+
 ROOT = Path(__file__).parents[1]
 ELLIPSIS = "…"
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<info>[^`\n]*)$")
@@ -261,11 +264,10 @@ class Ran:
 
 def run_example(example: Example, base_url: str, timeout: float = 600) -> list[Ran]:
     """Run an example's runnable commands (or its program) against the gateway at `base_url`."""
-    import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env(TEST_STORE)
     env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if example.block.lang == "python":
         done = subprocess.run([sys.executable, "-c", at(example.block.text, base_url)], cwd=ROOT, env=env,

@@ -3,10 +3,10 @@ test the whole program: start it, wait until it is ready, stop it."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +15,13 @@ import httpx
 import psutil
 import pytest
 
+from bench.common import gateway_env
 from service.workers.supervisor import free_port
 
 READY_TIMEOUT_SECONDS = 900  # real workers: vLLM's start-up on 2 CPU cores
+# The suite's own store, shared by every gateway it starts (in the test process or as children): never the
+# user's (<cache>/gateway.db), which `make run` and other checkouts, newer ones included, migrate too.
+TEST_STORE = f"sqlite:///{Path(tempfile.mkdtemp(prefix='gateway-tests-')) / 'gateway.db'}"
 
 
 @dataclass
@@ -88,7 +92,7 @@ def wait_ready(stack: Stack, seconds: float = READY_TIMEOUT_SECONDS) -> None:
 def launch(env_overrides: dict[str, str], log_path: Path) -> Stack:
     """`llm-gateway serve` with a clean GATEWAY_* environment plus `env_overrides`."""
     port = free_port("127.0.0.1")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env(TEST_STORE)
     env.update(GATEWAY_PORT=str(port), GATEWAY_PROCESSES="1")
     env.update(env_overrides)
     with log_path.open("wb") as log_file:

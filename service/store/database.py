@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
@@ -33,6 +35,10 @@ def default_url(cache_dir: Path) -> str:
 def redacted(url: str) -> str:
     """A URL fit for a log line (no password)."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+class NewerSchema(RuntimeError):
+    """The database was migrated by a newer gateway: this one does not know its schema."""
 
 
 class Database:
@@ -58,8 +64,21 @@ class Database:
             config = Config()
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            try:
+                command.upgrade(config, "head")
+            except CommandError as error:
+                raise self._newer_schema(connection, config) from error
         log.info("database %s is at the newest schema", redacted(self.url))
+
+    def _newer_schema(self, connection: Connection, config: Config) -> Exception:
+        """Why migrating failed, in words: a revision this gateway does not know is a newer gateway's."""
+        found = [row[0] for row in connection.execute(text("SELECT version_num FROM alembic_version"))]
+        known = ScriptDirectory.from_config(config).get_current_head()
+        return NewerSchema(
+            f"the database {redacted(self.url)} is at schema {', '.join(found) or '(none)'}, which this "
+            f"gateway (newest schema {known}) does not know: a newer gateway migrated it. Run that version, "
+            "or give this one a database of its own (GATEWAY_DATABASE_URL)."
+        )
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:

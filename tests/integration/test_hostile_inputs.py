@@ -7,7 +7,6 @@ left in flight."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,9 @@ import httpx
 import psutil
 import pytest
 
+from bench.common import gateway_env
 from service.workers.supervisor import free_port
+from tests.gateway_process import TEST_STORE
 from tests.integration.conftest import TOKENIZER
 from tests.promtext import parse
 
@@ -57,7 +58,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         {"name": name, "kind": kind, "tokenizer": TOKENIZER, "urls": [f"http://127.0.0.1:{worker_port}"]}
         for name, kind in (("base", "base"), ("chat", "instruct"))
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env(TEST_STORE)
     env.update(CAPS, GATEWAY_PORT=str(port), GATEWAY_MODELS=json.dumps(models), GATEWAY_HEALTH_INTERVAL="0.2",
                GATEWAY_LOG_LEVEL="warning", GATEWAY_PROCESSES="1")  # fmt: skip
     with (logs / "gateway.log").open("wb") as log:

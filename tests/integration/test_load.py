@@ -20,8 +20,10 @@ import httpx
 import psutil
 import pytest
 
+from bench.common import gateway_env
 from service.ops.settings import Settings
 from service.workers.supervisor import free_port
+from tests.gateway_process import TEST_STORE
 from tests.integration.conftest import TOKENIZER
 from tests.promtext import parse, value
 
@@ -52,7 +54,7 @@ def loaded_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
     models = [
         {"name": "base", "kind": "base", "tokenizer": tokenizer, "urls": [f"http://127.0.0.1:{worker_port}"]}
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env(TEST_STORE)
     env.update(
         GATEWAY_PORT=str(port), GATEWAY_MODELS=json.dumps(models), GATEWAY_LOG_LEVEL="warning",
         GATEWAY_MAX_IN_FLIGHT_PER_WORKER=str(PER_WORKER), GATEWAY_MAX_QUEUE_PER_MODEL=str(QUEUE),

@@ -6,11 +6,12 @@ from __future__ import annotations
 import multiprocessing
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
-from service.store.database import Database, default_url, redacted
+from service.store.database import Database, NewerSchema, default_url, redacted
 from service.store.schema import metadata
 
 
@@ -54,3 +55,15 @@ def test_processes_starting_together_migrate_once(tmp_path: Path) -> None:
 
 def test_a_password_never_reaches_a_log_line() -> None:
     assert "secret" not in redacted("postgresql+psycopg://gateway:secret@db:5432/gateway")
+
+
+def test_a_database_a_newer_gateway_migrated_is_refused_in_words(tmp_path: Path) -> None:
+    database = Database(default_url(tmp_path))
+    try:
+        database.migrate()
+        with database.transaction() as connection:  # as a newer gateway's migration leaves it
+            connection.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+        with pytest.raises(NewerSchema, match=r"0099_from_the_future.*newer gateway.*GATEWAY_DATABASE_URL"):
+            database.migrate()
+    finally:
+        database.close()
