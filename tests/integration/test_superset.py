@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from service import __version__
 from service.ops.settings import ModelSpec
 from tests.integration.conftest import TOKENIZER, running_gateway, standin_settings
 from tests.integration.standin import Script
@@ -129,6 +130,7 @@ async def test_tokenizer_routes(http: httpx.AsyncClient) -> None:
     assert out_of_vocabulary.status_code == 400 and out_of_vocabulary.json()["error"]["param"] == "tokens"
     info = (await http.get("/tokenizer_info")).json()  # the default base model's
     assert info["eos_token"] == "<|im_end|>" and "chat_template" not in info
+    assert info["model_max_length"] == 2048  # the worker's context, not the file's "no limit" (1e30)
     assert "chat_template" in (await http.get("/tokenizer_info", params={"model": "chat"})).json()
 
 
@@ -139,7 +141,8 @@ async def test_models_version_and_one_model(http: httpx.AsyncClient) -> None:
     assert one["id"] == "chat" and one["kind"] == "instruct"
     missing = await http.get("/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-    assert (await http.get("/version")).json()["gateway_version"]
+    assert (await http.get("/version")).json() == {"version": None}  # vLLM's shape (the stand-in has none)
+    assert (await http.get("/health")).json() == {"status": "ok", "version": __version__}
 
 
 async def test_scoring_is_bounded_with_the_numbers(standin_url: str, script: Script) -> None:
