@@ -11,8 +11,6 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-MAX_STOP_SEQUENCES = 16
-
 
 def _valid_unicode(value: str) -> str:
     """JSON can carry lone surrogates (`"\\ud800"`), which are not text: refuse them here rather than
@@ -84,7 +82,7 @@ class Sampling(Strict):
     top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k.")
     stop: StopField = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    n: int = Field(default=1, ge=1, le=16, description="Completions per request.")
+    n: int = Field(default=1, ge=1, description="Completions per request (at most GATEWAY_MAX_N).")
     stream: bool = False
     return_token_ids: bool | None = Field(
         default=None, description="Also return the prompt token ids the worker received (and output ids)."
@@ -92,9 +90,8 @@ class Sampling(Strict):
 
     @field_validator("stop")
     @classmethod
-    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    def _no_empty_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # How many: GATEWAY_MAX_STOP, the one limit a client meets (service.core.caps).
         if value == "":
             raise ValueError("stop sequence must not be empty")
         return value
@@ -149,16 +146,16 @@ class CompleteRequest(Sampling):
 
 
 class ChatRequest(Sampling):
-    """POST /chat: the next assistant turn of `messages`."""
+    """POST /chat: the next assistant turn of `messages` (at most GATEWAY_MAX_MESSAGES)."""
 
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 class RenderRequest(Strict):
     """POST /chat/render: the exact prompt a /chat request would produce."""
 
     model: Text | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 class Usage(BaseModel):
@@ -355,7 +352,7 @@ class ChatOptionsFields(BaseModel):
 class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
     """POST /v1/chat/completions (vLLM's ChatCompletionRequest)."""
 
-    messages: list[Message] = Field(min_length=1, max_length=1024)
+    messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool | None = None
@@ -370,9 +367,7 @@ class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
 class V1BatchChatRequest(ChatOptionsFields, OpenAIRequest):
     """POST /v1/chat/completions/batch: several conversations answered in one call."""
 
-    messages: list[Annotated[list[Message], Field(min_length=1, max_length=1024)]] = Field(
-        min_length=1, max_length=1024
-    )
+    messages: list[Annotated[list[Message], Field(min_length=1)]] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool | None = None
@@ -399,7 +394,7 @@ class TokenizeRequest(ChatOptionsFields, Passthrough):
 
     model: Text | None = None
     prompt: Text | None = None
-    messages: list[Message] | None = Field(default=None, min_length=1, max_length=1024)
+    messages: list[Message] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None
     return_token_strs: bool | None = False
 
@@ -408,4 +403,4 @@ class DetokenizeRequest(Passthrough):
     """POST /detokenize (vLLM's DetokenizeRequest)."""
 
     model: Text | None = None
-    tokens: TokenIds = Field(max_length=1_000_000)
+    tokens: TokenIds  # how many: GATEWAY_MAX_DETOKENIZE_TOKENS
