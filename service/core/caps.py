@@ -88,7 +88,7 @@ def prompt_texts(request: V1CompletionRequest) -> list[str]:
     prompt = request.prompt
     if isinstance(prompt, str):
         return [prompt]
-    return prompt if isinstance(prompt[0], str) else []
+    return prompt if prompt and isinstance(prompt[0], str) else []
 
 
 def conversations(request: BaseModel) -> list[Any]:
@@ -148,7 +148,7 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
         raise _over(asked[0], asked[1], limit)
     _logprob_caps(request, settings.max_logprobs)
     prompt = request.prompt if isinstance(request, V1CompletionRequest) else None
-    if isinstance(prompt, list) and not isinstance(prompt[0], int):  # texts or id lists: a batch
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # texts or id lists: a batch
         batch = len(prompt)
         if batch > settings.max_prompts:
             raise _over("prompt", batch, settings.max_prompts)

@@ -148,8 +148,8 @@ def test_a_body_no_longer_than_the_character_cap_is_not_walked_and_a_longer_one_
     [
         (CompleteRequest, {"prompt": "x", "n": 10}, "n", 8),
         (CompleteRequest, {"prompt": "x", "n": 100}, "n", 8),
-        (CompleteRequest, {"prompt": "x", "stop": ["s"] * 10}, "stop", 8),
-        (CompleteRequest, {"prompt": "x", "stop": ["s"] * 100}, "stop", 8),
+        (CompleteRequest, {"prompt": "x", "stop": ["s"] * 5}, "stop", 4),
+        (CompleteRequest, {"prompt": "x", "stop": ["s"] * 100}, "stop", 4),
         (ChatRequest, {"messages": HI * 300}, "messages", 256),
         (ChatRequest, {"messages": HI * 2000}, "messages", 256),
         (V1ChatRequest, {"messages": HI * 2000}, "messages", 256),
