@@ -73,8 +73,13 @@ async def test_what_only_vllm_checks_is_left_to_the_worker(http: httpx.AsyncClie
                  {"model": "base", "prompt": "x", "max_tokens": -3},
                  {"model": "chat", "messages": []}):  # fmt: skip
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-        assert (await http.post(path, json=body)).status_code == 200  # the stand-in accepts anything
-        assert script.bodies[-1] == body
+        response = await http.post(path, json=body)
+        assert script.bodies[-1] == body  # it reached the worker as sent
+        if body.get("n") == 0:  # the stand-in refuses it as vLLM does: its answer, passed through
+            assert response.status_code == 400
+            assert response.json()["error"]["message"] == "n must be at least 1, got 0."
+        else:  # the stand-in accepts the rest
+            assert response.status_code == 200, response.text
 
 
 async def test_omitted_max_tokens_is_left_to_the_worker(http: httpx.AsyncClient, script: Script) -> None:
