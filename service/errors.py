@@ -19,6 +19,7 @@
     ├── TooManyConnections            503 service_unavailable / too_many_connections
     ├── ShuttingDown                  503 service_unavailable / shutting_down, with Retry-After
     ├── UpstreamRejected              the worker's own 4xx status and envelope, passed through
+    ├── VllmRefusal                   what vLLM answers for an input it refuses itself, in its envelope
     ├── NotServedByWorker             501 not_implemented (the worker has no such route)
     ├── UpstreamUnavailable           502 upstream_error (connection refused, reset, malformed answer)
     ├── UpstreamTimeout               504 timeout
@@ -111,6 +112,8 @@ class ModelNotFound(GatewayError):
             f"The model '{_clip(model, 200)}' does not exist. Served models: {', '.join(known)}.",
             param="model",
         )
+        self.model = _clip(model, 200)
+        self.known = known
 
 
 class Unauthorized(GatewayError):
@@ -230,6 +233,24 @@ class UpstreamRejected(GatewayError):
         body = error_body(self.message, self.error_type, self.param)
         body["error"]["code"] = self._code
         return body
+
+
+class VllmRefusal(GatewayError):
+    """What vLLM itself answers for an input it refuses, word for word and in its envelope (`type` as
+    vLLM names it, the status as an integer `code`): a /v1 request the gateway must refuse before a
+    worker sees it gets the answer vLLM would have given (clients match on these)."""
+
+    error_type = "invalid_request_error"  # how it is counted, as the gateway's own refusals are
+
+    def __init__(self, status_code: int, vllm_type: str, message: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status_code = status_code
+        self.vllm_type = vllm_type
+
+    def envelope(self) -> dict[str, Any]:
+        # Not clipped: vLLM's own validation message lists up to ten errors of up to 1,000 characters.
+        return {"error": {"message": self.message, "type": self.vllm_type, "param": self.param,
+                          "code": self.status_code}}  # fmt: skip
 
 
 class ShuttingDown(GatewayError):

@@ -19,6 +19,7 @@ from service.api.admin_auth import AdminGuard
 from service.api.auth import ApiKeyMiddleware, FailedKeyLimit
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.dispatch import Dispatcher
+from service.api.docs_pages import DOCS_PATHS, install_docs
 from service.api.drain import Drain, DrainMiddleware
 from service.api.endpoint import (
     Endpoint,
@@ -170,6 +171,8 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         version=__version__,
         summary="Base and instruct models behind one door, on vLLM workers.",
         lifespan=_lifespan,
+        docs_url=None,  # served by install_docs, without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.tenancy = Tenancy.from_settings(settings)  # who each API key is, and its cache salt
@@ -218,7 +221,9 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         edge.append(Middleware(AdminGuard, keys=admin_keys, paths=operator, failed_keys=failed,
                                counters=app.state.counters))  # fmt: skip
     if settings.api_keys:
-        exempt = open_paths(endpoints) | ({"/metrics"} if not settings.metrics_need_key else set())
+        exempt = (
+            open_paths(endpoints) | DOCS_PATHS | ({"/metrics"} if not settings.metrics_need_key else set())
+        )
         keys = [key.get_secret_value() for key in settings.api_keys]
         edge.append(
             Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit,
@@ -243,5 +248,6 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
                               summary=endpoint.summary, tags=[endpoint.tag],
                               include_in_schema=documented)  # fmt: skip
     install_openapi(app, endpoints)
+    install_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -14,6 +14,7 @@ Errors take the one exit, `service.api.errors.error_exit`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -22,9 +23,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.endpoint import Endpoint
 from service.api.errors import error_exit
+from service.api.vllm_dialect import VLLM_TAGS, in_vllm_words, validation_error
 from service.core.context import RequestContext
 from service.core.protocol import Passthrough
-from service.errors import InvalidRequest, MethodNotAllowed, invalid_request
+from service.errors import GatewayError, InvalidRequest, MethodNotAllowed, invalid_request
 
 INLINE_PARSE_BYTES = 64 * 1024  # bodies up to this size are validated on the loop (well under 1 ms)
 DEFAULT_CONTAINERS = 65_536
@@ -51,9 +53,14 @@ def json_containers(body: bytes, limit: int) -> int:
 
 
 async def parse_body(
-    model: type[BaseModel], body: bytes, content_type: bytes | None, max_containers: int = DEFAULT_CONTAINERS
+    model: type[BaseModel],
+    body: bytes,
+    content_type: bytes | None,
+    max_containers: int = DEFAULT_CONTAINERS,
+    refusal: Callable[[list[Any], bytes], GatewayError] | None = None,
 ) -> Any:
-    """The validated request, or an InvalidRequest that says what is wrong in plain words."""
+    """The validated request, or an InvalidRequest that says what is wrong in plain words (`refusal`
+    words a validation failure another way: vLLM's, on its routes)."""
     if not body:
         raise InvalidRequest("The request has no body; send a JSON object.")
     if not is_json(content_type):
@@ -71,6 +78,8 @@ async def parse_body(
         else:
             request = await asyncio.to_thread(model.model_validate_json, body)
     except ValidationError as exc:
+        if refusal is not None:
+            raise refusal(exc.errors(include_url=False), body) from None
         raise invalid_request(exc.errors(include_url=False, include_input=False)) from None
     if isinstance(request, Passthrough):
         request.keep_raw(body)
@@ -101,6 +110,7 @@ class Dispatcher:
             return
         state = scope.get("state", {})
         record = state.get("record")
+        vllm = endpoint.tag in VLLM_TAGS  # what vLLM refuses too is answered in its words
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed("POST")
@@ -111,7 +121,8 @@ class Dispatcher:
                 return  # the client left while sending
             assert endpoint.body is not None
             content_type = _header(scope, b"content-type")
-            request = await parse_body(endpoint.body, body, content_type, self.max_json_containers)
+            refusal = validation_error if vllm else None
+            request = await parse_body(endpoint.body, body, content_type, self.max_json_containers, refusal)
             handler = endpoint.handler
             assert handler is not None
             session = _header(scope, self.session_header)
@@ -123,7 +134,7 @@ class Dispatcher:
                 handler(self.state.gateway, request, context)
             )
         except Exception as exc:
-            response = error_exit(exc, record)
+            response = error_exit(in_vllm_words(exc) if vllm else exc, record)
         await response(scope, receive, send)
 
 

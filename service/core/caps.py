@@ -9,6 +9,7 @@ asked for (`logprobs`, `top_logprobs`, `prompt_logprobs`, the ids of `logprob_to
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -29,7 +30,7 @@ from service.ops.settings import Settings
 
 
 def _over(param: str, asked: int, cap: int) -> InvalidRequest:
-    return InvalidRequest(f"{param} is {asked}; this gateway allows at most {cap}.", param=param)
+    return InvalidRequest(f"{param} is {asked:,}; this gateway allows at most {cap:,}.", param=param)
 
 
 def text_chars(value: Any) -> int:
@@ -45,26 +46,40 @@ def text_chars(value: Any) -> int:
     return 0
 
 
-def prompt_chars(request: BaseModel) -> tuple[str, int]:
-    """Which input is counted, and its characters of text to render or tokenize."""
+@dataclass(frozen=True)
+class CountedText:
+    """What the prompt-character budget counted in a request: the field a refusal names, how the
+    message names what was counted, and how many characters."""
+
+    param: str
+    what: str
+    chars: int
+
+
+def prompt_chars(request: BaseModel) -> CountedText:
+    """The text of a request to render or tokenize, counted in characters."""
     if isinstance(request, CompleteRequest):
-        chars = len(request.prompt)
+        chars, param, what = len(request.prompt), "prompt", "The prompt"
         if request.examples:
             chars = few_shot_length(request.prompt, request.examples, request.layout)
+            param, what = "examples", "The few-shot prompt built from `prompt` and `examples`"
         if request.continuation is not None:  # scored text is tokenized with the prompt
-            return "prompt and continuation", chars + len(request.continuation)
-        return "prompt", chars
+            return CountedText("continuation", f"{what} with the continuation to score",
+                               chars + len(request.continuation))  # fmt: skip
+        return CountedText(param, what, chars)
     if isinstance(request, V1CompletionRequest):
-        return "prompt", sum(map(len, prompt_texts(request)))
+        return CountedText("prompt", "The prompt text", sum(map(len, prompt_texts(request))))
     if isinstance(request, V1ResponsesRequest):
-        return "input", text_chars(request.input) + len(request.instructions or "")
+        chars = text_chars(request.input) + len(request.instructions or "")
+        return CountedText("input", "The input and instructions", chars)
     if isinstance(request, TokenizeRequest) and request.messages is None:
-        return "prompt", len(request.prompt or "")
+        return CountedText("prompt", "The prompt", len(request.prompt or ""))
     extra = 0
     if isinstance(request, V1ChatRequest | V1BatchChatRequest | TokenizeRequest):
         extra = text_chars(request.tools) + text_chars(request.documents)
         extra += len(request.chat_template or "") + text_chars(request.chat_template_kwargs)  # rendered too
-    return "messages", text_chars(_field(request, "messages")) + extra
+    chars = text_chars(_field(request, "messages")) + extra
+    return CountedText("messages", "The conversation's text (with its tools, documents and template)", chars)
 
 
 def prompt_texts(request: V1CompletionRequest) -> list[str]:
@@ -73,7 +88,7 @@ def prompt_texts(request: V1CompletionRequest) -> list[str]:
     prompt = request.prompt
     if isinstance(prompt, str):
         return [prompt]
-    return prompt if isinstance(prompt[0], str) else []
+    return prompt if prompt and isinstance(prompt[0], str) else []
 
 
 def conversations(request: BaseModel) -> list[Any]:
@@ -89,12 +104,12 @@ def _field(request: BaseModel, name: str) -> Any:
     return request.__dict__.get(name)
 
 
-def requested_tokens(request: BaseModel) -> int | None:
-    """How many tokens the request asks to generate, whatever the field is called."""
+def requested_tokens(request: BaseModel) -> tuple[str, int] | None:
+    """The field the request asks for generated tokens with, whatever it is called, and how many."""
     for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
         value = _field(request, name)
         if isinstance(value, int):
-            return value
+            return name, value
     return None
 
 
@@ -129,11 +144,11 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
         raise _over("stop", len(stops), settings.max_stop)
     asked = requested_tokens(request)
     limit = settings.max_tokens_limit
-    if limit is not None and isinstance(asked, int) and asked > limit:
-        raise _over("max_tokens", asked, limit)
+    if limit is not None and asked is not None and asked[1] > limit:
+        raise _over(asked[0], asked[1], limit)
     _logprob_caps(request, settings.max_logprobs)
     prompt = request.prompt if isinstance(request, V1CompletionRequest) else None
-    if isinstance(prompt, list) and not isinstance(prompt[0], int):  # texts or id lists: a batch
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # texts or id lists: a batch
         batch = len(prompt)
         if batch > settings.max_prompts:
             raise _over("prompt", batch, settings.max_prompts)
@@ -146,15 +161,19 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
     size = request.body_bytes if isinstance(request, Passthrough) else None
     if size is not None and size <= settings.max_prompt_chars:
         return  # every character of its text took at least a byte of the body: no need to walk it
-    counted, chars = prompt_chars(request)
-    if chars > settings.max_prompt_chars:
-        raise _over(f"{counted} characters", chars, settings.max_prompt_chars)
+    counted = prompt_chars(request)
+    if counted.chars > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"{counted.what} is {counted.chars:,} characters; this gateway allows at most "
+            f"{settings.max_prompt_chars:,}.",
+            param=counted.param,
+        )
 
 
 def _logprob_caps(request: BaseModel, cap: int) -> None:
     asked: Iterable[tuple[str, Any]] = (
         ("logprobs", _field(request, "logprobs")),
-        ("logprobs", _field(request, "top_logprobs")),
+        ("top_logprobs", _field(request, "top_logprobs")),
         ("prompt_logprobs", _field(request, "prompt_logprobs")),
     )
     for param, value in asked:

@@ -78,10 +78,13 @@ def check_fits(prompt_tokens: int, requested: int | None, context: int, param: s
         )
 
 
-def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, cap: int) -> int:
+def fit_max_tokens(
+    prompt_tokens: int, requested: int | None, context: int, cap: int, param: str = "prompt"
+) -> int:
     """Tokens to generate: the request's own if it fits, else the rest of the context up to `cap`
-    (the native endpoints' default; /v1 leaves an omitted max_tokens to the worker, as vLLM does)."""
-    check_fits(prompt_tokens, requested, context)
+    (the native endpoints' default; /v1 leaves an omitted max_tokens to the worker, as vLLM does).
+    `param`: the field the prompt came from (a chat's is its messages)."""
+    check_fits(prompt_tokens, requested, context, param)
     return requested if requested is not None else min(context - prompt_tokens, cap)
 
 
@@ -210,11 +213,13 @@ class Gateway:
         requested_max_tokens: int | None,
         params: dict[str, Any],
         stream: bool,
+        prompt_param: str = "prompt",
     ) -> dict[str, Any]:
         """The body for a worker's /v1/completions, with max_tokens fitted to the context."""
         context = self.context_of(model)
         longest = max(len(ids) for ids in prompts)
-        max_tokens = fit_max_tokens(longest, requested_max_tokens, context, self.settings.default_max_tokens)
+        cap = self.settings.default_max_tokens
+        max_tokens = fit_max_tokens(longest, requested_max_tokens, context, cap, prompt_param)
         body: dict[str, Any] = {
             **params,
             "model": model.name,

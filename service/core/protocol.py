@@ -10,8 +10,16 @@ import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic_core import PydanticCustomError
 
-MAX_STOP_SEQUENCES = 16
+# The type of a validation error that is a rule of the gateway's own, not one vLLM has: on /v1 it is
+# answered in the gateway's envelope, every other validation error as vLLM words it.
+GATEWAY_RULE = "gateway_rule"
+
+
+def gateway_rule(message: str) -> PydanticCustomError:
+    """A validation error for a rule of the gateway's own (see GATEWAY_RULE)."""
+    return PydanticCustomError(GATEWAY_RULE, message)
 
 
 def _valid_unicode(value: str) -> str:
@@ -20,7 +28,8 @@ def _valid_unicode(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"is not valid Unicode text (a lone surrogate at position {exc.start})") from None
+        message = f"is not valid Unicode text (a lone surrogate at position {exc.start})"
+        raise gateway_rule(message) from None
     return value
 
 
@@ -42,7 +51,7 @@ def _plain_role(value: str) -> str:
     """Roles are names a template compares and writes: refuse anything else (a role that held
     `<|im_end|>` and a newline would write a turn of its own)."""
     if not is_plain_name(value):
-        raise ValueError(ROLE_RULE)
+        raise gateway_rule(ROLE_RULE)
     return value
 
 
@@ -84,7 +93,7 @@ class Sampling(Strict):
     top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 disables top-k.")
     stop: StopField = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    n: int = Field(default=1, ge=1, le=16, description="Completions per request.")
+    n: int = Field(default=1, ge=1, description="Completions per request (at most GATEWAY_MAX_N).")
     stream: bool = False
     return_token_ids: bool | None = Field(
         default=None, description="Also return the prompt token ids the worker received (and output ids)."
@@ -92,9 +101,8 @@ class Sampling(Strict):
 
     @field_validator("stop")
     @classmethod
-    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    def _no_empty_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # How many: GATEWAY_MAX_STOP, the one limit a client meets (service.core.caps).
         if value == "":
             raise ValueError("stop sequence must not be empty")
         return value
@@ -149,16 +157,16 @@ class CompleteRequest(Sampling):
 
 
 class ChatRequest(Sampling):
-    """POST /chat: the next assistant turn of `messages`."""
+    """POST /chat: the next assistant turn of `messages` (at most GATEWAY_MAX_MESSAGES)."""
 
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 class RenderRequest(Strict):
     """POST /chat/render: the exact prompt a /chat request would produce."""
 
     model: Text | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    messages: list[ChatMessage] = Field(min_length=1)
 
 
 class Usage(BaseModel):
@@ -273,19 +281,17 @@ class StreamOptions(Passthrough):
     continuous_usage_stats: bool | None = None
 
 
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-
-
 class OpenAIRequest(Passthrough):
-    """Fields every OpenAI-style generation request shares."""
+    """Fields every OpenAI-style generation request shares: only those the gateway reads, typed as vLLM
+    types them and with none of vLLM's range checks (a value vLLM refuses reaches the worker, which
+    refuses it in its own words: `seed`, say, is not declared at all)."""
 
     model: Text | None = Field(default=None, description="Served model name; defaults by endpoint kind.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=1, ge=1)
-    stop: StopField = None
-    seed: Int64 | None = None
-    prompt_logprobs: int | None = Field(default=None, ge=-1)
+    n: int | None = Field(default=1, description="Completions per prompt (at most GATEWAY_MAX_N).")
+    stop: Text | list[Text] | None = None
+    prompt_logprobs: int | None = None
     echo: bool | None = None
 
     @property
@@ -294,36 +300,49 @@ class OpenAIRequest(Passthrough):
         return self.n or 1
 
 
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+def _int32(value: int) -> int:
+    """Token ids are hashed and counted as 32-bit values (no vocabulary comes near)."""
+    if value >= 2**31:
+        raise gateway_rule(f"token id {value} is over 2,147,483,647, more than any vocabulary holds")
+    return value
+
+
+TokenId = Annotated[int, Field(ge=0), AfterValidator(_int32)]
 # A 4 MiB body holds two million ids: validation stops at the first bad item (else one error each,
 # seconds of work for a body of -1s) and the union's members each give up at once.
 TokenIds = Annotated[list[TokenId], Field(fail_fast=True)]
+# In vLLM's order, so a refusal lists its errors as vLLM does.
 PromptField = (
-    Text
-    | Annotated[list[Text], Field(fail_fast=True)]
-    | TokenIds
+    TokenIds
     | Annotated[list[TokenIds], Field(fail_fast=True)]
+    | Text
+    | Annotated[list[Text], Field(fail_fast=True)]
 )
 
 
 class V1CompletionRequest(OpenAIRequest):
     """POST /v1/completions (vLLM's CompletionRequest)."""
 
-    prompt: PromptField
-    max_tokens: int | None = Field(default=None, ge=0)
-    logprobs: int | None = Field(default=None, ge=0)
+    prompt: PromptField | None = None  # none, or empty: vLLM decides (and refuses it in its words)
+    max_tokens: int | None = None
+    logprobs: int | None = None
     add_special_tokens: bool | None = True
-    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncate_prompt_tokens: int | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, value: PromptField) -> PromptField:
-        if value == "" or (isinstance(value, list) and not value):
-            raise ValueError("prompt must not be empty")
-        # A list is of one kind (its first item says which); `all` finds an empty text or id list.
-        if isinstance(value, list) and not isinstance(value[0], int) and not all(value):
-            raise ValueError("prompt must not be empty")
-        return value
+    @property
+    def prompts(self) -> int:
+        """How many prompts: a text or a list of ids is one, a list of texts or id lists holds several."""
+        prompt = self.prompt
+        return len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+
+    @property
+    def empty_prompt(self) -> bool:
+        """No prompt, an empty one, or a list holding an empty one (a list is of one kind: its first item
+        says which, so a list of two million ids is not walked)."""
+        prompt = self.prompt
+        if not prompt:
+            return True
+        return isinstance(prompt, list) and not isinstance(prompt[0], int) and not all(prompt)
 
 
 class ContentPart(Passthrough):
@@ -355,11 +374,11 @@ class ChatOptionsFields(BaseModel):
 class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
     """POST /v1/chat/completions (vLLM's ChatCompletionRequest)."""
 
-    messages: list[Message] = Field(min_length=1, max_length=1024)
-    max_tokens: int | None = Field(default=None, ge=0)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    messages: list[Message]  # how many: GATEWAY_MAX_MESSAGES; none: vLLM decides
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0)
+    top_logprobs: int | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -370,13 +389,11 @@ class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
 class V1BatchChatRequest(ChatOptionsFields, OpenAIRequest):
     """POST /v1/chat/completions/batch: several conversations answered in one call."""
 
-    messages: list[Annotated[list[Message], Field(min_length=1, max_length=1024)]] = Field(
-        min_length=1, max_length=1024
-    )
-    max_tokens: int | None = Field(default=None, ge=0)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    messages: list[list[Message]]  # how many: GATEWAY_MAX_PROMPTS, each GATEWAY_MAX_MESSAGES
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0)
+    top_logprobs: int | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -390,8 +407,8 @@ class V1ResponsesRequest(Passthrough):
     input: Text | list[dict[str, Any]]
     instructions: Text | None = None
     stream: bool | None = False
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = Field(default=None, ge=0)
+    max_output_tokens: int | None = None
+    top_logprobs: int | None = None
 
 
 class TokenizeRequest(ChatOptionsFields, Passthrough):
@@ -399,7 +416,7 @@ class TokenizeRequest(ChatOptionsFields, Passthrough):
 
     model: Text | None = None
     prompt: Text | None = None
-    messages: list[Message] | None = Field(default=None, min_length=1, max_length=1024)
+    messages: list[Message] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None
     return_token_strs: bool | None = False
 
@@ -408,4 +425,4 @@ class DetokenizeRequest(Passthrough):
     """POST /detokenize (vLLM's DetokenizeRequest)."""
 
     model: Text | None = None
-    tokens: TokenIds = Field(max_length=1_000_000)
+    tokens: TokenIds  # how many: GATEWAY_MAX_DETOKENIZE_TOKENS

@@ -43,9 +43,11 @@ ERROR_KEY = re.compile(rb'"error"\s*:')
 DONE_PAYLOAD = b"[DONE]"
 
 
-def needs_parsing_at(block: bytes) -> int:
-    """Where the first usage object, error key or `[DONE]` line starts in a block, or -1."""
-    found = [match.start() for pattern in (USAGE_OBJECT, ERROR_KEY) if (match := pattern.search(block))]
+def needs_parsing_at(block: bytes, finish: bool = False) -> int:
+    """Where the first usage object, error key or `[DONE]` line (with `finish`, also a finish reason)
+    starts in a block, or -1."""
+    patterns = (USAGE_OBJECT, ERROR_KEY, FINISH_REASON) if finish else (USAGE_OBJECT, ERROR_KEY)
+    found = [match.start() for pattern in patterns if (match := pattern.search(block))]
     done = block.find(DONE_PAYLOAD)
     while done >= 0:
         line_start = block.rfind(b"\n", 0, done) + 1
@@ -61,10 +63,10 @@ def count_events(block: bytes) -> int:
     return block.count(b"\ndata:") + block.startswith(b"data:")
 
 
-def split_plain(block: bytes) -> tuple[bytes, bytes]:
+def split_plain(block: bytes, finish: bool = False) -> tuple[bytes, bytes]:
     """A block's leading events that pass as they are, and the rest: from the first event holding
-    usage, an error or `[DONE]` (empty when there is none)."""
-    found = needs_parsing_at(block)
+    usage, an error or `[DONE]` (with `finish`, or a finish reason), empty when there is none."""
+    found = needs_parsing_at(block, finish)
     if found < 0:
         return block, b""
     previous_end = block.rfind(b"\n\n", 0, found)
@@ -121,6 +123,11 @@ class Relay:
         self.forward_usage = forward_usage
         self.fmt = fmt
         self.completed = False
+        # When the client did not ask for usage, the gateway's usage event is dropped; vLLM, asked for
+        # none, writes its `system_fingerprint` on each choice's last event instead: those are held
+        # until the usage event, to carry its fingerprint as they would have.
+        self.hold_last = translator is None and not forward_usage and fmt.done_marker
+        self.held: list[bytes] = []
 
     async def events(self, blocks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Client events for the worker's blocks of events, ending as the stream format ends."""
@@ -130,7 +137,7 @@ class Relay:
                     if self.record.span is not None:  # traced: the span gets the finish reasons
                         self.record.finish_reasons += [r.decode() for r in FINISH_REASON.findall(block)]
                     if self.translator is None:
-                        plain, block = split_plain(block)
+                        plain, block = split_plain(block, self.hold_last)
                         if plain:
                             self.record.tokens_sent(self.fmt.tokens_in(plain))
                             yield plain
@@ -146,7 +153,11 @@ class Relay:
             if self.translator is not None:
                 for closing in self.translator.finish():
                     yield sse_event(closing)
+            if self.held:
+                yield b"".join(self._release(None))
         except (GatewayError, ValueError) as exc:
+            if self.held:
+                yield b"".join(self._release(None))
             error = exc if isinstance(exc, GatewayError) else MALFORMED_EVENT
             log.warning("stream from worker %s broke: %s", self.worker.label, error.message)
             self.record.failed(error)  # after the first byte, the error is the stream's last event
@@ -164,14 +175,30 @@ class Relay:
             if not payloads:
                 continue
             if payloads[0] == b"[DONE]":
-                return b"".join(out), True
+                return b"".join([*out, *self._release(None)]), True
             chunk = self._inspect(b"\n".join(payloads))
             if self.fmt.is_token(event, chunk):
                 self.record.token_sent()
             if chunk.get("choices") == [] and chunk.get("usage") and not self.forward_usage:
+                out += self._release(chunk.get("system_fingerprint"))
                 continue  # the usage the gateway asked for, not the client
+            if self.hold_last and any(c.get("finish_reason") for c in chunk.get("choices") or ()):
+                self.held.append(event)
+                continue
             out.append(event + b"\n\n")
         return b"".join(out), False
+
+    def _release(self, fingerprint: str | None) -> list[bytes]:
+        """The held last events, each with the worker's fingerprint where vLLM would have written it."""
+        held, self.held = self.held, []
+        if not fingerprint:
+            return [event + b"\n\n" for event in held]
+        out = []
+        for event in held:
+            chunk = json.loads(b"\n".join(sse_payloads(event)))
+            chunk.setdefault("system_fingerprint", fingerprint)
+            out.append(sse_event(chunk))
+        return out
 
     def _translate_block(self, block: bytes) -> tuple[bytes, bool]:
         """A block's events in the translator's shape, and whether it held the worker's `[DONE]`."""

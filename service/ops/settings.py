@@ -244,7 +244,9 @@ class Settings(BaseSettings):
         default=4096, ge=1, description="Open client connections per serving process (503 and close above)."
     )
     max_n: int = Field(default=8, ge=1, le=16, description="Largest `n`.")
-    max_stop: int = Field(default=8, ge=1, le=16, description="Most `stop` sequences.")
+    max_stop: int = Field(
+        default=4, ge=1, le=16, description="Most `stop` sequences (vLLM 0.32 itself takes at most 4)."
+    )
     max_tokens_limit: int | None = Field(
         default=None, ge=1, description="Largest `max_tokens`; unset: the context."
     )

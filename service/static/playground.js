@@ -54,11 +54,26 @@ function setStats(pane, stats) {
   $(`${pane}-stats`).innerHTML = parts.map((part) => `<span>${part}</span>`).join("");
 }
 
-function showError(pane, text) {
+const KEY_HINT = "This gateway needs an API key: type it in the API key box above (it stays in this browser tab).";
+
+function showError(pane, text, status) {
   const out = $(`${pane}-output`);
   out.classList.add("error");
-  out.textContent = (out.textContent ? out.textContent + "\n\n" : "") + text;
+  const hint = status === 401 ? `\n${KEY_HINT}` : "";
+  out.textContent = (out.textContent ? out.textContent + "\n\n" : "") + text + hint;
   setStats(pane, { finish: "error" });
+  if (status === 401) askForKey();
+}
+
+// A 401: point at the key box (outlined, focused) rather than leave the reader to find it.
+function askForKey() {
+  const box = $("api-key");
+  box.classList.add("needed");
+  box.focus();
+}
+
+class HttpError extends Error {
+  constructor(message, status) { super(message); this.status = status; }
 }
 
 // POST a streaming request and feed each JSON event to onEvent; resolves when the stream ends.
@@ -67,7 +82,7 @@ async function streamEvents(path, body, signal, onEvent) {
   if (!response.ok) {
     let payload = null;
     try { payload = await response.json(); } catch (_) { /* not JSON */ }
-    throw new Error(errorText(payload, response.status));
+    throw new HttpError(errorText(payload, response.status), response.status);
   }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -128,7 +143,7 @@ async function runPane(pane, path, body, field) {
       setStats(pane, { ttft: first ? (first - started) / 1000 : undefined, tokens: pieces, finish: "stopped" });
       out.dataset.done = "stopped";
     } else {
-      showError(pane, err.message);
+      showError(pane, err.message, err.status);
       out.dataset.done = "error";
     }
   } finally {
@@ -160,28 +175,49 @@ function runBoth() {
   runPane("instruct", "/chat", chat, "delta");
 }
 
+// What each pane can serve: /complete continues text on any model (an instruct model's raw text too),
+// /chat needs an instruct model. Adapters are served models of their own, listed with their parent.
+const PANE_KINDS = { base: ["base", "instruct"], instruct: ["instruct"] };
+
+function modelLabel(model) {
+  return model.parent ? `${model.id} (adapter of ${model.parent})` : model.id;
+}
+
+function fillPicker(select, models, kinds) {
+  const previous = select.value;
+  select.innerHTML = "";
+  for (const kind of kinds) {
+    const group = document.createElement("optgroup");
+    group.label = kind === "base" ? "base models" : "instruct models";
+    for (const model of models.filter((m) => m.kind === kind)) group.append(new Option(modelLabel(model), model.id));
+    if (group.children.length) select.append(group);
+  }
+  if ([...select.options].some((o) => o.value === previous)) select.value = previous;
+}
+
 async function loadModels() {
   const response = await fetch("/v1/models", { headers: headers() });
   if (!response.ok) {
     const payload = await response.json().catch(() => null);
-    for (const pane of ["base", "instruct"]) showError(pane, errorText(payload, response.status));
+    for (const pane of ["base", "instruct"]) showError(pane, errorText(payload, response.status), response.status);
     return;
   }
-  const { data } = await response.json();
-  for (const kind of ["base", "instruct"]) {
-    const select = $(`${kind}-model`);
-    select.innerHTML = "";
-    for (const model of data.filter((m) => m.kind === kind)) {
-      select.add(new Option(model.id, model.id));
-    }
+  $("api-key").classList.remove("needed");
+  for (const pane of ["base", "instruct"]) {
+    const out = $(`${pane}-output`);
+    if (out.classList.contains("error")) { out.textContent = ""; out.classList.remove("error"); setStats(pane, {}); }
   }
+  const { data } = await response.json();
+  for (const [pane, kinds] of Object.entries(PANE_KINDS)) fillPicker($(`${pane}-model`), data, kinds);
 }
 
 function init() {
   for (const preset of PRESETS) {
     const button = document.createElement("button");
     button.textContent = preset.label;
+    button.title = preset.shows;
     button.addEventListener("click", () => {
+      $("shows").textContent = preset.shows;
       $("input").value = preset.input;
       $("examples").value = preset.examples || "";
       $("examples-box").open = Boolean(preset.examples);

@@ -102,6 +102,8 @@ class HealthMonitor:
         self.stream_limit = stream_limit
         self._checks: dict[Worker, asyncio.Task[None]] = {}
         self._contexts: dict[str, int | None] = {}  # each model's context length, as last logged
+        self._reasons: dict[Worker, str] = {}  # why each worker's last check failed
+        self._down_since: dict[Worker, float] = {}  # workers whose being down was logged, and since when
 
     async def run(self) -> None:
         """Every `interval` seconds, a check of each worker whose previous one is over; the first one
@@ -128,6 +130,10 @@ class HealthMonitor:
                     task = asyncio.create_task(self._checked(pool, worker))
                     self._checks[worker] = task
                     task.add_done_callback(partial(self._forget, worker))
+        current = {worker for pool in self.pools for worker in pool.workers}
+        for gone in [w for w in self._reasons if w not in current]:  # a replica that left (DNS)
+            self._reasons.pop(gone, None)
+            self._down_since.pop(gone, None)
 
     def _forget(self, worker: Worker, _: asyncio.Task[None]) -> None:
         self._checks.pop(worker, None)
@@ -138,6 +144,7 @@ class HealthMonitor:
         except Exception:  # a bug here must not end health checking for good
             log.exception("health check of worker %s failed; next one in %g s", worker.label, self.interval)
         pool.hand_over()  # a worker that came back can take waiting requests
+        self._log_reachability(pool, worker)
         self._log_context(pool)
 
     async def check(self, worker: Worker) -> bool:
@@ -184,10 +191,12 @@ class HealthMonitor:
 
     def _failed(self, worker: Worker, reason: str, counts: bool = True) -> None:
         """Out of routing; and, if `counts`, one more failed check toward a restart."""
+        self._reasons[worker] = reason
         if worker.healthy:
             note = "" if counts else " (no restart while its streams may still go on)"
             log.warning("worker %s for %s failed its health check: %s%s", worker.label, worker.model,
                         reason, note)  # fmt: skip
+            self._down_since.setdefault(worker, time.monotonic())
         worker.probe_timeout = None
         worker.failed_checks += 1 if counts else 0
         worker.mark(False)
@@ -243,6 +252,22 @@ class HealthMonitor:
             if worker.engine != NO_LOAD:
                 log.info("worker %s gave no load figures: %s", worker.label, describe(exc))
             worker.observe_engine(NO_LOAD)
+
+    def _log_reachability(self, pool: ModelPool, worker: Worker) -> None:
+        """Say once that a worker is down, with the reason, and once that it answers again. A worker the
+        gateway runs itself is expected to be down while it starts (the supervisor says so); a worker
+        elsewhere that never answered is said to be down at its first check: a wrong URL shows at once."""
+        if worker.healthy:
+            since = self._down_since.pop(worker, None)
+            if since is not None:
+                log.info("worker %s for %s answers again (down %.0f s)", worker.label, worker.model,
+                         time.monotonic() - since)  # fmt: skip
+            return
+        if worker not in self._down_since and not pool.spec.embedded:
+            self._down_since[worker] = time.monotonic()
+            why = self._reasons.get(worker, "it did not answer")
+            log.warning("worker %s for %s cannot be reached: %s; logged again when it answers",
+                        worker.label, worker.model, why)  # fmt: skip
 
     def _log_context(self, pool: ModelPool) -> None:
         """Say once when a model's context length changes (a worker replaced by one with another)."""

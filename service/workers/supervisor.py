@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 10.0
 STABLE_RUN_SECONDS = 120.0  # a worker up this long resets the restart backoff
 PR_SET_PDEATHSIG = 1
+# What the gateway itself asks every worker (health, engine load, the facts it reads again): left out
+# of the worker's access log, where these probes were nine lines in ten and hid the requests.
+PROBE_PATHS = ("/health", "/metrics", "/v1/models", "/openapi.json", "/version")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ def launch_plan(
         argv += ["--reasoning-parser", spec.reasoning_parser]
     if spec.trust_request_chat_template:
         argv.append("--trust-request-chat-template")
+    argv += ["--disable-access-log-for-endpoints", ",".join(PROBE_PATHS)]  # engine_args may override it
     argv += spec.engine_args
     env = dict(os.environ)
     # The gateway's multiprocess metrics folder is its own: a worker writing there would mix its

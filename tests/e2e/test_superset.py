@@ -15,6 +15,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
+from service import __version__
 from tests.e2e.conftest import BASE_MODEL, INSTRUCT_MODEL, SMOL, Stack
 
 WEATHER_PARAMETERS = {
@@ -207,11 +208,19 @@ def test_tokenizer_routes_agree_with_the_worker(stack: Stack, client: httpx.Clie
     ids = {"model": BASE_MODEL, "tokens": [2, 818, 5279, 529, 7001, 563]}
     ours = client.post("/detokenize", json=ids).json()
     assert ours == httpx.post(f"{stack.worker_url(BASE_MODEL)}/detokenize", json=ids).json()
-    assert client.get("/tokenizer_info").json()["eos_token"] == "<eos>"
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<eos>"
+    base_len = httpx.get(f"{stack.worker_url(BASE_MODEL)}/v1/models").json()["data"][0]["max_model_len"]
+    assert info["model_max_length"] == base_len == 2048  # the real context, not the file's 1e30
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     direct = httpx.get(f"{worker}/v1/models").json()["data"][0]
     assert models[INSTRUCT_MODEL]["root"] == direct["root"] and "parent" in models[INSTRUCT_MODEL]
-    assert client.get("/version").json()["version"] == httpx.get(f"{worker}/version").json()["version"]
+
+
+def test_version_is_vllms_shape_and_the_gateways_own_is_on_health(stack: Stack, client: httpx.Client) -> None:
+    worker = stack.worker_url(INSTRUCT_MODEL)
+    assert client.get("/version").json() == httpx.get(f"{worker}/version").json()  # no key of its own
+    assert client.get("/health").json() == {"status": "ok", "version": __version__}
 
 
 def test_a_workers_own_refusal_reaches_the_client_in_its_words(stack: Stack, client: httpx.Client) -> None:

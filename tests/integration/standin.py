@@ -223,6 +223,11 @@ def build_app(script: Script) -> Starlette:
                 "code": 400,
             }
             return JSONResponse({"error": error}, status_code=400)
+        n = body.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n < 1:  # vLLM refuses it (the gateway lets it)
+            message = f"n must be at least 1, got {n}."
+            error = {"message": message, "type": "BadRequestError", "param": "n", "code": 400}
+            return JSONResponse({"error": error}, status_code=400)
         if script.mode == "fail":
             return PlainTextResponse("Internal Server Error", status_code=500)
         if script.mode == "garbage":

@@ -45,7 +45,9 @@ async def test_batched_prompts_are_tokenized_off_the_event_loop(
             return original(texts, add_special_tokens)
 
         tokenizer.encode_for_worker = spy
-        response = await http.post("/v1/completions", json={"model": "base", "prompt": ["a b", "c d"] * 50})
+        # echo with logprobs: the scoring budget needs their tokens (other prompts go untokenized)
+        batch = {"model": "base", "prompt": ["a b", "c d"] * 50, "echo": True, "logprobs": 0}
+        response = await http.post("/v1/completions", json=batch)
         assert response.status_code == 200, response.text
         assert threads and threading.main_thread().name not in threads
         assert len(script.bodies[0]["prompt"]) == 100

@@ -85,7 +85,7 @@ async def test_a_continuation_counts_in_the_prompt_characters(standin_url: str, 
     async with running_gateway(standin_settings(standin_url, max_prompt_chars=100)) as (_, http):
         response = await http.post("/complete", json={"prompt": "x" * 60, "continuation": "y" * 41})
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "prompt and continuation characters"
+    assert response.json()["error"]["param"] == "continuation"
     assert script.bodies == []
 
 

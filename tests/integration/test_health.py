@@ -72,9 +72,9 @@ async def test_a_worker_that_comes_back_changed_is_learned_again(standin_url: st
     script.schema = OLD_SCHEMA
     async with running_gateway(standin_settings(standin_url)) as (app, http):
         future = {"model": "base", "prompt": "x", "field_from_the_future": 1}
-        long = {"model": "base", "prompt": "x", "max_tokens": 1500}
+        long = {"model": "base", "prompt": "x", "max_tokens": 1500}  # /complete: the gateway checks it
         assert (await http.post("/v1/completions", json=future)).status_code == 400
-        assert (await http.post("/v1/completions", json=long)).status_code == 200
+        assert (await http.post("/complete", json=long)).status_code == 200
         worker = app.state.gateway.pools["base"].workers[0]
         script.healthy = False  # redeployed behind the same address: down a while...
         await eventually(lambda: not worker.healthy, seconds=5)
@@ -82,7 +82,7 @@ async def test_a_worker_that_comes_back_changed_is_learned_again(standin_url: st
         script.healthy = True  # ...and back, a newer version with a smaller context
         await eventually(lambda: worker.healthy, seconds=5)
         assert (await http.post("/v1/completions", json=future)).status_code == 200
-        refused = await http.post("/v1/completions", json=long)
+        refused = await http.post("/complete", json=long)
         assert refused.status_code == 400 and "context of 1024 tokens" in refused.json()["error"]["message"]
         models = (await http.get("/v1/models")).json()["data"]
         assert next(m for m in models if m["id"] == "base")["max_model_len"] == 1024

@@ -190,12 +190,12 @@ def test_hostile_corpus_never_5xx_and_leaves_nothing_behind(gateway: Gateway) ->
     # Within the character budget: it is tokenized, and is then too long for the 2,048-token context.
     assert errors["few-shot at the prompt budget"]["code"] == "context_length_exceeded"
     assert errors["prompt chars at the cap"]["code"] == "context_length_exceeded"
-    assert errors["prompt chars one over"]["param"] == "prompt characters"
+    assert errors["prompt chars one over"]["param"] == "prompt"
     assert statuses["control tokens in chat"] == 400 and statuses["control tokens rendered"] == 400
     assert statuses["control tokens in a raw prompt"] == 200  # raw completion text is the client's own
     assert statuses["prompts at the cap"] == 200 and statuses["prompts one over"] == 400
     assert statuses["body over the limit"] == 413
-    assert errors["continuation over the prompt budget"]["param"] == "prompt and continuation characters"
+    assert errors["continuation over the prompt budget"]["param"] == "continuation"
     assert errors["logprob ids one over"]["param"] == "logprob_token_ids"
     assert errors["detokenize one over"]["param"] == "tokens"
     assert errors["chat echo over the scoring budget"]["param"] == "echo"

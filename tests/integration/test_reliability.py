@@ -174,12 +174,12 @@ async def test_body_size_limit_before_parsing(standin_url: str, script: Script) 
         ("/complete", {"prompt": "x", "n": 3}, "n"),
         ("/complete", {"prompt": "x", "stop": ["a", "b", "c"]}, "stop"),
         ("/complete", {"prompt": "x", "max_tokens": 65}, "max_tokens"),
-        ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 65}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 65}, "max_completion_tokens"),
         ("/v1/completions", {"model": "base", "prompt": "x", "logprobs": 3}, "logprobs"),
-        ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 3}, "logprobs"),
+        ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 3}, "top_logprobs"),
         ("/chat", {"messages": [{"role": "user", "content": "x"}] * 4}, "messages"),
-        ("/complete", {"prompt": "x" * 101}, "prompt characters"),
-        ("/chat", {"messages": [{"role": "user", "content": "x" * 101}]}, "messages characters"),
+        ("/complete", {"prompt": "x" * 101}, "prompt"),
+        ("/chat", {"messages": [{"role": "user", "content": "x" * 101}]}, "messages"),
     ],
 )
 async def test_configured_caps(

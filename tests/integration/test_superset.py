@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from service import __version__
 from service.ops.settings import ModelSpec
 from tests.integration.conftest import TOKENIZER, running_gateway, standin_settings
 from tests.integration.standin import Script
@@ -18,7 +19,7 @@ SCHEMA = {
     "CompletionRequest": ["model", "prompt", "max_tokens", "stream", "stream_options", "n", "seed", "echo",
                           "logprobs", "prompt_logprobs", "temperature", "field_from_the_future"],
     "ChatCompletionRequest": ["model", "messages", "max_tokens", "stream", "stream_options", "tools",
-                              "tool_choice", "response_format", "field_from_the_future"],
+                              "tool_choice", "response_format", "seed", "field_from_the_future"],
 }  # fmt: skip
 
 
@@ -63,11 +64,22 @@ async def test_requests_and_answers_go_through_as_they_are(http: httpx.AsyncClie
     assert answer["choices"][0]["message"]["tool_calls"] == []
 
 
-async def test_stream_options_need_stream(http: httpx.AsyncClient, script: Script) -> None:
-    body = {"model": "base", "prompt": "x", "stream_options": {"include_usage": True}}
-    response = await http.post("/v1/completions", json=body)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
-    assert script.bodies == []
+async def test_what_only_vllm_checks_is_left_to_the_worker(http: httpx.AsyncClient, script: Script) -> None:
+    """vLLM refuses these itself, in its own words (tests/e2e compares them with the real worker's): the
+    gateway does not refuse them first in other words."""
+    for body in ({"model": "base", "prompt": "x", "stream_options": {"include_usage": True}},
+                 {"model": "base", "prompt": "x", "seed": 2**63}, {"model": "base", "prompt": ""},
+                 {"model": "base", "prompt": [[]]}, {"model": "base", "prompt": "x", "n": 0},
+                 {"model": "base", "prompt": "x", "max_tokens": -3},
+                 {"model": "chat", "messages": []}):  # fmt: skip
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        response = await http.post(path, json=body)
+        assert script.bodies[-1] == body  # it reached the worker as sent
+        if body.get("n") == 0:  # the stand-in refuses it as vLLM does: its answer, passed through
+            assert response.status_code == 400
+            assert response.json()["error"]["message"] == "n must be at least 1, got 0."
+        else:  # the stand-in accepts the rest
+            assert response.status_code == 200, response.text
 
 
 async def test_omitted_max_tokens_is_left_to_the_worker(http: httpx.AsyncClient, script: Script) -> None:
@@ -78,16 +90,20 @@ async def test_omitted_max_tokens_is_left_to_the_worker(http: httpx.AsyncClient,
 async def test_a_client_stream_options_keep_the_gateways_usage(
     http: httpx.AsyncClient, script: Script
 ) -> None:
-    request = {
-        "model": "base",
-        "prompt": "x",
-        "stream": True,
-        "stream_options": {"continuous_usage_stats": False},
-    }
-    async with http.stream("POST", "/v1/completions", json=request) as response:
-        payloads = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
-    assert script.bodies[-1]["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
-    assert all("usage" not in json.loads(p) for p in payloads[:-1])  # not asked for: not forwarded
+    for options, sent in (
+        ({"continuous_usage_stats": False}, {"include_usage": True}),
+        # Per-chunk usage without usage: vLLM gives none, so the worker must not be asked for it.
+        ({"continuous_usage_stats": True}, {"include_usage": True}),
+        ({"include_usage": False, "continuous_usage_stats": True}, {"include_usage": True}),
+        ({"include_usage": True, "continuous_usage_stats": True},
+         {"include_usage": True, "continuous_usage_stats": True}),
+    ):  # fmt: skip
+        request = {"model": "base", "prompt": "x", "stream": True, "stream_options": options}
+        async with http.stream("POST", "/v1/completions", json=request) as response:
+            payloads = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert script.bodies[-1]["stream_options"] == sent
+        if not options.get("include_usage"):
+            assert all("usage" not in json.loads(p) for p in payloads[:-1])  # not asked for: not forwarded
     metrics = (await http.get("/metrics")).text
     assert 'gateway_completion_tokens_total{model="base"}' in metrics
 
@@ -129,6 +145,7 @@ async def test_tokenizer_routes(http: httpx.AsyncClient) -> None:
     assert out_of_vocabulary.status_code == 400 and out_of_vocabulary.json()["error"]["param"] == "tokens"
     info = (await http.get("/tokenizer_info")).json()  # the default base model's
     assert info["eos_token"] == "<|im_end|>" and "chat_template" not in info
+    assert info["model_max_length"] == 2048  # the worker's context, not the file's "no limit" (1e30)
     assert "chat_template" in (await http.get("/tokenizer_info", params={"model": "chat"})).json()
 
 
@@ -139,7 +156,8 @@ async def test_models_version_and_one_model(http: httpx.AsyncClient) -> None:
     assert one["id"] == "chat" and one["kind"] == "instruct"
     missing = await http.get("/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-    assert (await http.get("/version")).json()["gateway_version"]
+    assert (await http.get("/version")).json() == {"version": None}  # vLLM's shape (the stand-in has none)
+    assert (await http.get("/health")).json() == {"status": "ok", "version": __version__}
 
 
 async def test_scoring_is_bounded_with_the_numbers(standin_url: str, script: Script) -> None:
@@ -171,5 +189,9 @@ async def test_a_request_chat_template_needs_a_trusting_model(
         response = await http.post("/v1/chat/completions", json=body)
     if trusted:
         assert response.status_code == 200 and script.bodies[-1]["chat_template"] == template
-    else:
-        assert response.status_code == 400 and response.json()["error"]["param"] == "chat_template"
+    else:  # vLLM's own refusal, word for word (the worker would give it: the gateway must not render it)
+        assert response.status_code == 400 and response.json()["error"] == {
+            "message": "Chat template is passed with request, but --trust-request-chat-template is not set. "
+            "Refused request with untrusted chat template.",
+            "type": "BadRequestError", "param": None, "code": 400,
+        }  # fmt: skip

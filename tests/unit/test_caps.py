@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import BaseModel
 
 from service.core.caps import enforce_caps, prompt_chars, prompt_logprobs_source
 from service.core.protocol import (
@@ -35,17 +36,17 @@ HI = [{"role": "user", "content": "hi"}]
     [
         (CompleteRequest(prompt="x", n=3), "n"),
         (CompleteRequest(prompt="x", stop=["a", "b", "c"]), "stop"),
-        (V1ChatRequest(messages=HI, max_completion_tokens=65), "max_tokens"),
+        (V1ChatRequest(messages=HI, max_completion_tokens=65), "max_completion_tokens"),
+        (V1ChatRequest(messages=HI, max_tokens=65), "max_tokens"),
+        (V1ChatRequest(messages=HI, logprobs=True, top_logprobs=3), "top_logprobs"),
         (V1CompletionRequest(prompt="x", logprobs=3), "logprobs"),
         (V1CompletionRequest(prompt="x", prompt_logprobs=-1), "prompt_logprobs"),
         (V1CompletionRequest(prompt=["a"] * 5), "prompt"),
         (V1BatchChatRequest(messages=[HI] * 5), "messages"),
         (ChatRequest(messages=HI * 4), "messages"),
-        (V1ChatRequest(messages=HI, tools=[{"description": "d" * 101}]), "messages characters"),
-        (
-            CompleteRequest(prompt="x", examples=[{"input": "a" * 40, "output": "b" * 40}]),
-            "prompt characters",
-        ),
+        (V1ChatRequest(messages=HI, tools=[{"description": "d" * 101}]), "messages"),
+        (CompleteRequest(prompt="x" * 101), "prompt"),
+        (CompleteRequest(prompt="x", examples=[{"input": "a" * 40, "output": "b" * 40}]), "examples"),
     ],
 )
 def test_each_cap_refuses_naming_its_field(request_: object, param: str) -> None:
@@ -67,8 +68,8 @@ def test_at_the_caps_is_allowed() -> None:
 def test_every_text_of_a_chat_counts() -> None:
     request_ = V1ChatRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "abc"}]}],
                              tools=[{"function": {"description": "12345"}}])  # fmt: skip
-    counted, chars = prompt_chars(request_)
-    assert counted == "messages" and chars >= len("abc") + len("12345")
+    counted = prompt_chars(request_)
+    assert counted.param == "messages" and counted.chars >= len("abc") + len("12345")
 
 
 @pytest.mark.parametrize(
@@ -94,11 +95,14 @@ def test_prompt_logprobs_are_derived_as_vllm_derives_them(request_: object, sour
 
 def test_a_continuation_counts_with_its_prompt() -> None:
     at_cap = CompleteRequest(prompt="x" * 60, continuation="y" * 40)
-    assert prompt_chars(at_cap) == ("prompt and continuation", 100)
+    assert prompt_chars(at_cap).chars == 100
     enforce_caps(at_cap, SETTINGS)
     with pytest.raises(InvalidRequest) as caught:
         enforce_caps(CompleteRequest(prompt="x" * 60, continuation="y" * 41), SETTINGS)
-    assert caught.value.param == "prompt and continuation characters"
+    assert caught.value.param == "continuation"
+    assert caught.value.message == (
+        "The prompt with the continuation to score is 101 characters; this gateway allows at most 100."
+    )
 
 
 @pytest.mark.parametrize(
@@ -137,3 +141,28 @@ def test_a_body_no_longer_than_the_character_cap_is_not_walked_and_a_longer_one_
     enforce_caps(parsed("é" * 20 + "x" * 76), SETTINGS)  # 100 characters with "user", a longer body: walked
     with pytest.raises(InvalidRequest):
         enforce_caps(parsed("é" * 20 + "x" * 77), SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "param", "cap"),
+    [
+        (CompleteRequest, {"prompt": "x", "n": 10}, "n", 8),
+        (CompleteRequest, {"prompt": "x", "n": 100}, "n", 8),
+        (CompleteRequest, {"prompt": "x", "stop": ["s"] * 5}, "stop", 4),
+        (CompleteRequest, {"prompt": "x", "stop": ["s"] * 100}, "stop", 4),
+        (ChatRequest, {"messages": HI * 300}, "messages", 256),
+        (ChatRequest, {"messages": HI * 2000}, "messages", 256),
+        (V1ChatRequest, {"messages": HI * 2000}, "messages", 256),
+        (V1BatchChatRequest, {"messages": [HI] * 2000}, "messages", 1024),
+        (DetokenizeRequest, {"tokens": [1] * 1_000_001}, "tokens", 131_072),
+    ],
+)
+def test_one_limit_per_field_the_configured_cap_whatever_the_amount(
+    model: type[BaseModel], body: dict[str, object], param: str, cap: int
+) -> None:
+    """Just over the cap and far over it: the same refusal, naming the configured cap (never a
+    second, built-in limit that a larger amount would meet first)."""
+    request_ = model.model_validate_json(json.dumps(body))  # as the dispatcher parses it
+    with pytest.raises(InvalidRequest) as caught:
+        enforce_caps(request_, Settings())
+    assert caught.value.param == param and f"at most {cap:,}" in caught.value.message

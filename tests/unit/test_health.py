@@ -305,3 +305,33 @@ async def test_a_models_context_comes_from_its_current_healthy_workers(
     probes.healthy[new.url] = True
     await health.check_all()
     assert caplog.text.count("model m: context") == 2  # 2048 when `new` left, 1024 when it came back
+
+
+async def test_an_unreachable_external_worker_is_logged_once_with_the_reason_and_again_when_back(
+    closed: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    external = ModelSpec(name="m", kind=ModelKind.BASE, tokenizer="/t", urls=[closed])  # type: ignore[list-item]
+    probes, worker = Probes(), Worker("m", closed)  # never seen up: a wrong URL from the start
+    probes.error[closed] = ConnectionRefusedError("Connect call failed")
+    health = HealthMonitor(probes, [ModelPool(external, [worker])], 0.05, timeout=LIMIT)
+    with caplog.at_level(logging.INFO, logger="service.workers.health"):
+        for _ in range(3):
+            await health.check_all()
+        down = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+        assert len(down) == 1 and "ConnectionRefusedError: Connect call failed" in down[0], down
+        del probes.error[closed]
+        for _ in range(2):
+            await health.check_all()
+    back = [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
+    assert len(back) == 1 and worker.healthy
+
+
+async def test_an_embedded_worker_starting_up_is_not_reported_unreachable(
+    closed: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    probes, worker = Probes(), Worker("m", closed)
+    probes.error[closed] = ConnectionRefusedError("Connect call failed")
+    health = HealthMonitor(probes, [ModelPool(SPEC, [worker])], 0.05, timeout=LIMIT)  # the gateway's own
+    with caplog.at_level(logging.INFO, logger="service.workers.health"):
+        await health.check_all()
+    assert not [r for r in caplog.records if "cannot be reached" in r.getMessage()]

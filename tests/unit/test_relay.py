@@ -93,3 +93,27 @@ def test_observe_many_equals_observing_one_at_a_time() -> None:
         if "created" not in s.name
     }
     assert samples == other and samples["h_count"] == 13
+
+
+LAST = b'data: {"id":"c","choices":[{"index":0,"text":"z","finish_reason":"length"}]}\n\n'
+FINGERPRINTED_USAGE = (
+    b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},'
+    b'"system_fingerprint":"vllm-0.32.0-abc"}\n\n'
+)
+
+
+async def test_a_last_event_carries_the_fingerprint_of_the_dropped_usage_event_as_vllm_writes_it() -> None:
+    """Asked for no usage, vLLM writes its fingerprint on each choice's last event; the gateway asks for
+    usage (it counts tokens), so vLLM puts it on the usage event instead, which the client must not get."""
+    out, record = await relay(TOKEN % b"a", LAST + FINGERPRINTED_USAGE + DONE)
+    events = [json.loads(p) for p in payloads(out)[:-1]]
+    assert [e["choices"][0]["text"] for e in events] == ["a", "z"]  # no usage event
+    assert "system_fingerprint" not in events[0] and events[1]["system_fingerprint"] == "vllm-0.32.0-abc"
+    assert record.completion_tokens == 2
+    asked, _ = await relay(TOKEN % b"a", LAST + FINGERPRINTED_USAGE + DONE, forward_usage=True)
+    assert asked == TOKEN % b"a" + LAST + FINGERPRINTED_USAGE + DONE  # asked: the worker's events as they are
+
+
+async def test_a_held_last_event_is_not_lost_when_no_usage_event_comes() -> None:
+    out, _ = await relay(TOKEN % b"a" + LAST)
+    assert [json.loads(p)["choices"][0]["text"] for p in payloads(out)[:-1]] == ["a", "z"]

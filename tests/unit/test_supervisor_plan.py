@@ -1,11 +1,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.ops.settings import ModelKind, ModelSpec, Settings
+from service.workers.contract import read_contract
+from service.workers.facts import read_model_entry
+from service.workers.fake import FakeTransport
+from service.workers.health import HealthMonitor
+from service.workers.pool import ModelPool
 from service.workers.supervisor import launch_plan, plan_core_binding
+from service.workers.worker import Worker
 
 
 def test_one_worker_is_left_to_vllm() -> None:
@@ -51,3 +58,42 @@ def test_workers_do_not_share_the_gateways_metrics_folder(
     spec = ModelSpec(name="m", kind=ModelKind.BASE, source=str(tmp_path))
     plan = launch_plan(spec, Settings(cache_dir=tmp_path), port=9001, cores=None, replica=0)
     assert "PROMETHEUS_MULTIPROC_DIR" not in plan.env
+
+
+class RecordingTransport(FakeTransport):
+    """Records the path of every GET the health monitor makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: list[str] = []
+
+    async def health(self, worker: Worker) -> bool:
+        self.paths.append("/health")
+        return True
+
+    async def get_json(self, worker: Worker, path: str) -> Any:
+        self.paths.append(path)
+        return await super().get_json(worker, path)
+
+    async def get_text(self, worker: Worker, path: str) -> str:
+        self.paths.append(path)
+        return await super().get_text(worker, path)
+
+
+async def test_every_path_the_gateway_probes_is_left_out_of_the_workers_access_log(tmp_path: Path) -> None:
+    transport = RecordingTransport()
+    worker = Worker(model="m", url="http://127.0.0.1:9")
+    for path, answer in (
+        ("/v1/models", {"data": [{"id": "m", "max_model_len": 64}]}),
+        ("/metrics", ""),
+        ("/openapi.json", {}),
+        ("/version", {"version": "0"}),
+    ):
+        transport.facts[(worker.url, path)] = answer  # fmt: skip
+    pool = ModelPool(ModelSpec(name="m", kind=ModelKind.BASE, source="/m"), [worker])
+    monitor = HealthMonitor(transport, [pool], 1.0, (read_model_entry, read_contract), timeout=0.5)
+    await monitor.check(worker)  # a first check of a worker reads every fact, and its load
+    plan = launch_plan(pool.spec, Settings(cache_dir=tmp_path), port=9001, cores=None, replica=0)
+    quiet = plan.argv[plan.argv.index("--disable-access-log-for-endpoints") + 1].split(",")
+    assert set(transport.paths) == {"/health", "/metrics", "/v1/models", "/openapi.json", "/version"}
+    assert set(transport.paths) <= set(quiet)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from service import __version__
 from service.api.deps import GatewayDep
 from service.ops.metrics import CONTENT_TYPE, Metrics
 
 
 async def health() -> dict[str, str]:
-    """200 while the process serves."""
-    return {"status": "ok"}
+    """200 while the process serves, with the gateway's version (GET /version is the workers' vLLM's)."""
+    return {"status": "ok", "version": __version__}
 
 
 async def ready(gateway: GatewayDep, request: Request) -> JSONResponse:

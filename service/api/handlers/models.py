@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from service import __version__
 from service.api.deps import GatewayDep
 from service.core.served import ServedModel
 from service.errors import ModelNotFound
@@ -50,6 +49,7 @@ async def get_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
 
 
 async def version(gateway: GatewayDep) -> dict[str, Any]:
-    """The workers' vLLM version (what vLLM's /version answers) and the gateway's own."""
+    """The workers' vLLM version, in vLLM's own shape (`{"version"}` and nothing else: clients compare
+    it with what vLLM answers); the gateway's own version is on /health."""
     found = next((v for pool in gateway.pools.values() if (v := pool.fact("version"))), None)
-    return {"version": found, "gateway_version": __version__}
+    return {"version": found}

@@ -54,10 +54,7 @@ async def score(
     """The loglikelihood of `request.continuation` after `prompt`: each continuation token's
     logprob (and rank), their sum, and whether greedy decoding would have produced it, from the
     worker's prompt logprobs for context + continuation (nothing is generated for the client)."""
-    if request.stream or request.n != 1:
-        raise InvalidRequest(
-            "Scoring a continuation takes neither `stream` nor `n` > 1.", param="continuation"
-        )
+    _refuse_generation_fields(request)
     continuation = request.continuation or ""
     context_ids, continuation_ids = await gateway.encode_pair(model, prompt, continuation, ctx.record)
     if not continuation_ids:
@@ -89,6 +86,21 @@ async def score(
     }
 
 
+def _refuse_generation_fields(request: CompleteRequest) -> None:
+    """Scoring generates nothing: a field that only shapes generation is refused, naming it, rather
+    than silently ignored (a client sending `max_tokens` expects text it would not get)."""
+    sent = {"max_tokens": request.max_tokens is not None, "stop": request.stop is not None,
+            "n": request.n != 1, "stream": request.stream}  # fmt: skip
+    for field, given in sent.items():
+        if given:
+            raise InvalidRequest(
+                f"`{field}` does not apply when scoring a `continuation`: nothing is generated, the answer "
+                f"is the continuation's logprobs. Leave `{field}` out, or leave `continuation` out to "
+                "generate text.",
+                param=field,
+            )
+
+
 def _scored(token_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
     """One continuation token from a worker's prompt-logprobs row (keyed by token id)."""
     entry = (row or {}).get(str(token_id)) or {}
@@ -105,7 +117,9 @@ async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> R
     record = ctx.record
     model, rendered = await _admit_chat(gateway, request, record)
     params = request.engine_params()
-    body = gateway.completion_body(model, [rendered.token_ids], request.max_tokens, params, request.stream)
+    body = gateway.completion_body(
+        model, [rendered.token_ids], request.max_tokens, params, request.stream, prompt_param="messages"
+    )
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(model, ctx, rendered.token_ids)
     if request.stream:

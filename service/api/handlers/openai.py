@@ -17,7 +17,7 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service.core.caps import enforce_caps
+from service.core.caps import enforce_caps, prompt_logprobs_source, prompt_texts
 from service.core.context import RequestContext
 from service.core.conversation import messages_as_dicts
 from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
@@ -40,31 +40,35 @@ from service.core.tenancy import (
     with_salt,
     worker_salt,
 )
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, VllmRefusal
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy
 from service.workers.answer import Answer
 from service.workers.contract import check_fields
 
 BATCH_CHAT_PATH = "/v1/chat/completions/batch"
+# vLLM's refusal of a chat template sent to a worker that does not trust them.
+UNTRUSTED_TEMPLATE = (
+    "Chat template is passed with request, but --trust-request-chat-template is not set. "
+    "Refused request with untrusted chat template."
+)
 SEND_SLICE_BYTES = 1 << 20
 RESPONSES_PATH = "/v1/responses"
 
 
 async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: RequestContext) -> Response:
     """POST /v1/completions: text prompts go as text (so `echo` returns them as sent) unless the
-    gateway's BOS rule changed their tokens; token-id prompts go as ids."""
+    gateway's BOS rule changed their tokens; token-id prompts go as ids. The context is the worker's to
+    check (vLLM refuses a prompt or a max_tokens over it, in its words, and fits max_tokens to the rest)."""
     record = ctx.record
     model = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
-    if model.pool.policy is not RoutingPolicy.PREFIX and _surely_fits(gateway, model, request):
-        return await _send(
-            gateway, model, request, ctx, COMPLETIONS_PATH, request.choices
-        )  # no tokens needed
+    if request.empty_prompt or not _needs_tokens(model, request):  # vLLM decides what an empty one is
+        sequences = request.prompts * request.choices
+        return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, sequences)
     prompts, rewritten = await _prompt_tokens(gateway, model, request, record)
     lengths = [
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(model)) for ids in prompts
     ]
-    gateway.check_context(model, max(lengths), request.max_tokens)
     gateway.check_scoring(model, request, sum(lengths))
     # The BOS rule changed a text prompt's tokens: the worker gets the gateway's ids instead.
     changes = {"prompt": prompts[0] if isinstance(request.prompt, str) else prompts} if rewritten else None
@@ -77,9 +81,9 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     outputs, echo, continue_final_message... all vLLM's)."""
     record = ctx.record
     model = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
-    tokens = await _check_conversation(
-        gateway, model, request, request.messages, request.requested_max_tokens, record
-    )
+    if not request.messages:  # vLLM decides what an empty conversation is
+        return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices)
+    tokens = await _check_conversation(gateway, model, request, request.messages, record)
     gateway.check_scoring(model, request, len(tokens))
     return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
 
@@ -87,19 +91,18 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
 async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: RequestContext) -> Response:
     """POST /v1/chat/completions/batch: several conversations in one call (vLLM's batch route)."""
     record = ctx.record
-    if request.stream:
-        raise InvalidRequest("The batch route answers whole, it does not stream.", param="stream")
     model = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
+    sequences = len(request.messages) * request.choices
+    if not all(request.messages):  # vLLM decides what an empty conversation (or none) is
+        return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, whole=True)
     rendered = [
-        await _check_conversation(
-            gateway, model, request, conversation, request.requested_max_tokens, record, f"messages.{index}"
-        )
+        await _check_conversation(gateway, model, request, conversation, record, f"messages.{index}")
         for index, conversation in enumerate(request.messages)
     ]
     gateway.check_scoring(model, request, sum(len(tokens) for tokens in rendered))  # they run together
-    sequences = len(request.messages) * request.choices
     first = rendered[0] if rendered else None
-    return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first)
+    # vLLM's batch route answers whole even when asked to stream, and so does this one.
+    return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first, whole=True)
 
 
 async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestContext) -> Response:
@@ -115,11 +118,10 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     check_fields(model.pool, "ResponsesRequest", request.extras())
     # Everything vLLM hands its template from this request, scanned off the event loop.
     await asyncio.to_thread(_check_responses_texts, model.tokenizer, request)
-    messages = _as_messages(request)
     tokens = None
-    if messages is not None:  # plain text or plain messages: the gateway can check the context too
+    messages = _as_messages(request)
+    if messages is not None:  # plain text or plain messages: the render's own check, and prefix routing
         tokens = (await gateway.render(model, messages, ChatOptions(param="input"), record)).token_ids
-        gateway.check_context(model, len(tokens), request.max_output_tokens)
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
     if request.stream:
@@ -158,8 +160,6 @@ def _admit(
 ) -> ServedModel:
     """Checks every /v1 generation request goes through before any work is done."""
     enforce_caps(request, gateway.settings)
-    if request.stream_options is not None and not request.stream:
-        raise InvalidRequest("stream_options can only be set when stream is true.", param="stream_options")
     model = gateway.resolve(request.model, kind)
     record.admit(model.name)
     if kind is ModelKind.INSTRUCT:
@@ -173,17 +173,13 @@ async def _check_conversation(
     model: ServedModel,
     request: V1ChatRequest | V1BatchChatRequest,
     messages: list[Any],
-    requested: int | None,
     record: RequestRecord,
     param: str = "messages",
 ) -> list[int]:
     """Render one conversation as the worker will (control tokens refused in the render, off the
-    event loop; context checked); its token ids."""
-    if request.chat_template is not None and not model.spec.trust_request_chat_template:
-        raise InvalidRequest(
-            f"Model '{model.name}' does not accept a chat template in requests; its own is used.",
-            param="chat_template",
-        )
+    event loop); its token ids. The context is the worker's to check, as for completions."""
+    if _sends_template(request) and not model.spec.trust_request_chat_template:
+        raise VllmRefusal(400, "BadRequestError", UNTRUSTED_TEMPLATE)  # the worker would refuse it so
     options = ChatOptions(
         tools=request.tools,
         documents=request.documents,
@@ -195,8 +191,14 @@ async def _check_conversation(
         param=param,
     )
     rendered = await gateway.render(model, messages_as_dicts(messages), options, record)
-    gateway.check_context(model, len(rendered.token_ids), requested)
     return rendered.token_ids
+
+
+def _sends_template(request: V1ChatRequest | V1BatchChatRequest) -> bool:
+    """Whether the request brings a chat template of its own (as vLLM tells: the field, or one in
+    `chat_template_kwargs`)."""
+    kwargs = request.chat_template_kwargs or {}
+    return request.chat_template is not None or kwargs.get("chat_template") is not None
 
 
 async def _send(
@@ -208,6 +210,7 @@ async def _send(
     sequences: int,
     changes: dict[str, Any] | None = None,
     tokens: list[int] | None = None,
+    whole: bool = False,
 ) -> Response:
     """The worker's answer, streamed or whole. The worker gets the request as the client sent it
     (its very bytes when nothing changes), plus the caller's cache salt when keys are configured. A
@@ -218,16 +221,26 @@ async def _send(
     check_client_fields(ctx.caller, extras)
     salt = worker_salt(ctx.caller, model.pool, path, extras.get(SALT_FIELD))  # None: the body stays as it is
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
-    if request.stream:
+    if request.stream and not whole:
         body = {**request.body(model.name), **(changes or {})}
-        asked = request.stream_options.include_usage if request.stream_options else None
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        asked = bool(request.stream_options and request.stream_options.include_usage)
+        body["stream_options"] = _usage_for_the_gateway(body.get("stream_options"), asked)
         return await gateway.stream(
-            model, with_salt(body, salt), record, None, bool(asked), sequences=sequences, path=path, hint=hint
+            model, with_salt(body, salt), record, None, asked, sequences=sequences, path=path, hint=hint
         )
     sent = {**request.body(model.name), **changes} if changes else request.as_sent(model.name)
     sent = with_salt(sent, salt)  # the client's own bytes: the salt spliced in, not re-serialised
     return as_is(await gateway.generate(model, sent, record, sequences=sequences, path=path, hint=hint))
+
+
+def _usage_for_the_gateway(options: dict[str, Any] | None, asked: bool) -> dict[str, Any]:
+    """The stream options the worker gets: usage always (the gateway counts tokens; its final chunk is
+    dropped when the client did not ask). Per-chunk usage only if the client asked for usage: vLLM
+    gives it only then, so a client asking `continuous_usage_stats` alone gets none, as from vLLM."""
+    options = {**(options or {}), "include_usage": True}
+    if not asked:
+        options.pop("continuous_usage_stats", None)
+    return options
 
 
 def _user(request: OpenAIRequest | V1ResponsesRequest) -> str | None:
@@ -242,6 +255,7 @@ async def _prompt_tokens(
     """Token ids of every prompt (texts tokenized as the worker would, in one batch, off the
     loop when large), and whether the gateway's BOS rule changed any text's tokens."""
     prompt = request.prompt
+    assert prompt  # an empty prompt went to the worker as it was
     if isinstance(prompt, list) and isinstance(prompt[0], int):  # a list is of one kind: ids here
         return [list(prompt)], False
     items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -262,18 +276,16 @@ async def _prompt_tokens(
     return prompts, rewritten
 
 
-def _surely_fits(gateway: Gateway, model: ServedModel, request: V1CompletionRequest) -> bool:
-    """Whether a single text prompt certainly fits without tokenizing it: a token never covers less
-    than one UTF-8 byte, a tokenizer adds at most two special tokens, and the BOS rule can only change
-    a prompt that starts with BOS text. (Scoring needs the exact count: it is tokenized.)"""
-    prompt = request.prompt
-    if not isinstance(prompt, str) or request.prompt_logprobs is not None or request.echo:
-        return False
+def _needs_tokens(model: ServedModel, request: V1CompletionRequest) -> bool:
+    """Whether the gateway needs the prompts' tokens: for prefix routing, for the scoring budget (prompt
+    logprobs, asked for or derived from `echo`), or because a text starts with BOS text (the BOS rule
+    may change its tokens). Otherwise the prompts go to the worker untouched, untokenized."""
+    if model.pool.policy is RoutingPolicy.PREFIX or prompt_logprobs_source(request) is not None:
+        return True
     bos = model.tokenizer.bos_text
-    if bos and prompt.startswith(bos):
+    if not bos:
         return False
-    bound = len(prompt) * 4 if len(prompt) > 1024 else len(prompt.encode())  # 4 bytes per character at most
-    return bound + 2 + (request.max_tokens or 0) < gateway.context_of(model)
+    return any(text.startswith(bos) for text in prompt_texts(request))
 
 
 def _truncated(length: int, truncate: int | None, context: int) -> int:

@@ -110,10 +110,13 @@ def _json_list(items: Sequence[Any]) -> str:
 
 async def tokenizer_info(gateway: GatewayDep, model: str | None = None) -> dict[str, Any]:
     """GET /tokenizer_info[?model=]: the tokenizer's configuration (special tokens, class, chat
-    template), as vLLM's server publishes it."""
-    tokenizer = gateway.resolve(model, ModelKind.BASE).tokenizer
+    template), as vLLM's server publishes it; `model_max_length` is the model's context length."""
+    served = gateway.resolve(model, ModelKind.BASE)
+    tokenizer = served.tokenizer
     info: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.config}
     info.update({name: text for name, text in tokenizer.special_tokens.items()})
+    if served.max_model_len is not None:  # the model's real context, not the file's "no limit" (1e30)
+        info["model_max_length"] = served.max_model_len
     if tokenizer.chat_template:
         info["chat_template"] = tokenizer.chat_template
     return info
