@@ -12,6 +12,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 MAX_STOP_SEQUENCES = 16
+# Every list and object a request may hold stops validating at its first bad item: a 4 MiB body
+# holds two million one-byte items, and one error each is seconds of work and gigabytes
+# (`tests/unit/test_body_parse.py` checks that no field of any endpoint's body goes without it).
+FAIL_FAST = Field(fail_fast=True)
 
 
 def _valid_unicode(value: str) -> str:
@@ -49,7 +53,7 @@ def _plain_role(value: str) -> str:
 Role = Annotated[str, AfterValidator(_plain_role)]
 
 StopField = Annotated[
-    Text | list[Annotated[Text, Field(min_length=1)]] | None,
+    Text | Annotated[list[Annotated[Text, Field(min_length=1)]], FAIL_FAST] | None,
     Field(default=None, description="Sequence(s) that end generation; not included in the output."),
 ]
 
@@ -68,7 +72,7 @@ class ChatMessage(Strict):
     chat template accepts (`system`, `user`, `assistant`, `developer`, `tool`, ...), as a plain name."""
 
     role: Role
-    content: Text | list[TextPart]
+    content: Text | Annotated[list[TextPart], FAIL_FAST]
     name: Text | None = None
 
 
@@ -138,7 +142,7 @@ class CompleteRequest(Sampling):
     prompt: Text = Field(
         min_length=1, description="Text to continue (the new input when examples are given)."
     )
-    examples: list[Example] | None = Field(default=None, max_length=256)
+    examples: Annotated[list[Example], FAIL_FAST] | None = Field(default=None, max_length=256)
     layout: FewShotLayout = Field(default_factory=FewShotLayout)
     continuation: Text | None = Field(
         default=None,
@@ -151,14 +155,14 @@ class CompleteRequest(Sampling):
 class ChatRequest(Sampling):
     """POST /chat: the next assistant turn of `messages`."""
 
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    messages: Annotated[list[ChatMessage], FAIL_FAST] = Field(min_length=1, max_length=1024)
 
 
 class RenderRequest(Strict):
     """POST /chat/render: the exact prompt a /chat request would produce."""
 
     model: Text | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    messages: Annotated[list[ChatMessage], FAIL_FAST] = Field(min_length=1, max_length=1024)
 
 
 class Usage(BaseModel):
@@ -337,16 +341,16 @@ class Message(Passthrough):
     (tool_calls, tool_call_id, name, reasoning) are kept."""
 
     role: Role
-    content: Text | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], FAIL_FAST] | None = None
 
 
 class ChatOptionsFields(BaseModel):
     """vLLM's fields that change how a conversation is rendered."""
 
-    tools: list[dict[str, Any]] | None = None
-    documents: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
+    documents: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
     chat_template: Text | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], FAIL_FAST] | None = None
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     add_special_tokens: bool | None = False
@@ -355,7 +359,7 @@ class ChatOptionsFields(BaseModel):
 class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
     """POST /v1/chat/completions (vLLM's ChatCompletionRequest)."""
 
-    messages: list[Message] = Field(min_length=1, max_length=1024)
+    messages: Annotated[list[Message], FAIL_FAST] = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool | None = None
@@ -370,9 +374,9 @@ class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
 class V1BatchChatRequest(ChatOptionsFields, OpenAIRequest):
     """POST /v1/chat/completions/batch: several conversations answered in one call."""
 
-    messages: list[Annotated[list[Message], Field(min_length=1, max_length=1024)]] = Field(
-        min_length=1, max_length=1024
-    )
+    messages: Annotated[
+        list[Annotated[list[Message], FAIL_FAST, Field(min_length=1, max_length=1024)]], FAIL_FAST
+    ] = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool | None = None
@@ -387,7 +391,7 @@ class V1ResponsesRequest(Passthrough):
     """POST /v1/responses (OpenAI's Responses API, which vLLM serves for instruct models)."""
 
     model: Text | None = None
-    input: Text | list[dict[str, Any]]
+    input: Text | Annotated[list[dict[str, Any]], FAIL_FAST]
     instructions: Text | None = None
     stream: bool | None = False
     max_output_tokens: int | None = Field(default=None, ge=1)
@@ -399,7 +403,7 @@ class TokenizeRequest(ChatOptionsFields, Passthrough):
 
     model: Text | None = None
     prompt: Text | None = None
-    messages: list[Message] | None = Field(default=None, min_length=1, max_length=1024)
+    messages: Annotated[list[Message], FAIL_FAST] | None = Field(default=None, min_length=1, max_length=1024)
     add_special_tokens: bool | None = None
     return_token_strs: bool | None = False
 

@@ -53,10 +53,12 @@ def worker_headers(settings: Settings) -> dict[str, str]:
 def translate(exc: BaseException, worker: Worker, connect_timeout: float) -> GatewayError:
     """A transport failure as the gateway error a client gets (and whether to try elsewhere)."""
     name = f"The worker for model '{worker.model}'"
-    # Not reachable at all: the gateway ejects the worker until a health check brings it back.
+    # A deadline counts wall time, and a stalled or starved gateway loop spends it too: no verdict on
+    # the worker (the health check, which counts only the loop's own running time, gives it).
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"{name} did not accept a connection within {connect_timeout:g} s.",
-                               retryable=True, eject=True)  # fmt: skip
+                               retryable=True)  # fmt: skip
+    # Refused or unroutable: not reachable at all, ejected until a health check brings it back.
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"{name} is unreachable.", retryable=True, eject=True)
     if isinstance(exc, aiohttp.ServerDisconnectedError) or (

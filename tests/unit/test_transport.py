@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
 from service.errors import UpstreamTimeout
 from service.workers.fake import FakeStream
+from service.workers.http_transport import translate
 from service.workers.transport import OversizedEvent, SseFramer, WatchedStream, sse_payloads
 from service.workers.worker import Worker
 
@@ -70,3 +73,15 @@ async def test_each_stream_deadline_means_what_it_says(
         with pytest.raises(UpstreamTimeout, match=error.replace(".", r"\.")):
             await collect(watched)
     await watched.close()
+
+
+def test_a_connect_deadline_that_ran_out_is_retried_elsewhere_but_ejects_no_worker() -> None:
+    """The deadline counts wall time, which a stalled gateway loop spends too: a healthy worker was
+    ejected for the gateway's own stall. A refused connection still ejects at once."""
+    worker = Worker(model="m", url="http://127.0.0.1:1")
+    timed_out = translate(aiohttp.ConnectionTimeoutError("connect"), worker, 0.5)
+    assert isinstance(timed_out, UpstreamTimeout) and timed_out.retryable and not timed_out.eject
+    key = ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
+    refusal = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
+    refused = translate(refusal, worker, 0.5)
+    assert refused.retryable and refused.eject  # type: ignore[attr-defined]
