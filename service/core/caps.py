@@ -91,11 +91,16 @@ def _field(request: BaseModel, name: str) -> Any:
 
 def requested_tokens(request: BaseModel) -> int | None:
     """How many tokens the request asks to generate, whatever the field is called."""
+    return requested_field(request)[1]
+
+
+def requested_field(request: BaseModel) -> tuple[str, int | None]:
+    """The field that says how many tokens to generate (the one sent), and its value."""
     for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
         value = _field(request, name)
         if isinstance(value, int):
-            return value
-    return None
+            return name, value
+    return "max_tokens", None
 
 
 def prompt_logprobs_source(request: BaseModel) -> str | None:
@@ -127,10 +132,10 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
     stops = [stop] if isinstance(stop, str) else stop or []
     if len(stops) > settings.max_stop:
         raise _over("stop", len(stops), settings.max_stop)
-    asked = requested_tokens(request)
+    field, asked = requested_field(request)
     limit = settings.max_tokens_limit
     if limit is not None and isinstance(asked, int) and asked > limit:
-        raise _over("max_tokens", asked, limit)
+        raise _over(field, asked, limit)
     _logprob_caps(request, settings.max_logprobs)
     prompt = request.prompt if isinstance(request, V1CompletionRequest) else None
     if isinstance(prompt, list) and not isinstance(prompt[0], int):  # texts or id lists: a batch
@@ -154,7 +159,7 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
 def _logprob_caps(request: BaseModel, cap: int) -> None:
     asked: Iterable[tuple[str, Any]] = (
         ("logprobs", _field(request, "logprobs")),
-        ("logprobs", _field(request, "top_logprobs")),
+        ("top_logprobs", _field(request, "top_logprobs")),
         ("prompt_logprobs", _field(request, "prompt_logprobs")),
     )
     for param, value in asked:

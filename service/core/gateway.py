@@ -60,9 +60,12 @@ NO_SPAN: AbstractContextManager[None] = nullcontext()
 log = logging.getLogger(__name__)
 
 
-def check_fits(prompt_tokens: int, requested: int | None, context: int, param: str = "prompt") -> None:
+def check_fits(
+    prompt_tokens: int, requested: int | None, context: int, param: str = "prompt", asked: str = "max_tokens"
+) -> None:
     """Refuse (400, with the numbers) a prompt that leaves no room in the context, or a prompt
-    plus the tokens asked for that is over it."""
+    plus the tokens asked for that is over it. `param`: where the prompt came from (`messages` for a
+    rendered conversation); `asked`: the field that asked for the tokens."""
     if prompt_tokens >= context:
         raise ContextLengthExceeded(
             f"The prompt is {prompt_tokens} tokens but this model's context is {context} tokens; "
@@ -71,17 +74,19 @@ def check_fits(prompt_tokens: int, requested: int | None, context: int, param: s
         )
     if requested is not None and prompt_tokens + requested > context:
         raise ContextLengthExceeded(
-            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) is "
+            f"The prompt ({prompt_tokens} tokens) plus {asked} ({requested}) is "
             f"{prompt_tokens + requested} tokens, over this model's context of {context} tokens; "
             f"ask for at most {context - prompt_tokens} tokens.",
-            param="max_tokens",
+            param=asked,
         )
 
 
-def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, cap: int) -> int:
+def fit_max_tokens(
+    prompt_tokens: int, requested: int | None, context: int, cap: int, param: str = "prompt"
+) -> int:
     """Tokens to generate: the request's own if it fits, else the rest of the context up to `cap`
     (the native endpoints' default; /v1 leaves an omitted max_tokens to the worker, as vLLM does)."""
-    check_fits(prompt_tokens, requested, context)
+    check_fits(prompt_tokens, requested, context, param)
     return requested if requested is not None else min(context - prompt_tokens, cap)
 
 
@@ -172,9 +177,17 @@ class Gateway:
         self.metrics.child(self.metrics.render, model.name).observe(time.perf_counter() - started)
         return rendered
 
-    def check_context(self, model: ServedModel, prompt_tokens: int, requested: int | None) -> None:
-        """The request's prompt and the tokens it asks for fit in the model's context."""
-        check_fits(prompt_tokens, requested, self.context_of(model))
+    def check_context(
+        self,
+        model: ServedModel,
+        prompt_tokens: int,
+        requested: int | None,
+        param: str = "prompt",
+        asked: str = "max_tokens",
+    ) -> None:
+        """The request's prompt and the tokens it asks for fit in the model's context (see `check_fits`
+        for `param` and `asked`)."""
+        check_fits(prompt_tokens, requested, self.context_of(model), param, asked)
 
     def check_scoring(self, model: ServedModel, request: BaseModel, prompt_tokens: int) -> None:
         """Prompt logprobs make the worker hold prompt_tokens x vocabulary floats at once: refuse
@@ -210,11 +223,14 @@ class Gateway:
         requested_max_tokens: int | None,
         params: dict[str, Any],
         stream: bool,
+        param: str = "prompt",
     ) -> dict[str, Any]:
-        """The body for a worker's /v1/completions, with max_tokens fitted to the context."""
+        """The body for a worker's /v1/completions, with max_tokens fitted to the context (`param`:
+        where the prompt came from, for errors)."""
         context = self.context_of(model)
         longest = max(len(ids) for ids in prompts)
-        max_tokens = fit_max_tokens(longest, requested_max_tokens, context, self.settings.default_max_tokens)
+        cap = self.settings.default_max_tokens
+        max_tokens = fit_max_tokens(longest, requested_max_tokens, context, cap, param)
         body: dict[str, Any] = {
             **params,
             "model": model.name,

@@ -105,7 +105,9 @@ async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> R
     record = ctx.record
     model, rendered = await _admit_chat(gateway, request, record)
     params = request.engine_params()
-    body = gateway.completion_body(model, [rendered.token_ids], request.max_tokens, params, request.stream)
+    body = gateway.completion_body(
+        model, [rendered.token_ids], request.max_tokens, params, request.stream, param="messages"
+    )
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(model, ctx, rendered.token_ids)
     if request.stream:

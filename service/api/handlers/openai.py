@@ -119,7 +119,7 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     tokens = None
     if messages is not None:  # plain text or plain messages: the gateway can check the context too
         tokens = (await gateway.render(model, messages, ChatOptions(param="input"), record)).token_ids
-        gateway.check_context(model, len(tokens), request.max_output_tokens)
+        gateway.check_context(model, len(tokens), request.max_output_tokens, "input", "max_output_tokens")
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
     if request.stream:
@@ -195,7 +195,8 @@ async def _check_conversation(
         param=param,
     )
     rendered = await gateway.render(model, messages_as_dicts(messages), options, record)
-    gateway.check_context(model, len(rendered.token_ids), requested)
+    asked = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    gateway.check_context(model, len(rendered.token_ids), requested, param, asked)
     return rendered.token_ids
 
 
