@@ -103,6 +103,13 @@ def requested_field(request: BaseModel) -> tuple[str, int | None]:
     return "max_tokens", None
 
 
+def sequences_per_prompt(request: BaseModel) -> int:
+    """`n`: vLLM fans a prompt out into that many engine requests, each computing everything the
+    prompt costs (its prompt logprobs too)."""
+    n = _field(request, "n")
+    return n if isinstance(n, int) and n > 1 else 1
+
+
 def prompt_logprobs_source(request: BaseModel) -> str | None:
     """The field that makes the worker compute prompt logprobs (a logit for every vocabulary entry at
     every prompt position), or None. vLLM's rule (`to_sampling_params`): `prompt_logprobs` if set, else

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.core.caps import prompt_logprobs_source
+from service.core.caps import prompt_logprobs_source, sequences_per_prompt
 from service.core.context import RequestContext
 from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
 from service.core.served import ServedModel, ServedModels, models_of
@@ -192,18 +192,22 @@ class Gateway:
     def check_scoring(self, model: ServedModel, request: BaseModel, prompt_tokens: int) -> None:
         """Prompt logprobs make the worker hold prompt_tokens x vocabulary floats at once: refuse
         (400, with the numbers and the field that asked for them) what is over the configured budget,
-        before it reaches a worker. `prompt_tokens`: every prompt of the request, summed."""
+        before it reaches a worker. `prompt_tokens`: every prompt of the request, summed; vLLM computes
+        them once per sequence of `n` (each its own engine request)."""
         asked_by = prompt_logprobs_source(request)
         if asked_by is None:
             return
         vocab = model.tokenizer.vocab_size
         budget = self.settings.scoring_budget
-        logits = prompt_tokens * vocab
+        n = sequences_per_prompt(request)
+        logits = prompt_tokens * n * vocab
         if logits > budget:
+            each = f", computed for each of the n = {n} sequences," if n > 1 else ""
+            times = f" x {n}" if n > 1 else ""
             raise InvalidRequest(
-                f"{SCORING_CAUSES[asked_by]} for {prompt_tokens} prompt tokens need {logits:,} logits "
-                f"({prompt_tokens} x a vocabulary of {vocab:,}); this gateway allows {budget:,} per request "
-                f"(at most {budget // vocab:,} prompt tokens for this model).",
+                f"{SCORING_CAUSES[asked_by]} for {prompt_tokens} prompt tokens{each} need {logits:,} logits "
+                f"({prompt_tokens}{times} x a vocabulary of {vocab:,}); this gateway allows {budget:,} per "
+                f"request (at most {budget // vocab:,} prompt tokens x n for this model).",
                 param=asked_by,
                 code="scoring_budget_exceeded",
             )
