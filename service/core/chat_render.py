@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
@@ -23,6 +23,9 @@ from service.core.conversation import conversation
 from service.core.skeleton import ControlSequences, fingerprint, skeleton
 from service.core.template_sandbox import TemplateBudgetExceeded
 from service.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from service.core.protocol import ChatOptionsFields
 
 # (conversation, tools, documents, template variables) -> the rendered text
 Render = Callable[[list[dict[str, Any]], Any, Any, dict[str, Any]], str]
@@ -48,6 +51,21 @@ class ChatOptions:
     add_special_tokens: bool = False
     chat_template: str | None = None  # a request's own template (models that trust them)
     param: str = "messages"  # where the messages are in the request, for errors
+
+    @classmethod
+    def of(cls, request: ChatOptionsFields, param: str = "messages") -> ChatOptions:
+        """The options a chat request's fields ask for: every route that renders one (chat, its
+        batch route, /tokenize) takes them from here, so each renders what the worker would."""
+        return cls(
+            tools=request.tools,
+            documents=request.documents,
+            add_generation_prompt=request.add_generation_prompt is not False,
+            continue_final_message=bool(request.continue_final_message),
+            template_kwargs=request.chat_template_kwargs,
+            add_special_tokens=bool(request.add_special_tokens),
+            chat_template=request.chat_template,
+            param=param,
+        )
 
 
 DEFAULT_CHAT = ChatOptions()

@@ -83,7 +83,7 @@ CASES: list[tuple[str, str, list[dict[str, Any]], dict[str, Any], str, tuple[str
     ("a tool's description", "llama", [ASK], {"tools": [{"type": "function", "function": {
         "name": "f", "description": FORGED_TEXT}}]}, "tools.0.function.description", OPENAI),
     ("a document", "llama", [ASK], {"documents": [{"title": "t", "text": FORGED_TEXT}]}, "documents.0.text",
-     OPENAI[:2]),
+     OPENAI),
     ("a template variable naming BOS", "llama", [ASK], {"chat_template_kwargs": {"bos_token": FORGED_TEXT}},
      "chat_template_kwargs.bos_token", OPENAI),
     ("a template variable naming any *_token", "llama", [ASK], {"chat_template_kwargs": {"image_token": "x"}},
@@ -307,3 +307,15 @@ async def test_the_client_templates_length_counts_in_the_prompt_characters(
         )
     assert_refused(response, "messages characters", script)
     assert json.loads(response.text)["error"]["message"].startswith("messages characters is 1")
+
+
+async def test_tokenize_counts_the_documents_a_chat_request_would_render(gateway: httpx.AsyncClient) -> None:
+    """/tokenize with messages renders every field a chat request renders: `documents` too."""
+    template = "{% for d in documents or [] %}DOC: {{ d.text }}\n{% endfor %}{{ messages[0].content }}"
+    body = {"model": "chat", "messages": [ASK], "chat_template": template, "return_token_strs": True}
+    without = (await gateway.post("/tokenize", json=body)).json()
+    documents = [{"title": "t", "text": "one two three"}]
+    counted = await gateway.post("/tokenize", json={**body, "documents": documents})
+    assert counted.status_code == 200, counted.text
+    assert "".join(counted.json()["token_strs"]).startswith("DOC")
+    assert counted.json()["count"] > without["count"]

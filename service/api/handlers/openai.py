@@ -184,16 +184,7 @@ async def _check_conversation(
             f"Model '{model.name}' does not accept a chat template in requests; its own is used.",
             param="chat_template",
         )
-    options = ChatOptions(
-        tools=request.tools,
-        documents=request.documents,
-        add_generation_prompt=request.add_generation_prompt is not False,
-        continue_final_message=bool(request.continue_final_message),
-        template_kwargs=request.chat_template_kwargs,
-        add_special_tokens=bool(request.add_special_tokens),
-        chat_template=request.chat_template,
-        param=param,
-    )
+    options = ChatOptions.of(request, param)
     rendered = await gateway.render(model, messages_as_dicts(messages), options, record)
     asked = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     gateway.check_context(model, len(rendered.token_ids), requested, param, asked)
