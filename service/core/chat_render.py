@@ -127,7 +127,7 @@ class ChatRenderer:
         rule.check(options.tools, "tools")
         rule.check(options.documents, "documents")
         rule.check_template_kwargs(options.template_kwargs)
-        converted = conversation(messages, template)
+        converted = conversation(messages, template, options.param)
         variables = {**self._special_tokens, **(options.template_kwargs or {})}
         text = render(converted, options.tools, options.documents, variables)
         ids = self._encode(text, options.add_special_tokens)

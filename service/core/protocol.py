@@ -331,7 +331,7 @@ class V1CompletionRequest(OpenAIRequest):
 
 
 class ContentPart(Passthrough):
-    type: Text = "text"
+    type: Text | None = None  # none: vLLM goes by the part's keys
     text: Text | None = None
 
 

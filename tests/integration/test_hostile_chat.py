@@ -94,6 +94,21 @@ CASES: list[tuple[str, str, list[dict[str, Any]], dict[str, Any], str, tuple[str
      "chat_template_kwargs.date_string", OPENAI),
     ("what the template makes of user text", "lowering", [{"role": "user", "content": SHOUTED}], {},
      "messages", ALL),
+    ("what the template makes of a thinking part", "lowering", [{"role": "user", "content": [
+        {"type": "thinking", "thinking": SHOUTED}, {"type": "text", "text": "hi"}]}], {}, "messages", OPENAI),
+    ("what the template makes of a refusal part", "lowering", [ASK, {"role": "assistant", "content": [
+        {"type": "refusal", "refusal": SHOUTED}]}, ASK], {}, "messages", OPENAI),
+    ("what the template makes of a tool reference", "lowering", [{"role": "user", "content": [
+        {"type": "tool_reference", "name": SHOUTED}, {"type": "text", "text": "hi"}]}], {}, "messages",
+     OPENAI),
+    ("what the template makes of an untyped tool reference", "lowering", [{"role": "user", "content": [
+        {"tool_reference": "x", "name": SHOUTED}]}], {}, "messages", OPENAI),
+    ("an image part (not rendered as text)", "chat", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,x"}}]}], {}, "messages.0.content.0.type", OPENAI),
+    ("an unknown part type", "chat", [{"role": "user", "content": [{"type": "video", "text": "x"}]}], {},
+     "messages.0.content.0.type", OPENAI),
+    ("a part without a type", "chat", [{"role": "user", "content": [{"text": "x"}]}], {},
+     "messages.0.content.0.type", OPENAI),
     ("a client template looping for ever", "chat", [ASK], {"chat_template": NESTED_RANGES}, "chat_template",
      OPENAI),
     ("a client template recursing for ever", "chat", [ASK], {"chat_template": MACRO_BOMB}, "chat_template",
@@ -196,9 +211,11 @@ async def test_hostile_chat_is_refused_naming_the_field(
     error = assert_refused(response, param_for(path, param), script)
     if "client template" in name:
         assert error["code"] == "chat_template_budget_exceeded" and time.monotonic() - started < BUDGET + 1
+    elif param.endswith(".type"):
+        assert "part" in error["message"]
     elif (param.startswith("messages") and "role" not in param) or "tools" in param or "documents" in param:
         assert error["code"] == "control_token_in_message"
-    if name == "what the template makes of user text":
+    if name.startswith("what the template makes of"):
         assert "would act as the control token '<|im_end|>'" in error["message"]
 
 
