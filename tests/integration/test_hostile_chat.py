@@ -136,7 +136,29 @@ RESPONSES: list[tuple[str, str, dict[str, Any], str]] = [
     ("a template variable's value", "chat", {"input": "hi", "chat_template_kwargs": {"v": [FORGED_TEXT]}},
      "chat_template_kwargs.v.0"),
     ("what the template makes of user text", "lowering", {"input": SHOUTED}, "input"),
+    ("what the template makes of a function-call output", "lowering", {"input": [ASK, {
+        "type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}, {
+        "type": "function_call_output", "call_id": "c1", "output": SHOUTED}]}, "input"),
+    ("what the template makes of a custom tool's output", "lowering", {"input": [ASK, {
+        "type": "custom_tool_call_output", "call_id": "c1", "output": SHOUTED}]}, "input"),
+    ("what the template makes of an assistant item", "lowering", {"input": [ASK, {
+        "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": SHOUTED}]},
+        ASK]}, "input"),
+    ("what the template makes of a thinking part", "lowering", {"input": [{"role": "user", "content": [
+        {"type": "thinking", "thinking": SHOUTED}]}]}, "input"),
+    ("an item the gateway cannot render", "chat", {"input": [ASK, {"type": "item_reference", "id": "x"}]},
+     "input.1.type"),
+    ("encrypted reasoning", "chat", {"input": [ASK, {"type": "reasoning", "summary": [],
+        "encrypted_content": "opaque"}]}, "input.1.encrypted_content"),
 ]  # fmt: skip
+ITEMS = [ASK, {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Look it up."}]},
+         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+         {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+         {"type": "custom_tool_call", "call_id": "c2", "name": "shell", "input": "ls"},
+         {"type": "custom_tool_call_output", "call_id": "c2",
+          "output": [{"type": "input_text", "text": "a"}]},
+         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
+         {"role": "user", "content": [{"type": "input_text", "text": "Thanks"}]}]  # fmt: skip
 
 
 def body_for(path: str, model: str, messages: list[dict[str, Any]], fields: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +246,34 @@ async def test_hostile_responses_are_refused_naming_the_field(
     gateway: httpx.AsyncClient, script: Script, name: str, model: str, fields: dict[str, Any], param: str
 ) -> None:
     response = await gateway.post("/v1/responses", json={"model": model, **fields})
-    assert_refused(response, param, script)
+    error = assert_refused(response, param, script)
+    if name.startswith("what the template makes of"):
+        assert "would act as the control token '<|im_end|>'" in error["message"]
+
+
+async def test_responses_items_are_rendered_as_vllm_converts_them(
+    gateway: httpx.AsyncClient, script: Script
+) -> None:
+    """Reasoning, calls and their outputs, assistant items: folded into chat messages as vLLM folds
+    them, rendered (so counted and checked), and sent."""
+    response = await gateway.post("/v1/responses", json={"model": "chat", "input": ITEMS})
+    assert response.status_code == 200, response.text
+    assert script.bodies[0]["input"] == ITEMS
+    weather = {**call("get_weather", '{"city": "Paris"}'), "id": "c1"}
+    shell = {**call("shell", '{"input": "ls"}'), "id": "c2"}
+    messages = [ASK, {"role": "assistant", "reasoning": "Look it up.", "tool_calls": [weather]},
+                {"role": "tool", "tool_call_id": "c1", "content": "Sunny"},
+                {"role": "assistant", "tool_calls": [shell]},
+                {"role": "tool", "tool_call_id": "c2", "content": "a"},
+                {"role": "assistant", "content": "Sunny."},
+                {"role": "user", "content": "Thanks"}]  # fmt: skip
+    shown = await gateway.post("/tokenize", json={"model": "chat", "messages": messages})
+    assert shown.status_code == 200, shown.text
+    too_long = {"model": "chat", "input": ITEMS, "max_output_tokens": 2048}
+    limited = await gateway.post("/v1/responses", json=too_long)
+    error = limited.json()["error"]
+    assert error["param"] == "max_output_tokens", error
+    assert f"The prompt ({shown.json()['count']} tokens)" in error["message"], error
 
 
 async def test_arguments_that_decode_to_no_unicode_text_are_a_400(

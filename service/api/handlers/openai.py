@@ -31,6 +31,7 @@ from service.core.protocol import (
     is_plain_name,
 )
 from service.core.relay import RESPONSES_STREAM
+from service.core.responses_input import responses_messages
 from service.core.served import ServedModel
 from service.core.templates import ChatOptions, ModelTokenizer
 from service.core.tenancy import (
@@ -115,11 +116,10 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     check_fields(model.pool, "ResponsesRequest", request.extras())
     # Everything vLLM hands its template from this request, scanned off the event loop.
     await asyncio.to_thread(_check_responses_texts, model.tokenizer, request)
-    messages = _as_messages(request)
-    tokens = None
-    if messages is not None:  # plain text or plain messages: the gateway can check the context too
-        tokens = (await gateway.render(model, messages, ChatOptions(param="input"), record)).token_ids
-        gateway.check_context(model, len(tokens), request.max_output_tokens, "input", "max_output_tokens")
+    # The messages vLLM builds from the items, rendered: the check on the result and the context.
+    messages = responses_messages(request.instructions, request.input)
+    tokens = (await gateway.render(model, messages, ChatOptions(param="input"), record)).token_ids
+    gateway.check_context(model, len(tokens), request.max_output_tokens, "input", "max_output_tokens")
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
     if request.stream:
@@ -293,26 +293,3 @@ def _check_responses_texts(tokenizer: ModelTokenizer, request: V1ResponsesReques
         tokenizer.check_template_kwargs(kwargs)
     else:  # not an object: the worker's schema refuses it; its strings are scanned all the same
         tokenizer.check_text(kwargs, "chat_template_kwargs")
-
-
-def _as_messages(request: V1ResponsesRequest) -> list[dict[str, Any]] | None:
-    """A Responses input as chat messages when it is plain text or plain messages, else None."""
-    messages: list[dict[str, Any]] = []
-    if request.instructions:
-        messages.append({"role": "system", "content": request.instructions})
-    if isinstance(request.input, str):
-        return [*messages, {"role": "user", "content": request.input}]
-    for item in request.input:
-        role, content = item.get("role"), item.get("content")
-        if item.get("type", "message") != "message" or not isinstance(role, str):
-            return None
-        if isinstance(content, list):
-            if not all(
-                isinstance(p, dict) and p.get("type") in {"input_text", "output_text"} for p in content
-            ):
-                return None
-            content = "\n".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            return None
-        messages.append({"role": role, "content": content})
-    return messages
