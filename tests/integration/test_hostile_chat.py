@@ -385,3 +385,32 @@ async def test_tokenize_counts_the_documents_a_chat_request_would_render(gateway
     assert counted.status_code == 200, counted.text
     assert "".join(counted.json()["token_strs"]).startswith("DOC")
     assert counted.json()["count"] > without["count"]
+
+
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("condition", "fields", "runs"),
+    [("reasoning_effort is defined", {"reasoning_effort": "high"}, True),
+     ("enable_thinking", {"reasoning_effort": "low"}, True),
+     ("enable_thinking", {"reasoning_effort": "none"}, False),
+     ("enable_thinking", {"reasoning_effort": "low", "chat_template_kwargs": {"enable_thinking": False}},
+      False),
+     ("reasoning_effort is defined", {"reasoning_effort": "auto"}, False),
+     ("reasoning_effort is defined", {}, False)],
+)  # fmt: skip
+async def test_a_client_template_sees_the_variables_the_worker_passes_it(
+    gateway: httpx.AsyncClient, script: Script, condition: str, fields: dict[str, Any], runs: bool
+) -> None:
+    """vLLM hands a template the request's `reasoning_effort` and derives `enable_thinking` from it:
+    a branch the worker's (unbounded) render would take runs in the gateway's bounded render first."""
+    template = f"{{% if {condition} %}}{NESTED_RANGES}{{% endif %}}{CHATML}"
+    body = {"model": "chat", "messages": [ASK], "chat_template": template, "max_tokens": 1, **fields}
+    started = time.monotonic()
+    response = await gateway.post("/v1/chat/completions", json=body)
+    if runs:
+        assert assert_refused(response, "chat_template", script)["code"] == "chat_template_budget_exceeded"
+        assert time.monotonic() - started < BUDGET + 1
+    else:
+        assert response.status_code == 200, response.text

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.core.caps import enforce_caps
+from service.core.chat_render import request_variables
 from service.core.context import RequestContext
 from service.core.conversation import messages_as_dicts
 from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
@@ -118,7 +119,12 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     await asyncio.to_thread(_check_responses_texts, model.tokenizer, request)
     # The messages vLLM builds from the items, rendered: the check on the result and the context.
     messages = responses_messages(request.instructions, request.input)
-    tokens = (await gateway.render(model, messages, ChatOptions(param="input"), record)).token_ids
+    reasoning = fields.get("reasoning")
+    effort = {"reasoning_effort": reasoning.get("effort")} if isinstance(reasoning, dict) else {}
+    kwargs = fields.get("chat_template_kwargs")
+    variables = request_variables(effort, kwargs if isinstance(kwargs, dict) else {})
+    options = ChatOptions(param="input", variables=variables)
+    tokens = (await gateway.render(model, messages, options, record)).token_ids
     gateway.check_context(model, len(tokens), request.max_output_tokens, "input", "max_output_tokens")
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
