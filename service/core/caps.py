@@ -104,13 +104,25 @@ def _field(request: BaseModel, name: str) -> Any:
     return request.__dict__.get(name)
 
 
-def requested_tokens(request: BaseModel) -> tuple[str, int] | None:
-    """The field the request asks for generated tokens with, whatever it is called, and how many."""
+def requested_tokens(request: BaseModel) -> int | None:
+    """How many tokens the request asks to generate, whatever the field is called."""
+    return requested_field(request)[1]
+
+
+def requested_field(request: BaseModel) -> tuple[str, int | None]:
+    """The field that says how many tokens to generate (the one sent), and its value."""
     for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
         value = _field(request, name)
         if isinstance(value, int):
             return name, value
-    return None
+    return "max_tokens", None
+
+
+def sequences_per_prompt(request: BaseModel) -> int:
+    """`n`: vLLM fans a prompt out into that many engine requests, each computing everything the
+    prompt costs (its prompt logprobs too)."""
+    n = _field(request, "n")
+    return n if isinstance(n, int) and n > 1 else 1
 
 
 def prompt_logprobs_source(request: BaseModel) -> str | None:
@@ -142,10 +154,10 @@ def enforce_caps(request: BaseModel, settings: Settings) -> None:
     stops = [stop] if isinstance(stop, str) else stop or []
     if len(stops) > settings.max_stop:
         raise _over("stop", len(stops), settings.max_stop)
-    asked = requested_tokens(request)
+    field, asked = requested_field(request)
     limit = settings.max_tokens_limit
-    if limit is not None and asked is not None and asked[1] > limit:
-        raise _over(asked[0], asked[1], limit)
+    if limit is not None and isinstance(asked, int) and asked > limit:
+        raise _over(field, asked, limit)
     _logprob_caps(request, settings.max_logprobs)
     prompt = request.prompt if isinstance(request, V1CompletionRequest) else None
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # texts or id lists: a batch

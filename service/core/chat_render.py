@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
@@ -23,6 +23,9 @@ from service.core.conversation import conversation
 from service.core.skeleton import ControlSequences, fingerprint, skeleton
 from service.core.template_sandbox import TemplateBudgetExceeded
 from service.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from service.core.protocol import ChatOptionsFields
 
 # (conversation, tools, documents, template variables) -> the rendered text
 Render = Callable[[list[dict[str, Any]], Any, Any, dict[str, Any]], str]
@@ -48,6 +51,42 @@ class ChatOptions:
     add_special_tokens: bool = False
     chat_template: str | None = None  # a request's own template (models that trust them)
     param: str = "messages"  # where the messages are in the request, for errors
+    # What vLLM hands the template from the request's own fields (reasoning_effort, enable_thinking),
+    # so that any branch the worker's render would take runs here first, under the same bounds.
+    variables: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, request: ChatOptionsFields, param: str = "messages") -> ChatOptions:
+        """The options a chat request's fields ask for: every route that renders one (chat, its
+        batch route, /tokenize) takes them from here, so each renders what the worker would."""
+        return cls(
+            tools=request.tools,
+            documents=request.documents,
+            add_generation_prompt=request.add_generation_prompt is not False,
+            continue_final_message=bool(request.continue_final_message),
+            template_kwargs=request.chat_template_kwargs,
+            add_special_tokens=bool(request.add_special_tokens),
+            chat_template=request.chat_template,
+            param=param,
+            variables=request_variables(request.model_extra or {}, request.chat_template_kwargs or {}),
+        )
+
+    @property
+    def template_variables(self) -> dict[str, Any]:
+        """The template's variables besides the special tokens: vLLM's merge (request fields win)."""
+        return {**(self.template_kwargs or {}), **(self.variables or {})}
+
+
+def request_variables(fields: dict[str, Any], template_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The variables vLLM's chat endpoint adds from a request's fields (`build_chat_params`): its
+    `reasoning_effort`, and `enable_thinking` derived from it unless the request's kwargs set it."""
+    effort = fields.get("reasoning_effort")
+    if effort is None or effort == "auto":  # vLLM's merge drops these values
+        return {}
+    variables = {"reasoning_effort": effort}
+    if "enable_thinking" not in template_kwargs:
+        variables["enable_thinking"] = effort != "none"
+    return variables
 
 
 DEFAULT_CHAT = ChatOptions()
@@ -109,8 +148,10 @@ class ChatRenderer:
         rule.check(options.tools, "tools")
         rule.check(options.documents, "documents")
         rule.check_template_kwargs(options.template_kwargs)
-        converted = conversation(messages, template)
-        variables = {**self._special_tokens, **(options.template_kwargs or {})}
+        for name, value in (options.variables or {}).items():
+            rule.check(value, name)
+        converted = conversation(messages, template, options.param)
+        variables = {**self._special_tokens, **options.template_variables}
         text = render(converted, options.tools, options.documents, variables)
         ids = self._encode(text, options.add_special_tokens)
         if rule.enforced:
@@ -123,7 +164,7 @@ class ChatRenderer:
         """The prompt's control tokens are the ones its template writes for the same structure."""
         parts = (
             skeleton(converted), skeleton(options.tools), skeleton(options.documents),
-            skeleton(options.template_kwargs or {}, names=True),
+            skeleton(options.template_variables, names=True),
         )  # fmt: skip
         flags = (options.add_generation_prompt, options.continue_final_message, options.add_special_tokens)
         key = fingerprint(options.chat_template or "", flags, *parts)

@@ -8,7 +8,17 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "refusal"})
+from service.errors import InvalidRequest
+
+# The content parts vLLM renders as text (vllm/renderers/chat_utils.py, MM_PARSER_MAP), each from its
+# own field; vLLM skips a part whose text is empty or missing.
+TEXT_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+               "thinking": "thinking", "tool_reference": "name"}  # fmt: skip
+TEXT_PART_TYPES = frozenset(TEXT_FIELDS)
+# Parts vLLM takes as media (placeholders the gateway cannot render): by type or by key.
+MEDIA_KEYS = ("image_url", "input_image", "image_pil", "image_embeds", "audio_embeds", "video_embeds",
+              "prompt_embeds", "audio_url", "input_audio", "video_url")  # fmt: skip
+BILLING_HEADER = "x-anthropic-billing-header"  # a system text line vLLM drops (Claude Code's header)
 
 
 def messages_as_dicts(messages: Sequence[Any]) -> list[dict[str, Any]]:
@@ -16,12 +26,15 @@ def messages_as_dicts(messages: Sequence[Any]) -> list[dict[str, Any]]:
     return [m.model_dump(exclude_none=True) for m in messages]
 
 
-def conversation(messages: Sequence[dict[str, Any]], template: str) -> list[dict[str, Any]]:
+def conversation(
+    messages: Sequence[dict[str, Any]], template: str, param: str = "messages"
+) -> list[dict[str, Any]]:
     """Messages as vLLM hands them to a chat template (its "string" content format): text parts
-    joined by newlines, no content as "", assistant tool-call arguments parsed into objects, and
-    `developer` messages turned into one leading system message when the template has no such
-    role. Other parts (images) are the worker's business; the gateway counts the text."""
-    result = [_template_message(message) for message in messages]
+    joined by newlines, each from its own field, no content as "", assistant tool-call arguments
+    parsed into objects, and `developer` messages turned into one leading system message when the
+    template has no such role. A part vLLM would not render as text (media, unknown types) is a
+    400: the gateway could not check what the worker renders of it."""
+    result = [_template_message(message, f"{param}.{i}") for i, message in enumerate(messages)]
     if any(m["role"] == "developer" for m in result) and not re.search(r"""["']developer["']""", template):
         result = _developer_as_system(result)
     return result
@@ -38,23 +51,65 @@ def decoded_arguments(arguments: str) -> Any:
         return None
 
 
-def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+def _template_message(message: dict[str, Any], at: str) -> dict[str, Any]:
+    role = message["role"]
     content = message.get("content")
-    if isinstance(content, list):
-        texts = [part.get("text") or "" for part in content
-                 if isinstance(part, dict) and part.get("type", "text") in TEXT_PART_TYPES]  # fmt: skip
-        content = "\n".join(texts)
-    result: dict[str, Any] = {"role": message["role"], "content": content or ""}
-    for key in ("name", "tool_call_id"):
-        if isinstance(message.get(key), str):
-            result[key] = message[key]
-    if message["role"] == "assistant":
+    parts = [] if content is None else [content] if isinstance(content, str) else list(content)
+    if role == "system":
+        parts = _without_billing_header(parts)
+    texts = [_part_text(part, f"{at}.content.{j}") for j, part in enumerate(parts)]
+    result: dict[str, Any] = {"role": role, "content": "\n".join(text for text in texts if text)}
+    if role == "assistant":
         calls = message.get("tool_calls")
         if isinstance(calls, list) and calls:
             result["tool_calls"] = [_with_parsed_arguments(call) for call in calls]
         if message.get("reasoning") is not None:
             result["reasoning"] = result["reasoning_content"] = message["reasoning"]
+    elif role == "tool" and "tool_call_id" in message:
+        result["tool_call_id"] = message["tool_call_id"]
+    for key in ("name", "task"):
+        if isinstance(message.get(key), str):
+            result[key] = message[key]
+    if role == "developer":
+        result["tools"] = message.get("tools")
     return result
+
+
+def _part_text(part: Any, at: str) -> str | None:
+    """A content part's text as vLLM's parser takes it (None: nothing rendered)."""
+    if isinstance(part, str):
+        return part
+    kind, uuid = part.get("type"), part.get("uuid")
+    if kind is None or uuid is not None:  # vLLM goes by the part's keys then
+        if any(key in part for key in MEDIA_KEYS):
+            kind = "image_url"
+        elif "tool_reference" in part:
+            kind = "tool_reference"
+        else:
+            message = f'The content part {at} has no `type` (such as "text").'
+            raise InvalidRequest(message, param=f"{at}.type")
+    if kind not in TEXT_FIELDS:
+        raise InvalidRequest(
+            f"{at} is a {kind!r} part: this gateway serves text parts only ({', '.join(TEXT_FIELDS)}), "
+            "which it renders exactly as the worker does before sending them.",
+            param=f"{at}.type",
+        )
+    text = part.get(TEXT_FIELDS[kind])
+    if text is not None and not isinstance(text, str):
+        raise InvalidRequest(f"{at}.{TEXT_FIELDS[kind]} must be a string.", param=f"{at}.{TEXT_FIELDS[kind]}")
+    return text
+
+
+def _without_billing_header(parts: list[Any]) -> list[Any]:
+    """System text parts without a leading billing-header line, as vLLM drops it."""
+    kept: list[Any] = []
+    for part in parts:
+        text = part if isinstance(part, str) else part.get("text") if part.get("type") == "text" else None
+        if not (isinstance(text, str) and text.startswith(BILLING_HEADER)):
+            kept.append(part)
+        elif rest := text.partition("\n")[2]:
+            kept.append(rest if isinstance(part, str) else {**part, "text": rest})
+    return kept
 
 
 def _with_parsed_arguments(call: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.core.caps import prompt_logprobs_source
+from service.core.caps import prompt_logprobs_source, sequences_per_prompt
 from service.core.context import RequestContext
 from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
 from service.core.served import ServedModel, ServedModels, models_of
@@ -60,9 +60,12 @@ NO_SPAN: AbstractContextManager[None] = nullcontext()
 log = logging.getLogger(__name__)
 
 
-def check_fits(prompt_tokens: int, requested: int | None, context: int, param: str = "prompt") -> None:
+def check_fits(
+    prompt_tokens: int, requested: int | None, context: int, param: str = "prompt", asked: str = "max_tokens"
+) -> None:
     """Refuse (400, with the numbers) a prompt that leaves no room in the context, or a prompt
-    plus the tokens asked for that is over it."""
+    plus the tokens asked for that is over it. `param`: where the prompt came from (`messages` for a
+    rendered conversation); `asked`: the field that asked for the tokens."""
     if prompt_tokens >= context:
         raise ContextLengthExceeded(
             f"The prompt is {prompt_tokens} tokens but this model's context is {context} tokens; "
@@ -71,10 +74,10 @@ def check_fits(prompt_tokens: int, requested: int | None, context: int, param: s
         )
     if requested is not None and prompt_tokens + requested > context:
         raise ContextLengthExceeded(
-            f"The prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) is "
+            f"The prompt ({prompt_tokens} tokens) plus {asked} ({requested}) is "
             f"{prompt_tokens + requested} tokens, over this model's context of {context} tokens; "
             f"ask for at most {context - prompt_tokens} tokens.",
-            param="max_tokens",
+            param=asked,
         )
 
 
@@ -175,25 +178,37 @@ class Gateway:
         self.metrics.child(self.metrics.render, model.name).observe(time.perf_counter() - started)
         return rendered
 
-    def check_context(self, model: ServedModel, prompt_tokens: int, requested: int | None) -> None:
-        """The request's prompt and the tokens it asks for fit in the model's context."""
-        check_fits(prompt_tokens, requested, self.context_of(model))
+    def check_context(
+        self,
+        model: ServedModel,
+        prompt_tokens: int,
+        requested: int | None,
+        param: str = "prompt",
+        asked: str = "max_tokens",
+    ) -> None:
+        """The request's prompt and the tokens it asks for fit in the model's context (see `check_fits`
+        for `param` and `asked`)."""
+        check_fits(prompt_tokens, requested, self.context_of(model), param, asked)
 
     def check_scoring(self, model: ServedModel, request: BaseModel, prompt_tokens: int) -> None:
         """Prompt logprobs make the worker hold prompt_tokens x vocabulary floats at once: refuse
         (400, with the numbers and the field that asked for them) what is over the configured budget,
-        before it reaches a worker. `prompt_tokens`: every prompt of the request, summed."""
+        before it reaches a worker. `prompt_tokens`: every prompt of the request, summed; vLLM computes
+        them once per sequence of `n` (each its own engine request)."""
         asked_by = prompt_logprobs_source(request)
         if asked_by is None:
             return
         vocab = model.tokenizer.vocab_size
         budget = self.settings.scoring_budget
-        logits = prompt_tokens * vocab
+        n = sequences_per_prompt(request)
+        logits = prompt_tokens * n * vocab
         if logits > budget:
+            each = f", computed for each of the n = {n} sequences," if n > 1 else ""
+            times = f" x {n}" if n > 1 else ""
             raise InvalidRequest(
-                f"{SCORING_CAUSES[asked_by]} for {prompt_tokens} prompt tokens need {logits:,} logits "
-                f"({prompt_tokens} x a vocabulary of {vocab:,}); this gateway allows {budget:,} per request "
-                f"(at most {budget // vocab:,} prompt tokens for this model).",
+                f"{SCORING_CAUSES[asked_by]} for {prompt_tokens} prompt tokens{each} need {logits:,} logits "
+                f"({prompt_tokens}{times} x a vocabulary of {vocab:,}); this gateway allows {budget:,} per "
+                f"request (at most {budget // vocab:,} prompt tokens x n for this model).",
                 param=asked_by,
                 code="scoring_budget_exceeded",
             )
@@ -215,7 +230,8 @@ class Gateway:
         stream: bool,
         prompt_param: str = "prompt",
     ) -> dict[str, Any]:
-        """The body for a worker's /v1/completions, with max_tokens fitted to the context."""
+        """The body for a worker's /v1/completions, with max_tokens fitted to the context (`prompt_param`:
+        where the prompt came from, for errors)."""
         context = self.context_of(model)
         longest = max(len(ids) for ids in prompts)
         cap = self.settings.default_max_tokens

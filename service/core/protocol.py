@@ -15,6 +15,10 @@ from pydantic_core import PydanticCustomError
 # The type of a validation error that is a rule of the gateway's own, not one vLLM has: on /v1 it is
 # answered in the gateway's envelope, every other validation error as vLLM words it.
 GATEWAY_RULE = "gateway_rule"
+# Every list and object a request may hold stops validating at its first bad item: a 4 MiB body
+# holds two million one-byte items, and one error each is seconds of work and gigabytes
+# (`tests/unit/test_body_parse.py` checks that no field of any endpoint's body goes without it).
+FAIL_FAST = Field(fail_fast=True)
 
 
 def gateway_rule(message: str) -> PydanticCustomError:
@@ -58,7 +62,7 @@ def _plain_role(value: str) -> str:
 Role = Annotated[str, AfterValidator(_plain_role)]
 
 StopField = Annotated[
-    Text | list[Annotated[Text, Field(min_length=1)]] | None,
+    Text | Annotated[list[Annotated[Text, Field(min_length=1)]], FAIL_FAST] | None,
     Field(default=None, description="Sequence(s) that end generation; not included in the output."),
 ]
 
@@ -77,7 +81,7 @@ class ChatMessage(Strict):
     chat template accepts (`system`, `user`, `assistant`, `developer`, `tool`, ...), as a plain name."""
 
     role: Role
-    content: Text | list[TextPart]
+    content: Text | Annotated[list[TextPart], FAIL_FAST]
     name: Text | None = None
 
 
@@ -146,7 +150,7 @@ class CompleteRequest(Sampling):
     prompt: Text = Field(
         min_length=1, description="Text to continue (the new input when examples are given)."
     )
-    examples: list[Example] | None = Field(default=None, max_length=256)
+    examples: Annotated[list[Example], FAIL_FAST] | None = Field(default=None, max_length=256)
     layout: FewShotLayout = Field(default_factory=FewShotLayout)
     continuation: Text | None = Field(
         default=None,
@@ -159,14 +163,14 @@ class CompleteRequest(Sampling):
 class ChatRequest(Sampling):
     """POST /chat: the next assistant turn of `messages` (at most GATEWAY_MAX_MESSAGES)."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], FAIL_FAST] = Field(min_length=1)
 
 
 class RenderRequest(Strict):
     """POST /chat/render: the exact prompt a /chat request would produce."""
 
     model: Text | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], FAIL_FAST] = Field(min_length=1)
 
 
 class Usage(BaseModel):
@@ -290,7 +294,7 @@ class OpenAIRequest(Passthrough):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=1, description="Completions per prompt (at most GATEWAY_MAX_N).")
-    stop: Text | list[Text] | None = None
+    stop: Text | Annotated[list[Text], FAIL_FAST] | None = None
     prompt_logprobs: int | None = None
     echo: bool | None = None
 
@@ -346,7 +350,7 @@ class V1CompletionRequest(OpenAIRequest):
 
 
 class ContentPart(Passthrough):
-    type: Text = "text"
+    type: Text | None = None  # none: vLLM goes by the part's keys
     text: Text | None = None
 
 
@@ -356,16 +360,16 @@ class Message(Passthrough):
     (tool_calls, tool_call_id, name, reasoning) are kept."""
 
     role: Role
-    content: Text | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], FAIL_FAST] | None = None
 
 
 class ChatOptionsFields(BaseModel):
     """vLLM's fields that change how a conversation is rendered."""
 
-    tools: list[dict[str, Any]] | None = None
-    documents: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
+    documents: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
     chat_template: Text | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], FAIL_FAST] | None = None
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     add_special_tokens: bool | None = False
@@ -374,7 +378,7 @@ class ChatOptionsFields(BaseModel):
 class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
     """POST /v1/chat/completions (vLLM's ChatCompletionRequest)."""
 
-    messages: list[Message]  # how many: GATEWAY_MAX_MESSAGES; none: vLLM decides
+    messages: Annotated[list[Message], FAIL_FAST]  # how many: GATEWAY_MAX_MESSAGES; none: vLLM decides
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -389,7 +393,8 @@ class V1ChatRequest(ChatOptionsFields, OpenAIRequest):
 class V1BatchChatRequest(ChatOptionsFields, OpenAIRequest):
     """POST /v1/chat/completions/batch: several conversations answered in one call."""
 
-    messages: list[list[Message]]  # how many: GATEWAY_MAX_PROMPTS, each GATEWAY_MAX_MESSAGES
+    # how many: GATEWAY_MAX_PROMPTS, each GATEWAY_MAX_MESSAGES
+    messages: Annotated[list[Annotated[list[Message], FAIL_FAST]], FAIL_FAST]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -404,7 +409,7 @@ class V1ResponsesRequest(Passthrough):
     """POST /v1/responses (OpenAI's Responses API, which vLLM serves for instruct models)."""
 
     model: Text | None = None
-    input: Text | list[dict[str, Any]]
+    input: Text | Annotated[list[dict[str, Any]], FAIL_FAST]
     instructions: Text | None = None
     stream: bool | None = False
     max_output_tokens: int | None = None
@@ -416,7 +421,7 @@ class TokenizeRequest(ChatOptionsFields, Passthrough):
 
     model: Text | None = None
     prompt: Text | None = None
-    messages: list[Message] | None = Field(default=None, min_length=1)
+    messages: Annotated[list[Message], FAIL_FAST] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None
     return_token_strs: bool | None = False
 

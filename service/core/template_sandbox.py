@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import string
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -21,6 +22,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 T = TypeVar("T")
 _DIGITS = re.compile(r"\d+")
+_NESTED = re.compile(r"\{[^{}]*\}")  # a field nested in a format spec: its width is an argument
+_PERCENT = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?[diouxXeEfFgGcrsab%]")
+_FORMATTER = string.Formatter()
 _WIDTH_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
 
 
@@ -121,16 +125,18 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 self._within(abs(value), "a value")
 
     def _check_format(self, template: str, values: Any, field: str = "%") -> None:
-        """`template % values` (`format`, `str.format`): no width over the cap, and room for the
-        longest value in every field."""
-        for width in _DIGITS.findall(template):
-            if len(width) > 9 or int(width) > self.max_chars:
-                self._within(self.max_chars + 1, "a value")
+        """`template % values` (`format`, `str.format`): room for every field's width and precision
+        (written, or taken from an argument) and for the longest value in every field."""
+        spec = _format_fields(template) if field == "{" else _percent_fields(template)
+        if spec is None:
+            return  # malformed: the real call refuses it before building anything
+        fields, written, taken = spec
         if isinstance(values, dict):
             values = list(values.values())
         items = values if isinstance(values, tuple | list) else [values]
         longest = max((len(str(item)) for item in items), default=0)
-        self._within(len(template) + template.count(field) * longest, "a value")
+        widest = max((abs(item) for item in items if _is_int(item)), default=0) if taken else 0
+        self._within(len(template) + written + fields * longest + taken * widest, "a value")
 
     def _check_str_method(self, text: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if name in ("format", "format_map"):
@@ -198,6 +204,48 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         text = str(value)
         lines = text.count("\n") + 1 if name == "indent" else len(text)
         self._within(len(text) + lines * width, "a value")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _spec_widths(spec: str) -> int:
+    """The characters a format spec's numbers (width, precision) can add; refused past 9 digits."""
+    numbers = _DIGITS.findall(spec)
+    if any(len(number) > 9 for number in numbers):
+        raise TemplateBudgetExceeded("formatted a value with a width of over 9 digits")
+    return sum(map(int, numbers))
+
+
+def _format_fields(template: str) -> tuple[int, int, int] | None:
+    """`str.format`'s fields: their count, the widths written in their specs, and how many widths
+    come from arguments (`{:{}}`); None when the template is malformed."""
+    fields = written = taken = 0
+    try:
+        for _, name, spec, _ in _FORMATTER.parse(template):
+            if name is None:
+                continue
+            fields += 1
+            taken += spec.count("{") if spec else 0
+            written += _spec_widths(_NESTED.sub("", spec or ""))
+    except ValueError:
+        return None
+    return fields, written, taken
+
+
+def _percent_fields(template: str) -> tuple[int, int, int]:
+    """`%`-formatting's fields: their count, the widths and precisions written, and how many are
+    taken from arguments (`%*s`, `%.*f`)."""
+    fields = written = taken = 0
+    for width, precision in _PERCENT.findall(template):
+        fields += 1
+        for number in (width, precision):
+            if number == "*":
+                taken += 1
+            elif number:
+                written += _spec_widths(number)
+    return fields, written, taken
 
 
 def _raise_exception(message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,10 @@ from service.workers.worker import Worker
 # ingress in front of a worker would hand clients compressed bytes. Ask for them as they are.
 JSON_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 MAX_ERROR_BYTES = 1 << 20  # a worker's error answer is read (and parsed) up to this size
+MAX_ERROR_MESSAGE = 4096  # bytes of a cut error's message decoded (the error exit clips it further)
+_MESSAGE = re.compile(rb'"message"\s*:\s*"((?:[^"\\]|\\.){0,%d})' % MAX_ERROR_MESSAGE)
+_PARAM = re.compile(rb'"param"\s*:\s*"([A-Za-z0-9_.\[\]]{1,200})"')
+_PARAMETER = re.compile(rb"\(parameter=([A-Za-z0-9_.]{1,200}),")  # how vLLM names the field in a message
 # A pooled connection the worker closed as we reused it: nothing was processed, so the request
 # may go again, even to the same worker.
 STALE_ERRNOS = {errno.ECONNRESET, errno.EPIPE}
@@ -53,10 +58,12 @@ def worker_headers(settings: Settings) -> dict[str, str]:
 def translate(exc: BaseException, worker: Worker, connect_timeout: float) -> GatewayError:
     """A transport failure as the gateway error a client gets (and whether to try elsewhere)."""
     name = f"The worker for model '{worker.model}'"
-    # Not reachable at all: the gateway ejects the worker until a health check brings it back.
+    # A deadline counts wall time, and a stalled or starved gateway loop spends it too: no verdict on
+    # the worker (the health check, which counts only the loop's own running time, gives it).
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"{name} did not accept a connection within {connect_timeout:g} s.",
-                               retryable=True, eject=True)  # fmt: skip
+                               retryable=True)  # fmt: skip
+    # Refused or unroutable: not reachable at all, ejected until a health check brings it back.
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"{name} is unreachable.", retryable=True, eject=True)
     if isinstance(exc, aiohttp.ServerDisconnectedError) or (
@@ -67,8 +74,13 @@ def translate(exc: BaseException, worker: Worker, connect_timeout: float) -> Gat
     return UpstreamUnavailable(f"{name} failed: {type(exc).__name__}.")
 
 
-def rejection(status: int, body: bytes, worker: Worker, path: str) -> GatewayError:
-    """A non-200 answer: a worker's 4xx keeps its own error; anything else is the worker failing."""
+def rejection(status: int, body: bytes, worker: Worker, path: str, whole: bool = True) -> GatewayError:
+    """A non-200 answer: a worker's 4xx keeps its status and its own error (also when the answer
+    was over MAX_ERROR_BYTES and only its start was read); anything else is the worker failing."""
+    if not whole:
+        if 400 <= status < 500:
+            return UpstreamRejected(status, {"error": _clipped_error(body, worker)})
+        body = b""
     try:
         parsed = json.loads(body)
     except ValueError:
@@ -82,6 +94,33 @@ def rejection(status: int, body: bytes, worker: Worker, path: str) -> GatewayErr
     return UpstreamUnavailable(
         f"The worker for model '{worker.model}' answered HTTP {status}.", retryable=status >= 500
     )
+
+
+def _clipped_error(start: bytes, worker: Worker) -> dict[str, Any]:
+    """The error object of an answer of which only the start was read: its message (as much as
+    that start holds) and param when they are in it (vLLM writes the message first)."""
+    found = _MESSAGE.search(start)
+    message = _json_string(found.group(1)) if found else None
+    if message is None:
+        message = (
+            f"The worker for model '{worker.model}' refused the request (its error was too long to pass on)."
+        )
+    param = _PARAM.search(start) or _PARAMETER.search(message.encode())
+    return {"message": message, "param": param.group(1).decode() if param else None}
+
+
+def _json_string(raw: bytes) -> str | None:
+    """A JSON string's content that may be cut anywhere (in an escape, in a UTF-8 sequence)."""
+    text = raw.decode("utf-8", "ignore")
+    for cut in range(min(6, len(text)) + 1):  # an escape cut short is at most 6 characters
+        try:
+            value = json.loads(f'"{text[: len(text) - cut]}"')
+        except ValueError:
+            continue
+        if not isinstance(value, str):
+            return None
+        return value[:-1] if value and "\ud800" <= value[-1] <= "\udbff" else value  # half a pair
+    return None
 
 
 def answer_too_large(worker: Worker, limit: int, what: str = "answer") -> UpstreamUnavailable:
@@ -124,6 +163,18 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytearray
     if declared is not None and size < declared:
         del body[size:]
     return body
+
+
+async def read_error(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """A non-200 answer's body up to MAX_ERROR_BYTES, and whether that was all of it (if not, the
+    connection is dropped with the rest unread)."""
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk[: MAX_ERROR_BYTES - len(body)]
+        if len(body) >= MAX_ERROR_BYTES:
+            response.close()
+            return bytes(body), False
+    return bytes(body), True
 
 
 class HttpStream:
@@ -209,8 +260,10 @@ class HttpTransport:
                 worker.url + path, data=encode(body), timeout=self._answer_timeout, headers=headers
             ) as response:
                 status = response.status
-                limit = self.max_answer_bytes if status == 200 else MAX_ERROR_BYTES
-                content = await read_capped(response, limit)
+                if status != 200:
+                    error, whole = await read_error(response)
+                    raise rejection(status, error, worker, path, whole)
+                content = await read_capped(response, self.max_answer_bytes)
                 if content is None:
                     response.close()  # drop the rest unread
                 problem = compressed(response, worker)
@@ -222,8 +275,6 @@ class HttpTransport:
             ) from exc
         except aiohttp.ClientError as exc:
             raise translate(exc, worker, self.connect_timeout) from exc
-        if status != 200:
-            raise rejection(status, bytes(content or b""), worker, path)
         if content is None:
             raise answer_too_large(worker, self.max_answer_bytes)
         if problem is not None:
@@ -251,12 +302,12 @@ class HttpTransport:
             raise translate(exc, worker, self.connect_timeout) from exc
         if response.status != 200:
             try:
-                content = bytes(await read_capped(response, MAX_ERROR_BYTES) or b"")
+                content, whole = await read_error(response)
             except (TimeoutError, aiohttp.ClientError):
-                content = b""
+                content, whole = b"", True
             finally:
                 response.release()
-            raise rejection(response.status, content, worker, path)
+            raise rejection(response.status, content, worker, path, whole)
         if (problem := compressed(response, worker)) is not None:
             response.close()
             raise problem

@@ -59,6 +59,7 @@ class Script:
     health_pending: int = 0  # /health requests being answered right now
     schema_failures: int = 0  # /openapi.json answers 500 this many more times before the schema
     max_model_len: int = 2048  # the context its /v1/models reports
+    reject_echo: int = 0  # "reject": the message echoes a list this many items long (as vLLM does)
 
 
 def usage_of(body: dict[str, Any], tokens: list[str]) -> dict[str, int]:
@@ -166,6 +167,26 @@ def chat_chunk(body: dict[str, Any], token: str, last: bool) -> dict[str, Any]:
     }
 
 
+def rejected(script: Script) -> Response:
+    """vLLM's 400; with `reject_echo`, its message echoes the request's list as vLLM's does for
+    `bad_words` (sent chunked when `chunked_answers`, without a Content-Length)."""
+    message = "n must be 1 when using greedy sampling, got 2."
+    if script.reject_echo:
+        echoed = json.dumps([f"w{i}\u00e9q" for i in range(script.reject_echo)], ensure_ascii=False)
+        message = f"Too many bad words after tokenization. (parameter=bad_words, value={echoed})"
+    error = {"message": message, "type": "BadRequestError", "param": "n" if not script.reject_echo else
+             "bad_words", "code": 400}  # fmt: skip
+    raw = json.dumps({"error": error}).encode()
+    if not script.chunked_answers:
+        return Response(raw, status_code=400, media_type="application/json")
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(raw), 65536):
+            yield raw[start : start + 65536]
+
+    return StreamingResponse(pieces(), status_code=400, media_type="application/json")
+
+
 def openapi(schema: dict[str, list[str]]) -> dict[str, Any]:
     components = {
         name: {"type": "object", "properties": {f: {} for f in fields}} for name, fields in schema.items()
@@ -216,13 +237,7 @@ def build_app(script: Script) -> Starlette:
         script.traceparents.append(request.headers.get("traceparent"))
         script.accept_encodings.append(request.headers.get("accept-encoding"))
         if script.mode == "reject":
-            error = {
-                "message": "n must be 1 when using greedy sampling, got 2.",
-                "type": "BadRequestError",
-                "param": "n",
-                "code": 400,
-            }
-            return JSONResponse({"error": error}, status_code=400)
+            return rejected(script)
         n = body.get("n")
         if isinstance(n, int) and not isinstance(n, bool) and n < 1:  # vLLM refuses it (the gateway lets it)
             message = f"n must be at least 1, got {n}."

@@ -53,3 +53,37 @@ async def test_malformed_requests_are_4xx(http: httpx.AsyncClient, content_type:
     response = await http.post("/complete", content=raw, headers={"content-type": content_type})
     assert 400 <= response.status_code < 500, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+LONG = [{"role": "user", "content": "word " * 3000}]  # over the stand-in's 2,048-token context
+SHORT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "named"),
+    [
+        ("/chat", {"messages": LONG}, "messages", "The prompt is"),
+        ("/v1/chat/completions", {"messages": LONG}, "messages", "The prompt is"),
+        ("/v1/chat/completions/batch", {"messages": [SHORT, LONG]}, "messages.1", "The prompt is"),
+        ("/v1/chat/completions", {"messages": SHORT, "max_completion_tokens": 5000}, "max_completion_tokens",
+         "plus max_completion_tokens (5000)"),
+        ("/v1/chat/completions", {"messages": SHORT, "max_tokens": 5000}, "max_tokens",
+         "plus max_tokens (5000)"),
+        ("/v1/responses", {"input": "word " * 3000}, "input", "The prompt is"),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": 5000}, "max_output_tokens",
+         "plus max_output_tokens (5000)"),
+        ("/v1/chat/completions", {"messages": SHORT, "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+         "top_logprobs is 21"),
+        ("/v1/responses", {"input": "hi", "top_logprobs": 50}, "top_logprobs", "top_logprobs is 50"),
+    ],
+)  # fmt: skip
+async def test_errors_name_the_field_the_client_sent(
+    http: httpx.AsyncClient, script: Script, path: str, body: dict[str, object], param: str, named: str
+) -> None:
+    """A chat has no `prompt` and `max_completion_tokens` is not `max_tokens`: the error names what was
+    sent (reliability.md: "a 400 naming the field")."""
+    response = await http.post(path, json={"model": "chat", **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and named in error["message"], error
+    assert script.bodies == []

@@ -63,6 +63,46 @@ async def test_a_batchs_prompt_logprobs_are_summed_over_its_conversations(
         assert len(script.bodies) == 1
 
 
+WORDS = "word " * 20
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "echo": True}, "echo"),
+        ("/v1/chat/completions", {**CHAT, "prompt_logprobs": 0}, "prompt_logprobs"),
+        ("/v1/chat/completions/batch", {"model": "chat", "messages": [HI, HI], "echo": True}, "echo"),
+        ("/v1/completions", {"model": "base", "prompt": WORDS, "echo": True, "logprobs": 0}, "echo"),
+        (
+            "/v1/completions",
+            {"model": "base", "prompt": [WORDS] * 2, "prompt_logprobs": 0},
+            "prompt_logprobs",
+        ),
+    ],
+)
+async def test_n_multiplies_the_prompt_logprobs_counted(
+    standin_url: str, script: Script, path: str, body: dict[str, object], param: str
+) -> None:
+    """vLLM fans `n` out into n engine requests, each computing the prompt logprobs (a real worker
+    computed 7,344 prompt tokens for 918 with n = 8): n x prompt tokens x vocabulary is budgeted."""
+    async with running_gateway(standin_settings(standin_url)) as (_, http):
+        if path == "/v1/completions":
+            counted = await http.post("/tokenize", json={"model": "base", "prompt": WORDS})
+            length = int(counted.json()["count"])
+        else:
+            length = await rendered_length(http)
+    batch = body.get("messages") if "batch" in path else body.get("prompt")
+    tokens = (len(batch) if isinstance(batch, list) else 1) * length
+    async with running_gateway(standin_settings(standin_url, scoring_budget=VOCAB * tokens * 3)) as (_, http):
+        assert (await http.post(path, json={**body, "n": 3})).status_code == 200  # n = 3 fits
+        refused = await http.post(path, json={**body, "n": 4})
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and error["code"] == "scoring_budget_exceeded", refused.text
+        assert error["param"] == param and "each of the n = 4 sequences" in error["message"], error
+        assert f"{VOCAB * tokens * 4:,} logits" in error["message"]
+        assert len(script.bodies) == 1
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [

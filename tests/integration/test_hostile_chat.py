@@ -83,7 +83,7 @@ CASES: list[tuple[str, str, list[dict[str, Any]], dict[str, Any], str, tuple[str
     ("a tool's description", "llama", [ASK], {"tools": [{"type": "function", "function": {
         "name": "f", "description": FORGED_TEXT}}]}, "tools.0.function.description", OPENAI),
     ("a document", "llama", [ASK], {"documents": [{"title": "t", "text": FORGED_TEXT}]}, "documents.0.text",
-     OPENAI[:2]),
+     OPENAI),
     ("a template variable naming BOS", "llama", [ASK], {"chat_template_kwargs": {"bos_token": FORGED_TEXT}},
      "chat_template_kwargs.bos_token", OPENAI),
     ("a template variable naming any *_token", "llama", [ASK], {"chat_template_kwargs": {"image_token": "x"}},
@@ -94,6 +94,21 @@ CASES: list[tuple[str, str, list[dict[str, Any]], dict[str, Any], str, tuple[str
      "chat_template_kwargs.date_string", OPENAI),
     ("what the template makes of user text", "lowering", [{"role": "user", "content": SHOUTED}], {},
      "messages", ALL),
+    ("what the template makes of a thinking part", "lowering", [{"role": "user", "content": [
+        {"type": "thinking", "thinking": SHOUTED}, {"type": "text", "text": "hi"}]}], {}, "messages", OPENAI),
+    ("what the template makes of a refusal part", "lowering", [ASK, {"role": "assistant", "content": [
+        {"type": "refusal", "refusal": SHOUTED}]}, ASK], {}, "messages", OPENAI),
+    ("what the template makes of a tool reference", "lowering", [{"role": "user", "content": [
+        {"type": "tool_reference", "name": SHOUTED}, {"type": "text", "text": "hi"}]}], {}, "messages",
+     OPENAI),
+    ("what the template makes of an untyped tool reference", "lowering", [{"role": "user", "content": [
+        {"tool_reference": "x", "name": SHOUTED}]}], {}, "messages", OPENAI),
+    ("an image part (not rendered as text)", "chat", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,x"}}]}], {}, "messages.0.content.0.type", OPENAI),
+    ("an unknown part type", "chat", [{"role": "user", "content": [{"type": "video", "text": "x"}]}], {},
+     "messages.0.content.0.type", OPENAI),
+    ("a part without a type", "chat", [{"role": "user", "content": [{"text": "x"}]}], {},
+     "messages.0.content.0.type", OPENAI),
     ("a client template looping for ever", "chat", [ASK], {"chat_template": NESTED_RANGES}, "chat_template",
      OPENAI),
     ("a client template recursing for ever", "chat", [ASK], {"chat_template": MACRO_BOMB}, "chat_template",
@@ -121,7 +136,29 @@ RESPONSES: list[tuple[str, str, dict[str, Any], str]] = [
     ("a template variable's value", "chat", {"input": "hi", "chat_template_kwargs": {"v": [FORGED_TEXT]}},
      "chat_template_kwargs.v.0"),
     ("what the template makes of user text", "lowering", {"input": SHOUTED}, "input"),
+    ("what the template makes of a function-call output", "lowering", {"input": [ASK, {
+        "type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}, {
+        "type": "function_call_output", "call_id": "c1", "output": SHOUTED}]}, "input"),
+    ("what the template makes of a custom tool's output", "lowering", {"input": [ASK, {
+        "type": "custom_tool_call_output", "call_id": "c1", "output": SHOUTED}]}, "input"),
+    ("what the template makes of an assistant item", "lowering", {"input": [ASK, {
+        "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": SHOUTED}]},
+        ASK]}, "input"),
+    ("what the template makes of a thinking part", "lowering", {"input": [{"role": "user", "content": [
+        {"type": "thinking", "thinking": SHOUTED}]}]}, "input"),
+    ("an item the gateway cannot render", "chat", {"input": [ASK, {"type": "item_reference", "id": "x"}]},
+     "input.1.type"),
+    ("encrypted reasoning", "chat", {"input": [ASK, {"type": "reasoning", "summary": [],
+        "encrypted_content": "opaque"}]}, "input.1.encrypted_content"),
 ]  # fmt: skip
+ITEMS = [ASK, {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Look it up."}]},
+         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+         {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+         {"type": "custom_tool_call", "call_id": "c2", "name": "shell", "input": "ls"},
+         {"type": "custom_tool_call_output", "call_id": "c2",
+          "output": [{"type": "input_text", "text": "a"}]},
+         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
+         {"role": "user", "content": [{"type": "input_text", "text": "Thanks"}]}]  # fmt: skip
 
 
 def body_for(path: str, model: str, messages: list[dict[str, Any]], fields: dict[str, Any]) -> dict[str, Any]:
@@ -196,9 +233,11 @@ async def test_hostile_chat_is_refused_naming_the_field(
     error = assert_refused(response, param_for(path, param), script)
     if "client template" in name:
         assert error["code"] == "chat_template_budget_exceeded" and time.monotonic() - started < BUDGET + 1
+    elif param.endswith(".type"):
+        assert "part" in error["message"]
     elif (param.startswith("messages") and "role" not in param) or "tools" in param or "documents" in param:
         assert error["code"] == "control_token_in_message"
-    if name == "what the template makes of user text":
+    if name.startswith("what the template makes of"):
         assert "would act as the control token '<|im_end|>'" in error["message"]
 
 
@@ -207,7 +246,34 @@ async def test_hostile_responses_are_refused_naming_the_field(
     gateway: httpx.AsyncClient, script: Script, name: str, model: str, fields: dict[str, Any], param: str
 ) -> None:
     response = await gateway.post("/v1/responses", json={"model": model, **fields})
-    assert_refused(response, param, script)
+    error = assert_refused(response, param, script)
+    if name.startswith("what the template makes of"):
+        assert "would act as the control token '<|im_end|>'" in error["message"]
+
+
+async def test_responses_items_are_rendered_as_vllm_converts_them(
+    gateway: httpx.AsyncClient, script: Script
+) -> None:
+    """Reasoning, calls and their outputs, assistant items: folded into chat messages as vLLM folds
+    them, rendered (so counted and checked), and sent."""
+    response = await gateway.post("/v1/responses", json={"model": "chat", "input": ITEMS})
+    assert response.status_code == 200, response.text
+    assert script.bodies[0]["input"] == ITEMS
+    weather = {**call("get_weather", '{"city": "Paris"}'), "id": "c1"}
+    shell = {**call("shell", '{"input": "ls"}'), "id": "c2"}
+    messages = [ASK, {"role": "assistant", "reasoning": "Look it up.", "tool_calls": [weather]},
+                {"role": "tool", "tool_call_id": "c1", "content": "Sunny"},
+                {"role": "assistant", "tool_calls": [shell]},
+                {"role": "tool", "tool_call_id": "c2", "content": "a"},
+                {"role": "assistant", "content": "Sunny."},
+                {"role": "user", "content": "Thanks"}]  # fmt: skip
+    shown = await gateway.post("/tokenize", json={"model": "chat", "messages": messages})
+    assert shown.status_code == 200, shown.text
+    too_long = {"model": "chat", "input": ITEMS, "max_output_tokens": 2048}
+    limited = await gateway.post("/v1/responses", json=too_long)
+    error = limited.json()["error"]
+    assert error["param"] == "max_output_tokens", error
+    assert f"The prompt ({shown.json()['count']} tokens)" in error["message"], error
 
 
 async def test_arguments_that_decode_to_no_unicode_text_are_a_400(
@@ -307,3 +373,44 @@ async def test_the_client_templates_length_counts_in_the_prompt_characters(
         )
     assert_refused(response, "messages", script)
     assert json.loads(response.text)["error"]["message"].startswith("The conversation's text (with its tools")
+
+
+async def test_tokenize_counts_the_documents_a_chat_request_would_render(gateway: httpx.AsyncClient) -> None:
+    """/tokenize with messages renders every field a chat request renders: `documents` too."""
+    template = "{% for d in documents or [] %}DOC: {{ d.text }}\n{% endfor %}{{ messages[0].content }}"
+    body = {"model": "chat", "messages": [ASK], "chat_template": template, "return_token_strs": True}
+    without = (await gateway.post("/tokenize", json=body)).json()
+    documents = [{"title": "t", "text": "one two three"}]
+    counted = await gateway.post("/tokenize", json={**body, "documents": documents})
+    assert counted.status_code == 200, counted.text
+    assert "".join(counted.json()["token_strs"]).startswith("DOC")
+    assert counted.json()["count"] > without["count"]
+
+
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("condition", "fields", "runs"),
+    [("reasoning_effort is defined", {"reasoning_effort": "high"}, True),
+     ("enable_thinking", {"reasoning_effort": "low"}, True),
+     ("enable_thinking", {"reasoning_effort": "none"}, False),
+     ("enable_thinking", {"reasoning_effort": "low", "chat_template_kwargs": {"enable_thinking": False}},
+      False),
+     ("reasoning_effort is defined", {"reasoning_effort": "auto"}, False),
+     ("reasoning_effort is defined", {}, False)],
+)  # fmt: skip
+async def test_a_client_template_sees_the_variables_the_worker_passes_it(
+    gateway: httpx.AsyncClient, script: Script, condition: str, fields: dict[str, Any], runs: bool
+) -> None:
+    """vLLM hands a template the request's `reasoning_effort` and derives `enable_thinking` from it:
+    a branch the worker's (unbounded) render would take runs in the gateway's bounded render first."""
+    template = f"{{% if {condition} %}}{NESTED_RANGES}{{% endif %}}{CHATML}"
+    body = {"model": "chat", "messages": [ASK], "chat_template": template, "max_tokens": 1, **fields}
+    started = time.monotonic()
+    response = await gateway.post("/v1/chat/completions", json=body)
+    if runs:
+        assert assert_refused(response, "chat_template", script)["code"] == "chat_template_budget_exceeded"
+        assert time.monotonic() - started < BUDGET + 1
+    else:
+        assert response.status_code == 200, response.text

@@ -27,6 +27,7 @@ ANSWER_CAP = 32 * 1024 * 1024
 PROMPT_CHARS = 1_000_000  # the default cap
 JSON = {"content-type": "application/json"}
 WORDS = "the quick brown fox jumps over the lazy dog "
+WRONG = b"[" + b",".join([b"1"] * 1_900_000) + b"]"  # 3.8 MB: under the body cap, one container
 ORDINARY = [
     ("/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 4}),
     ("/chat", {"messages": [{"role": "user", "content": "Hi"}]}),
@@ -92,6 +93,23 @@ def corpus() -> list[tuple[str, str, bytes]]:
          {"model": "base", "prompt": "x", "standin_answer_bytes": ANSWER_CAP + 65_536}),
         # Over the container cap by brackets, then quotes only: counting must stay linear.
         ("quotes after many brackets", "/v1/completions", b"[" * 70_000 + b'"' * 4_000_000),
+        # Lists of the wrong type (one container, 1.9 M one-byte items): one error each took 7-22 s.
+        ("stop of numbers", "/complete", b'{"prompt":"a","stop":' + WRONG + b"}"),
+        ("v1 stop of numbers", "/v1/completions", b'{"model":"base","prompt":"a","stop":' + WRONG + b"}"),
+        ("content parts of numbers", "/v1/chat/completions",
+         b'{"messages":[{"role":"user","content":' + WRONG + b"}]}"),
+        ("native content parts of numbers", "/chat",
+         b'{"messages":[{"role":"user","content":' + WRONG + b"}]}"),
+        ("tools of numbers", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"hi"}],"tools":'
+         + WRONG + b"}"),
+        ("documents of numbers", "/tokenize", b'{"messages":[{"role":"user","content":"hi"}],"documents":'
+         + WRONG + b"}"),
+        ("batch stop of numbers", "/v1/chat/completions/batch",
+         b'{"messages":[[{"role":"user","content":"hi"}]],"stop":' + WRONG + b"}"),
+        ("responses input of numbers", "/v1/responses", b'{"input":' + WRONG + b"}"),
+        ("unknown fields", "/complete", {"prompt": "a", **{f"x{i}": 1 for i in range(290_000)}}),
+        ("unknown fields in a message", "/chat",
+         {"messages": [{"role": "user", "content": "hi", **{f"x{i}": 1 for i in range(290_000)}}]}),
     ]  # fmt: skip
     return [
         (name, path, body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode())

@@ -98,7 +98,8 @@ async def test_connect_limit(standin_url: str) -> None:
             response = await http.post("/chat", json=CHAT)
             assert response.status_code == 504, response.text
             assert response.json()["error"]["message"].endswith("did not accept a connection within 0.5 s.")
-            assert not app.state.gateway.pools["chat"].workers[0].healthy  # ejected
+            # The deadline may have run out on a stalled gateway loop: the verdict is the health check's.
+            assert app.state.gateway.pools["chat"].workers[0].healthy
 
 
 async def test_connect_limit_fails_over_to_a_replica_that_answers(standin_url: str, script: Script) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 
 from service.core.gateway import Gateway
 from tests.helpers import outstanding
@@ -27,6 +28,22 @@ async def test_worker_4xx_passes_through_unchanged(http: httpx.AsyncClient, scri
             "code": 400,
         }
     }
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared length", "chunked"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_worker_4xx_with_a_huge_error_keeps_its_status_and_a_clipped_message(
+    http: httpx.AsyncClient, script: Script, chunked: bool, stream: bool
+) -> None:
+    """vLLM echoes a whole `bad_words` list in its 400 (3.5 MB for 300,000 words): still a 400 with
+    the worker's message, clipped as every message is; the rest of the answer is never read."""
+    script.mode, script.reject_echo, script.chunked_answers = "reject", 300_000, chunked
+    response = await http.post("/v1/chat/completions", json={**CHAT, "model": "chat", "stream": stream})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith("Too many bad words after tokenization. (parameter=bad_words, value=")
+    assert error["message"].endswith("...") and len(error["message"]) == 1000, error["message"][-200:]
+    assert "w1\u00e9q" in error["message"] and error["param"] == "bad_words"
 
 
 async def test_worker_5xx_is_a_502(http: httpx.AsyncClient, script: Script, gateway: Gateway) -> None:

@@ -15,6 +15,7 @@ from service.core.protocol import (
     V1BatchChatRequest,
     V1ChatRequest,
     V1CompletionRequest,
+    V1ResponsesRequest,
 )
 from service.errors import InvalidRequest
 from service.ops.settings import Settings
@@ -39,6 +40,7 @@ HI = [{"role": "user", "content": "hi"}]
         (V1ChatRequest(messages=HI, max_completion_tokens=65), "max_completion_tokens"),
         (V1ChatRequest(messages=HI, max_tokens=65), "max_tokens"),
         (V1ChatRequest(messages=HI, logprobs=True, top_logprobs=3), "top_logprobs"),
+        (V1ResponsesRequest(input="x", max_output_tokens=65), "max_output_tokens"),
         (V1CompletionRequest(prompt="x", logprobs=3), "logprobs"),
         (V1CompletionRequest(prompt="x", prompt_logprobs=-1), "prompt_logprobs"),
         (V1CompletionRequest(prompt=["a"] * 5), "prompt"),

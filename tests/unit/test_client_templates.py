@@ -7,6 +7,7 @@ import asyncio
 import sys
 import threading
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -72,6 +73,53 @@ def test_values_that_would_outgrow_the_cap_are_refused_before_they_are_built(
     error = refused(trusting, template)
     assert time.monotonic() - started < BUDGET + 0.5
     assert error.code == "chat_template_budget_exceeded"
+
+
+WIDE = 99_000  # under a 100,000-character cap, so every field alone is allowed
+PAIRS = "(" + ",".join([f"{WIDE}, 'x'"] * 100) + ")"
+FORMAT_AMPLIFIERS = [
+    f"{{{{ ('{{:>{WIDE}}}' * 100).format(*range(100)) }}}}",
+    f"{{{{ ('{{:\U0001f600>{WIDE}}}' * 100).format(*range(100)) }}}}",
+    f"{{{{ ('{{:>{{}}}}' * 100).format(*(['x', {WIDE}] * 100)) }}}}",
+    f"{{{{ ('{{:.{WIDE}f}}' * 100).format(*range(100)) }}}}",
+    f"{{{{ ('%{WIDE}s' * 100) | format(*range(100)) }}}}",
+    f"{{{{ ('%*s' * 100) | format{PAIRS} }}}}",
+    f"{{{{ ('%*s' * 100) % {PAIRS} }}}}",
+    f"{{{{ ('%(a){WIDE}s' * 100) % {{'a': 1}} }}}}",
+]
+
+
+@pytest.fixture(scope="module")
+def capped() -> ModelTokenizer:
+    spec = ModelSpec(name="m", kind=ModelKind.INSTRUCT, source="builtin:smollm2-135m-instruct",
+                     trust_request_chat_template=True)  # fmt: skip
+    return load_tokenizer(spec, Settings(max_prompt_chars=100_000))
+
+
+@pytest.mark.parametrize("template", FORMAT_AMPLIFIERS)
+def test_formatting_counts_every_fields_width_before_building_anything(
+    capped: ModelTokenizer, template: str
+) -> None:
+    """100 fields of 99,000 characters each (~10 MB) are refused before they are built: the estimate
+    counts the widths written in the fields and those taken from the arguments."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        error = refused(capped, template)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert error.code == "chat_template_budget_exceeded"
+    assert peak < 1_000_000, f"{peak:,} bytes allocated"
+
+
+@pytest.mark.parametrize(
+    ("template", "text"),
+    [("{{ '{:>6}|{:.2f}'.format('a', 3.14159) }}", "     a|3.14"), ("{{ '%5.1f%%' % 99.44 }}", " 99.4%"),
+     ("{{ 'cutoff 20241231: {}'.format('x') }}", "cutoff 20241231: x")],
+)  # fmt: skip
+def test_formatting_within_the_cap_renders(capped: ModelTokenizer, template: str, text: str) -> None:
+    assert capped.render_chat(HI, ChatOptions(chat_template=template)).text == text
 
 
 def test_the_output_is_capped(tmp_path: Any) -> None:

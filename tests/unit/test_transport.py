@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
+import aiohttp
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
-from service.errors import UpstreamTimeout
+from service.errors import UpstreamRejected, UpstreamTimeout
 from service.workers.fake import FakeStream
+from service.workers.http_transport import rejection, translate
 from service.workers.transport import OversizedEvent, SseFramer, WatchedStream, sse_payloads
 from service.workers.worker import Worker
 
@@ -70,3 +74,33 @@ async def test_each_stream_deadline_means_what_it_says(
         with pytest.raises(UpstreamTimeout, match=error.replace(".", r"\.")):
             await collect(watched)
     await watched.close()
+
+
+def test_a_connect_deadline_that_ran_out_is_retried_elsewhere_but_ejects_no_worker() -> None:
+    """The deadline counts wall time, which a stalled gateway loop spends too: a healthy worker was
+    ejected for the gateway's own stall. A refused connection still ejects at once."""
+    worker = Worker(model="m", url="http://127.0.0.1:1")
+    timed_out = translate(aiohttp.ConnectionTimeoutError("connect"), worker, 0.5)
+    assert isinstance(timed_out, UpstreamTimeout) and timed_out.retryable and not timed_out.eject
+    key = ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
+    refusal = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
+    refused = translate(refusal, worker, 0.5)
+    assert refused.retryable and refused.eject  # type: ignore[attr-defined]
+
+
+def test_an_error_read_only_in_part_keeps_its_status_and_what_its_start_says() -> None:
+    """A 4xx answer over MAX_ERROR_BYTES is read only in part: its message is decoded from that part
+    wherever the cut falls (inside an escape or a UTF-8 sequence), never a 502."""
+    worker = Worker(model="m", url="http://127.0.0.1:1")
+    message = "Too many bad words. (parameter=bad_words, value=" + '\u00e9\u00e8 "q" \U0001f600' * 50
+    raw = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": "bad_words"}})
+    whole = raw.encode()
+    for cut in range(70, 150):  # from just after "(parameter=bad_words,"
+        error = rejection(400, whole[:cut], worker, "/v1/chat/completions", whole=False)
+        assert isinstance(error, UpstreamRejected) and error.status_code == 400
+        assert message.startswith(error.message) and len(error.message) >= cut - 80, (cut, error.message)
+        assert error.param == "bad_words"
+    unknown = rejection(413, b"<html>" * 100, worker, "/v1/completions", whole=False)
+    assert isinstance(unknown, UpstreamRejected) and unknown.status_code == 413
+    assert "error was too long to pass on" in unknown.message
+    assert not isinstance(rejection(500, b"{}", worker, "/v1/completions", whole=False), UpstreamRejected)

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.core.caps import enforce_caps, prompt_logprobs_source, prompt_texts
+from service.core.chat_render import request_variables
 from service.core.context import RequestContext
 from service.core.conversation import messages_as_dicts
 from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
@@ -31,6 +32,7 @@ from service.core.protocol import (
     is_plain_name,
 )
 from service.core.relay import RESPONSES_STREAM
+from service.core.responses_input import responses_messages
 from service.core.served import ServedModel
 from service.core.templates import ChatOptions, ModelTokenizer
 from service.core.tenancy import (
@@ -118,10 +120,14 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     check_fields(model.pool, "ResponsesRequest", request.extras())
     # Everything vLLM hands its template from this request, scanned off the event loop.
     await asyncio.to_thread(_check_responses_texts, model.tokenizer, request)
-    tokens = None
-    messages = _as_messages(request)
-    if messages is not None:  # plain text or plain messages: the render's own check, and prefix routing
-        tokens = (await gateway.render(model, messages, ChatOptions(param="input"), record)).token_ids
+    # The messages vLLM builds from the items, rendered: the check on the result, and prefix routing.
+    messages = responses_messages(request.instructions, request.input)
+    reasoning = fields.get("reasoning")
+    effort = {"reasoning_effort": reasoning.get("effort")} if isinstance(reasoning, dict) else {}
+    kwargs = fields.get("chat_template_kwargs")
+    variables = request_variables(effort, kwargs if isinstance(kwargs, dict) else {})
+    options = ChatOptions(param="input", variables=variables)
+    tokens = (await gateway.render(model, messages, options, record)).token_ids
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
     if request.stream:
@@ -180,16 +186,7 @@ async def _check_conversation(
     event loop); its token ids. The context is the worker's to check, as for completions."""
     if _sends_template(request) and not model.spec.trust_request_chat_template:
         raise VllmRefusal(400, "BadRequestError", UNTRUSTED_TEMPLATE)  # the worker would refuse it so
-    options = ChatOptions(
-        tools=request.tools,
-        documents=request.documents,
-        add_generation_prompt=request.add_generation_prompt is not False,
-        continue_final_message=bool(request.continue_final_message),
-        template_kwargs=request.chat_template_kwargs,
-        add_special_tokens=bool(request.add_special_tokens),
-        chat_template=request.chat_template,
-        param=param,
-    )
+    options = ChatOptions.of(request, param)
     rendered = await gateway.render(model, messages_as_dicts(messages), options, record)
     return rendered.token_ids
 
@@ -313,26 +310,3 @@ def _check_responses_texts(tokenizer: ModelTokenizer, request: V1ResponsesReques
         tokenizer.check_template_kwargs(kwargs)
     else:  # not an object: the worker's schema refuses it; its strings are scanned all the same
         tokenizer.check_text(kwargs, "chat_template_kwargs")
-
-
-def _as_messages(request: V1ResponsesRequest) -> list[dict[str, Any]] | None:
-    """A Responses input as chat messages when it is plain text or plain messages, else None."""
-    messages: list[dict[str, Any]] = []
-    if request.instructions:
-        messages.append({"role": "system", "content": request.instructions})
-    if isinstance(request.input, str):
-        return [*messages, {"role": "user", "content": request.input}]
-    for item in request.input:
-        role, content = item.get("role"), item.get("content")
-        if item.get("type", "message") != "message" or not isinstance(role, str):
-            return None
-        if isinstance(content, list):
-            if not all(
-                isinstance(p, dict) and p.get("type") in {"input_text", "output_text"} for p in content
-            ):
-                return None
-            content = "\n".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str):
-            return None
-        messages.append({"role": role, "content": content})
-    return messages

@@ -37,14 +37,7 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
         model = gateway.resolve(request.model, ModelKind.INSTRUCT)
         model.require_chat()
         check_fields(model.pool, "TokenizeChatRequest", request.extras(), need_worker=False)
-        options = ChatOptions(
-            tools=request.tools,
-            add_generation_prompt=request.add_generation_prompt is not False,
-            continue_final_message=bool(request.continue_final_message),
-            template_kwargs=request.chat_template_kwargs,
-            add_special_tokens=bool(request.add_special_tokens),
-            chat_template=request.chat_template,  # refused in the render unless the model trusts them
-        )
+        options = ChatOptions.of(request)  # a request's template: refused unless the model trusts them
         record.admit(model.name)
         tokens = (await gateway.render(model, messages_as_dicts(request.messages), options, record)).token_ids
     elif request.prompt is not None:
