@@ -10,6 +10,13 @@ import pytest
 from tests.gateway_process import TEST_STORE
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The same for fixtures that outlive a test (set up before any test's own fixtures run)."""
+    for name in [name for name in os.environ if name.startswith("GATEWAY_")]:
+        del os.environ[name]
+    os.environ["GATEWAY_DATABASE_URL"] = TEST_STORE
+
+
 @pytest.fixture(autouse=True)
 def clean_gateway_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No GATEWAY_* variable from the caller's shell leaks into a test; the store is the suite's."""
