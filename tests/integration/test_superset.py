@@ -195,3 +195,13 @@ async def test_a_request_chat_template_needs_a_trusting_model(
             "Refused request with untrusted chat template.",
             "type": "BadRequestError", "param": None, "code": 400,
         }  # fmt: skip
+
+
+async def test_a_v1_body_that_is_not_json_names_where_as_vllm_does(http: httpx.AsyncClient) -> None:
+    """vLLM's parser is Python's: its error's `param` is the position of the first bad character."""
+    response = await http.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400 and (error["type"], error["code"]) == ("Bad Request", 400)
+    assert error["param"] == "body.1" and "'loc': 'body.1'" in error["message"], error
