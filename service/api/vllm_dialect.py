@@ -48,8 +48,9 @@ def validation_error(errors: Sequence[Any], body: bytes = b"") -> GatewayError:
     anything else as vLLM's validation handler words it."""
     own = [error for error in errors if error.get("type") == GATEWAY_RULE]
     first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid" and not own:
-        errors = [_as_python_json_error(body)]  # vLLM's JSON parser is Python's: its words and position
+    python = _as_python_json_error(body) if first.get("type") == "json_invalid" and not own else None
+    if python is not None:
+        errors = [python]  # vLLM's JSON parser is Python's: its words and position
     elif own or not errors or (first.get("type") in _BODY_PROBLEMS and not _fields(first.get("loc", ()))):
         return invalid_request(own or errors)
     count = len(errors)
@@ -58,7 +59,7 @@ def validation_error(errors: Sequence[Any], body: bytes = b"") -> GatewayError:
     if count > MOST_ERRORS:
         lines += f"  ...and {count - MOST_ERRORS} more {label}\n"
     message = f"{count} validation {label}:\n{lines}".rstrip()
-    return VllmRefusal(400, "Bad Request", message, param=_param(first.get("loc", ())))
+    return VllmRefusal(400, "Bad Request", message, param=_param(errors[0].get("loc", ())))
 
 
 def in_vllm_words(error: Exception) -> Exception:
@@ -69,18 +70,20 @@ def in_vllm_words(error: Exception) -> Exception:
     return error
 
 
-def _as_python_json_error(body: bytes) -> dict[str, Any]:
-    """A body that is not JSON, as FastAPI's parse (Python's json module) reports it."""
+def _as_python_json_error(body: bytes) -> dict[str, Any] | None:
+    """A body that is not JSON, as FastAPI's parse (Python's json module) reports it; None where that
+    parse has no such words (it accepts a lone surrogate; nesting too deep or bytes that are not text
+    fail otherwise): the gateway's own words then."""
     import json
 
     try:
         json.loads(body)
-    except ValueError as exc:
-        position, reason = getattr(exc, "pos", 0), getattr(exc, "msg", str(exc))
-    else:  # pydantic refused what Python accepts (a lone surrogate, a huge number): no position
-        position, reason = 0, "JSON decode error"
-    return {"type": "json_invalid", "loc": ("body", position), "msg": "JSON decode error", "input": {},
-            "ctx": {"error": reason}}  # fmt: skip
+    except json.JSONDecodeError as exc:
+        return {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {},
+                "ctx": {"error": exc.msg}}  # fmt: skip
+    except (ValueError, RecursionError):
+        return None
+    return None
 
 
 def _fields(loc: Sequence[Any]) -> list[str]:

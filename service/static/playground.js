@@ -1,16 +1,49 @@
 // Base vs instruct, side by side: both panes stream at once through the gateway's native API.
 "use strict";
 
+// Each preset shows one difference between the kinds; what it says it shows is what greedy decoding
+// (temperature 0, 64 tokens) gives with the built-in Gemma 3 270M (base) and SmolLM2 135M Instruct
+// (tests/e2e/test_playground.py runs every one and checks it).
 const PRESETS = [
-  { label: "What is the capital of France?", input: "What is the capital of France?" },
-  { label: "What is 2+2?", input: "What is 2+2?" },
-  { label: "Translate to French", input: "Translate to French: Hello, how are you?" },
+  {
+    label: "What is the capital of France?",
+    input: "What is the capital of France?",
+    shows: "A question. The instruct model answers it (Paris) and stops; the base model continues the text "
+      + "as a web page might: an answer, then the question again, until the token limit.",
+  },
+  {
+    label: "What is 2+2?",
+    input: "What is 2+2?",
+    shows: "The base model has no notion of being asked something: it continues the pattern by repeating "
+      + "the question. The instruct model answers it (4).",
+  },
+  {
+    label: "Translate to French",
+    input: "Translate to French: Hello, how are you?",
+    shows: "An instruction. The base model continues a list of such lines into other languages; the "
+      + "instruct model replies in French (a small model: it answers the question rather than translating it).",
+  },
+  {
+    label: "Few-shot, a pattern",
+    input: "green",
+    examples: "red => rouge\nblue => bleu\nblack => noir",
+    shows: "Examples make a base model do a task: from three English => French pairs it answers the fourth "
+      + "(vert) and stops. The instruct pane gets the word alone, without the examples.",
+  },
   {
     label: "Few-shot, wrong answers",
     input: "What is the capital of France?",
-    examples: "What is 1+1? => 5\nWhat is the capital of Spain? => Berlin\nWhat colour is the sky? => green",
+    examples: "What is the capital of Spain? => Berlin\nWhat is the capital of Italy? => Berlin\n"
+      + "What is the capital of Japan? => Berlin",
+    shows: "A base model follows its examples even against what it knows: every answer in them is Berlin, "
+      + "so it answers Berlin. The instruct pane (no examples) answers Paris.",
   },
-  { label: "The capital of France is", input: "The capital of France is" },
+  {
+    label: "The first man on the moon was",
+    input: "The first man to walk on the moon was",
+    shows: "Text to complete, what a base model is for: it finishes the sentence (Neil Armstrong) and goes "
+      + "on, inventing details as it goes. The instruct model takes it as a message to reply to.",
+  },
 ];
 
 const $ = (id) => document.getElementById(id);

@@ -66,11 +66,40 @@ def test_a_preset_streams_into_both_panes_at_once(page: Page) -> None:
     assert path.stat().st_size > 10_000
 
 
-def test_few_shot_preset_fills_the_examples_editor(page: Page) -> None:
-    page.get_by_role("button", name="Few-shot, wrong answers").click()
-    assert page.locator("#examples-count").inner_text() == "3"
+# Each preset, what its note says it shows, and what greedy decoding with the built-in models gives:
+# (button, examples in the editor, what the base pane holds, its finish, what the instruct pane holds).
+PRESET_OUTCOMES = [
+    ("What is the capital of France?", 0, ["Paris", "What is the capital of France?"], "length", ["Paris"]),
+    ("What is 2+2?", 0, ["What is 2+2?\n\nWhat is 2+2?"], "length", ["4"]),
+    ("Translate to French", 0, ["Translate to Spanish"], "length", ["Je "]),
+    ("Few-shot, a pattern", 3, [" vert"], "stop", []),
+    ("Few-shot, wrong answers", 3, [" Berlin"], "stop", ["Paris"]),
+    ("The first man on the moon was", 0, [" Neil Armstrong"], "length", []),
+]
+
+
+@pytest.mark.parametrize(("button", "examples", "base", "finish", "instruct"), PRESET_OUTCOMES)
+def test_every_preset_shows_what_it_says(
+    page: Page, button: str, examples: int, base: list[str], finish: str, instruct: list[str]
+) -> None:
+    preset = page.get_by_role("button", name=button, exact=True)
+    preset.click()
+    shows = page.locator("#shows").inner_text()
+    assert len(shows) > 40 and preset.get_attribute("title") == shows  # it says what it shows
+    assert page.locator("#examples-count").inner_text() == str(examples)
     done(page, "base")
-    assert page.locator("#base-stats [data-stat=finish]").inner_text() == "stop"
+    done(page, "instruct")
+    base_text = page.locator("#base-output").inner_text()
+    instruct_text = page.locator("#instruct-output").inner_text()
+    for expected in base:
+        assert expected in base_text, base_text
+    if finish == "stop":  # the answer alone: the pattern's boundary ended it
+        assert base_text.strip() == expected.strip(), base_text
+    assert page.locator("#base-stats [data-stat=finish]").inner_text() == finish
+    assert instruct_text.strip()
+    for expected in instruct:
+        assert expected in instruct_text, instruct_text
+    assert "Berlin" not in instruct_text  # the instruct pane never sees the examples
 
 
 def test_errors_are_shown_in_the_panes(page: Page) -> None:

@@ -249,7 +249,7 @@ def build_app(script: Script) -> Starlette:
             return PlainTextResponse("<html>not json</html>", status_code=200)
         if script.mode == "broken_json":
             return PlainTextResponse('{"id": "cmpl-standin", "choices": [}', media_type="application/json")
-        if body.get("stream"):
+        if body.get("stream") and chunk is not None:  # vLLM's batch route (no chunks) answers whole
             return StreamingResponse(stream(body, chunk), media_type="text/event-stream")
         waited = 0.0
         while waited < script.first_token_delay:

@@ -11,8 +11,11 @@ from fastapi import FastAPI
 
 from service.api.endpoint import post_endpoints
 from service.api.endpoints import ENDPOINTS
+from service.api.vllm_dialect import VLLM_TAGS
 
 POST_PATHS = sorted(post_endpoints(ENDPOINTS))
+# Routes vLLM serves too: a body vLLM's parser refuses gets vLLM's words (tests/e2e/test_vllm_parity.py).
+VLLM_PATHS = {path for path, endpoint in post_endpoints(ENDPOINTS).items() if endpoint.tag in VLLM_TAGS}
 PYDANTIC_INTERNALS = re.compile(r"function-(after|before|wrap|plain)|\[|model_attributes_type|json_invalid")
 
 BAD_BODIES = [
@@ -46,6 +49,10 @@ async def test_bad_bodies_get_a_clear_400_on_every_route(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
+    if raw == b"{not json" and path in VLLM_PATHS:  # as vLLM words it, the position of the bad character
+        assert (error["type"], error["param"], error["code"]) == ("Bad Request", "body.1", 400)
+        assert "'msg': 'JSON decode error'" in error["message"], error["message"]
+        return
     assert says in error["message"]
     assert not PYDANTIC_INTERNALS.search(error["message"]), error["message"]
 

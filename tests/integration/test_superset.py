@@ -195,3 +195,23 @@ async def test_a_request_chat_template_needs_a_trusting_model(
             "Refused request with untrusted chat template.",
             "type": "BadRequestError", "param": None, "code": 400,
         }  # fmt: skip
+
+
+async def test_a_v1_body_that_is_not_json_names_where_as_vllm_does(http: httpx.AsyncClient) -> None:
+    """vLLM's parser is Python's: its error's `param` is the position of the first bad character."""
+    response = await http.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    error = response.json()["error"]
+    assert response.status_code == 400 and (error["type"], error["code"]) == ("Bad Request", 400)
+    assert error["param"] == "body.1" and "'loc': 'body.1'" in error["message"], error
+
+
+async def test_the_batch_route_asked_to_stream_answers_whole(http: httpx.AsyncClient, script: Script) -> None:
+    """vLLM's batch route has no stream (tests/e2e/test_vllm_parity.py shows it answering whole): the
+    request reaches the worker as sent and its whole answer comes back."""
+    body = {"model": "chat", "messages": [[{"role": "user", "content": "Hi"}]], "stream": True}
+    response = await http.post("/v1/chat/completions/batch", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "Hello, world!"
+    assert script.bodies[-1] == body
