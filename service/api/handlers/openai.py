@@ -80,7 +80,7 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     record = ctx.record
     model = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
     tokens = await _check_conversation(
-        gateway, model, request, request.messages, request.requested_max_tokens, record
+        gateway, model, request, request.messages, request.requested_max_tokens, ctx
     )
     gateway.check_scoring(model, request, len(tokens))
     return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
@@ -94,7 +94,7 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
     model = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
     rendered = [
         await _check_conversation(
-            gateway, model, request, conversation, request.requested_max_tokens, record, f"messages.{index}"
+            gateway, model, request, conversation, request.requested_max_tokens, ctx, f"messages.{index}"
         )
         for index, conversation in enumerate(request.messages)
     ]
@@ -124,7 +124,7 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     kwargs = fields.get("chat_template_kwargs")
     variables = request_variables(effort, kwargs if isinstance(kwargs, dict) else {})
     options = ChatOptions(param="input", variables=variables)
-    tokens = (await gateway.render(model, messages, options, record)).token_ids
+    tokens = (await gateway.render(model, messages, options, record, ctx.caller.cache_group)).token_ids
     gateway.check_context(model, len(tokens), request.max_output_tokens, "input", "max_output_tokens")
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
@@ -180,7 +180,7 @@ async def _check_conversation(
     request: V1ChatRequest | V1BatchChatRequest,
     messages: list[Any],
     requested: int | None,
-    record: RequestRecord,
+    ctx: RequestContext,
     param: str = "messages",
 ) -> list[int]:
     """Render one conversation as the worker will (control tokens refused in the render, off the
@@ -191,7 +191,8 @@ async def _check_conversation(
             param="chat_template",
         )
     options = ChatOptions.of(request, param)
-    rendered = await gateway.render(model, messages_as_dicts(messages), options, record)
+    group = ctx.caller.cache_group
+    rendered = await gateway.render(model, messages_as_dicts(messages), options, ctx.record, group)
     asked = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     gateway.check_context(model, len(rendered.token_ids), requested, param, asked)
     return rendered.token_ids
