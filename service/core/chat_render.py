@@ -54,6 +54,8 @@ class ChatOptions:
     # What vLLM hands the template from the request's own fields (reasoning_effort, enable_thinking),
     # so that any branch the worker's render would take runs here first, under the same bounds.
     variables: dict[str, Any] | None = None
+    # The caller's cache group: the check's cache never tells one group what another rendered.
+    cache_group: str | None = None
 
     @classmethod
     def of(cls, request: ChatOptionsFields, param: str = "messages") -> ChatOptions:
@@ -167,7 +169,7 @@ class ChatRenderer:
             skeleton(options.template_variables, names=True),
         )  # fmt: skip
         flags = (options.add_generation_prompt, options.continue_final_message, options.add_special_tokens)
-        key = fingerprint(options.chat_template or "", flags, *parts)
+        key = fingerprint(options.cache_group, options.chat_template or "", flags, *parts)
         expected = self._sequences.get(key)
         if expected is None:
             expected = self._skeleton_sequence(parts, options, render)

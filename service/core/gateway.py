@@ -5,6 +5,7 @@ resolve the model, tokenize, fit the context, send to a worker, shape the answer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -164,9 +165,13 @@ class Gateway:
         messages: Sequence[dict[str, Any]],
         options: ChatOptions = DEFAULT_CHAT,
         record: RequestRecord | None = None,
+        cache_group: str | None = None,
     ) -> RenderedPrompt:
-        """Chat template rendering and tokenizing, off the event loop."""
+        """Chat template rendering and tokenizing, off the event loop (what it caches, kept apart
+        per cache group)."""
         started = time.perf_counter()
+        if cache_group is not None:
+            options = dataclasses.replace(options, cache_group=cache_group)
         with self.span(record, "gateway.render") as span:
             tokenizer = model.tokenizer
             job = functools.partial(tokenizer.render_chat, messages, options)

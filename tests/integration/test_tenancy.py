@@ -202,3 +202,28 @@ async def test_the_workers_key_goes_with_every_request_and_probe(worker_key: str
     assert {"/health", "/v1/models", "/openapi.json", "/v1/completions"} <= paths
     expected = f"Bearer {worker_key}" if worker_key else None
     assert {header for _, header in seen} == {expected}  # never the client's own key
+
+
+CHAT_PATHS = [
+    ("/chat", {"messages": MESSAGES, "max_tokens": 1}),
+    ("/chat/render", {"messages": MESSAGES}),
+    ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES}),
+    ("/v1/chat/completions/batch", {"model": "chat", "messages": [MESSAGES]}),
+    ("/tokenize", {"model": "chat", "messages": MESSAGES}),
+    ("/v1/responses", {"model": "chat", "input": "Hi"}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), CHAT_PATHS, ids=[p for p, _ in CHAT_PATHS])
+async def test_the_render_checks_cache_is_kept_apart_per_cache_group(
+    standin_url: str, script: Script, path: str, body: dict[str, Any]
+) -> None:
+    """A cached placeholder render answers faster: keys of different cache groups never share one
+    (alpha and gamma share a group on purpose), on every chat path."""
+    script.schema = {**SCHEMA, "BatchChatCompletionRequest": [*COMMON, "messages"]}
+    async with running_gateway(keyed(standin_url)) as (app, http):
+        cache = app.state.gateway.tokenizers["chat"]._chat._sequences
+        for key in ("alpha", "gamma", "beta", "beta"):
+            response = await http.post(path, json=body, headers=auth(key))
+            assert response.status_code == 200, response.text
+        assert len(cache) == 2  # team (alpha, gamma) and beta's own

@@ -284,3 +284,14 @@ def test_a_model_that_allows_control_tokens_skips_both_checks(tmp_path: Path) ->
         tokenizer.render_chat(
             [{"role": "user", "content": "hi"}], ChatOptions(template_kwargs={"bos_token": ""})
         )
+
+
+def test_the_checks_cache_is_kept_apart_per_cache_group(tmp_path: Path) -> None:
+    """The check on the result caches its placeholder render per structure; a hit answers faster,
+    so one cache group must never be told (by timing) what another one rendered."""
+    tokenizer = tokenizer_with(None, tmp_path)
+    cache = tokenizer._chat._sequences
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for group in ("key:a", "key:a", "key:b", None):
+        tokenizer.render_chat(messages, ChatOptions(cache_group=group))
+    assert len(cache) == 3  # one entry per group (and one without keys), reused within a group

@@ -18,7 +18,6 @@ from service.core.templates import RenderedPrompt
 from service.core.tenancy import add_salt
 from service.core.translate import NativeStream, native_chat, native_complete
 from service.errors import InvalidRequest
-from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind
 from service.workers.answer import parse_answer
 
@@ -115,7 +114,7 @@ def _scored(token_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
 async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> Response:
     """POST /chat: the next assistant turn, rendered with the model's own chat template."""
     record = ctx.record
-    model, rendered = await _admit_chat(gateway, request, record)
+    model, rendered = await _admit_chat(gateway, request, ctx)
     params = request.engine_params()
     body = gateway.completion_body(
         model, [rendered.token_ids], request.max_tokens, params, request.stream, prompt_param="messages"
@@ -131,8 +130,7 @@ async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> R
 
 async def render(gateway: Gateway, request: RenderRequest, ctx: RequestContext) -> Response:
     """POST /chat/render: the exact prompt text and token ids a /chat request would send."""
-    record = ctx.record
-    model, rendered = await _admit_chat(gateway, request, record)
+    model, rendered = await _admit_chat(gateway, request, ctx)
     return JSONResponse(
         {
             "model": model.name,
@@ -144,11 +142,12 @@ async def render(gateway: Gateway, request: RenderRequest, ctx: RequestContext) 
 
 
 async def _admit_chat(
-    gateway: Gateway, request: ChatRequest | RenderRequest, record: RequestRecord
+    gateway: Gateway, request: ChatRequest | RenderRequest, ctx: RequestContext
 ) -> tuple[ServedModel, RenderedPrompt]:
     """Checks shared by the native chat endpoints, then the rendered prompt."""
     enforce_caps(request, gateway.settings)
     model = gateway.resolve(request.model, ModelKind.INSTRUCT)
-    record.admit(model.name)
+    ctx.record.admit(model.name)
     model.require_chat()
-    return model, await gateway.render(model, messages_as_dicts(request.messages), record=record)
+    messages = messages_as_dicts(request.messages)
+    return model, await gateway.render(model, messages, record=ctx.record, cache_group=ctx.caller.cache_group)

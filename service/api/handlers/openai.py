@@ -85,7 +85,7 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     model = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
     if not request.messages:  # vLLM decides what an empty conversation is
         return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices)
-    tokens = await _check_conversation(gateway, model, request, request.messages, record)
+    tokens = await _check_conversation(gateway, model, request, request.messages, ctx)
     gateway.check_scoring(model, request, len(tokens))
     return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
 
@@ -98,7 +98,7 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
     if not all(request.messages):  # vLLM decides what an empty conversation (or none) is
         return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, whole=True)
     rendered = [
-        await _check_conversation(gateway, model, request, conversation, record, f"messages.{index}")
+        await _check_conversation(gateway, model, request, conversation, ctx, f"messages.{index}")
         for index, conversation in enumerate(request.messages)
     ]
     gateway.check_scoring(model, request, sum(len(tokens) for tokens in rendered))  # they run together
@@ -127,7 +127,7 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     kwargs = fields.get("chat_template_kwargs")
     variables = request_variables(effort, kwargs if isinstance(kwargs, dict) else {})
     options = ChatOptions(param="input", variables=variables)
-    tokens = (await gateway.render(model, messages, options, record)).token_ids
+    tokens = (await gateway.render(model, messages, options, record, ctx.caller.cache_group)).token_ids
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
     if request.stream:
@@ -179,7 +179,7 @@ async def _check_conversation(
     model: ServedModel,
     request: V1ChatRequest | V1BatchChatRequest,
     messages: list[Any],
-    record: RequestRecord,
+    ctx: RequestContext,
     param: str = "messages",
 ) -> list[int]:
     """Render one conversation as the worker will (control tokens refused in the render, off the
@@ -187,7 +187,8 @@ async def _check_conversation(
     if _sends_template(request) and not model.spec.trust_request_chat_template:
         raise VllmRefusal(400, "BadRequestError", UNTRUSTED_TEMPLATE)  # the worker would refuse it so
     options = ChatOptions.of(request, param)
-    rendered = await gateway.render(model, messages_as_dicts(messages), options, record)
+    group = ctx.caller.cache_group
+    rendered = await gateway.render(model, messages_as_dicts(messages), options, ctx.record, group)
     return rendered.token_ids
 
 

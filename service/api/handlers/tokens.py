@@ -39,7 +39,8 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
         check_fields(model.pool, "TokenizeChatRequest", request.extras(), need_worker=False)
         options = ChatOptions.of(request)  # a request's template: refused unless the model trusts them
         record.admit(model.name)
-        tokens = (await gateway.render(model, messages_as_dicts(request.messages), options, record)).token_ids
+        messages = messages_as_dicts(request.messages)
+        tokens = (await gateway.render(model, messages, options, record, ctx.caller.cache_group)).token_ids
     elif request.prompt is not None:
         model = gateway.resolve(request.model, ModelKind.BASE)
         check_fields(model.pool, "TokenizeCompletionRequest", request.extras(), need_worker=False)
