@@ -21,6 +21,7 @@
     ├── UpstreamRejected              the worker's own 4xx status and envelope, passed through
     ├── NotServedByWorker             501 not_implemented (the worker has no such route)
     ├── UpstreamUnavailable           502 upstream_error (connection refused, reset, malformed answer)
+    │   └── AdapterLoadFailed         502 upstream_error / adapter_load_failed (a worker did not load it)
     ├── UpstreamTimeout               504 timeout
     └── ClientDisconnected            499 (nobody reads it; counted as a disconnect, not an error)
 
@@ -266,6 +267,22 @@ class UpstreamUnavailable(GatewayError):
         # A pooled connection found closed by the worker: the same worker may take the retry.
         self.stale = stale
         self.eject = eject  # the worker cannot be reached at all: take it out until it answers a probe
+
+
+class AdapterLoadFailed(UpstreamUnavailable):
+    """A worker could not load an adapter a request needs (another replica may still take the request).
+    `reason` is the worker's own account, for logs and the operator: it may name folders."""
+
+    code = "adapter_load_failed"
+
+    def __init__(self, model: str, adapter: str, reason: str) -> None:
+        super().__init__(
+            f"The worker for model '{model}' could not load the adapter '{adapter}'; the gateway's log says "
+            "why.",
+            retryable=True,
+        )
+        self.adapter = adapter
+        self.reason = reason
 
 
 class ClientDisconnected(GatewayError):
