@@ -7,6 +7,7 @@
     ├── Unauthorized                  401 invalid_request_error / invalid_api_key, WWW-Authenticate
     ├── Forbidden                     403 permission_error (a key that may not do this; code: the rule)
     ├── ModelNotFound                 404 invalid_request_error / model_not_found (param: model)
+    ├── AdapterNotFound               404 invalid_request_error / adapter_not_found (operator API)
     ├── RouteNotFound                 404 not_found_error / route_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed, with Allow
     ├── RequestTimeout                408 invalid_request_error / body_timeout (or header_timeout)
@@ -112,6 +113,18 @@ class ModelNotFound(GatewayError):
             f"The model '{_clip(model, 200)}' does not exist. Served models: {', '.join(known)}.",
             param="model",
         )
+
+
+class AdapterNotFound(GatewayError):
+    """The operator named an adapter that is not registered."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "adapter_not_found"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        listed = ", ".join(known) if known else "none"
+        super().__init__(f"There is no adapter '{_clip(name, 200)}'. Adapters: {listed}.", param="name")
 
 
 class Unauthorized(GatewayError):
