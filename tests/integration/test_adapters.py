@@ -162,7 +162,7 @@ async def test_requests_under_way_finish_when_their_adapter_is_removed(
     async with running_gateway(lora_settings(standin_url, tmp_path)) as (_, http):
         body = {"model": "base", "name": "busy", "path": str(folder)}
         assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
-        script.token_delay = 0.4  # a stream of four tokens: about 1.6 s
+        script.token_delay = 0.8  # a stream of four tokens: about 3.2 s, longer than the two polls
         stream = asyncio.ensure_future(
             http.post("/v1/completions", json={"model": "busy", "prompt": "Hi", "stream": True})
         )
@@ -289,3 +289,47 @@ async def test_bad_bodies_to_the_operator_api_get_a_clear_400(standin_url: str, 
         huge = {"model": "base", "name": "x", "path": "/" + "a" * 5000}
         too_long = await http.post("/adapters", json=huge, headers=ADMIN)
         assert too_long.status_code == 400 and error_of(too_long)["param"] == "path"
+
+
+async def test_the_command_line_adds_lists_and_removes_adapters(
+    standin_url: str,
+    script: Script,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.cli import main
+
+    folder = adapter_folder(tmp_path, "cli")
+    monkeypatch.chdir(tmp_path)  # the CLI makes a relative path absolute, as the user meant it
+    monkeypatch.delenv("GATEWAY_ADMIN_KEY", raising=False)
+    async with running_gateway(lora_settings(standin_url, tmp_path)) as (_, http):
+        url = str(http.base_url)
+
+        async def cli(*argv: str) -> tuple[int, str, str]:
+            code = await asyncio.to_thread(main, ["adapters", *argv, "--url", url])
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        assert await cli("list") == (1, "", "llm-gateway: error: the operator API needs an admin key: "
+                                           "--admin-key or GATEWAY_ADMIN_KEY\n")  # fmt: skip
+        code, out, _ = await cli(
+            "add", "cli", "cli", "--model", "base", "--description", "from the CLI", "--admin-key", "admin-1"
+        )
+        worker = standin_url.removeprefix("http://")
+        assert (code, out) == (0, f"registered cli: a base adapter of base, loaded on {worker}\n")
+        assert script.adapters == {"cli": str(folder)}
+        monkeypatch.setenv("GATEWAY_ADMIN_KEY", "admin-1")
+        code, out, _ = await cli("list")
+        assert code == 0 and out.splitlines() == [
+            "NAME  KIND  MODEL  SOURCE   LOADED ON", f"cli   base  base   runtime  {worker}"]  # fmt: skip
+        code, _, err = await cli("add", "cli", str(folder), "--model", "base")
+        assert (
+            code == 1
+            and err == "llm-gateway: error: 400: name: 'cli' is already served (a model or an adapter).\n"
+        )
+        assert await cli("remove", "cli") == (0, "removed cli\n", "")
+        code, _, err = await cli("remove", "cli")
+        assert code == 1 and err == "llm-gateway: error: 404: There is no adapter 'cli'. Adapters: none.\n"
+        code, _, err = await cli("list", "--admin-key", "wrong")
+        assert code == 1 and err.startswith("llm-gateway: error: 401: Missing or invalid admin key")
