@@ -32,10 +32,9 @@ def lora_settings(
         ModelSpec(name="chat", kind=ModelKind.INSTRUCT, tokenizer=TOKENIZER, urls=[url], lora=True),
         ModelSpec(name="plain", kind=ModelKind.BASE, tokenizer=TOKENIZER, urls=[url]),
     ]  # fmt: skip
-    return Settings(
-        models=models, admin_keys="admin-1", database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
-        health_interval=0.1, default_max_tokens=100, **extra,
-    )  # fmt: skip
+    options = {"admin_keys": "admin-1", "database_url": f"sqlite:///{tmp_path / 'gateway.db'}",
+               "health_interval": 0.1, "default_max_tokens": 100, **extra}  # fmt: skip
+    return Settings(models=models, **options)
 
 
 @pytest.fixture(autouse=True)

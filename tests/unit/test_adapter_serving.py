@@ -150,18 +150,23 @@ def test_an_adapters_own_template_renders_its_chats_and_one_like_its_models_does
 def test_the_store_keeps_registrations_and_bumps_their_revision(tmp_path: Path) -> None:
     database = Database(default_url(tmp_path))
     try:
-        database.migrate()
-        assert store.snapshot(database, None) == (0, [])
-        row = store.AdapterRow("qa", "m", "/adapters/qa", "base", None, "QA")
-        stored = store.add(database, row)
-        assert stored.created_at is not None
-        revision, rows = store.snapshot(database, 0)
-        assert revision == 1 and [(r.name, r.description) for r in rows or []] == [("qa", "QA")]
-        assert store.snapshot(database, 1) == (1, None)  # nothing read while the revision stands
-        with pytest.raises(store.AdapterExists):
-            store.add(database, row)
-        assert store.snapshot(database, None)[0] == 1  # a refused write bumps nothing
-        assert store.remove(database, "qa") and not store.remove(database, "qa")
-        assert store.snapshot(database, 1) == (2, [])
+        store_steps(database)
     finally:
         database.close()
+
+
+def store_steps(database: Database) -> None:
+    """Registrations kept, refused twice, removed; each write one more revision (SQLite and PostgreSQL)."""
+    database.migrate()
+    assert store.snapshot(database, None) == (0, [])
+    row = store.AdapterRow("qa", "m", "/adapters/qa", "base", None, "QA")
+    stored = store.add(database, row)
+    assert stored.created_at is not None
+    revision, rows = store.snapshot(database, 0)
+    assert revision == 1 and [(r.name, r.description) for r in rows or []] == [("qa", "QA")]
+    assert store.snapshot(database, 1) == (1, None)  # nothing read while the revision stands
+    with pytest.raises(store.AdapterExists):
+        store.add(database, row)
+    assert store.snapshot(database, None)[0] == 1  # a refused write bumps nothing
+    assert store.remove(database, "qa") and not store.remove(database, "qa")
+    assert store.snapshot(database, 1) == (2, [])
