@@ -92,7 +92,9 @@ def wait_ready(stack: Stack, seconds: float = READY_TIMEOUT_SECONDS) -> None:
 def launch(env_overrides: dict[str, str], log_path: Path) -> Stack:
     """`llm-gateway serve` with a clean GATEWAY_* environment plus `env_overrides`."""
     port = free_port("127.0.0.1")
-    env = gateway_env(TEST_STORE)
+    # A store of its own next to its log: never the user's, and nothing left from an earlier run.
+    store = log_path.with_name(f"{log_path.stem}.db")
+    env = gateway_env(f"sqlite:///{store}")
     env.update(GATEWAY_PORT=str(port), GATEWAY_PROCESSES="1")
     env.update(env_overrides)
     with log_path.open("wb") as log_file:

@@ -27,6 +27,7 @@ from service.api.endpoint import (
     metric_labels,
     open_paths,
     post_endpoints,
+    shared_paths,
     undrained_paths,
 )
 from service.api.endpoints import ENDPOINTS
@@ -34,6 +35,7 @@ from service.api.errors import install_error_handlers
 from service.api.handlers.playground import STATIC_DIR
 from service.api.observability import ObservabilityMiddleware
 from service.api.openapi import install_openapi
+from service.core.adapters import AdapterRegistry
 from service.core.gateway import Gateway
 from service.core.templates import load_tokenizers
 from service.core.tenancy import Tenancy
@@ -96,6 +98,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Probes get their own connections: a probe never waits behind traffic, nor reuses its sockets.
     probes = build_session(settings)
     monitor = discovery = roster = None
+    registry: AdapterRegistry | None = None
     try:
         # Migrating takes a lock, so processes and pods starting together migrate once.
         await asyncio.to_thread(app.state.database.migrate)
@@ -111,6 +114,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.tracing,
         )
         app.state.processes = processes
+        # Adapters: the configured ones, and those registered (in the store), followed from now on.
+        registry = AdapterRegistry(app.state.gateway, app.state.database)
+        await registry.start()
+        app.state.gateway.registry = registry
         health = build_monitor(settings, probes, list(pools.values()), (read_model_entry, read_contract))
         if settings.roster_file is not None:  # another process launches the workers: follow it
             seen = follow_roster(list(pools.values()), settings.roster_file)
@@ -125,6 +132,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         background = [task for task in (monitor, discovery, roster) if task is not None]
         for task in background:
             task.cancel()
+        if registry is not None:
+            await registry.stop()
         await asyncio.gather(*(process.stop() for process in processes), return_exceptions=True)
         await asyncio.gather(*supervisors, *background, return_exceptions=True)
         await session.close()
@@ -191,6 +200,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
             ObservabilityMiddleware,
             metrics=app.state.metrics,
             labels=metric_labels(endpoints),
+            shared=shared_paths(endpoints),
             tracing=app.state.tracing,
         ),
         Middleware(DrainMiddleware, drain=app.state.drain, exempt=undrained_paths(endpoints)),
@@ -237,6 +247,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         state=app.state,
         session_header=settings.routing_session_header,
         max_json_containers=settings.max_json_containers,
+        other_methods=shared_paths(endpoints),
     )
     edge.append(dispatch)
     app.edge_middleware = edge

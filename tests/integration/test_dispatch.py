@@ -13,7 +13,8 @@ from service.api.endpoint import post_endpoints
 from service.api.endpoints import ENDPOINTS
 from service.api.vllm_dialect import VLLM_TAGS
 
-POST_PATHS = sorted(post_endpoints(ENDPOINTS))
+# The operator's routes are off in this app (no admin keys); test_adapters.py sends them bad bodies.
+POST_PATHS = sorted(path for path, endpoint in post_endpoints(ENDPOINTS).items() if not endpoint.admin)
 # Routes vLLM serves too: a body vLLM's parser refuses gets vLLM's words (tests/e2e/test_vllm_parity.py).
 VLLM_PATHS = {path for path, endpoint in post_endpoints(ENDPOINTS).items() if endpoint.tag in VLLM_TAGS}
 PYDANTIC_INTERNALS = re.compile(r"function-(after|before|wrap|plain)|\[|model_attributes_type|json_invalid")

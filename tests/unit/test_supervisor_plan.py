@@ -97,3 +97,23 @@ async def test_every_path_the_gateway_probes_is_left_out_of_the_workers_access_l
     quiet = plan.argv[plan.argv.index("--disable-access-log-for-endpoints") + 1].split(",")
     assert set(transport.paths) == {"/health", "/metrics", "/v1/models", "/openapi.json", "/version"}
     assert set(transport.paths) <= set(quiet)
+
+
+def test_a_model_with_adapters_runs_workers_with_lora_and_runtime_loading(tmp_path: Path) -> None:
+    from tests.adapters import adapter_folder
+
+    qa = adapter_folder(tmp_path, "qa", rank=20)
+    spec = ModelSpec(name="m", kind=ModelKind.BASE, source="/m", adapters=[{"name": "qa", "path": str(qa)}])
+    plan = launch_plan(spec, Settings(cache_dir=tmp_path), port=9001, cores=None, replica=0)
+    argv = " ".join(plan.argv)
+    assert "--enable-lora --max-loras 1 --max-cpu-loras 1 --max-lora-rank 32" in argv
+    assert "--trust-request-chat-template" in argv  # an adapter's own template comes with its requests
+    assert plan.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    runtime = ModelSpec(name="m", kind=ModelKind.BASE, source="/m", lora=True, max_loras=3, max_cpu_loras=8,
+                        trust_request_chat_template=True)  # fmt: skip
+    argv = launch_plan(runtime, Settings(cache_dir=tmp_path), port=9001, cores=None, replica=0).argv
+    assert " ".join(argv).count("--trust-request-chat-template") == 1
+    assert "--max-loras 3 --max-cpu-loras 8 --max-lora-rank 16" in " ".join(argv)
+    plain = launch_plan(ModelSpec(name="m", kind=ModelKind.BASE, source="/m"), Settings(cache_dir=tmp_path),
+                        port=9001, cores=None, replica=0)  # fmt: skip
+    assert "--enable-lora" not in plain.argv and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plain.env

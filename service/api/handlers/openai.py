@@ -117,6 +117,12 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     model = gateway.resolve(request.model, ModelKind.INSTRUCT)
     record.admit(model.name)
     model.require_chat()
+    if model.worker_chat_template is not None:
+        raise InvalidRequest(
+            f"'{model.name}' renders chats with a chat template of its own, which vLLM's Responses API "
+            "cannot be given; use /v1/chat/completions (or /chat).",
+            param="model",
+        )
     check_fields(model.pool, "ResponsesRequest", request.extras())
     # Everything vLLM hands its template from this request, scanned off the event loop.
     await asyncio.to_thread(_check_responses_texts, model.tokenizer, request)
@@ -217,6 +223,8 @@ async def _send(
     record = ctx.record
     extras = request.model_extra or {}
     check_client_fields(ctx.caller, extras)
+    if path != COMPLETIONS_PATH:
+        changes = _own_chat(model, request, changes)
     salt = worker_salt(ctx.caller, model.pool, path, extras.get(SALT_FIELD))  # None: the body stays as it is
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     if request.stream and not whole:
@@ -239,6 +247,21 @@ def _usage_for_the_gateway(options: dict[str, Any] | None, asked: bool) -> dict[
     if not asked:
         options.pop("continuous_usage_stats", None)
     return options
+
+
+def _own_chat(
+    model: ServedModel, request: OpenAIRequest, changes: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """A chat of a model with a template of its own (an instruct adapter's): the worker, which knows only
+    its base model's, is sent the template, and the template's end of turn to stop at."""
+    template = model.worker_chat_template
+    if template is not None and getattr(request, "chat_template", None) is None:
+        changes = {**(changes or {}), "chat_template": template}
+    if model.chat_stop_token_ids:
+        asked = (request.model_extra or {}).get("stop_token_ids")
+        stops = [*(asked if isinstance(asked, list) else []), *model.chat_stop_token_ids]
+        changes = {**(changes or {}), "stop_token_ids": stops}
+    return changes
 
 
 def _user(request: OpenAIRequest | V1ResponsesRequest) -> str | None:
