@@ -125,12 +125,16 @@ class FakeTransport:
 
     async def get_json(self, worker: Worker, path: str) -> Any:
         found = self.facts.get((worker.url, path))
+        if isinstance(found, GatewayError):  # scripted as the transport's error (a refused key, say)
+            raise found
         if found is None:
             raise ValueError(f"GET {path}: nothing scripted")
         return found
 
     async def get_text(self, worker: Worker, path: str) -> str:
         found = self.facts.get((worker.url, path))
+        if isinstance(found, GatewayError):
+            raise found
         if not isinstance(found, str):
             raise ValueError(f"GET {path}: nothing scripted")
         return found

@@ -1,4 +1,5 @@
-"""What every transport shares: framing an event stream, and the stream deadlines."""
+"""What every transport shares: framing an event stream, and the stream deadlines; how an HTTP
+worker's refusals are read."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import asyncio
 
 import pytest
 
-from service.errors import UpstreamTimeout
+from service.errors import UpstreamRejected, UpstreamTimeout, WorkerAuthFailed
 from service.workers.fake import FakeStream
+from service.workers.http_transport import rejection
 from service.workers.transport import OversizedEvent, SseFramer, WatchedStream, sse_payloads
 from service.workers.worker import Worker
 
@@ -70,3 +72,19 @@ async def test_each_stream_deadline_means_what_it_says(
         with pytest.raises(UpstreamTimeout, match=error.replace(".", r"\.")):
             await collect(watched)
     await watched.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(401, b'{"error": "Unauthorized"}'),  # vLLM's --api-key
+     (401, b'{"error": {"message": "...", "code": "worker_key_required"}}'),  # the workers' guard
+     (403, b"<html>Forbidden</html>")],  # a proxy in front of the worker
+)  # fmt: skip
+def test_a_worker_refusing_the_key_is_the_gateways_502_not_the_clients_401(status: int, body: bytes) -> None:
+    worker = Worker("m", "http://w")
+    error = rejection(status, body, worker, "/v1/chat/completions")
+    assert isinstance(error, WorkerAuthFailed) and error.status_code == 502
+    assert error.retryable and error.eject  # another replica may hold the right key; this one is out
+    assert "could not authenticate to the worker for model 'm'" in error.message
+    # Other 4xx stay the worker's own answer to the client's request.
+    assert isinstance(rejection(400, b'{"error": {"message": "bad n"}}', worker, "/x"), UpstreamRejected)
