@@ -95,12 +95,26 @@ def test_a_rollout_drains_without_refusing_requests(overlay: str) -> None:
     assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + window + drain + 5
 
 
-def test_prometheus_scrapes_metrics_with_a_key() -> None:
+def test_prometheus_scrapes_metrics_with_an_admin_key_no_client_holds() -> None:
     documents = render(K8S / "base")
     endpoint = by_kind(documents, "ServiceMonitor")["llm-gateway"]["spec"]["endpoints"][0]
     credentials = endpoint["authorization"]["credentials"]
     secret = by_kind(documents, "Secret")[credentials["name"]]["stringData"]
-    assert secret[credentials["key"]] in secret["api-keys"].split(",")
+    env = env_of(by_kind(documents, "Deployment")["llm-gateway"]["spec"]["template"]["spec"]["containers"][0])
+    admin = env["GATEWAY_ADMIN_KEYS"]["secretKeyRef"]
+    assert admin["name"] == credentials["name"]
+    assert secret[credentials["key"]] in secret[admin["key"]].split(",")
+    assert secret[credentials["key"]] not in secret["api-keys"].split(",")  # tenants cannot read it
+    settings = Settings(api_keys=secret["api-keys"], admin_keys=secret[admin["key"]])  # type: ignore[arg-type]
+    assert settings.metrics_need_admin_key
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_the_gateway_leaves_the_service_only_when_it_can_serve_no_model(overlay: str) -> None:
+    pod = by_kind(render(K8S / "overlays" / overlay), "Deployment")["llm-gateway"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready?any"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
 
 
 def test_compose_file_validates_against_the_compose_spec() -> None:
