@@ -16,6 +16,7 @@
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded, with Retry-After
     ├── TooManyFailedKeys             429 rate_limit_error / too_many_failed_attempts, with Retry-After
     ├── NoHealthyWorker               503 service_unavailable
+    │   └── WorkersRefuseKey          502 upstream_error / worker_auth_failed (each refused our key)
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
     ├── TooManyConnections            503 service_unavailable / too_many_connections
     ├── ShuttingDown                  503 service_unavailable / shutting_down, with Retry-After
@@ -24,6 +25,7 @@
     ├── NotServedByWorker             501 not_implemented (the worker has no such route)
     ├── UpstreamUnavailable           502 upstream_error (connection refused, reset, malformed answer)
     │   └── AdapterLoadFailed         502 upstream_error / adapter_load_failed (a worker did not load it)
+    │   └── WorkerAuthFailed          502 upstream_error / worker_auth_failed (a worker refused our key)
     ├── UpstreamTimeout               504 timeout
     └── ClientDisconnected            499 (nobody reads it; counted as a disconnect, not an error)
 
@@ -218,6 +220,23 @@ class NoHealthyWorker(GatewayError):
         super().__init__(f"No healthy worker for model '{model}' right now; retry shortly.")
 
 
+class WorkersRefuseKey(NoHealthyWorker):
+    """No worker of a model is healthy because each refused the gateway's own key: the gateway's
+    configuration, not a moment to wait out (so a 502, like `WorkerAuthFailed`, not a 503)."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    code = "worker_auth_failed"
+
+    def __init__(self, model: str, status: int) -> None:
+        GatewayError.__init__(
+            self,
+            f"The gateway could not authenticate to the workers of model '{model}' (they answer HTTP "
+            f"{status}): the gateway's worker key (GATEWAY_WORKER_API_KEY) is not the one they require. "
+            "This is the gateway's configuration, not your request.",
+        )
+
+
 class Overloaded(GatewayError):
     """Every worker slot is taken and the queue is full or the wait ran out: come back later."""
 
@@ -317,6 +336,23 @@ class AdapterLoadFailed(UpstreamUnavailable):
         )
         self.adapter = adapter
         self.reason = reason
+
+
+class WorkerAuthFailed(UpstreamUnavailable):
+    """A worker refused the gateway's own key (401 or 403): the gateway's configuration is wrong, not the
+    client's request. The worker is taken out until it accepts the key; another replica may serve."""
+
+    code = "worker_auth_failed"
+
+    def __init__(self, model: str, status: int) -> None:
+        super().__init__(
+            f"The gateway could not authenticate to the worker for model '{model}' (it answered HTTP "
+            f"{status}): the gateway's worker key (GATEWAY_WORKER_API_KEY) is not the one the worker "
+            "requires. This is the gateway's configuration, not your request.",
+            retryable=True,
+            eject=True,
+        )
+        self.status = status
 
 
 class ClientDisconnected(GatewayError):

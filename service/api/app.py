@@ -186,7 +186,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
     app.state.settings = settings
     app.state.tenancy = Tenancy.from_settings(settings)  # who each API key is, and its cache salt
     # While keys are set, metrics readable without one must not show where the workers are.
-    hide = bool(settings.api_keys) and not settings.metrics_need_key
+    hide = settings.metrics_public
     app.state.metrics = Metrics(
         lambda: [row for pool in _served_pools(app) for row in pool.health_rows(hide)]
     )
@@ -225,7 +225,8 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
     failed = FailedKeyLimit(
         settings.auth_failure_limit, settings.auth_failure_window, settings.trusted_proxies
     )
-    operator = admin_paths(endpoints)
+    # Metrics are host-wide (every tenant's counts): with admin keys, they are the operator's to read.
+    operator = admin_paths(endpoints, also=["/metrics"] if settings.metrics_need_admin_key else [])
     if operator:  # the operator's routes take admin keys only (and are off without them)
         admin_keys = [key.get_secret_value() for key in settings.admin_keys]
         edge.append(Middleware(AdminGuard, keys=admin_keys, paths=operator, failed_keys=failed,

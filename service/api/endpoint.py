@@ -56,9 +56,9 @@ def undrained_paths(table: Iterable[Endpoint]) -> frozenset[str]:
     return frozenset(e.path for e in table if not e.drained)
 
 
-def admin_paths(table: Iterable[Endpoint]) -> PathSet:
-    """The operator's routes (path parameters included), for the admin guard."""
-    return PathSet([e.path for e in table if e.admin])
+def admin_paths(table: Iterable[Endpoint], also: Iterable[str] = ()) -> PathSet:
+    """The operator's routes (path parameters included), and `also` these, for the admin guard."""
+    return PathSet([*(e.path for e in table if e.admin), *also])
 
 
 class PathSet:

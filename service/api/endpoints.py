@@ -66,7 +66,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     # Health, metrics, the playground.
     Endpoint("/health", "200 while the process serves; the gateway's version.", "health", method="GET",
              handler=health.health, open=True, drained=False),
-    Endpoint("/ready", "200 when every model has a healthy worker; else 503 naming those that have none.",
+    Endpoint("/ready", "200 when every model has a healthy worker (`?any`: some model, for load balancers); "
+             "else 503 naming those that have none.",
              "health", method="GET", handler=health.ready, open=True, drained=False),
     Endpoint("/metrics", "Prometheus text format.", "health", method="GET", handler=health.metrics,
              drained=False),

@@ -4,10 +4,9 @@ throughput)."""
 
 from __future__ import annotations
 
-import itertools
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -83,11 +82,6 @@ class ObservabilityMiddleware:
             request_id_var.reset(token)
 
 
-# Request ids: a per-process random prefix and a counter (unique, and no system call per request).
-_ID_PREFIX = uuid.uuid4().hex[:16]
-_ids = itertools.count(1)
-
-
 def _server_timing(record: RequestRecord) -> tuple[bytes, bytes]:
     """`Server-Timing: gateway;dur=…, upstream;dur=…` (milliseconds so far: for a stream, the worker's
     time until its first event; the rest of the stream is the worker's)."""
@@ -104,4 +98,6 @@ def _ids_of(scope: Scope) -> tuple[str, bytes | None]:
             request_id = str(value.decode())
         elif name == b"traceparent":
             traceparent = value
-    return request_id or f"{_ID_PREFIX}{next(_ids):016x}", traceparent  # 32 hex characters, as a uuid4
+    # 128 random bits from the kernel (32 hex characters, as a uuid4): a counter, even behind a random
+    # prefix, would tell every caller how many requests the others make between two of its own.
+    return request_id or os.urandom(16).hex(), traceparent

@@ -180,7 +180,7 @@ def serve_many(settings: Settings, count: int) -> int:
     """Serve with `count` processes until SIGTERM/SIGINT; 0 when stopped by a signal."""
     folder = Path(tempfile.mkdtemp(prefix="llm-gateway-"))
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        clear_metrics_dir(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+        clear_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     else:
         (folder / "metrics").mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder / "metrics")
@@ -194,11 +194,14 @@ def serve_many(settings: Settings, count: int) -> int:
     return 0
 
 
-def clear_metrics_dir(folder: Path) -> None:
+def clear_metrics_dir(folder: str | Path | None) -> None:
     """Remove an earlier run's metric files from an operator-given multiprocess folder (they would be
-    merged into /metrics): only the supervising process does this, before any serving process starts."""
+    merged into /metrics): the supervising process does this before any serving process starts, and a
+    gateway serving alone before it counts anything; a supervisor's serving processes never do."""
+    if not folder:
+        return
     removed = 0
-    for stale in folder.glob("*.db"):
+    for stale in Path(folder).glob("*.db"):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
             removed += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from types import FrameType
@@ -14,7 +15,7 @@ from fastapi import FastAPI
 from service.api.app import create_app
 from service.api.drain import Drain
 from service.api.http_protocol import ClientLimits, guarded_protocol
-from service.api.processes import process_count, serve_many
+from service.api.processes import clear_metrics_dir, process_count, serve_many
 from service.errors import GatewayError
 from service.ops.logs import configure_logging
 from service.ops.settings import Settings
@@ -80,7 +81,8 @@ def serve(settings: Settings, sock: socket.socket | None = None) -> int:
     count = process_count(settings) if sock is None else 1
     if count > 1:
         return serve_many(settings, count)
-    if sock is None:
+    if sock is None:  # serving alone (a supervisor's serving processes are given its socket)
+        clear_metrics_dir(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # an earlier run's counts go
         logging.getLogger(__name__).info(
             "serving on http://%s:%d; models: %s", settings.host, settings.port,
             ", ".join(f"{m.name} ({m.kind.value})" for m in settings.models),

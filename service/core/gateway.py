@@ -33,7 +33,6 @@ from service.core.translate import StreamTranslator
 from service.errors import (
     ContextLengthExceeded,
     InvalidRequest,
-    NoHealthyWorker,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -228,7 +227,7 @@ class Gateway:
         """The model's context length; unknown only while no worker has answered yet."""
         context = model.max_model_len
         if context is None:  # no worker has answered a probe yet: as good as none healthy
-            raise NoHealthyWorker(model.name)
+            raise model.pool.unavailable()
         return context
 
     def completion_body(
@@ -347,7 +346,7 @@ class Gateway:
                 return lease, *await self._attempt(model, lease, record, send)
             except (UpstreamUnavailable, UpstreamTimeout) as exc:
                 if exc.eject:
-                    lease.worker.mark(False)
+                    lease.worker.eject(exc)
                 exclude = self._retry_exclusion(pool, lease.worker, exc)
                 pool.release(lease)
                 lease = None

@@ -357,8 +357,9 @@ class Settings(BaseSettings):
     )
     metrics_require_key: bool | None = Field(
         default=None,
-        description="Whether /metrics needs a key; unset: yes when API keys are set. Public metrics never "
-        "show worker addresses while keys are set.",
+        description="Whether /metrics needs a key; unset: yes when API or admin keys are set. With admin "
+        "keys it takes an admin key, never a client's (it shows every tenant's traffic). Public metrics "
+        "never show worker addresses while keys are set.",
     )
     rate_limit: str | None = Field(default=None, description="Per-key limit such as `600/minute`.")
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(
@@ -498,8 +499,8 @@ class Settings(BaseSettings):
     # The operator API and state that outlives a process (issue 20 and after).
     admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Keys of the operator API (adapters, keys, usage), comma-separated; distinct from client "
-        "keys. Empty: the operator API is off (403).",
+        description="Keys of the operator API (adapters, keys, usage) and of /metrics, comma-separated; "
+        "distinct from client keys. Empty: the operator API is off (403), and /metrics takes a client key.",
     )
     database_url: SecretStr | None = Field(
         default=None,
@@ -612,10 +613,23 @@ class Settings(BaseSettings):
 
     @property
     def metrics_need_key(self) -> bool:
-        """Whether GET /metrics asks for an API key."""
+        """Whether GET /metrics asks for a client API key (no admin keys are set)."""
+        if self.metrics_need_admin_key:
+            return False
         if self.metrics_require_key is None:
             return bool(self.api_keys)
         return self.metrics_require_key and bool(self.api_keys)
+
+    @property
+    def metrics_need_admin_key(self) -> bool:
+        """Whether GET /metrics asks for an admin key: host-wide counts are the operator's to read."""
+        return bool(self.admin_keys) and self.metrics_require_key is not False
+
+    @property
+    def metrics_public(self) -> bool:
+        """Whether GET /metrics answers without any key while keys are set (then without addresses)."""
+        keyed = bool(self.api_keys or self.admin_keys)
+        return keyed and not (self.metrics_need_key or self.metrics_need_admin_key)
 
     def model_dir(self, builtin_name: str) -> Path:
         """Folder where `prepare` writes a built-in model."""

@@ -3,9 +3,11 @@ and version), kept in `Worker.facts` and read again when it may have changed.
 
 Facts are read after a probe the worker answered, apart from the health verdict: a fact that cannot
 be read (an error, a slow answer, an odd one) never marks a worker down. It keeps what was known
-before and is tried again at the next health check. Every fact is read again when the worker comes
-back (down, then up: it may be a new process), when it moves (a new address), and every
-`interval` seconds (a worker replaced behind a stable address, without ever looking down).
+before and is tried again at the next health check. The one exception is a worker refusing the
+gateway's key (401/403): then no request could pass either, so the refusal is the verdict's. Every
+fact is read again when the worker comes back (down, then up: it may be a new process), when it
+moves (a new address), and every `interval` seconds (a worker replaced behind a stable address,
+without ever looking down).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from service.errors import WorkerAuthFailed
 from service.workers.transport import Transport
 from service.workers.worker import Worker
 
@@ -66,9 +69,10 @@ class FactKeeper:
         self.readers = readers
         self.interval = interval  # seconds after which a fact read successfully is read again
 
-    async def refresh(self, worker: Worker, limit: float) -> None:
+    async def refresh(self, worker: Worker, limit: float) -> WorkerAuthFailed | None:
         """Run every reader that is due on `worker`, each within `limit` seconds. Never raises: a
-        reader that fails is logged (once until it succeeds again) and due again next time."""
+        reader that fails is logged (once until it succeeds again) and due again next time. Returns
+        the worker's refusal of the gateway's key if it refused it (the rest is then not read)."""
         for reader in self.readers:
             name = reader.__name__
             read_at = worker.facts_read.get(name)
@@ -77,6 +81,8 @@ class FactKeeper:
             try:
                 async with asyncio.timeout(limit):
                     await reader(self.transport, worker)
+            except WorkerAuthFailed as refused:
+                return refused
             except Exception as exc:
                 if name not in worker.facts_failing:
                     log.warning("worker %s for %s: %s failed (%s); trying again at the next check "
@@ -88,6 +94,12 @@ class FactKeeper:
             if name in worker.facts_failing:
                 worker.facts_failing.discard(name)
                 log.info("worker %s for %s: %s succeeded again", worker.label, worker.model, name)
+        return None
+
+
+def key_refused(refused: WorkerAuthFailed) -> str:
+    """Why a worker that refused the gateway's key is down, for the log and /ready."""
+    return f"it refused the gateway's worker key (HTTP {refused.status}): check GATEWAY_WORKER_API_KEY"
 
 
 def describe(exc: BaseException) -> str:

@@ -135,6 +135,8 @@ class FakeTransport:
 
     async def get_json(self, worker: Worker, path: str) -> Any:
         found = self.facts.get((worker.url, path))
+        if isinstance(found, GatewayError):  # scripted as the transport's error (a refused key, say)
+            raise found
         if callable(found):  # a worker whose answer changes (its adapters, say)
             found = found()
         if found is None:
@@ -143,6 +145,8 @@ class FakeTransport:
 
     async def get_text(self, worker: Worker, path: str) -> str:
         found = self.facts.get((worker.url, path))
+        if isinstance(found, GatewayError):
+            raise found
         if not isinstance(found, str):
             raise ValueError(f"GET {path}: nothing scripted")
         return found

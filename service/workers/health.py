@@ -2,7 +2,8 @@
 
 A probe is `GET /health`. Its outcome:
 - answered 200: up. Then whatever the worker told us that is due is read again (facts.py), and its
-  engine load (`/metrics`, which routing weighs); neither can change the verdict.
+  engine load (`/metrics`, which routing weighs); neither can change the verdict, unless the worker
+  refuses the gateway's key there (401/403): then it is down, and says so, until it takes the key.
 - refused, unreachable (a fresh connection is not even accepted), or any other answer: down at once.
 - no answer in time: slow, which alone is no reason to eject. A slow worker that made progress lately
   (bytes arrived on a request since its last verdict or within the longest probe; or, for a worker
@@ -33,9 +34,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from service.errors import WorkerAuthFailed
 from service.ops.settings import Settings
 from service.workers.engine_metrics import read_engine_load
-from service.workers.facts import DEFAULT_FACT_READERS, FactKeeper, FactReader, describe
+from service.workers.facts import DEFAULT_FACT_READERS, FactKeeper, FactReader, describe, key_refused
 from service.workers.http_transport import HttpTransport
 from service.workers.pool import ModelPool, Worker
 from service.workers.proc_stat import TreeSample, sample_tree
@@ -168,14 +170,23 @@ class HealthMonitor:
     async def _answered(self, worker: Worker, seconds: float, limit: float) -> None:
         if not worker.healthy:  # back, or new: it may be another process, with other facts
             worker.facts_read.clear()
-        await self.facts.refresh(worker, limit)
-        if self.engine_load:
-            await self._read_load(worker, limit)
+        refused = await self.facts.refresh(worker, limit)
+        if self.engine_load and refused is None:
+            refused = await self._read_load(worker, limit)
         worker.answered_at = time.monotonic()
         wait = min(max(2 * seconds, self.timeout), SLOW_LIMIT_FACTOR * self.timeout)  # twice what it took
         worker.probe_timeout = wait if wait > self.timeout else None
         worker.failed_checks = 0
+        if refused is not None:  # it answers, but not to our key: no request could pass. Not counted
+            self._refused(worker, refused)  # toward a restart: only the configuration can mend it
+            return
         worker.mark(True)
+
+    def _refused(self, worker: Worker, refused: WorkerAuthFailed) -> None:
+        reason = key_refused(refused)
+        if worker.healthy or worker.down_reason != reason:
+            log.warning("worker %s for %s is down: %s", worker.label, worker.model, reason)
+        worker.mark(False, reason, refused.status)
 
     def _busy(self, worker: Worker, timeout: float, progress: str) -> None:
         if worker.probe_timeout is None:
@@ -199,7 +210,7 @@ class HealthMonitor:
             self._down_since.setdefault(worker, time.monotonic())
         worker.probe_timeout = None
         worker.failed_checks += 1 if counts else 0
-        worker.mark(False)
+        worker.mark(False, reason)
 
     async def _probe(self, worker: Worker, limit: float) -> tuple[Probe, TreeSample | None]:
         """`GET /health` within `limit` seconds of the gateway's own running time. Once it is slow to
@@ -243,15 +254,20 @@ class HealthMonitor:
             return True, "its processes use CPU or wait for it"
         return False, "its processes use no CPU"
 
-    async def _read_load(self, worker: Worker, limit: float) -> None:
-        """The engine's own load figures, for routing; a worker without them is still healthy."""
+    async def _read_load(self, worker: Worker, limit: float) -> WorkerAuthFailed | None:
+        """The engine's own load figures, for routing; a worker without them is still healthy, unless
+        it refused the gateway's key (that refusal is returned)."""
         try:
             async with asyncio.timeout(limit):
                 await read_engine_load(self.transport, worker)
+        except WorkerAuthFailed as refused:
+            worker.observe_engine(NO_LOAD)
+            return refused
         except Exception as exc:
             if worker.engine != NO_LOAD:
                 log.info("worker %s gave no load figures: %s", worker.label, describe(exc))
             worker.observe_engine(NO_LOAD)
+        return None
 
     def _log_reachability(self, pool: ModelPool, worker: Worker) -> None:
         """Say once that a worker is down, with the reason, and once that it answers again. A worker the

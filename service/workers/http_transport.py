@@ -17,6 +17,7 @@ from service.errors import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    WorkerAuthFailed,
 )
 from service.ops.settings import Settings
 from service.workers.answer import Answer, looks_like_object
@@ -34,6 +35,7 @@ _PARAMETER = re.compile(rb"\(parameter=([A-Za-z0-9_.]{1,200}),")  # how vLLM nam
 # A pooled connection the worker closed as we reused it: nothing was processed, so the request
 # may go again, even to the same worker.
 STALE_ERRNOS = {errno.ECONNRESET, errno.EPIPE}
+AUTH_REFUSALS = (401, 403)  # a worker (or what stands before it) refusing the workers' key
 
 
 def build_session(settings: Settings) -> aiohttp.ClientSession:
@@ -76,7 +78,10 @@ def translate(exc: BaseException, worker: Worker, connect_timeout: float) -> Gat
 
 def rejection(status: int, body: bytes, worker: Worker, path: str, whole: bool = True) -> GatewayError:
     """A non-200 answer: a worker's 4xx keeps its status and its own error (also when the answer
-    was over MAX_ERROR_BYTES and only its start was read); anything else is the worker failing."""
+    was over MAX_ERROR_BYTES and only its start was read); anything else is the worker failing. A
+    401 or 403 is the worker refusing the gateway's own key: the client's request is not at fault."""
+    if status in AUTH_REFUSALS:
+        return WorkerAuthFailed(worker.model, status)
     if not whole:
         if 400 <= status < 500:
             return UpstreamRejected(status, {"error": _clipped_error(body, worker)})
@@ -334,12 +339,18 @@ class HttpTransport:
 
     async def get_json(self, worker: Worker, path: str) -> Any:
         async with self.session.get(worker.url + path, timeout=self._probe_timeout) as response:
-            if response.status != 200:
-                raise ValueError(f"GET {path} answered {response.status}")
+            _check_status(response.status, worker, path)
             return await response.json(content_type=None)
 
     async def get_text(self, worker: Worker, path: str) -> str:
         async with self.session.get(worker.url + path, timeout=self._probe_timeout) as response:
-            if response.status != 200:
-                raise ValueError(f"GET {path} answered {response.status}")
+            _check_status(response.status, worker, path)
             return await response.text()
+
+
+def _check_status(status: int, worker: Worker, path: str) -> None:
+    """A GET's answer must be 200: a refused key is `WorkerAuthFailed`, anything else a ValueError."""
+    if status in AUTH_REFUSALS:
+        raise WorkerAuthFailed(worker.model, status)
+    if status != 200:
+        raise ValueError(f"GET {path} answered {status}")

@@ -20,7 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import NoHealthyWorker, Overloaded
+from service.errors import NoHealthyWorker, Overloaded, WorkersRefuseKey
 from service.ops.counters import Holdings
 from service.ops.host_counters import HostCounters
 from service.ops.metrics import WorkerRow
@@ -114,9 +114,7 @@ class ModelPool:
         known only by its address is labelled `<model>-<index>` instead."""
         rows = []
         for index, worker in enumerate(self.workers):
-            label = worker.label
-            if hide_addresses and label == address_of(worker.url):
-                label = f"{self.name}-{index}"
+            label = self._label(index, worker, hide_addresses)
             engine = worker.engine
             row = WorkerRow(
                 self.name, label, worker.healthy, engine.running, engine.waiting,
@@ -124,6 +122,26 @@ class ModelPool:
             )  # fmt: skip
             rows.append(row)
         return rows
+
+    def down(self, hide_addresses: bool = False) -> list[dict[str, str]]:
+        """Each worker out of routing and why, for /ready (addresses hidden as in `health_rows`)."""
+        found = []
+        for index, worker in enumerate(self.workers):
+            if worker.healthy:
+                continue
+            label = self._label(index, worker, hide_addresses)
+            reason = worker.down_reason or "no health check has passed yet"
+            if hide_addresses:
+                address = address_of(worker.url)
+                reason = reason.replace(address, label).replace(address.rsplit(":", 1)[0], label)
+            found.append({"worker": label, "reason": reason})
+        return found
+
+    def _label(self, index: int, worker: Worker, hide_addresses: bool) -> str:
+        """A worker's label; with `hide_addresses`, one known only by its address is `<model>-<index>`."""
+        if hide_addresses and worker.label == address_of(worker.url):
+            return f"{self.name}-{index}"
+        return worker.label
 
     def fact(self, key: str) -> Any:
         """Something a worker of this model reported (its schema, version, root), or None. Read from
@@ -156,8 +174,16 @@ class ModelPool:
         """Workers requests may go to now; raises NoHealthyWorker when there is none."""
         healthy = [worker for worker in self.workers if worker.healthy and worker not in exclude]
         if not healthy:
-            raise NoHealthyWorker(self.name)
+            raise self.unavailable()
         return healthy
+
+    def unavailable(self) -> NoHealthyWorker:
+        """Why a request finds no worker: each refusing the gateway's key is a 502 (the configuration
+        is wrong; waiting will not help), anything else the 503 to retry."""
+        refused = [worker.refused_status for worker in self.workers]
+        if refused and all(refused):
+            return WorkersRefuseKey(self.name, next(status for status in refused if status))
+        return NoHealthyWorker(self.name)
 
     def pick(self, exclude: Collection[Worker] = (), hint: RouteHint = NO_HINT, cost: int = 1) -> Worker:
         """The worker the routing policy prefers (ignoring slot limits)."""

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from service.ops.settings import ModelSpec, Settings
 from service.ops.tracing import endpoint_from_env, protocol
 from service.workers.worker import Worker
+from service.workers.worker_guard import guard_launch
 from service.workers.worker_log import WorkerLog, log_tail
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ def launch_plan(
     if spec.lora_enabled:  # the gateway loads adapters through vLLM's runtime API (see workers/lora.py)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.update(spec.engine_env)
+    if settings.worker_api_key:  # vLLM's key guards only /v1 and a few more: the guard, every route
+        guard_launch(argv, env, settings.cache_dir / "worker-guard")
     log_path = settings.cache_dir / "logs" / f"{spec.name.replace('/', '_')}-{replica}.log"
     return LaunchPlan(argv=argv, env=env, log_path=log_path)
 

@@ -8,6 +8,8 @@ import logging
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
+from service.errors import GatewayError, WorkerAuthFailed
+
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +64,8 @@ class Worker:
     probe_timeout: float | None = None  # its next probe's limit (None: the configured one)
     # LoRA adapters it holds, name -> folder: what its /v1/models lists, and what the gateway loaded since.
     adapters: dict[str, str] = field(default_factory=dict)
+    down_reason: str = ""  # why it is out of routing, for /ready and the log ("" while healthy)
+    refused_status: int | None = None  # its 401/403 to the gateway's key, when that is why it is down
 
     def __post_init__(self, up: bool) -> None:
         if not self.name:
@@ -103,7 +107,7 @@ class Worker:
         what it told us about itself is read again (kept meanwhile: the same model, most likely)."""
         self.url = url
         self.pid = None  # until its new process is known
-        self.mark(False)
+        self.mark(False, "starting")
         self.seen_healthy = False
         self.failed_checks = 0
         self.observe_engine(EngineLoad())
@@ -112,9 +116,21 @@ class Worker:
         self.progress_at = self.answered_at = 0.0
         self.probe_timeout = None
 
-    def mark(self, healthy: bool) -> None:
-        """Record a health verdict (a probe's, or a transport failure's)."""
+    def mark(self, healthy: bool, reason: str = "", refused_status: int | None = None) -> None:
+        """Record a health verdict (a probe's, or a transport failure's), and why it is down: a reason,
+        and the status with which it refused the gateway's key if that is why (without a new reason,
+        the last one stands)."""
         if healthy != self._healthy:
-            log.info("worker %s for %s is %s", self.label, self.model, "up" if healthy else "down")
+            why = f": {reason}" if reason and not healthy else ""
+            log.info("worker %s for %s is %s%s", self.label, self.model, "up" if healthy else "down", why)
         self._healthy = healthy
         self.seen_healthy = self.seen_healthy or healthy
+        if healthy:
+            self.down_reason, self.refused_status = "", None
+        elif reason:
+            self.down_reason, self.refused_status = reason, refused_status
+
+    def eject(self, error: GatewayError) -> None:
+        """Out of routing until a probe brings it back: a request found it unusable (`error`)."""
+        refused = error.status if isinstance(error, WorkerAuthFailed) else None
+        self.mark(False, error.message, refused)

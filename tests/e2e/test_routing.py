@@ -20,9 +20,11 @@ SYSTEMS = [
 QUESTIONS = ["What is the first rule?", "Name one item."]
 
 
-def prefix_cache(worker_url: str) -> tuple[float, float]:
-    """(queries, hits) of a worker's prefix cache, in tokens, from its own /metrics."""
-    text = httpx.get(f"{worker_url}/metrics", timeout=10).text
+def prefix_cache(worker_url: str, key: str | None = None) -> tuple[float, float]:
+    """(queries, hits) of a worker's prefix cache, in tokens, from its own /metrics (which takes the
+    workers' `key` when they have one)."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    text = httpx.get(f"{worker_url}/metrics", headers=headers, timeout=10).text
     values = {
         sample.name: sample.value
         for family in text_string_to_metric_families(text)

@@ -1,7 +1,8 @@
 """The cross-tenant probe against a real SmolLM2 worker: with API keys, key B's exact guess of key A's
 long prompt finds nothing of A's in vLLM's prefix cache (as slow as a wrong guess), while A finds its
 own and a key the operator grouped with A finds A's. The worker itself runs with its own API key
-(`GATEWAY_WORKER_API_KEY`): the gateway's requests and probes pass, a direct request does not."""
+(`GATEWAY_WORKER_API_KEY`) and the workers' guard: the gateway's requests and probes pass, a direct
+request without the key does not, on any route the worker serves but /health."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def probe(stack: Stack, key: str, prompt: str, **fields: Any) -> tuple[float, fl
     """Send `prompt` as `key`: (seconds to the answer, prefix-cache hit tokens on the worker, prompt
     tokens). One token is generated, so the time is the prefill's."""
     worker = stack.worker_url(MODEL)
-    _, hits_before = prefix_cache(worker)
+    _, hits_before = prefix_cache(worker, WORKER_KEY)
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, **fields}
     started = time.perf_counter()
     answer = httpx.post(
@@ -70,7 +71,7 @@ def probe(stack: Stack, key: str, prompt: str, **fields: Any) -> tuple[float, fl
     )
     elapsed = time.perf_counter() - started
     assert answer.status_code == 200, answer.text
-    _, hits_after = prefix_cache(worker)
+    _, hits_after = prefix_cache(worker, WORKER_KEY)
     return elapsed, hits_after - hits_before, int(answer.json()["usage"]["prompt_tokens"])
 
 
@@ -114,17 +115,33 @@ def test_another_keys_exact_guess_is_as_slow_as_a_wrong_one(tenants: Stack) -> N
 
 
 def test_the_worker_answers_the_gateway_only(tenants: Stack) -> None:
+    """vLLM's --api-key alone leaves /invocations (generation), /tokenize, /metrics and more open; with
+    the workers' guard every route the worker publishes refuses a request without the key, /health
+    apart, while the gateway still probes and serves through it."""
     worker = tenants.worker_url(MODEL)
+    keyed = {"authorization": f"Bearer {WORKER_KEY}"}
+    schema = httpx.get(f"{worker}/openapi.json", headers=keyed, timeout=30).json()
+    routes = [(method.upper(), path.replace("{", "").replace("}", ""))
+              for path, item in schema["paths"].items() for method in item]  # fmt: skip
+    assert ("POST", "/invocations") in routes and ("GET", "/metrics") in routes
+    routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/no-such-route")]
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
-    assert httpx.post(f"{worker}/v1/completions", json=body, timeout=60).status_code == 401
-    assert httpx.get(f"{worker}/v1/models", timeout=10).status_code == 401
-    # What vLLM's --api-key leaves open: the probes the gateway (and a kubelet) need.
-    assert httpx.get(f"{worker}/health", timeout=10).status_code == 200
-    assert "vllm:" in httpx.get(f"{worker}/metrics", timeout=10).text
-    keyed = httpx.post(
-        f"{worker}/v1/completions", json=body, headers={"authorization": f"Bearer {WORKER_KEY}"}, timeout=60
-    )
-    assert keyed.status_code == 200
+    with httpx.Client(base_url=worker, timeout=60) as http:
+        for method, path in routes:
+            for headers in ({}, {"authorization": "Bearer not-the-key"}):
+                answer = http.request(method, path, json=body, headers=headers)
+                if path == "/health":
+                    assert answer.status_code == 200, (method, path)
+                else:
+                    assert answer.status_code == 401, (method, path, answer.status_code, answer.text[:200])
+        for path in ("/invocations", "/v1/completions"):  # the key opens the door
+            assert http.post(path, json=body, headers=keyed).status_code == 200
+        assert "vllm:" in http.get("/metrics", headers=keyed).text
+    # The gateway probes (ready) and serves through the guard.
+    assert httpx.get(f"{tenants.url}/ready", timeout=10).status_code == 200
+    served = httpx.post(f"{tenants.url}/v1/completions", json=body,
+                        headers={"authorization": f"Bearer {KEYS['a']}"}, timeout=120)  # fmt: skip
+    assert served.status_code == 200, served.text
 
 
 HI = [{"role": "user", "content": "Hi"}]

@@ -10,7 +10,8 @@ adapter is vLLM's 404 (`forget_adapters()` is a worker restart, as far as adapte
 Whole answers can be padded to a size (logprobs-like, with text that looks like a usage key, as
 generated text may), sent without a Content-Length, or compressed as a compressing ingress would.
 
-Run as a script it serves on `--port` (used as a fake engine for supervisor tests).
+Run as a script it serves on `--port` (used as a fake engine for supervisor tests), with the ASGI
+middleware named by `--middleware` loaded as vLLM loads it (the workers' guard).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import importlib
 import json
 import os
 import time
@@ -398,6 +400,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--middleware", action="append", default=[])  # loaded as vLLM's server does
     args, _ = parser.parse_known_args()
     script = Script(
         healthy=os.environ.get("STANDIN_HEALTHY", "1") == "1",
@@ -405,7 +408,11 @@ def main() -> None:
         token_delay=float(os.environ.get("STANDIN_TOKEN_DELAY", "0")),
         health_hangs_while_busy=os.environ.get("STANDIN_HEALTH_HANGS_WHILE_BUSY", "0") == "1",
     )
-    uvicorn.run(build_app(script), host=args.host, port=args.port, log_level="warning")
+    app = build_app(script)
+    for middleware in args.middleware:  # vllm/entrypoints/serve/middleware/register.py, for a class
+        module, name = middleware.rsplit(".", 1)
+        app.add_middleware(getattr(importlib.import_module(module), name))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

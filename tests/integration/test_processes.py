@@ -4,6 +4,7 @@ or worker is replaced; SIGTERM drains every process and leaves nothing behind.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -81,6 +82,24 @@ def complete(gateway: Stack) -> httpx.Response:
     return httpx.post(f"{gateway.url}/v1/completions", json=PROMPT, timeout=10)  # a new connection each
 
 
+def served_by(gateway: Stack, client_port: int) -> int:
+    """The serving process holding the gateway's end of the client connection from `client_port`
+    (request ids are random: they do not say which process served)."""
+    for process in serving(gateway):
+        with contextlib.suppress(psutil.Error):
+            if any(c.raddr and c.raddr.port == client_port for c in process.net_connections("tcp")):
+                return process.pid
+    raise AssertionError(f"no serving process holds the connection from port {client_port}")
+
+
+def complete_where(gateway: Stack) -> tuple[httpx.Response, int]:
+    """A completion on a new connection, and the serving process that answered it."""
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        answer = client.post("/v1/completions", json=PROMPT)
+        port = answer.extensions["network_stream"].get_extra_info("client_addr")[1]
+        return answer, served_by(gateway, port)
+
+
 def requests_counted(gateway: Stack) -> float:
     text = httpx.get(f"{gateway.url}/metrics", timeout=5).text
     return sum(
@@ -94,11 +113,10 @@ def requests_counted(gateway: Stack) -> float:
 def test_two_processes_serve_one_port_with_one_supervising_the_worker(gateway: Stack) -> None:
     assert len(serving(gateway)) == 2 and len(engines(gateway)) == 1
     before = requests_counted(gateway)
-    answers = [complete(gateway) for _ in range(40)]
-    assert all(answer.status_code == 200 for answer in answers)
-    # Request ids start with a per-process prefix: both processes answered.
-    prefixes = {answer.headers["x-request-id"][:16] for answer in answers}
-    assert len(prefixes) == 2, prefixes
+    answers = [complete_where(gateway) for _ in range(40)]
+    assert all(answer.status_code == 200 for answer, _ in answers)
+    processes = {pid for _, pid in answers}
+    assert len(processes) == 2, processes  # both processes answered
     assert requests_counted(gateway) - before == 40  # one /metrics shows both processes' requests
 
 
@@ -111,9 +129,9 @@ def test_a_restarted_worker_is_followed_by_every_process(gateway: Stack) -> None
     assert new.cmdline()[new.cmdline().index("--port") + 1] != old_port
     wait_ready(gateway, seconds=60)
     wait_until(lambda: all(complete(gateway).status_code == 200 for _ in range(10)), 30)
-    answers = [complete(gateway) for _ in range(20)]
-    assert [a.status_code for a in answers] == [200] * 20
-    assert len({a.headers["x-request-id"][:16] for a in answers}) == 2  # both found the new port
+    answers = [complete_where(gateway) for _ in range(20)]
+    assert [a.status_code for a, _ in answers] == [200] * 20
+    assert len({pid for _, pid in answers}) == 2  # both found the new port
 
 
 def test_a_serving_process_that_dies_is_replaced(gateway: Stack) -> None:
@@ -185,7 +203,7 @@ class Pinned:
     """One keep-alive connection, served by one process for as long as it stays open."""
 
     client: httpx.Client
-    process: str  # the request-id prefix of the process that serves it
+    process: int  # the serving process that serves it
     port: int  # the connection's local port
 
     def post(self, key: str, model: str = "fake") -> tuple[httpx.Response, float]:
@@ -195,19 +213,19 @@ class Pinned:
         return answer, time.monotonic()
 
 
-def pinned(gateway: Stack, count: int, source: str = "127.0.0.1") -> dict[str, list[Pinned]]:
+def pinned(gateway: Stack, count: int, source: str = "127.0.0.1") -> dict[int, list[Pinned]]:
     """Connections from `source` until each of the two serving processes has `count` of them (a
     process just started takes connections once it serves)."""
-    found: dict[str, list[Pinned]] = {}
+    found: dict[int, list[Pinned]] = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         transport = httpx.HTTPTransport(local_address=source)
         client = httpx.Client(base_url=gateway.url, transport=transport, timeout=30)
         answer = client.get("/health")
-        prefix = answer.headers["x-request-id"][:16]
         port = answer.extensions["network_stream"].get_extra_info("client_addr")[1]
-        if len(found.setdefault(prefix, [])) < count:
-            found[prefix].append(Pinned(client, prefix, port))
+        process = served_by(gateway, port)
+        if len(found.setdefault(process, [])) < count:
+            found[process].append(Pinned(client, process, port))
         else:
             client.close()
             time.sleep(0.05)
@@ -217,7 +235,7 @@ def pinned(gateway: Stack, count: int, source: str = "127.0.0.1") -> dict[str, l
     pytest.fail(f"the kernel gave every connection to one process: {list(found)}")
 
 
-def close_all(groups: dict[str, list[Pinned]]) -> None:
+def close_all(groups: dict[int, list[Pinned]]) -> None:
     for group in groups.values():
         for connection in group:
             connection.client.close()

@@ -49,8 +49,8 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
     kinds = sorted(doc["kind"] for doc in documents)
     assert kinds == sorted(
-        ["Deployment"] * 3 + ["Service"] * 3 + ["Secret"] * 2
-        + ["PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "ConfigMap", "NetworkPolicy"]
+        ["Deployment"] * 3 + ["Service"] * 3 + ["Secret"] * 2 + ["ConfigMap"] * 2
+        + ["PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy"]
     )  # fmt: skip
 
 
@@ -95,12 +95,26 @@ def test_a_rollout_drains_without_refusing_requests(overlay: str) -> None:
     assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + window + drain + 5
 
 
-def test_prometheus_scrapes_metrics_with_a_key() -> None:
+def test_prometheus_scrapes_metrics_with_an_admin_key_no_client_holds() -> None:
     documents = render(K8S / "base")
     endpoint = by_kind(documents, "ServiceMonitor")["llm-gateway"]["spec"]["endpoints"][0]
     credentials = endpoint["authorization"]["credentials"]
     secret = by_kind(documents, "Secret")[credentials["name"]]["stringData"]
-    assert secret[credentials["key"]] in secret["api-keys"].split(",")
+    env = env_of(by_kind(documents, "Deployment")["llm-gateway"]["spec"]["template"]["spec"]["containers"][0])
+    admin = env["GATEWAY_ADMIN_KEYS"]["secretKeyRef"]
+    assert admin["name"] == credentials["name"]
+    assert secret[credentials["key"]] in secret[admin["key"]].split(",")
+    assert secret[credentials["key"]] not in secret["api-keys"].split(",")  # tenants cannot read it
+    settings = Settings(api_keys=secret["api-keys"], admin_keys=secret[admin["key"]])  # type: ignore[arg-type]
+    assert settings.metrics_need_admin_key
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_the_gateway_leaves_the_service_only_when_it_can_serve_no_model(overlay: str) -> None:
+    pod = by_kind(render(K8S / "overlays" / overlay), "Deployment")["llm-gateway"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready?any"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
 
 
 def test_compose_file_validates_against_the_compose_spec() -> None:
@@ -204,6 +218,39 @@ def test_workers_require_the_key_the_gateway_sends(overlay: str) -> None:
     Settings(api_keys="k", worker_api_key=secret[reference["key"]])  # type: ignore[arg-type]
 
 
+GUARD_SOURCE = ROOT / "service" / "workers" / "worker_guard.py"
+GUARD_CONFIGMAP = K8S / "base" / "worker-guard-configmap.yaml"
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_every_worker_loads_the_guard_that_closes_every_route_but_health(overlay: str) -> None:
+    """vLLM's --api-key leaves /invocations and more open: each worker pod loads the workers' guard
+    from a ConfigMap holding the gateway's own file, so vLLM's own image can import it."""
+    documents = render(K8S / "overlays" / overlay)
+    configmap = by_kind(documents, "ConfigMap")["llm-gateway-worker-guard"]["data"]
+    assert configmap == {"llm_gateway_worker_guard.py": GUARD_SOURCE.read_text()}, (
+        "the guard's ConfigMap is out of date: run `python -m tests.unit.test_deploy`"
+    )
+    for model in ("base", "instruct"):
+        pod = by_kind(documents, "Deployment")[f"vllm-{model}"]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        args = container["args"]
+        assert args[args.index("--middleware") + 1] == "llm_gateway_worker_guard.WorkerGuard"
+        [mount] = container["volumeMounts"]
+        assert env_of(container)["PYTHONPATH"] == mount["mountPath"]
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["configMap"]["name"] == "llm-gateway-worker-guard"
+
+
+def write_guard_configmap() -> None:
+    """Rewrite the guard's ConfigMap from the gateway's file (its comment header kept)."""
+    text = GUARD_CONFIGMAP.read_text()
+    head = text[: text.index("  llm_gateway_worker_guard.py: |\n")]
+    lines = GUARD_SOURCE.read_text().splitlines(keepends=True)
+    body = "".join(f"    {line}" if line.strip() else "\n" for line in lines)
+    GUARD_CONFIGMAP.write_text(f"{head}  llm_gateway_worker_guard.py: |\n{body}")
+
+
 MONITORING = ("prometheus", "grafana", "otel-collector", "jaeger")
 
 
@@ -218,3 +265,19 @@ def test_compose_binds_the_unauthenticated_services_to_loopback() -> None:
         assert services[worker]["environment"]["VLLM_API_KEY"] == "${WORKER_API_KEY:-}"
     for gateway in ("gateway", "all-in-one"):
         assert services[gateway]["environment"]["GATEWAY_WORKER_API_KEY"] == "${WORKER_API_KEY:-}"
+
+
+def test_compose_workers_load_the_guard_from_the_gateways_own_file() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    override = yaml.safe_load((ROOT / "deploy" / "compose" / "tracing.gpu.yml").read_text())["services"]
+    for worker in ("vllm-base", "vllm-instruct"):
+        service = compose["services"][worker]
+        for command in (service["command"], override[worker]["command"]):
+            assert command[command.index("--middleware") + 1] == "llm_gateway_worker_guard.WorkerGuard"
+        folder = service["environment"]["PYTHONPATH"]
+        mounts = [volume.split(":") for volume in service["volumes"]]
+        assert ["./service/workers/worker_guard.py", f"{folder}/llm_gateway_worker_guard.py", "ro"] in mounts
+
+
+if __name__ == "__main__":
+    write_guard_configmap()

@@ -12,7 +12,13 @@ import pytest
 from service.core.gateway import Gateway
 from service.core.relay import OPENAI_STREAM
 from service.core.served import ServedModel
-from service.errors import ShuttingDown, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from service.errors import (
+    ShuttingDown,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    WorkerAuthFailed,
+)
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, ModelSpec, Settings
@@ -82,6 +88,22 @@ async def test_an_unreachable_worker_is_ejected_and_the_other_serves() -> None:
     fake.reply(b, ANSWER)
     await gateway.generate(pool, {}, record_of(gateway))
     assert not a.healthy and b.healthy
+
+
+async def test_a_worker_refusing_the_gateways_key_is_ejected_with_the_reason() -> None:
+    a, b = up("a"), up("b")
+    gateway, fake, pool = gateway_with(a, b)
+    b.outstanding = 1
+    fake.reply(a, WorkerAuthFailed("m", 401))
+    fake.reply(b, ANSWER, WorkerAuthFailed("m", 403))
+    await gateway.generate(pool, {}, record_of(gateway))  # the other replica serves
+    assert not a.healthy and "could not authenticate to the worker" in a.down_reason
+    b.outstanding = 0
+    with pytest.raises(WorkerAuthFailed) as refused:  # no replica left: the client hears why, as a 502
+        await gateway.generate(pool, {}, record_of(gateway))
+    assert refused.value.status_code == 502
+    assert refused.value.envelope()["error"]["code"] == "worker_auth_failed"
+    assert outstanding(gateway) == 0
 
 
 async def test_a_stale_connection_is_retried_on_the_only_worker() -> None:

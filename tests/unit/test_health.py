@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from service.errors import UpstreamUnavailable, WorkerAuthFailed, WorkersRefuseKey
 from service.ops.settings import ModelKind, ModelSpec
 from service.workers.fake import FakeTransport
 from service.workers.health import HealthMonitor
@@ -335,3 +336,45 @@ async def test_an_embedded_worker_starting_up_is_not_reported_unreachable(
     with caplog.at_level(logging.INFO, logger="service.workers.health"):
         await health.check_all()
     assert not [r for r in caplog.records if "cannot be reached" in r.getMessage()]
+
+
+async def test_a_worker_refusing_the_gateways_key_is_down_and_says_why(
+    listening: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vLLM leaves /health open, so a wrong worker key passes the probe; the fact read's 401 decides."""
+    caplog.set_level(logging.INFO)
+    probes, worker = Probes(), Worker("m", listening)
+    probes.facts[(listening, "/v1/models")] = WorkerAuthFailed("m", 401)
+    pool = ModelPool(SPEC, [worker])
+    health = HealthMonitor(probes, [pool], 0.05, timeout=LIMIT)
+    for _ in range(3):
+        assert not await health.check(worker)
+    assert "refused the gateway's worker key (HTTP 401)" in worker.down_reason
+    # Every worker refusing the key: requests hear it as the gateway's 502, not a 503 to retry.
+    with pytest.raises(WorkersRefuseKey) as unavailable:
+        await pool.acquire()
+    assert unavailable.value.status_code == 502 and "could not authenticate" in unavailable.value.message
+    assert "GATEWAY_WORKER_API_KEY" in worker.down_reason
+    assert worker.failed_checks == 0  # a restart would not mend a configuration
+    assert caplog.text.count("is down: it refused the gateway's worker key") == 1  # said once, at once
+    probes.facts[(listening, "/v1/models")] = model_entry(2048)  # the key is put right
+    assert await health.check(worker)
+    assert worker.down_reason == "" and worker.max_model_len == 2048 and worker.refused_status is None
+
+
+async def test_a_healthy_worker_whose_key_changes_is_taken_out(listening: str) -> None:
+    probes, worker = Probes(), Worker("m", listening)
+    probes.facts[(listening, "/v1/models")] = model_entry(2048)
+    probes.facts[(listening, "/metrics")] = "vllm:num_requests_running 0\n"
+    health = HealthMonitor(probes, [ModelPool(SPEC, [worker])], 0.05, timeout=LIMIT, engine_load=True)
+    assert await health.check(worker)
+    # Facts are not due again for a minute; the engine figures are read at every check.
+    probes.facts[(listening, "/metrics")] = WorkerAuthFailed("m", 403)
+    assert not await health.check(worker)
+    assert "HTTP 403" in worker.down_reason
+
+
+async def test_other_fact_failures_still_never_mark_a_worker_down(listening: str) -> None:
+    probes, worker = Probes(), Worker("m", listening)
+    probes.facts[(listening, "/v1/models")] = UpstreamUnavailable("the worker answered HTTP 500")
+    assert await monitor(probes, worker).check(worker)

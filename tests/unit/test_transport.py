@@ -1,4 +1,5 @@
-"""What every transport shares: framing an event stream, and the stream deadlines."""
+"""What every transport shares: framing an event stream, and the stream deadlines; how an HTTP
+worker's refusals are read."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
-from service.errors import UpstreamRejected, UpstreamTimeout
+from service.errors import UpstreamRejected, UpstreamTimeout, WorkerAuthFailed
 from service.workers.fake import FakeStream
 from service.workers.http_transport import rejection, translate
 from service.workers.transport import OversizedEvent, SseFramer, WatchedStream, sse_payloads
@@ -104,3 +105,19 @@ def test_an_error_read_only_in_part_keeps_its_status_and_what_its_start_says() -
     assert isinstance(unknown, UpstreamRejected) and unknown.status_code == 413
     assert "error was too long to pass on" in unknown.message
     assert not isinstance(rejection(500, b"{}", worker, "/v1/completions", whole=False), UpstreamRejected)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(401, b'{"error": "Unauthorized"}'),  # vLLM's --api-key
+     (401, b'{"error": {"message": "...", "code": "worker_key_required"}}'),  # the workers' guard
+     (403, b"<html>Forbidden</html>")],  # a proxy in front of the worker
+)  # fmt: skip
+def test_a_worker_refusing_the_key_is_the_gateways_502_not_the_clients_401(status: int, body: bytes) -> None:
+    worker = Worker("m", "http://w")
+    error = rejection(status, body, worker, "/v1/chat/completions")
+    assert isinstance(error, WorkerAuthFailed) and error.status_code == 502
+    assert error.retryable and error.eject  # another replica may hold the right key; this one is out
+    assert "could not authenticate to the worker for model 'm'" in error.message
+    # Other 4xx stay the worker's own answer to the client's request.
+    assert isinstance(rejection(400, b'{"error": {"message": "bad n"}}', worker, "/x"), UpstreamRejected)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import __version__
@@ -19,17 +19,28 @@ async def health() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
 
 
-async def ready(gateway: GatewayDep, request: Request) -> JSONResponse:
-    """200 when every model has a healthy worker; else 503 naming the models that have none.
-    Draining (after SIGTERM): 503 at once."""
+AnyModel = Annotated[
+    str | None,
+    Query(
+        alias="any",
+        description="Present (`/ready?any`): 200 while the gateway can serve at least one model, for load "
+        "balancers and readiness probes (one model without a healthy worker then takes no gateway out).",
+    ),
+]
+
+
+async def ready(gateway: GatewayDep, request: Request, any_model: AnyModel = None) -> JSONResponse:
+    """200 when every model has a healthy worker (with `?any`: some model); else 503 naming the models
+    that have none, and in `detail` each worker that is down and why. Draining: 503 at once."""
     models = {pool.name: pool.ready for pool in gateway.pools.values()}
     waiting = [name for name, up in models.items() if not up]
     stopping = request.app.state.drain.stopping
-    ok = not waiting and not stopping
+    serves = any(models.values()) if any_model is not None else not waiting
+    ok = serves and not stopping
     status = "draining" if stopping else "ready" if ok else "not ready"
-    body: dict[str, Any] = {"status": status, "models": models, "not_ready": waiting}
-    settings = gateway.settings
-    hide = bool(settings.api_keys)  # open route: no worker addresses while keys guard the rest
+    hide = bool(gateway.settings.api_keys)  # /ready is open: no worker addresses while keys guard the rest
+    detail = {pool.name: down for pool in gateway.pools.values() if (down := pool.down(hide))}
+    body: dict[str, Any] = {"status": status, "models": models, "not_ready": waiting, "detail": detail}
     adapters = {m.name: loaded_on(m, hide) for m in gateway.models.values() if m.adapter is not None}
     if adapters:  # an adapter is ready with its model; where it is loaded, as this process knows
         body["adapters"] = adapters

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from service.api.deps import GatewayDep
+from service.core.gateway import Gateway
 from service.core.served import ServedModel
 from service.errors import ModelNotFound
 
 CREATED = 1_700_000_000
+# A folder on a host (absolute, home-relative, dot-relative, or a Windows drive), not a hub id.
+HOST_PATH = re.compile(r"^(?:[/~\\]|\.\.?[/\\]|[A-Za-z]:[/\\])")
 # What the gateway says of every model, over what its worker said of it.
 OWN_FIELDS = ("id", "object", "kind", "max_model_len", "ready")
 
 
-def model_entry(model: ServedModel) -> dict[str, Any]:
+def model_entry(model: ServedModel, hide_paths: bool = False) -> dict[str, Any]:
     """The worker's own /v1/models entry (`root`, `parent`, `permission`, ...) plus the gateway's
     (`kind`, `ready`); before any worker answered, the fields vLLM would give. An adapter is listed as
-    vLLM lists one: `root` its folder, `parent` its model's served name."""
+    vLLM lists one: `root` its folder, `parent` its model's served name. With `hide_paths`, a `root`
+    that is a folder on a host (vLLM's `--model`) is the served name instead."""
     pool = model.pool
     worker: dict[str, Any] = pool.fact("model_entry") or {}
     entry: dict[str, Any] = {
@@ -35,12 +40,22 @@ def model_entry(model: ServedModel) -> dict[str, Any]:
         max_model_len=model.max_model_len,
         ready=pool.ready,
     )
+    if hide_paths and isinstance(entry["root"], str) and HOST_PATH.match(entry["root"]):
+        entry["root"] = model.name
     return entry
+
+
+def hides_paths(gateway: Gateway) -> bool:
+    """Whether model entries hide host paths: with API keys, callers are tenants, not the operator.
+    Without keys the entry is vLLM's own (`vllm bench serve` without `--model` reads `root` as its
+    tokenizer's path, which works on the gateway's host)."""
+    return bool(gateway.settings.api_keys)
 
 
 async def list_models(gateway: GatewayDep) -> dict[str, Any]:
     """Served models, each with its `kind` and `max_model_len`."""
-    return {"object": "list", "data": [model_entry(model) for model in gateway.models.values()]}
+    hide = hides_paths(gateway)
+    return {"object": "list", "data": [model_entry(model, hide) for model in gateway.models.values()]}
 
 
 async def get_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
@@ -48,7 +63,7 @@ async def get_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
     model = gateway.models.get(model_id)
     if model is None:
         raise ModelNotFound(model_id, list(gateway.models))
-    return model_entry(model)
+    return model_entry(model, hides_paths(gateway))
 
 
 async def version(gateway: GatewayDep) -> dict[str, Any]:
