@@ -1,15 +1,20 @@
-"""`llm-gateway serve | prepare | render`: the console entry point.
+"""`llm-gateway serve | prepare | render | adapters`: the console entry point.
 
 Options may come before or after the command (`llm-gateway --models-file F serve` and
 `llm-gateway serve --models-file F` mean the same). Bad input is one line on stderr and a non-zero exit,
-never a traceback.
+never a traceback. `adapters add | list | remove` talk HTTP to a running gateway's operator API.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -93,6 +98,99 @@ def _instruct_model(settings: Settings, name: str | None) -> Any:
     return spec
 
 
+ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"
+DEFAULT_URL = "http://127.0.0.1:8000"
+CLI_TIMEOUT = 600.0  # a registration loads the adapter onto a worker first
+
+
+def _operator(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """A call to the running gateway's operator API; its JSON answer, or a CliError with its message."""
+    key = args.admin_key or os.environ.get(ADMIN_KEY_ENV)
+    if not key:
+        raise CliError(f"the operator API needs an admin key: --admin-key or {ADMIN_KEY_ENV}")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{args.url.rstrip('/')}{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {key}",
+                                              "Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=CLI_TIMEOUT) as answer:
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        raise CliError(_refusal(exc)) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"cannot reach the gateway at {args.url} ({reason})") from None
+
+
+def _refusal(exc: urllib.error.HTTPError) -> str:
+    """The gateway's error message (its envelope), else the status."""
+    try:
+        message = json.loads(exc.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = exc.reason
+    return f"{exc.code}: {message}"
+
+
+def _adapters_add(args: argparse.Namespace) -> int:
+    # The path is the gateway's and its workers' to read: make it absolute here, as the user meant it.
+    body: dict[str, Any] = {"model": args.model, "name": args.name, "path": _absolute(args.path),
+                            "description": args.description}  # fmt: skip
+    if args.kind:
+        body["kind"] = args.kind
+    if args.chat_template:
+        body["chat_template"] = _absolute(args.chat_template)
+    added = _operator(args, "POST", "/adapters", body)
+    where = ", ".join(added["loaded_on"]) or "no replica yet"
+    print(f"registered {added['name']}: a {added['kind']} adapter of {added['model']}, loaded on {where}")
+    return 0
+
+
+def _adapters_list(args: argparse.Namespace) -> int:
+    listing = _operator(args, "GET", "/adapters")["data"]
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    rows = [("NAME", "KIND", "MODEL", "SOURCE", "LOADED ON")]
+    for a in listing:
+        rows.append((a["name"], a["kind"], a["model"], a["source"], ", ".join(a["loaded_on"]) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _adapters_remove(args: argparse.Namespace) -> int:
+    removed = _operator(args, "DELETE", "/adapters/" + urllib.parse.quote(args.name, safe=""))
+    print(f"removed {removed['name']}")
+    return 0
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
+
+
+def _adapters_parser(commands: Any) -> None:
+    adapters = commands.add_parser("adapters", help="add, list or remove adapters of a running gateway")
+    actions = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="register a LoRA adapter on a model's workers")
+    add.add_argument("name", metavar="NAME", help="the adapter's served name")
+    add.add_argument("path", metavar="PATH", help="its folder (adapter_config.json and weights)")
+    add.add_argument("--model", required=True, help="the served model it was trained from")
+    add.add_argument("--kind", choices=["base", "instruct"], help="default: the model's kind")
+    add.add_argument("--chat-template", help="a Jinja file for an instruct adapter")
+    add.add_argument("--description", default="", help="what it was trained for")
+    add.set_defaults(handler=_adapters_add)
+    listing = actions.add_parser("list", help="every adapter and the replicas that hold it")
+    listing.add_argument("--json", action="store_true", help="the gateway's answer as JSON")
+    listing.set_defaults(handler=_adapters_list)
+    remove = actions.add_parser("remove", help="stop serving a registered adapter")
+    remove.add_argument("name", metavar="NAME")
+    remove.set_defaults(handler=_adapters_remove)
+    for action in (add, listing, remove):
+        action.add_argument("--url", default=DEFAULT_URL, help=f"the gateway (default {DEFAULT_URL})")
+        action.add_argument("--admin-key", help=f"one of its GATEWAY_ADMIN_KEYS (or {ADMIN_KEY_ENV})")
+
+
 def _models_file_option(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
         "--models-file", default=default, help="YAML file listing the models (GATEWAY_MODELS_FILE)"
@@ -122,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--model", help="instruct model name (default: the first)")
     render.set_defaults(handler=_render)
+    _adapters_parser(commands)
     for command in (serve, prepare, render):
         # SUPPRESS: an option given before the command is not overwritten by the command's default.
         _models_file_option(command, argparse.SUPPRESS)

@@ -7,6 +7,7 @@
     ├── Unauthorized                  401 invalid_request_error / invalid_api_key, WWW-Authenticate
     ├── Forbidden                     403 permission_error (a key that may not do this; code: the rule)
     ├── ModelNotFound                 404 invalid_request_error / model_not_found (param: model)
+    ├── AdapterNotFound               404 invalid_request_error / adapter_not_found (operator API)
     ├── RouteNotFound                 404 not_found_error / route_not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed, with Allow
     ├── RequestTimeout                408 invalid_request_error / body_timeout (or header_timeout)
@@ -21,6 +22,7 @@
     ├── UpstreamRejected              the worker's own 4xx status and envelope, passed through
     ├── NotServedByWorker             501 not_implemented (the worker has no such route)
     ├── UpstreamUnavailable           502 upstream_error (connection refused, reset, malformed answer)
+    │   └── AdapterLoadFailed         502 upstream_error / adapter_load_failed (a worker did not load it)
     ├── UpstreamTimeout               504 timeout
     └── ClientDisconnected            499 (nobody reads it; counted as a disconnect, not an error)
 
@@ -111,6 +113,18 @@ class ModelNotFound(GatewayError):
             f"The model '{_clip(model, 200)}' does not exist. Served models: {', '.join(known)}.",
             param="model",
         )
+
+
+class AdapterNotFound(GatewayError):
+    """The operator named an adapter that is not registered."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "adapter_not_found"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        listed = ", ".join(known) if known else "none"
+        super().__init__(f"There is no adapter '{_clip(name, 200)}'. Adapters: {listed}.", param="name")
 
 
 class Unauthorized(GatewayError):
@@ -266,6 +280,22 @@ class UpstreamUnavailable(GatewayError):
         # A pooled connection found closed by the worker: the same worker may take the retry.
         self.stale = stale
         self.eject = eject  # the worker cannot be reached at all: take it out until it answers a probe
+
+
+class AdapterLoadFailed(UpstreamUnavailable):
+    """A worker could not load an adapter a request needs (another replica may still take the request).
+    `reason` is the worker's own account, for logs and the operator: it may name folders."""
+
+    code = "adapter_load_failed"
+
+    def __init__(self, model: str, adapter: str, reason: str) -> None:
+        super().__init__(
+            f"The worker for model '{model}' could not load the adapter '{adapter}'; the gateway's log says "
+            "why.",
+            retryable=True,
+        )
+        self.adapter = adapter
+        self.reason = reason
 
 
 class ClientDisconnected(GatewayError):

@@ -89,7 +89,9 @@ def launch(env_overrides: dict[str, str], log_path: Path) -> Stack:
     """`llm-gateway serve` with a clean GATEWAY_* environment plus `env_overrides`."""
     port = free_port("127.0.0.1")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(GATEWAY_PORT=str(port), GATEWAY_PROCESSES="1")
+    # A store of its own next to its log: never the user's, and nothing left from an earlier run.
+    store = log_path.with_name(f"{log_path.stem}.db")
+    env.update(GATEWAY_PORT=str(port), GATEWAY_PROCESSES="1", GATEWAY_DATABASE_URL=f"sqlite:///{store}")
     env.update(env_overrides)
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(

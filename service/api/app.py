@@ -33,6 +33,7 @@ from service.api.errors import install_error_handlers
 from service.api.handlers.playground import STATIC_DIR
 from service.api.observability import ObservabilityMiddleware
 from service.api.openapi import install_openapi
+from service.core.adapters import AdapterRegistry
 from service.core.gateway import Gateway
 from service.core.templates import load_tokenizers
 from service.core.tenancy import Tenancy
@@ -95,6 +96,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Probes get their own connections: a probe never waits behind traffic, nor reuses its sockets.
     probes = build_session(settings)
     monitor = discovery = roster = None
+    registry: AdapterRegistry | None = None
     try:
         # Migrating takes a lock, so processes and pods starting together migrate once.
         await asyncio.to_thread(app.state.database.migrate)
@@ -110,6 +112,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.tracing,
         )
         app.state.processes = processes
+        # Adapters: the configured ones, and those registered (in the store), followed from now on.
+        registry = AdapterRegistry(app.state.gateway, app.state.database)
+        await registry.start()
+        app.state.gateway.registry = registry
         health = build_monitor(settings, probes, list(pools.values()), (read_model_entry, read_contract))
         if settings.roster_file is not None:  # another process launches the workers: follow it
             seen = follow_roster(list(pools.values()), settings.roster_file)
@@ -124,6 +130,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         background = [task for task in (monitor, discovery, roster) if task is not None]
         for task in background:
             task.cancel()
+        if registry is not None:
+            await registry.stop()
         await asyncio.gather(*(process.stop() for process in processes), return_exceptions=True)
         await asyncio.gather(*supervisors, *background, return_exceptions=True)
         await session.close()
@@ -232,6 +240,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         state=app.state,
         session_header=settings.routing_session_header,
         max_json_containers=settings.max_json_containers,
+        other_methods=frozenset(e.path for e in endpoints if e.method != "POST"),
     )
     edge.append(dispatch)
     app.edge_middleware = edge

@@ -87,15 +87,19 @@ class Dispatcher:
         state: Any,
         session_header: str = "x-session-id",
         max_json_containers: int = DEFAULT_CONTAINERS,
+        other_methods: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.endpoints = endpoints
+        self.other_methods = other_methods  # POST paths that also have a GET or DELETE route
         self.state = state  # the app's state: the lifespan puts the gateway there
         self.session_header = session_header.lower().encode("latin-1")
         self.max_json_containers = max_json_containers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is not None and scope["method"] != "POST" and endpoint.path in self.other_methods:
+            endpoint = None  # e.g. GET /adapters: FastAPI's route
         if endpoint is None:
             await self.app(scope, receive, send)
             return

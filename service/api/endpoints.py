@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from service.api.endpoint import Endpoint
-from service.api.handlers import health, models, native, openai, playground, tokens
+from service.api.handlers import adapters, health, models, native, openai, playground, tokens
+from service.core.adapter_checks import AdapterRequest
 from service.core.protocol import (
     ChatRequest,
     ChatResponse,
@@ -54,6 +55,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "tokenizer", method="GET", handler=tokens.tokenizer_info),
     Endpoint("/version", "The workers' vLLM version and the gateway's.", "health", method="GET",
              handler=models.version),
+    # The operator's routes (GATEWAY_ADMIN_KEYS only): fine-tuned variants served at runtime.
+    Endpoint("/adapters", "Register a LoRA adapter on a model's workers, under its own name and kind "
+             "(checked, loaded on one replica, then served by every gateway process).", "operator",
+             body=AdapterRequest, handler=adapters.add, metric="adapters_add", admin=True),
+    Endpoint("/adapters", "Every adapter, its kind and model, and the replicas that hold it.", "operator",
+             method="GET", handler=adapters.listing, admin=True),
+    Endpoint("/adapters/{name:path}", "Stop serving a registered adapter (requests under way finish).",
+             "operator", method="DELETE", handler=adapters.remove, admin=True),
     # Health, metrics, the playground.
     Endpoint("/health", "200 while the process serves.", "health", method="GET", handler=health.health,
              open=True, drained=False),

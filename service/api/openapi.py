@@ -17,6 +17,7 @@ from service.api.endpoint import Endpoint
 ERROR_STATUSES = {
     "400": "Invalid request (validation, context length, caps, base model on chat)",
     "401": "Missing or invalid API key",
+    "403": "An operator route without an admin key, or the operator API off",
     "404": "Unknown model or route",
     "405": "Method not allowed",
     "408": "The request body did not arrive in time",
@@ -99,7 +100,10 @@ def install_openapi(app: FastAPI, endpoints: Sequence[Endpoint]) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        schema["paths"] = {**post_operations(endpoints, components), **schema.get("paths", {})}
+        paths = post_operations(endpoints, components)
+        for path, operations in schema.get("paths", {}).items():  # a path may have POST and GET
+            paths.setdefault(path, {}).update(operations)
+        schema["paths"] = paths
         components["ErrorEnvelope"] = ERROR_SCHEMA
         reference = {
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from service.core.adapter_send import LOAD_SPAN, AdapterOnWorker
 from service.core.caps import prompt_logprobs_source
 from service.core.context import RequestContext
 from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
@@ -40,6 +41,7 @@ from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy, Settings
 from service.ops.tracing import Tracing
 from service.workers.answer import Answer
+from service.workers.lora import AdapterLoads
 from service.workers.pool import Lease, ModelPool, Worker
 from service.workers.routing import NO_HINT, RouteHint
 from service.workers.transport import Body, Transport, WatchedStream, no_token_in_time
@@ -97,9 +99,12 @@ class Gateway:
     streams: set[WatchedStream]  # open worker streams (a drain ends the ones still open)
     tracing: Tracing | None = None  # None: tracing off
     models: ServedModels = field(init=False)  # every name a request may send as `model`
+    loads: AdapterLoads = field(init=False)  # adapters onto workers (see workers/lora.py)
+    registry: Any = None  # the adapters' registry (core/adapters.py), once the app has started it
 
     def __post_init__(self) -> None:
         self.models = models_of(self.pools, self.tokenizers)
+        self.loads = AdapterLoads(self.transport, self.metrics)
 
     def resolve(self, name: str | None, default_kind: ModelKind) -> ServedModel:
         """The named model, or the first one of `default_kind` (a 404 listing the served names)."""
@@ -236,14 +241,13 @@ class Gateway:
         hint: RouteHint = NO_HINT,
     ) -> Answer:
         """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
-        pool = model.pool
         lease, answer, span = await self._with_failover(
-            pool, sequences, hint, record,
+            model, sequences, hint, record,
             lambda worker, headers: self.transport.complete(worker, path, body, headers),
         )  # fmt: skip
         record.upstream_ended()
         lease.worker.progress_at = time.monotonic()  # a sign of progress for health checks
-        pool.release(lease)
+        self._release(model, lease)
         record.set_usage(answer.usage)
         if span is not None:
             record.finish_reasons = _describe_answer(span, answer)
@@ -266,9 +270,8 @@ class Gateway:
         """A streamed request: errors before the first byte are ordinary error responses (after
         one retry on another replica); after it, the stream format's error event (and `[DONE]`).
         A `None` translator passes the worker's events through."""
-        pool = model.pool
         lease, stream, span = await self._with_failover(
-            pool, sequences, hint, record,
+            model, sequences, hint, record,
             lambda worker, headers: self._open_stream(worker, path, body, fmt, headers),
         )  # fmt: skip
         self.streams.add(stream)
@@ -277,7 +280,7 @@ class Gateway:
             self.streams.discard(stream)
             await stream.close()
             record.upstream_ended()
-            pool.release(lease)
+            self._release(model, lease)
             if span is not None:
                 span.end()
 
@@ -301,50 +304,68 @@ class Gateway:
         return WatchedStream(stream, opened, settings.first_token_timeout, settings.idle_token_timeout)
 
     async def _with_failover(
-        self, pool: ModelPool, sequences: int, hint: RouteHint, record: RequestRecord, send: Send[T]
+        self, model: ServedModel, sequences: int, hint: RouteHint, record: RequestRecord, send: Send[T]
     ) -> tuple[Lease, T, Any]:
-        """`send` on a worker of `pool`; if that worker fails before it could produce anything,
-        once more on another healthy replica (or, for a connection the worker had already closed,
-        on the same one). Returns the lease (the caller releases it), what `send` returned, and the
-        attempt's trace span (the caller ends it; None with tracing off)."""
-        lease: Lease | None = await self._acquire(pool, sequences, hint, record)
+        """`send` on a worker of the model's pool; if that worker fails before it could produce
+        anything, once more on another healthy replica (or, for a connection the worker had already
+        closed, on the same one). Returns the lease (the caller releases it with `_release`), what
+        `send` returned, and the attempt's trace span (the caller ends it; None with tracing off)."""
+        pool = model.pool
+        model.usage.requests += 1  # until `_release` (an adapter is unloaded only once this is 0)
+        if record.span is not None and model.adapter is not None:
+            record.span.set_attribute("gateway.adapter", model.adapter.name)
+        lease: Lease | None = None
         try:
-            assert lease is not None
+            lease = await self._acquire(model, sequences, hint, record)
             try:
-                return lease, *await self._attempt(pool, lease, record, send)
+                return lease, *await self._attempt(model, lease, record, send)
             except (UpstreamUnavailable, UpstreamTimeout) as exc:
                 if exc.eject:
                     lease.worker.mark(False)
                 exclude = self._retry_exclusion(pool, lease.worker, exc)
                 pool.release(lease)
                 lease = None
-                lease = await self._acquire(pool, sequences, hint, record, exclude)
-                return lease, *await self._attempt(pool, lease, record, send)
+                lease = await self._acquire(model, sequences, hint, record, exclude)
+                return lease, *await self._attempt(model, lease, record, send)
         except BaseException:
             if lease is not None:
                 pool.release(lease)
+            model.usage.requests -= 1
             raise
 
+    def _release(self, model: ServedModel, lease: Lease) -> None:
+        """The request behind `lease` is over: its slots go back."""
+        model.pool.release(lease)
+        model.usage.requests -= 1
+
     async def _attempt(
-        self, pool: ModelPool, lease: Lease, record: RequestRecord, send: Send[T]
+        self, model: ServedModel, lease: Lease, record: RequestRecord, send: Send[T]
     ) -> tuple[T, Any]:
         """One call to a worker: counted as upstream time and, with tracing on, a client span whose
         context the worker gets in `traceparent` (vLLM's own span becomes its child)."""
         span = headers = None
         tracing = self.tracing
         if record.span is not None and tracing is not None:
-            span = tracing.client_span(record.span, f"{_operation(record)} {pool.name}", {
+            attributes = {
                 "gen_ai.operation.name": _operation(record),
                 "gen_ai.provider.name": "vllm",
-                "gen_ai.request.model": pool.name,
+                "gen_ai.request.model": model.name,
                 "server.address": lease.worker.url,
                 "gateway.worker": lease.worker.label,
                 "gateway.routing.reason": lease.reason.value,
-            })  # fmt: skip
+            }
+            if model.adapter is not None:
+                attributes["gateway.adapter"] = model.adapter.name
+            span = tracing.client_span(record.span, f"{_operation(record)} {model.name}", attributes)
             headers = tracing.headers_for(span)
         record.upstream_started()
         try:
-            return await send(lease.worker, headers), span
+            if model.adapter is None:
+                return await send(lease.worker, headers), span
+            loading = AdapterOnWorker(self.loads, model.adapter.target, lease.worker)
+            return await loading.send(
+                lambda: send(lease.worker, headers), lambda: self.span(record, LOAD_SPAN)
+            ), span
         except BaseException as exc:
             record.upstream_ended()
             if span is not None and tracing is not None:
@@ -370,24 +391,26 @@ class Gateway:
 
     async def _acquire(
         self,
-        pool: ModelPool,
+        model: ServedModel,
         sequences: int,
         hint: RouteHint,
         record: RequestRecord,
         exclude: frozenset[Worker] = frozenset(),
     ) -> Lease:
+        """Slots on a worker of the model's pool; counted under the served name (an adapter's own)."""
+        pool = model.pool
         started = time.perf_counter()
         with self.span(record, "gateway.queue") as span:
             lease = await pool.acquire(sequences, exclude, hint)
             if span is not None:
                 span.set_attribute("gateway.worker", lease.worker.label)
                 span.set_attribute("gateway.routing.reason", lease.reason.value)
-        metrics = self.metrics
-        metrics.child(metrics.queue_wait, pool.name).observe(time.perf_counter() - started)
-        metrics.child(metrics.routing_decisions, pool.name, pool.policy.value, lease.reason.value).inc()
+        metrics, name = self.metrics, model.name
+        metrics.child(metrics.queue_wait, name).observe(time.perf_counter() - started)
+        metrics.child(metrics.routing_decisions, name, pool.policy.value, lease.reason.value).inc()
         if lease.prefix_tokens:
-            metrics.child(metrics.routing_prefix_tokens, pool.name).inc(lease.prefix_tokens)
-            metrics.child(metrics.routing_prefix_hit_tokens, pool.name).inc(lease.hit_tokens)
+            metrics.child(metrics.routing_prefix_tokens, name).inc(lease.prefix_tokens)
+            metrics.child(metrics.routing_prefix_hit_tokens, name).inc(lease.hit_tokens)
         return lease
 
     @staticmethod
@@ -395,13 +418,15 @@ class Gateway:
         model: ServedModel, ctx: RequestContext, tokens: Sequence[int] | None = None, user: str | None = None
     ) -> RouteHint:
         """What the pool's routing policy needs of this request: its prompt's token ids for `prefix`,
-        its session key (the session header, else the `user` field) for `session`."""
+        its session key (the session header, else the `user` field) for `session`; and its adapter,
+        which every policy weighs."""
         policy = model.pool.policy
+        adapter = model.adapter.name if model.adapter is not None else None
         if policy is RoutingPolicy.PREFIX and tokens:
-            return RouteHint(tokens=tokens, salt=ctx.caller.salt)
+            return RouteHint(tokens=tokens, salt=ctx.caller.salt, adapter=adapter)
         if policy is RoutingPolicy.SESSION:
-            return RouteHint(session=ctx.session or user)
-        return NO_HINT
+            return RouteHint(session=ctx.session or user, adapter=adapter)
+        return NO_HINT if adapter is None else RouteHint(adapter=adapter)
 
 
 def _operation(record: RequestRecord) -> str:

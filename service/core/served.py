@@ -1,21 +1,55 @@
 """What a request names: a served model, resolved once into everything downstream needs.
 
 A served model is a name a client may send as `model`, its kind (base or instruct), the tokenizer and
-chat template its prompts are made with, and the pool of replicas that runs it. Every step after
-resolution (caps, rendering, context and scoring checks, admission, the body sent to a worker, metrics)
-takes the served model, so a variant that shares another model's workers (a fine-tuned adapter) is one
-more entry in the table, not a branch anywhere downstream.
+chat template its prompts are made with, the pool of replicas that runs it, and the LoRA adapter those
+replicas apply for it, if any. Every step after resolution (caps, rendering, context and scoring checks,
+admission, the body sent to a worker, metrics) takes the served model, so a variant that shares another
+model's workers (a fine-tuned adapter) is one more entry in the table, not a branch anywhere downstream;
+the one step that asks for the adapter is the one that makes sure the chosen replica holds it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from service.core.templates import ModelTokenizer
 from service.errors import ModelNotFound, NotAChatModel
 from service.ops.settings import ModelKind, ModelSpec
+from service.workers.lora import LoraTarget
 from service.workers.pool import ModelPool
+
+CONFIG = "config"  # an adapter from the models file
+RUNTIME = "runtime"  # an adapter registered through the operator API (kept in the store)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What makes a served model a fine-tuned variant of another: a LoRA adapter its workers apply."""
+
+    name: str
+    path: str  # its folder, as the workers see it
+    model: str  # the served name of the model it was trained for (its parent)
+    source: str  # CONFIG or RUNTIME
+    rank: int
+    description: str = ""
+    # A chat template of its own, which the worker is sent with each chat request (vLLM renders an
+    # adapter's chats with its base model's template); None: the model's own.
+    chat_template: str | None = None
+    created_at: datetime | None = None
+
+    @property
+    def target(self) -> LoraTarget:
+        """What to load onto a worker."""
+        return LoraTarget(self.name, self.path, self.model)
+
+
+@dataclass
+class Usage:
+    """Requests of this process that hold or wait for a worker of a served model now."""
+
+    requests: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,6 +60,19 @@ class ServedModel:
     kind: ModelKind
     tokenizer: ModelTokenizer
     pool: ModelPool  # the replicas that run it (and hold its slots)
+    adapter: Adapter | None = None  # the LoRA adapter its workers apply; None for a model itself
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def parent(self) -> str | None:
+        """The served name of the model an adapter is for; None for a model itself."""
+        return self.adapter.model if self.adapter is not None else None
+
+    @property
+    def worker_chat_template(self) -> str | None:
+        """A chat template the worker must be sent to render this model's chats (it knows only its
+        base model's); None when the worker's own is the one."""
+        return self.adapter.chat_template if self.adapter is not None else None
 
     @property
     def spec(self) -> ModelSpec:

@@ -37,6 +37,8 @@ class ModelTokenizer:
         client_templates: ClientTemplates | None = None,
     ) -> None:
         self.spec = spec
+        self._files = files
+        self._client_templates = client_templates
         self._tokenizer = files.tokenizer
         self.special_tokens = dict(files.special_tokens)
         tokens = control_tokens(files.tokenizer, files.special_tokens)
@@ -56,6 +58,11 @@ class ModelTokenizer:
             spec.name, chat_template, self.special_tokens, self._rule, self.encode,
             self._tokenizer.id_to_token, trusted,
         )  # fmt: skip
+
+    def with_chat_template(self, template: str) -> ModelTokenizer:
+        """The same tokenizer rendering chats with another template (an instruct adapter's own): the
+        control-token rule's check on the result then compares with what that template writes."""
+        return ModelTokenizer(self.spec, self._files, template, self._client_templates)
 
     @property
     def client_templates(self) -> ClientTemplates | None:

@@ -186,6 +186,14 @@ class Metrics:
             "Of those, tokens the chosen replica likely had cached (the gateway's estimate)",
             ["model"], registry=registry,
         )  # fmt: skip
+        self.adapter_loads = Counter(
+            "gateway_adapter_loads", "Adapter loads onto workers by outcome: loaded, already_loaded, failed",
+            ["model", "adapter", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.adapter_load_time = Histogram(
+            "gateway_adapter_load_seconds", "Time to load an adapter onto a worker, whatever the outcome",
+            ["model", "adapter"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
         self.auth_failures = Counter(
             "gateway_auth_failures", "Requests with a missing or wrong API key", registry=registry
         )

@@ -13,10 +13,32 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    HttpUrl,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.ops.lora import (
+    DEFAULT_MAX_RANK,
+    VLLM_RANKS,
+    LoraFacts,
+    fit_rank,
+    read_lora,
+    read_template,
+    same_base,
+)
+
 BUILTIN_PREFIX = "builtin:"
+# What a served name (a model's or an adapter's) may be: it travels in URLs, labels and log lines.
+SERVED_NAME = r"^[A-Za-z0-9._:/-]+$"
 
 
 class ModelKind(StrEnum):
@@ -36,12 +58,49 @@ class RoutingPolicy(StrEnum):
     RANDOM = "random"
 
 
+class AdapterSpec(BaseModel):
+    """A fine-tuned variant of a model: a LoRA adapter served on the model's own workers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128, pattern=SERVED_NAME, description="Served name.")
+    path: Path = Field(
+        description="The adapter's folder (PEFT's `adapter_config.json` and weights), an absolute path as "
+        "the gateway and the workers both see it."
+    )
+    kind: ModelKind | None = Field(
+        default=None, description="`base` or `instruct`; unset: the model's own kind."
+    )
+    chat_template: FilePath | None = Field(
+        default=None,
+        description="Jinja file for an instruct adapter; unset: the folder's `chat_template.jinja`, else its "
+        "`tokenizer_config.json` template, else the model's own.",
+    )
+    description: str = Field(default="", max_length=1000, description="What it was trained for.")
+    _lora: LoraFacts = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _is_a_lora_folder(self) -> Self:
+        self._lora = read_lora(self.path)  # ValueError (naming the folder) when it is not one
+        return self
+
+    @property
+    def rank(self) -> int:
+        """The adapter's LoRA rank, from its `adapter_config.json`."""
+        return self._lora.rank
+
+    @property
+    def base_model(self) -> str | None:
+        """The model it was trained from, as its `adapter_config.json` records it."""
+        return self._lora.base_model
+
+
 class ModelSpec(BaseModel):
     """One served model: where its weights or workers are, and how to run it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$", description="Served model name.")
+    name: str = Field(min_length=1, pattern=SERVED_NAME, description="Served model name.")
     kind: ModelKind = Field(description="`base` (completion only) or `instruct` (has a chat template).")
     source: str | None = Field(
         default=None,
@@ -82,6 +141,31 @@ class ModelSpec(BaseModel):
         description="Let chat message text hold this model's control tokens (e.g. `<|im_start|>`) and act as "
         "them; off: such messages are refused with a 400 naming the token.",
     )
+    # Fine-tuned variants (issue 20): LoRA adapters served on this model's workers.
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        description="LoRA adapters served on this model's workers, each under its own name and kind: "
+        "`{name, path, kind, chat_template, description}`.",
+    )
+    lora: bool = Field(
+        default=False,
+        description="Take adapters registered at runtime (POST /adapters); implied by `adapters`. Embedded "
+        "workers then start with LoRA enabled and runtime loading allowed.",
+    )
+    max_loras: int | None = Field(
+        default=None, ge=1, description="Adapters in one batch on a worker (vLLM's `--max-loras`); unset: "
+        "one per configured adapter, at least 1.",
+    )  # fmt: skip
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, description="Adapters a worker keeps in memory (`--max-cpu-loras`, at least "
+        "`max_loras`; others are read from disk again when used); unset: `max_loras`.",
+    )  # fmt: skip
+    max_lora_rank: int | None = Field(
+        default=None,
+        description=f"Largest adapter rank a worker takes (`--max-lora-rank`: one of "
+        f"{', '.join(map(str, VLLM_RANKS))}); unset: the largest configured adapter's rank rounded up to "
+        f"one of them, else {DEFAULT_MAX_RANK}.",
+    )
 
     @model_validator(mode="after")
     def _needs_weights_or_workers(self) -> Self:
@@ -90,6 +174,54 @@ class ModelSpec(BaseModel):
         if self.source is None and self.tokenizer is None:
             raise ValueError(f"model {self.name!r}: external workers need `tokenizer` or `source`")
         return self
+
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> Self:
+        """Every adapter fits the workers' LoRA limits, has a name of its own, and has a chat template
+        if it is for chat on a model without one."""
+        if self.max_lora_rank is not None and self.max_lora_rank not in VLLM_RANKS:
+            raise ValueError(f"model {self.name!r}: max_lora_rank {self.max_lora_rank} is not one vLLM "
+                             f"takes ({', '.join(map(str, VLLM_RANKS))})")  # fmt: skip
+        if self.max_loras and self.max_cpu_loras and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"model {self.name!r}: max_cpu_loras ({self.max_cpu_loras}) is below "
+                             f"max_loras ({self.max_loras})")  # fmt: skip
+        names = [self.name]
+        for index, adapter in enumerate(self.adapters):
+            where = f"model {self.name!r}: adapters.{index} ({adapter.name!r})"
+            if adapter.name in names:
+                raise ValueError(f"{where}: the name is taken by the model or another adapter")
+            names.append(adapter.name)
+            if adapter.rank > self.lora_max_rank:
+                raise ValueError(f"{where}: rank {adapter.rank} is over max_lora_rank {self.lora_max_rank}")
+            chat = self.kind_of(adapter) is ModelKind.INSTRUCT and self.kind is ModelKind.BASE
+            if chat and not read_template(adapter.path, adapter.chat_template):
+                raise ValueError(
+                    f"{where}: an instruct adapter on a base model needs a chat template: set "
+                    f"`chat_template`, or put chat_template.jinja in {adapter.path}"
+                )
+        return self
+
+    def kind_of(self, adapter: AdapterSpec) -> ModelKind:
+        """An adapter's kind: its own, else this model's."""
+        return adapter.kind or self.kind
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether this model's workers serve adapters."""
+        return self.lora or bool(self.adapters)
+
+    @property
+    def lora_max_rank(self) -> int:
+        """The largest rank its workers take: as configured, else the configured adapters' rounded up."""
+        if self.max_lora_rank is not None:
+            return self.max_lora_rank
+        return fit_rank(max((a.rank for a in self.adapters), default=DEFAULT_MAX_RANK))
+
+    @property
+    def lora_slots(self) -> tuple[int, int]:
+        """(adapters in one batch, adapters kept in memory) on each of its workers."""
+        batch = self.max_loras or max(1, len(self.adapters))
+        return batch, max(self.max_cpu_loras or batch, batch)
 
     @property
     def embedded(self) -> bool:
@@ -454,12 +586,26 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Self:
-        names = [model.name for model in self.models]
+        names = [model.name for model in self.models] + [a.name for m in self.models for a in m.adapters]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"models: duplicate names {duplicates}")
+            raise ValueError(f"models: duplicate names {duplicates} (models and adapters share names)")
         if not self.models:
             raise ValueError("models: at least one model is required")
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_match_their_models(self) -> Self:
+        """An adapter trained from another model is refused where that can be told (two folders, or two
+        hub ids); the built-ins are their prepared folders."""
+        for model in self.models:
+            sources = [self.resolve_source(model.source)] if model.source else []
+            for index, adapter in enumerate(model.adapters):
+                if same_base(adapter.base_model, sources) is False:
+                    raise ValueError(
+                        f"model {model.name!r}: adapters.{index} ({adapter.name!r}) was trained from "
+                        f"{adapter.base_model}, not from this model ({sources[0]})"
+                    )
         return self
 
     @property

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from service.workers.transport import Transport
 from service.workers.worker import Worker
@@ -24,13 +25,25 @@ log = logging.getLogger(__name__)
 FactReader = Callable[[Transport, Worker], Awaitable[None]]
 
 
+def listed_adapters(listing: Any) -> dict[str, str]:
+    """The LoRA adapters a worker's `/v1/models` lists (entries with a `parent`): name -> folder."""
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    return {
+        str(entry["id"]): str(entry.get("root") or "")
+        for entry in entries or []
+        if isinstance(entry, dict) and entry.get("parent") and entry.get("id")
+    }
+
+
 async def read_model_entry(transport: Transport, worker: Worker) -> None:
-    """The worker's own `/v1/models` entry: context length, `root`, `parent`, permissions."""
+    """The worker's own `/v1/models` entry (context length, `root`, `parent`, permissions), and the
+    adapters it lists."""
     listing = await transport.get_json(worker, "/v1/models")
     entries = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(entries, list):
         raise ValueError("/v1/models has no `data` list")
-    entry = next((e for e in entries if isinstance(e, dict)), None)
+    worker.adapters = listed_adapters(listing)
+    entry = next((e for e in entries if isinstance(e, dict) and not e.get("parent")), None)
     if entry is None:
         raise ValueError("/v1/models lists no model")
     length = entry.get("max_model_len")

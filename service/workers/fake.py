@@ -80,6 +80,8 @@ class FakeTransport:
         self.facts: dict[tuple[str, str], Any] = {}
         self.sent: list[tuple[str, str, dict[str, Any]]] = []  # (worker name, path, body)
         self.headers: list[dict[str, str]] = []  # the extra headers of each request
+        # `post` answers: (worker url, path) -> a callable of the body giving (status, JSON or text)
+        self.posts: dict[tuple[str, str], Any] = {}
 
     def reply(self, worker: Worker, *replies: Reply) -> None:
         self.replies.setdefault(worker.url, []).extend(replies)
@@ -123,8 +125,18 @@ class FakeTransport:
     async def health(self, worker: Worker) -> bool:
         return self.healthy.get(worker.url, True)
 
+    async def post(self, worker: Worker, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        self.sent.append((worker.name, path, body))
+        answer = self.posts.get((worker.url, path))
+        if answer is None:
+            raise UpstreamUnavailable(f"The worker for model '{worker.model}' is unreachable.")
+        status, content = await answer(body) if asyncio.iscoroutinefunction(answer) else answer(body)
+        return status, content.encode() if isinstance(content, str) else json.dumps(content).encode()
+
     async def get_json(self, worker: Worker, path: str) -> Any:
         found = self.facts.get((worker.url, path))
+        if callable(found):  # a worker whose answer changes (its adapters, say)
+            found = found()
         if found is None:
             raise ValueError(f"GET {path}: nothing scripted")
         return found

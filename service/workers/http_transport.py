@@ -266,6 +266,21 @@ class HttpTransport:
         async with self.session.get(f"{worker.url}/health", timeout=self._probe_timeout) as response:
             return response.status == 200
 
+    async def post(self, worker: Worker, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        try:
+            async with self.session.post(
+                worker.url + path, data=encode(body), timeout=self._answer_timeout
+            ) as response:
+                return response.status, bytes(await read_capped(response, MAX_ERROR_BYTES) or b"")
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise translate(exc, worker, self.connect_timeout) from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"The worker for model '{worker.model}' did not answer {path} within {self.read_timeout:g} s."
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise translate(exc, worker, self.connect_timeout) from exc
+
     async def get_json(self, worker: Worker, path: str) -> Any:
         async with self.session.get(worker.url + path, timeout=self._probe_timeout) as response:
             if response.status != 200:

@@ -26,6 +26,12 @@ replica that most likely still holds that prefix in vLLM's prefix cache, so it i
 `session` does the same rendezvous choice on a session key (the `X-Session-Id` header, else the
 request's `user` field), bounded the same way. `least_outstanding` picks the least loaded replica,
 `random` any healthy one.
+
+A request for a LoRA adapter prefers, whatever the policy, the replicas that hold it: first those whose
+engine runs it now (`vllm:lora_requests_info`), then those that have it loaded, each group in the
+policy's order; an adapter held nowhere goes to its own rendezvous replica (every gateway process
+loads it on the same one). Bounded load still rules, so a hot adapter spreads to more replicas. Its
+prefix hashes include the adapter's name: vLLM's KV blocks computed with one adapter are not another's.
 """
 
 from __future__ import annotations
@@ -56,16 +62,19 @@ class Reason(StrEnum):
     SPILL = "spill"  # the preferred replica was over its load bound or full: the least loaded
     LEAST_OUTSTANDING = "least_outstanding"  # the policy, or nothing to hash (short prompt, no session)
     RANDOM = "random"
+    ADAPTER = "adapter"  # it holds the request's adapter (the policy would have chosen another)
+    ADAPTER_HASH = "adapter_hash"  # an adapter held nowhere: its rendezvous replica
 
 
 @dataclass(frozen=True)
 class RouteHint:
-    """What a request offers for routing: its prompt's token ids, its session key, and the cache salt
-    its prompt is cached under on the worker (None: unsalted)."""
+    """What a request offers for routing: its prompt's token ids, its session key, the cache salt its
+    prompt is cached under on the worker (None: unsalted), and the LoRA adapter it runs with (if any)."""
 
     tokens: Sequence[int] | None = None
     session: str | None = None
     salt: str | None = None
+    adapter: str | None = None
 
 
 NO_HINT = RouteHint()
@@ -89,17 +98,24 @@ class Route:
 
 
 def block_hashes(
-    tokens: Sequence[int], block_size: int, max_tokens: int, salt: str | None = None
+    tokens: Sequence[int],
+    block_size: int,
+    max_tokens: int,
+    salt: str | None = None,
+    adapter: str | None = None,
 ) -> list[int]:
     """Chained hashes of the whole blocks among the first `max_tokens` tokens: block i's hash covers
-    every token up to the end of block i (and the salt, as blake2b's key: unrelated hashes per salt).
-    blake2b, not Python's `hash`, so every process agrees."""
+    every token up to the end of block i (and the salt, as blake2b's key: unrelated hashes per salt; and
+    the adapter, hashed first: unrelated hashes per adapter). blake2b, not Python's `hash`, so every
+    process agrees."""
     whole = min(len(tokens), max_tokens) // block_size * block_size
     if whole == 0:
         return []
     data = array("i", tokens[:whole]).tobytes()
     step = block_size * 4
     hasher = hashlib.blake2b(digest_size=8, key=salt.encode()[:64] if salt else b"")
+    if adapter:
+        hasher.update(b"lora\x00" + adapter.encode() + b"\x00")
     hashes = []
     for start in range(0, len(data), step):
         hasher.update(data[start : start + step])
@@ -184,9 +200,34 @@ class Router:
 
     def route(self, workers: list[Worker], cost: int, hint: RouteHint, block_size: int) -> Route:
         """`workers` (healthy, at least one) in order of preference for a request of `cost` sequences."""
-        policy = self.policy_for(len(workers))
         least_loaded = sorted(workers, key=lambda w: (w.load, w.outstanding, w.picked))
-        if len(workers) == 1 or policy is RoutingPolicy.LEAST_OUTSTANDING:
+        if len(workers) == 1:
+            return Route(least_loaded, Reason.LEAST_OUTSTANDING)
+        route = self._by_policy(workers, least_loaded, cost, hint, block_size)
+        if hint.adapter is None:
+            return route
+        return self._adapter_first(route, workers, least_loaded, cost, hint.adapter)
+
+    def _adapter_first(
+        self, route: Route, workers: list[Worker], least_loaded: list[Worker], cost: int, adapter: str
+    ) -> Route:
+        """The replicas that hold `adapter` first (those running it, then those with it loaded), each
+        group in the policy's order; held nowhere, its rendezvous replica first; within the load bound."""
+        affinity = {worker: worker.affinity(adapter) for worker in workers}
+        if not any(affinity.values()):
+            ranked = rendezvous(b"lora\x00" + adapter.encode(), workers)
+            preferred = Route(ranked, Reason.ADAPTER_HASH, ranked[0], route.blocks, route.matched)
+            return self._bounded(preferred, least_loaded, cost)
+        order = sorted(route.order, key=lambda w: -affinity[w])  # stable: the policy's order among equals
+        reason = route.reason if order[0] is route.order[0] else Reason.ADAPTER
+        return self._bounded(Route(order, reason, order[0], route.blocks, route.matched), least_loaded, cost)
+
+    def _by_policy(
+        self, workers: list[Worker], least_loaded: list[Worker], cost: int, hint: RouteHint, block_size: int
+    ) -> Route:
+        """The replicas in the order the policy prefers for this request."""
+        policy = self.policy_for(len(workers))
+        if policy is RoutingPolicy.LEAST_OUTSTANDING:
             return Route(least_loaded, Reason.LEAST_OUTSTANDING)
         if policy is RoutingPolicy.RANDOM:
             return Route(random.sample(workers, len(workers)), Reason.RANDOM)
@@ -195,7 +236,9 @@ class Router:
                 return Route(least_loaded, Reason.LEAST_OUTSTANDING)
             ranked = rendezvous(hint.session.encode(), workers)
             return self._bounded(Route(ranked, Reason.SESSION, ranked[0]), least_loaded, cost)
-        blocks = block_hashes(hint.tokens or (), block_size, self.config.max_prefix_tokens, hint.salt)
+        blocks = block_hashes(
+            hint.tokens or (), block_size, self.config.max_prefix_tokens, hint.salt, hint.adapter
+        )
         if not blocks:
             return Route(least_loaded, Reason.LEAST_OUTSTANDING)
         key_depth = max(1, min(len(blocks), KEY_TOKENS // block_size))

@@ -93,6 +93,7 @@ def launch_plan(
         argv += ["--reasoning-parser", spec.reasoning_parser]
     if spec.trust_request_chat_template:
         argv.append("--trust-request-chat-template")
+    argv += lora_args(spec)
     argv += spec.engine_args
     env = dict(os.environ)
     # The gateway's multiprocess metrics folder is its own: a worker writing there would mix its
@@ -114,9 +115,24 @@ def launch_plan(
         env["VLLM_API_KEY"] = settings.worker_api_key.get_secret_value()
     if cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    if spec.lora_enabled:  # the gateway loads adapters through vLLM's runtime API (see workers/lora.py)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.update(spec.engine_env)
     log_path = settings.cache_dir / "logs" / f"{spec.name.replace('/', '_')}-{replica}.log"
     return LaunchPlan(argv=argv, env=env, log_path=log_path)
+
+
+def lora_args(spec: ModelSpec) -> list[str]:
+    """vLLM's LoRA flags for a model that serves adapters (none otherwise). An adapter may bring its own
+    chat template, which the gateway sends with each of its chat requests: the worker must take it."""
+    if not spec.lora_enabled:
+        return []
+    batch, kept = spec.lora_slots
+    argv = ["--enable-lora", "--max-loras", str(batch), "--max-cpu-loras", str(kept),
+            "--max-lora-rank", str(spec.lora_max_rank)]  # fmt: skip
+    if not spec.trust_request_chat_template:
+        argv.append("--trust-request-chat-template")
+    return argv
 
 
 def die_with_parent() -> None:

@@ -68,6 +68,11 @@ class Transport(Protocol):
         """Whether the worker answers its health check."""
         ...
 
+    async def post(self, worker: Worker, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        """A small POST to one of the worker's own routes (loading an adapter): its status and body
+        (capped), whatever the status; a transport failure raises as `complete` does."""
+        ...
+
     async def get_json(self, worker: Worker, path: str) -> Any:
         """A GET whose answer must be 200 and JSON (ValueError otherwise)."""
         ...

@@ -26,6 +26,9 @@ class EngineLoad:
     prefix_cache_queries: float | None = None  # tokens looked up in the prefix cache, since start
     prefix_cache_hits: float | None = None  # of which found
     block_size: int | None = None  # tokens per KV-cache block
+    # LoRA adapters its engine is running or has waiting (`vllm:lora_requests_info`).
+    lora_running: frozenset[str] = frozenset()
+    lora_waiting: frozenset[str] = frozenset()
 
     @property
     def requests(self) -> int:
@@ -57,6 +60,8 @@ class Worker:
     answered_at: float = 0.0  # when it last answered a health probe
     checked_at: float = 0.0  # when its last health verdict was made
     probe_timeout: float | None = None  # its next probe's limit (None: the configured one)
+    # LoRA adapters it holds, name -> folder: what its /v1/models lists, and what the gateway loaded since.
+    adapters: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self, up: bool) -> None:
         if not self.name:
@@ -80,6 +85,14 @@ class Worker:
         self.engine = engine
         self.others = max(0, engine.requests - self.outstanding)
 
+    def affinity(self, adapter: str) -> int:
+        """How ready it is to serve `adapter`: 2 its engine runs it (or has it waiting) now, 1 it holds it
+        loaded, 0 it would have to load it first."""
+        engine = self.engine
+        if adapter in engine.lora_running or adapter in engine.lora_waiting:
+            return 2
+        return 1 if adapter in self.adapters else 0
+
     @property
     def label(self) -> str:
         """Short stable name for logs and metrics."""
@@ -94,6 +107,7 @@ class Worker:
         self.seen_healthy = False
         self.failed_checks = 0
         self.observe_engine(EngineLoad())
+        self.adapters.clear()  # a new process holds no adapter
         self.facts_read.clear()
         self.progress_at = self.answered_at = 0.0
         self.probe_timeout = None

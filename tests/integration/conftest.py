@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +27,8 @@ from tests.integration.standin import Script, build_app
 
 # SmolLM2's small tokenizer for both models keeps start-up quick; the stand-in ignores token ids.
 TOKENIZER = "builtin:smollm2-135m-instruct"
+# The tests' own store: never the user's (~/.cache/llm-gateway/gateway.db, which other checkouts migrate).
+TEST_STORE = Path(tempfile.mkdtemp(prefix="gateway-tests-")) / "gateway.db"
 
 
 @contextlib.asynccontextmanager
@@ -72,7 +76,12 @@ def standin_settings(*urls: str, **overrides: Any) -> Settings:
             ModelSpec(name="base", kind=ModelKind.BASE, tokenizer=TOKENIZER, urls=list(urls)),
             ModelSpec(name="chat", kind=ModelKind.INSTRUCT, tokenizer=TOKENIZER, urls=list(urls)),
         ],
-        **{"health_interval": 0.1, "default_max_tokens": 100, **overrides},
+        **{
+            "health_interval": 0.1,
+            "default_max_tokens": 100,
+            "database_url": f"sqlite:///{TEST_STORE}",
+            **overrides,
+        },
     )
 
 

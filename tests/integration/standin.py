@@ -3,6 +3,10 @@ gateway sent. Never the proof that the product works: that is tests/e2e against 
 
 It answers /v1/completions, /v1/chat/completions and /v1/responses (streamed or not) with the
 scripted tokens, in vLLM's shapes. It publishes an OpenAPI schema only when the script gives one.
+It serves LoRA adapters as vLLM does with runtime loading on: `/v1/load_lora_adapter` (a folder without
+`adapter_config.json` is a 404, a name it holds a 400), `/v1/unload_lora_adapter`, adapters listed in
+`/v1/models` with a `parent`; with `served` set, a request naming neither a served name nor a loaded
+adapter is vLLM's 404 (`forget_adapters()` is a worker restart, as far as adapters go).
 Whole answers can be padded to a size (logprobs-like, with text that looks like a usage key, as
 generated text may), sent without a Content-Length, or compressed as a compressing ingress would.
 
@@ -59,6 +63,18 @@ class Script:
     health_pending: int = 0  # /health requests being answered right now
     schema_failures: int = 0  # /openapi.json answers 500 this many more times before the schema
     max_model_len: int = 2048  # the context its /v1/models reports
+    # LoRA adapters (vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).
+    served: set[str] | None = None  # names it serves besides its adapters; None: it answers any name
+    adapters: dict[str, str] = field(default_factory=dict)  # loaded: name -> folder
+    lora_runtime: bool = True  # whether the load routes exist
+    load_delay: float = 0.0
+    loads: list[str] = field(default_factory=list)  # every load asked, by name (answered or not)
+    unloads: list[str] = field(default_factory=list)
+    broken_adapters: set[str] = field(default_factory=set)  # load, then fail to generate
+
+    def forget_adapters(self) -> None:
+        """What a restart does to the adapters it held."""
+        self.adapters.clear()
 
 
 def usage_of(body: dict[str, Any], tokens: list[str]) -> dict[str, int]:
@@ -187,8 +203,49 @@ def build_app(script: Script) -> Starlette:
     async def models(_: Request) -> Response:
         if script.models_answer is not None:
             return JSONResponse(script.models_answer)
-        entry = {"id": "any", "max_model_len": script.max_model_len, "root": "/standin"}
-        return JSONResponse({"object": "list", "data": [entry]})
+        base = sorted(script.served)[0] if script.served else "any"
+        entry = {"id": base, "max_model_len": script.max_model_len, "root": "/standin", "parent": None}
+        loras = [{"id": name, "root": path, "parent": base} for name, path in script.adapters.items()]
+        return JSONResponse({"object": "list", "data": [entry, *loras]})
+
+    def vllm_error(message: str, kind: str, status: int) -> Response:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                            status_code=status)  # fmt: skip
+
+    async def load_lora(request: Request) -> Response:
+        if not script.lora_runtime:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        body = await request.json()
+        name, path = body.get("lora_name"), body.get("lora_path")
+        script.loads.append(name)
+        await asyncio.sleep(script.load_delay)
+        if name in script.adapters:
+            return vllm_error(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                "adapter in place, set 'load_inplace' to True.",
+                "InvalidUserInput",
+                400,
+            )
+        if not await asyncio.to_thread(os.path.isfile, os.path.join(path, "adapter_config.json")):
+            message = f"Loading lora {name} failed: No adapter found for {path}"
+            return vllm_error(message, "NotFoundError", 404)
+        script.adapters[name] = path
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora(request: Request) -> Response:
+        name = (await request.json()).get("lora_name")
+        script.unloads.append(name)
+        if script.adapters.pop(name, None) is None:
+            return vllm_error(f"The lora adapter '{name}' cannot be found.", "NotFoundError", 404)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def unknown_model(body: dict[str, Any]) -> Response | None:
+        """vLLM's answer to a model name it does not serve (None: it serves it)."""
+        name = body.get("model")
+        if script.served is None or name in script.served or name in script.adapters:
+            return None
+        valid = ", ".join(sorted(script.served))
+        return vllm_error(f"The model `{name}` does not exist. Valid aliases: {valid}.", "NotFoundError", 404)
 
     async def openapi_json(_: Request) -> Response:
         if script.schema is None:
@@ -215,6 +272,10 @@ def build_app(script: Script) -> Starlette:
         script.paths.append(request.url.path)
         script.traceparents.append(request.headers.get("traceparent"))
         script.accept_encodings.append(request.headers.get("accept-encoding"))
+        if (refused := unknown_model(body)) is not None:
+            return refused
+        if body.get("model") in script.broken_adapters:
+            return PlainTextResponse("Internal Server Error", status_code=500)
         if script.mode == "reject":
             error = {
                 "message": "n must be 1 when using greedy sampling, got 2.",
@@ -269,6 +330,8 @@ def build_app(script: Script) -> Starlette:
         script.bodies.append(body)
         script.paths.append(request.url.path)
         script.traceparents.append(request.headers.get("traceparent"))
+        if (refused := unknown_model(body)) is not None:
+            return refused
         text = "".join(script.tokens)
         usage = {
             "input_tokens": 3,
@@ -304,6 +367,8 @@ def build_app(script: Script) -> Starlette:
             Route("/v1/chat/completions", endpoint(chat_completion, chat_chunk), methods=["POST"]),
             Route("/v1/chat/completions/batch", endpoint(batch_chat, None), methods=["POST"]),
             Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/load_lora_adapter", load_lora, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", unload_lora, methods=["POST"]),
         ]
     )
 

@@ -12,7 +12,8 @@ from fastapi import FastAPI
 from service.api.endpoint import post_endpoints
 from service.api.endpoints import ENDPOINTS
 
-POST_PATHS = sorted(post_endpoints(ENDPOINTS))
+# The operator's routes are off in this app (no admin keys); test_adapters.py sends them bad bodies.
+POST_PATHS = sorted(path for path, endpoint in post_endpoints(ENDPOINTS).items() if not endpoint.admin)
 PYDANTIC_INTERNALS = re.compile(r"function-(after|before|wrap|plain)|\[|model_attributes_type|json_invalid")
 
 BAD_BODIES = [

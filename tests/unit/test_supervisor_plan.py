@@ -51,3 +51,23 @@ def test_workers_do_not_share_the_gateways_metrics_folder(
     spec = ModelSpec(name="m", kind=ModelKind.BASE, source=str(tmp_path))
     plan = launch_plan(spec, Settings(cache_dir=tmp_path), port=9001, cores=None, replica=0)
     assert "PROMETHEUS_MULTIPROC_DIR" not in plan.env
+
+
+def test_a_model_with_adapters_runs_workers_with_lora_and_runtime_loading(tmp_path: Path) -> None:
+    from tests.adapters import adapter_folder
+
+    qa = adapter_folder(tmp_path, "qa", rank=20)
+    spec = ModelSpec(name="m", kind=ModelKind.BASE, source="/m", adapters=[{"name": "qa", "path": str(qa)}])
+    plan = launch_plan(spec, Settings(cache_dir=tmp_path), port=9001, cores=None, replica=0)
+    argv = " ".join(plan.argv)
+    assert "--enable-lora --max-loras 1 --max-cpu-loras 1 --max-lora-rank 32" in argv
+    assert "--trust-request-chat-template" in argv  # an adapter's own template comes with its requests
+    assert plan.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    runtime = ModelSpec(name="m", kind=ModelKind.BASE, source="/m", lora=True, max_loras=3, max_cpu_loras=8,
+                        trust_request_chat_template=True)  # fmt: skip
+    argv = launch_plan(runtime, Settings(cache_dir=tmp_path), port=9001, cores=None, replica=0).argv
+    assert " ".join(argv).count("--trust-request-chat-template") == 1
+    assert "--max-loras 3 --max-cpu-loras 8 --max-lora-rank 16" in " ".join(argv)
+    plain = launch_plan(ModelSpec(name="m", kind=ModelKind.BASE, source="/m"), Settings(cache_dir=tmp_path),
+                        port=9001, cores=None, replica=0)  # fmt: skip
+    assert "--enable-lora" not in plain.argv and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plain.env

@@ -16,7 +16,8 @@ OWN_FIELDS = ("id", "object", "kind", "max_model_len", "ready")
 
 def model_entry(model: ServedModel) -> dict[str, Any]:
     """The worker's own /v1/models entry (`root`, `parent`, `permission`, ...) plus the gateway's
-    (`kind`, `ready`); before any worker answered, the fields vLLM would give."""
+    (`kind`, `ready`); before any worker answered, the fields vLLM would give. An adapter is listed as
+    vLLM lists one: `root` its folder, `parent` its model's served name."""
     pool = model.pool
     worker: dict[str, Any] = pool.fact("model_entry") or {}
     entry: dict[str, Any] = {
@@ -26,6 +27,8 @@ def model_entry(model: ServedModel) -> dict[str, Any]:
         "parent": None,
         **worker,
     }
+    if model.adapter is not None:
+        entry.update(root=model.adapter.path, parent=model.adapter.model)
     entry.update(
         id=model.name,
         object="model",

@@ -112,6 +112,12 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     model = gateway.resolve(request.model, ModelKind.INSTRUCT)
     record.admit(model.name)
     model.require_chat()
+    if model.worker_chat_template is not None:
+        raise InvalidRequest(
+            f"'{model.name}' renders chats with a chat template of its own, which vLLM's Responses API "
+            "cannot be given; use /v1/chat/completions (or /chat).",
+            param="model",
+        )
     check_fields(model.pool, "ResponsesRequest", request.extras())
     # Everything vLLM hands its template from this request, scanned off the event loop.
     await asyncio.to_thread(_check_responses_texts, model.tokenizer, request)
@@ -216,6 +222,9 @@ async def _send(
     record = ctx.record
     extras = request.model_extra or {}
     check_client_fields(ctx.caller, extras)
+    template = model.worker_chat_template  # the worker knows only its base model's template
+    if template is not None and path != COMPLETIONS_PATH and getattr(request, "chat_template", None) is None:
+        changes = {**(changes or {}), "chat_template": template}
     salt = worker_salt(ctx.caller, model.pool, path, extras.get(SALT_FIELD))  # None: the body stays as it is
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     if request.stream:

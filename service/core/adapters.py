@@ -1,0 +1,255 @@
+"""The adapters a gateway serves: those of the models file, and those registered at runtime through the
+operator API, kept in the store so they survive restarts and every gateway process serves the same set.
+
+- A registration is checked before it is accepted (`adapter_checks.checked`), then really loaded onto
+  one healthy replica and made to generate one token there (a worker has answered 200 to a bad folder
+  before); only then is it stored (with the topic's revision bumped in the same transaction) and
+  served. If anything fails after the load, it is unloaded again.
+- Every process reads the "adapters" revision every `poll` seconds (on the store's threads, never on a
+  request's path) and, when it moved, the registrations: added ones are served, removed ones are not.
+- A removal stops new requests at once (404); the process that removed it unloads it from the workers
+  once the other processes have followed (two polls) and its own requests using it are over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from service.core.adapter_checks import AdapterRequest, checked, configured, from_row, row_of, served_adapter
+from service.core.gateway import Gateway
+from service.core.served import CONFIG, RUNTIME, ServedModel
+from service.errors import (
+    AdapterLoadFailed,
+    AdapterNotFound,
+    GatewayError,
+    InvalidRequest,
+    UpstreamRejected,
+)
+from service.store import adapters as store
+from service.store.database import Database
+from service.workers.facts import describe, read_model_entry
+from service.workers.routing import RouteHint
+from service.workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class AdapterRegistry:
+    """The served adapters of one gateway process, kept in line with the store."""
+
+    def __init__(self, gateway: Gateway, database: Database, poll: float = 1.0) -> None:
+        self.gateway = gateway
+        self.models = gateway.models
+        self.database = database
+        self.poll = poll
+        self._revision: int | None = None
+        self._lock = asyncio.Lock()  # one registration or removal at a time in this process
+        self._follower: asyncio.Task[None] | None = None
+        self._unloads: set[asyncio.Task[None]] = set()
+        self._failing = False
+
+    async def start(self) -> None:
+        """Serve the configured adapters and the registered ones (before the first request), then follow
+        the store."""
+        models = {name: self.models[name] for name in self.gateway.pools if name in self.models}
+        for served in await asyncio.to_thread(configured, self.gateway.settings, models):
+            self.models.add(served)
+        await self.refresh()
+        self._follower = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        tasks = [task for task in (self._follower, *self._unloads) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def refresh(self) -> None:
+        """Bring the served set in line with the store, if its revision moved."""
+        revision, rows = await self.database.run(store.snapshot, self.database, self._revision)
+        if rows is not None:
+            await self._apply(rows)
+        self._revision = revision
+
+    async def _apply(self, rows: list[store.AdapterRow]) -> None:
+        wanted = {row.name: row for row in rows}
+        for name, served in list(self.models.items()):
+            if served.adapter is not None and served.adapter.source == RUNTIME and name not in wanted:
+                self.models.remove(name)
+                log.info("adapter %s is no longer registered", name)
+        for row in rows:
+            current = self.models.get(row.name)
+            parent = self.models.get(row.model)
+            if current is not None and (current.adapter is None or current.adapter.source == CONFIG):
+                log.warning("registered adapter %s is not served: its name is configured", row.name)
+                continue
+            if parent is None or parent.adapter is not None or not parent.spec.lora_enabled:
+                log.warning("registered adapter %s is not served: no model %s takes adapters", row.name,
+                            row.model)  # fmt: skip
+                continue
+            if current is not None and _same(current, row):
+                continue
+            self.models.add(await asyncio.to_thread(from_row, row, parent))
+            log.info("adapter %s of %s is served (registered)", row.name, row.model)
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            try:
+                await self.refresh()
+            except Exception as exc:  # the store down a while: keep serving the last known set
+                if not self._failing:
+                    log.warning("cannot read the registered adapters (%s); serving the last known set",
+                                describe(exc))  # fmt: skip
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("registered adapters read again")
+                self._failing = False
+
+    async def register(self, request: AdapterRequest) -> ServedModel:
+        """Check, load on one replica, store, serve; a 400 saying why otherwise."""
+        async with self._lock:
+            parent = self._parent_of(request)
+            if request.name in self.models:
+                raise InvalidRequest(f"name: '{request.name}' is already served (a model or an adapter).",
+                                     param="name")  # fmt: skip
+            adapter, kind = await asyncio.to_thread(checked, request, parent, self.gateway.settings)
+            served = await asyncio.to_thread(served_adapter, parent, adapter, kind)
+            worker = await self._try_on_a_replica(served)
+            try:
+                row = await self.database.run(store.add, self.database, row_of(adapter, kind))
+            except store.AdapterExists:
+                await self._unload(worker, served)
+                message = f"name: '{request.name}' was registered meanwhile."
+                raise InvalidRequest(message, param="name") from None
+            except BaseException:
+                await self._unload(worker, served)
+                raise
+            served = await asyncio.to_thread(from_row, row, parent)
+            self.models.add(served)
+            log.info("adapter %s of %s registered (%s)", served.name, parent.name, adapter.path)
+            return served
+
+    def _parent_of(self, request: AdapterRequest) -> ServedModel:
+        parent = self.models.get(request.model)
+        if parent is None or parent.adapter is not None:
+            known = [name for name, m in self.models.items() if m.adapter is None]
+            raise InvalidRequest(f"model: '{request.model}' is not a served model (models: "
+                                 f"{', '.join(known)}).", param="model")  # fmt: skip
+        if not parent.spec.lora_enabled:
+            raise InvalidRequest(
+                f"model: '{parent.name}' takes no adapters: set `lora: true` on it in the models file (its "
+                "workers then run with LoRA enabled).",
+                param="model",
+            )
+        return parent
+
+    async def _try_on_a_replica(self, served: ServedModel) -> Worker:
+        """Load the adapter onto the replica routing would send it to and generate one token with it
+        there; unloaded again (and a 400 with the worker's reason) if either fails."""
+        assert served.adapter is not None
+        worker = served.pool.pick(hint=RouteHint(adapter=served.name))  # NoHealthyWorker: 503
+        try:
+            await self.gateway.loads.ensure(worker, served.adapter.target)
+        except AdapterLoadFailed as exc:
+            raise InvalidRequest(f"path: worker {worker.label} could not load the adapter: {exc.reason}.",
+                                 param="path") from None  # fmt: skip
+        tokenizer = served.tokenizer
+        token = next((i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None), 0)
+        body = {"model": served.name, "prompt": [token], "max_tokens": 1, "temperature": 0}
+        try:
+            await self.gateway.transport.complete(worker, "/v1/completions", body)
+        except GatewayError as exc:
+            await self._unload(worker, served)
+            said = exc.message if isinstance(exc, UpstreamRejected) else describe(exc)
+            raise InvalidRequest(f"path: worker {worker.label} loaded the adapter but could not generate "
+                                 f"with it: {said}", param="path") from None  # fmt: skip
+        return worker
+
+    async def remove(self, name: str) -> ServedModel:
+        """Stop serving a registered adapter (new requests get 404 at once); it is unloaded from the
+        workers in the background once nobody uses it."""
+        async with self._lock:
+            served = self.models.get(name)
+            if served is None or served.adapter is None:
+                raise AdapterNotFound(name, self.names())
+            if served.adapter.source == CONFIG:
+                raise InvalidRequest(f"'{name}' is configured in the models file: remove it there (and "
+                                     "restart the gateway).", param="name")  # fmt: skip
+            await self.database.run(store.remove, self.database, name)
+            self.models.remove(name)
+            task = asyncio.create_task(self._unload_when_unused(served))
+            self._unloads.add(task)
+            task.add_done_callback(self._unloads.discard)
+            log.info("adapter %s removed", name)
+            return served
+
+    async def _unload_when_unused(self, served: ServedModel) -> None:
+        # The other processes stop routing to it within one poll; then this one's requests finish.
+        await asyncio.sleep(2 * self.poll)
+        deadline = time.monotonic() + self.gateway.settings.read_timeout
+        while served.usage.requests > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 (a count, rarely >0)
+            await asyncio.sleep(0.1)
+        for worker in list(served.pool.workers):
+            if worker.healthy or served.name in worker.adapters:
+                await self._unload(worker, served)
+
+    async def _unload(self, worker: Worker, served: ServedModel) -> None:
+        with contextlib.suppress(GatewayError):
+            await self.gateway.loads.unload(worker, served.name)
+
+    def names(self) -> list[str]:
+        """Every served adapter's name."""
+        return [name for name, served in self.models.items() if served.adapter is not None]
+
+    async def listing(self) -> list[dict[str, Any]]:
+        """Every adapter with where it is loaded, read from the workers now."""
+        pools = {id(m.pool): m.pool for m in self.models.values() if m.adapter is not None}
+        workers = [w for pool in pools.values() for w in pool.workers if w.healthy]
+        limit = self.gateway.settings.health_timeout
+        await asyncio.gather(*(_reread(self.gateway, w, limit) for w in workers))
+        return [describe_adapter(m) for m in self.models.values() if m.adapter is not None]
+
+
+async def _reread(gateway: Gateway, worker: Worker, limit: float) -> None:
+    """What a worker lists now (its adapters); what was known stays if it does not answer in time."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(limit):
+            await read_model_entry(gateway.transport, worker)
+
+
+def describe_adapter(served: ServedModel) -> dict[str, Any]:
+    """An adapter as GET /adapters shows it."""
+    adapter = served.adapter
+    assert adapter is not None
+    return {
+        "name": served.name,
+        "model": adapter.model,
+        "kind": served.kind.value,
+        "source": adapter.source,
+        "path": adapter.path,
+        "rank": adapter.rank,
+        "own_chat_template": adapter.chat_template is not None,
+        "description": adapter.description,
+        "created_at": adapter.created_at.isoformat() if adapter.created_at else None,
+        "loaded_on": holders(served, 1),
+        "running_on": holders(served, 2),
+    }
+
+
+def holders(served: ServedModel, affinity: int) -> list[str]:
+    """The replicas of an adapter's pool that hold it (1) or run it now (2)."""
+    return [w.label for w in served.pool.workers if w.affinity(served.name) >= affinity]
+
+
+def _same(current: ServedModel, row: store.AdapterRow) -> bool:
+    adapter = current.adapter
+    return (
+        adapter is not None
+        and (adapter.model, adapter.path, current.kind.value) == (row.model, row.path, row.kind)
+        and adapter.created_at == row.created_at
+    )

@@ -1,0 +1,81 @@
+"""Adapters registered at runtime, in the store. Every write bumps the "adapters" topic's revision in
+the same transaction, so a gateway process sees a change by reading one small row (`snapshot`).
+
+These functions block: run them on the store's threads (`Database.run`), never on the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from service.store.database import Database
+from service.store.schema import adapters, revisions
+
+TOPIC = "adapters"
+
+
+class AdapterExists(Exception):
+    """An adapter of that name is registered already (by this process or another)."""
+
+
+@dataclass(frozen=True)
+class AdapterRow:
+    """One registered adapter as stored."""
+
+    name: str
+    model: str
+    path: str
+    kind: str
+    chat_template: str | None  # the template's text, read once at registration
+    description: str = ""
+    created_at: datetime | None = None
+
+
+def snapshot(database: Database, known: int | None) -> tuple[int, list[AdapterRow] | None]:
+    """The topic's revision, and every registered adapter unless the revision is still `known`."""
+    with database.transaction() as connection:
+        revision = connection.execute(
+            select(revisions.c.revision).where(revisions.c.topic == TOPIC)
+        ).scalar_one_or_none()
+        current = int(revision or 0)
+        if current == known:
+            return current, None
+        rows = connection.execute(select(adapters).order_by(adapters.c.created_at, adapters.c.name))
+        return current, [AdapterRow(**row._mapping) for row in rows]
+
+
+def add(database: Database, row: AdapterRow) -> AdapterRow:
+    """Store a new adapter (AdapterExists if its name is taken); the row as stored."""
+    stored = AdapterRow(**{**row.__dict__, "created_at": row.created_at or datetime.now(UTC)})
+    try:
+        with database.transaction() as connection:
+            connection.execute(insert(adapters).values(**stored.__dict__))
+            bump(connection, TOPIC)
+    except IntegrityError as exc:
+        raise AdapterExists(row.name) from exc
+    return stored
+
+
+def remove(database: Database, name: str) -> bool:
+    """Forget an adapter; whether it was there."""
+    with database.transaction() as connection:
+        removed = connection.execute(delete(adapters).where(adapters.c.name == name)).rowcount
+        if removed:
+            bump(connection, TOPIC)
+    return bool(removed)
+
+
+def bump(connection: Connection, topic: str) -> None:
+    """One more revision of `topic` (its row created at 1), within the caller's transaction."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(revisions).values(topic=topic, revision=1)
+    connection.execute(
+        statement.on_conflict_do_update(
+            index_elements=[revisions.c.topic], set_={"revision": revisions.c.revision + 1}
+        )
+    )

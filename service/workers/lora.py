@@ -1,0 +1,157 @@
+"""LoRA adapters onto workers, through vLLM's runtime API (`POST /v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`; the worker runs with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`).
+
+The gateway loads an adapter onto a replica when a request routed there first needs it, rather than
+leaving it to vLLM's filesystem resolver: so it knows when, where and how long each load takes, counts
+the loads that fail, checks a folder before accepting it, and routes by what each replica holds.
+
+- One load at a time per worker and adapter: requests that need the same load wait for it.
+- A worker that answers that the adapter "has already been loaded" (another gateway process, or pod,
+  loaded it) holds it if its `/v1/models` lists it from the same folder; from another folder (an
+  adapter removed and registered again under the same name), it is unloaded and loaded again.
+- Every load is counted: `gateway_adapter_loads_total{model,adapter,outcome}` and its duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from service.errors import AdapterLoadFailed
+from service.ops.metrics import Metrics
+from service.workers.facts import listed_adapters
+from service.workers.transport import Transport
+from service.workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+LOAD_PATH = "/v1/load_lora_adapter"
+UNLOAD_PATH = "/v1/unload_lora_adapter"
+ALREADY_LOADED = "has already been loaded"  # vLLM's words for a name it holds
+
+
+class Outcome(StrEnum):
+    """How a load ended (a label of `gateway_adapter_loads_total`)."""
+
+    LOADED = "loaded"
+    ALREADY = "already_loaded"  # another gateway process or pod had loaded it
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """An adapter to load: its served name, its folder as the workers see it, and its model."""
+
+    name: str
+    path: str
+    model: str
+
+
+class AdapterLoads:
+    """Loads adapters onto workers, one load per worker and adapter at a time, each counted."""
+
+    def __init__(self, transport: Transport, metrics: Metrics | None = None) -> None:
+        self.transport = transport
+        self.metrics = metrics
+        self._pending: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
+
+    @staticmethod
+    def holds(worker: Worker, target: LoraTarget) -> bool:
+        """Whether `worker` is known to hold `target` (from the same folder)."""
+        return worker.adapters.get(target.name) == target.path
+
+    async def ensure(self, worker: Worker, target: LoraTarget) -> Outcome | None:
+        """Load `target` onto `worker` unless it holds it already (None then); AdapterLoadFailed if the
+        worker cannot. A caller that leaves does not cancel a load others wait for."""
+        if self.holds(worker, target):
+            return None
+        key = (worker.url, target.name)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._counted(worker, target))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(key, None))
+        return await asyncio.shield(pending)
+
+    def forget(self, worker: Worker, name: str) -> None:
+        """`worker` said it does not hold `name` (restarted, or unloaded by someone else)."""
+        worker.adapters.pop(name, None)
+
+    async def unload(self, worker: Worker, name: str) -> bool:
+        """Unload `name` from `worker`; whether the worker had it."""
+        status, body = await self.transport.post(worker, UNLOAD_PATH, {"lora_name": name})
+        worker.adapters.pop(name, None)
+        if status not in (200, 404):
+            log.warning("worker %s could not unload adapter %s: %s", worker.label, name, message_of(body))
+        return status == 200
+
+    async def _counted(self, worker: Worker, target: LoraTarget) -> Outcome:
+        started = time.perf_counter()
+        outcome = Outcome.FAILED
+        try:
+            outcome = await self._load(worker, target)
+            return outcome
+        finally:
+            seconds = time.perf_counter() - started
+            if self.metrics is not None:
+                m = self.metrics
+                m.child(m.adapter_loads, target.model, target.name, outcome.value).inc()
+                m.child(m.adapter_load_time, target.model, target.name).observe(seconds)
+            log.info("adapter %s onto worker %s: %s in %.2f s", target.name, worker.label, outcome.value,
+                     seconds)  # fmt: skip
+
+    async def _load(self, worker: Worker, target: LoraTarget) -> Outcome:
+        status, body = await self._post_load(worker, target)
+        if status == 200:
+            worker.adapters[target.name] = target.path
+            return Outcome.LOADED
+        if status == 400 and ALREADY_LOADED in message_of(body):
+            listed = listed_adapters(await self.transport.get_json(worker, "/v1/models"))
+            if listed.get(target.name) == target.path:
+                worker.adapters[target.name] = target.path
+                return Outcome.ALREADY
+            # The name holds another folder's weights (removed and registered again): replace them.
+            await self.unload(worker, target.name)
+            status, body = await self._post_load(worker, target)
+            if status == 200:
+                worker.adapters[target.name] = target.path
+                return Outcome.LOADED
+        reason = load_failure(status, body)
+        log.warning("worker %s could not load adapter %s from %s: %s", worker.label, target.name, target.path,
+                    reason)  # fmt: skip
+        raise AdapterLoadFailed(worker.model, target.name, reason)
+
+    async def _post_load(self, worker: Worker, target: LoraTarget) -> tuple[int, bytes]:
+        return await self.transport.post(
+            worker, LOAD_PATH, {"lora_name": target.name, "lora_path": target.path}
+        )
+
+
+def message_of(body: bytes) -> str:
+    """A worker's answer as one line: its error's message when it sent OpenAI's envelope."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace").strip()[:500]
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:500]
+        if parsed.get("detail"):
+            return str(parsed["detail"])[:500]
+    return str(parsed)[:500]
+
+
+def load_failure(status: int, body: bytes) -> str:
+    """Why a worker did not load an adapter, in words an operator can act on."""
+    said = message_of(body)
+    if status in (404, 405) and said in ("Not Found", "Method Not Allowed"):
+        return (
+            "the worker takes no adapters at runtime: start it with --enable-lora and "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+        )
+    return f"the worker answered {status}: {said}"

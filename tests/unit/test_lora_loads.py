@@ -1,0 +1,166 @@
+"""Adapters onto workers through vLLM's runtime API: one load per worker and adapter however many requests
+need it, "already loaded" by another gateway process counted as loaded (from the same folder only),
+failures counted and explained, and what a worker lists and runs read from its own answers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from service.errors import AdapterLoadFailed
+from service.ops.metrics import Metrics
+from service.workers.engine_metrics import parse_engine_load
+from service.workers.facts import read_model_entry
+from service.workers.fake import FakeTransport
+from service.workers.lora import LOAD_PATH, UNLOAD_PATH, AdapterLoads, LoraTarget, Outcome
+from service.workers.worker import Worker
+from tests.promtext import parse, value
+
+QA = LoraTarget("qa", "/adapters/qa", "gemma")
+
+
+class FakeVllm:
+    """vLLM's LoRA routes as `OpenAIServingModels` answers them, over a FakeTransport: loads take
+    `delay` seconds; a missing folder is a 404; a name it holds is a 400."""
+
+    def __init__(self, fake: FakeTransport, worker: Worker, folders: set[str], delay: float = 0.0) -> None:
+        self.held: dict[str, str] = {}
+        self.loads = 0
+        self.folders, self.delay = folders, delay
+        fake.posts[(worker.url, LOAD_PATH)] = self.load
+        fake.posts[(worker.url, UNLOAD_PATH)] = self.unload
+        fake.facts[(worker.url, "/v1/models")] = self.models
+
+    async def load(self, body: dict[str, Any]) -> tuple[int, Any]:
+        self.loads += 1
+        await asyncio.sleep(self.delay)
+        name, path = body["lora_name"], body["lora_path"]
+        if name in self.held:
+            message = f"The lora adapter '{name}' has already been loaded. If you want to load the adapter..."
+            return 400, {"error": {"message": message, "type": "InvalidUserInput", "code": 400}}
+        if path not in self.folders:
+            message = f"Loading lora {name} failed: No adapter found for {path}"
+            return 404, {"error": {"message": message, "type": "NotFoundError", "code": 404}}
+        self.held[name] = path
+        return 200, f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload(self, body: dict[str, Any]) -> tuple[int, Any]:
+        if self.held.pop(body["lora_name"], None) is None:
+            return 404, {"error": {"message": "cannot be found", "type": "NotFoundError", "code": 404}}
+        return 200, "Success"
+
+    def models(self) -> dict[str, Any]:
+        base = {"id": "gemma", "root": "/models/gemma", "parent": None, "max_model_len": 2048}
+        entries = [{"id": name, "root": path, "parent": "gemma"} for name, path in self.held.items()]
+        return {"object": "list", "data": [base, *entries]}
+
+
+def loads_of(metrics: Metrics, outcome: str) -> float:
+    samples = parse(metrics.exposition().decode())
+    return value(samples, "gateway_adapter_loads_total", model="gemma", adapter="qa", outcome=outcome)
+
+
+@pytest.fixture
+def worker() -> Worker:
+    return Worker("gemma", "http://w0", name="gemma-0", up=True)
+
+
+async def test_requests_needing_the_same_adapter_wait_for_one_load(worker: Worker) -> None:
+    fake, metrics = FakeTransport(), Metrics(lambda: [])
+    vllm = FakeVllm(fake, worker, {QA.path}, delay=0.05)
+    loads = AdapterLoads(fake, metrics)
+    outcomes = await asyncio.gather(*(loads.ensure(worker, QA) for _ in range(10)))
+    assert vllm.loads == 1 and set(outcomes) == {Outcome.LOADED}
+    assert worker.adapters == {"qa": "/adapters/qa"}
+    assert await loads.ensure(worker, QA) is None  # held: nothing asked of the worker
+    assert vllm.loads == 1 and loads_of(metrics, "loaded") == 1
+
+
+async def test_a_caller_that_leaves_does_not_cancel_the_load_others_wait_for(worker: Worker) -> None:
+    fake = FakeTransport()
+    vllm = FakeVllm(fake, worker, {QA.path}, delay=0.1)
+    loads = AdapterLoads(fake)
+    leaving = asyncio.ensure_future(loads.ensure(worker, QA))
+    staying = asyncio.ensure_future(loads.ensure(worker, QA))
+    await asyncio.sleep(0.02)
+    leaving.cancel()
+    assert await staying is Outcome.LOADED and vllm.held == {"qa": QA.path}
+
+
+async def test_already_loaded_by_another_process_counts_as_loaded(worker: Worker) -> None:
+    fake, metrics = FakeTransport(), Metrics(lambda: [])
+    vllm = FakeVllm(fake, worker, {QA.path})
+    vllm.held["qa"] = QA.path  # another gateway process loaded it; this one does not know yet
+    assert await AdapterLoads(fake, metrics).ensure(worker, QA) is Outcome.ALREADY
+    assert worker.adapters["qa"] == QA.path and loads_of(metrics, "already_loaded") == 1
+
+
+async def test_a_name_holding_another_folder_is_unloaded_and_loaded_again(worker: Worker) -> None:
+    fake = FakeTransport()
+    vllm = FakeVllm(fake, worker, {QA.path, "/adapters/old"})
+    vllm.held["qa"] = "/adapters/old"  # removed and registered again under the same name
+    assert await AdapterLoads(fake).ensure(worker, QA) is Outcome.LOADED
+    assert vllm.held == {"qa": QA.path}
+
+
+async def test_a_failed_load_is_counted_and_says_why(worker: Worker) -> None:
+    fake, metrics = FakeTransport(), Metrics(lambda: [])
+    FakeVllm(fake, worker, folders=set())
+    with pytest.raises(AdapterLoadFailed) as caught:
+        await AdapterLoads(fake, metrics).ensure(worker, QA)
+    assert "No adapter found for /adapters/qa" in caught.value.reason
+    assert "/adapters" not in caught.value.message  # the client's message names no folder
+    assert caught.value.retryable and loads_of(metrics, "failed") == 1 and "qa" not in worker.adapters
+
+
+async def test_a_worker_without_runtime_loading_is_named_as_such(worker: Worker) -> None:
+    fake = FakeTransport()
+    fake.posts[(worker.url, LOAD_PATH)] = lambda body: (404, {"detail": "Not Found"})
+    with pytest.raises(AdapterLoadFailed) as caught:
+        await AdapterLoads(fake).ensure(worker, QA)
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in caught.value.reason
+
+
+async def test_forget_and_unload(worker: Worker) -> None:
+    fake = FakeTransport()
+    vllm = FakeVllm(fake, worker, {QA.path})
+    loads = AdapterLoads(fake)
+    await loads.ensure(worker, QA)
+    vllm.held.clear()  # the worker restarted behind the same address
+    loads.forget(worker, "qa")
+    assert await loads.ensure(worker, QA) is Outcome.LOADED and vllm.loads == 2
+    assert await loads.unload(worker, "qa") and vllm.held == {} and worker.adapters == {}
+    assert not await loads.unload(worker, "qa")
+
+
+async def test_a_workers_listing_is_what_it_holds_and_its_base_entry_stays_its_own(worker: Worker) -> None:
+    fake = FakeTransport()
+    vllm = FakeVllm(fake, worker, {QA.path})
+    vllm.held.update(qa=QA.path, chat="/adapters/chat")
+    worker.adapters["gone"] = "/adapters/gone"
+    await read_model_entry(fake, worker)
+    assert worker.adapters == {"qa": QA.path, "chat": "/adapters/chat"}
+    assert worker.max_model_len == 2048 and worker.facts["model_entry"]["id"] == "gemma"
+
+
+def test_a_move_forgets_the_adapters(worker: Worker) -> None:
+    worker.adapters["qa"] = QA.path
+    worker.move("http://w0:9999")
+    assert worker.adapters == {}
+
+
+def test_the_engines_running_and_waiting_adapters_are_its_newest_lora_sample() -> None:
+    line = 'vllm:lora_requests_info{{max_lora="2",running_lora_adapters="{}",waiting_lora_adapters="{}"}} {}'
+    text = "\n".join([
+        "# TYPE vllm:lora_requests_info gauge",
+        line.format("old", "", 1.7e9), line.format("qa,chat", "sft", 1.8e9), line.format("", "", 1.75e9),
+    ])  # fmt: skip
+    load = parse_engine_load(text)
+    assert load.lora_running == {"qa", "chat"} and load.lora_waiting == {"sft"}
+    worker = Worker("gemma", "http://w0")
+    worker.adapters["x"] = "/adapters/x"
+    worker.observe_engine(load)
+    assert [worker.affinity(name) for name in ("qa", "sft", "x", "none")] == [2, 2, 1, 0]
+    assert parse_engine_load("").lora_running == frozenset()
