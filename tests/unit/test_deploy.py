@@ -51,6 +51,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -
     assert kinds == sorted(
         ["Deployment"] * 3 + ["Service"] * 3 + ["Secret"] * 2
         + ["PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor", "ConfigMap", "NetworkPolicy"]
+        + ["PersistentVolumeClaim"]
     )  # fmt: skip
 
 
