@@ -141,7 +141,8 @@ def _adapters_add(args: argparse.Namespace) -> int:
         body["chat_template"] = _absolute(args.chat_template)
     added = _operator(args, "POST", "/adapters", body)
     where = ", ".join(added["loaded_on"]) or "no replica yet"
-    print(f"registered {added['name']}: a {added['kind']} adapter of {added['model']}, loaded on {where}")
+    kind = f"{'an' if added['kind'][:1] in 'aeiou' else 'a'} {added['kind']}"
+    print(f"registered {added['name']}: {kind} adapter of {added['model']}, loaded on {where}")
     return 0
 
 

@@ -26,3 +26,12 @@ def adapter_folder(
     if template is not None:
         (folder / "chat_template.jinja").write_text(template)
     return folder
+
+
+# Gemma 3's turns, as an instruct adapter trained from the base Gemma brings them (the base has no template).
+GEMMA_TURNS = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+    "'<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)

@@ -72,10 +72,13 @@ def served_adapter(parent: ServedModel, adapter: Adapter, kind: ModelKind) -> Se
     template = adapter.chat_template if kind is ModelKind.INSTRUCT else None
     if template is not None and template == tokenizer.chat_template:
         template = None  # the same as the model's: the workers render it already
+    stops: tuple[int, ...] = ()
     if template is not None:
         tokenizer = tokenizer.with_chat_template(template)
-    return ServedModel(adapter.name, kind, tokenizer, parent.pool, dataclasses.replace(adapter,
-                       chat_template=template))  # fmt: skip
+        end = tokenizer.end_of_turn_id()
+        stops = (end,) if end is not None and end != tokenizer.eos_id else ()
+    own = dataclasses.replace(adapter, chat_template=template, chat_stop_token_ids=stops)
+    return ServedModel(adapter.name, kind, tokenizer, parent.pool, own)
 
 
 def checked(request: AdapterRequest, parent: ServedModel, settings: Settings) -> tuple[Adapter, ModelKind]:

@@ -38,6 +38,9 @@ class Adapter:
     # adapter's chats with its base model's template); None: the model's own.
     chat_template: str | None = None
     created_at: datetime | None = None
+    # Where its own template ends a turn, when its workers would not stop there (a base model's EOS is
+    # not the end-of-turn token an instruct adapter learnt): sent as `stop_token_ids` with its chats.
+    chat_stop_token_ids: tuple[int, ...] = ()
 
     @property
     def target(self) -> LoraTarget:
@@ -67,6 +70,11 @@ class ServedModel:
     def parent(self) -> str | None:
         """The served name of the model an adapter is for; None for a model itself."""
         return self.adapter.model if self.adapter is not None else None
+
+    @property
+    def chat_stop_token_ids(self) -> tuple[int, ...]:
+        """Token ids its chats must stop at besides the worker's own (its template's end of turn)."""
+        return self.adapter.chat_stop_token_ids if self.adapter is not None else ()
 
     @property
     def worker_chat_template(self) -> str | None:

@@ -20,10 +20,12 @@ from service.core.chat_render import RenderedPrompt as RenderedPrompt
 from service.core.client_templates import ClientTemplates
 from service.core.control_tokens import ControlTokenRule, control_tokens
 from service.core.tokenizer_files import TokenizerFiles, load_with_transformers, read_tokenizer_folder
+from service.errors import GatewayError
 from service.ops.settings import ModelKind, ModelSpec, Settings
 
 # Prompts shorter than this are tokenized on the event loop: a thread hop costs more than the work.
 INLINE_TOKENIZE_CHARS = 2048
+END_OF_TURN_PROBE = "gateway end-of-turn probe"
 
 
 class ModelTokenizer:
@@ -43,6 +45,7 @@ class ModelTokenizer:
         self.special_tokens = dict(files.special_tokens)
         tokens = control_tokens(files.tokenizer, files.special_tokens)
         ids = [i for i in map(files.tokenizer.token_to_id, tokens) if i is not None]
+        self._control_ids = frozenset(ids)
         self._rule = ControlTokenRule(spec.name, tokens, ids, enforced=not spec.allow_control_tokens)
         self.config = files.config
         self.vocab_size = files.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -63,6 +66,18 @@ class ModelTokenizer:
         """The same tokenizer rendering chats with another template (an instruct adapter's own): the
         control-token rule's check on the result then compares with what that template writes."""
         return ModelTokenizer(self.spec, self._files, template, self._client_templates)
+
+    def end_of_turn_id(self) -> int | None:
+        """The control token its chat template writes right after an assistant's turn (`<|im_end|>`,
+        `<end_of_turn>`), where a model trained on the template stops; None if it writes none."""
+        turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
+        try:
+            text = self.render_chat(turns, ChatOptions(add_generation_prompt=False)).text
+        except GatewayError:  # a template that cannot end on an assistant's turn
+            return None
+        at = text.find(END_OF_TURN_PROBE)
+        after = self.encode(text[at + len(END_OF_TURN_PROBE) :], False) if at >= 0 else []
+        return after[0] if after and after[0] in self._control_ids else None
 
     @property
     def client_templates(self) -> ClientTemplates | None:

@@ -32,10 +32,9 @@ def lora_settings(
         ModelSpec(name="chat", kind=ModelKind.INSTRUCT, tokenizer=TOKENIZER, urls=[url], lora=True),
         ModelSpec(name="plain", kind=ModelKind.BASE, tokenizer=TOKENIZER, urls=[url]),
     ]  # fmt: skip
-    return Settings(
-        models=models, admin_keys="admin-1", database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
-        health_interval=0.1, default_max_tokens=100, **extra,
-    )  # fmt: skip
+    options = {"admin_keys": "admin-1", "database_url": f"sqlite:///{tmp_path / 'gateway.db'}",
+               "health_interval": 0.1, "default_max_tokens": 100, **extra}  # fmt: skip
+    return Settings(models=models, **options)
 
 
 @pytest.fixture(autouse=True)
@@ -333,3 +332,26 @@ async def test_the_command_line_adds_lists_and_removes_adapters(
         assert code == 1 and err == "llm-gateway: error: 404: There is no adapter 'cli'. Adapters: none.\n"
         code, _, err = await cli("list", "--admin-key", "wrong")
         assert code == 1 and err.startswith("llm-gateway: error: 401: Missing or invalid admin key")
+
+
+async def test_an_instruct_adapter_of_a_base_model_stops_at_its_end_of_turn(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    from tests.adapters import GEMMA_TURNS
+
+    folder = adapter_folder(tmp_path, "gemma-chat", template=GEMMA_TURNS)
+    gemma = ModelSpec(name="gemma", kind=ModelKind.BASE, tokenizer="builtin:gemma-3-270m", urls=[standin_url],
+                      adapters=[{"name": "gemma-chat", "path": str(folder), "kind": "instruct"}])  # fmt: skip
+    store = f"sqlite:///{tmp_path / 'gateway.db'}"
+    settings = Settings(models=[gemma], database_url=store, health_interval=0.1)
+    script.served = {"gemma"}
+    async with running_gateway(settings) as (_, http):
+        messages = [{"role": "user", "content": "Hi"}]
+        native = await http.post("/chat", json={"model": "gemma-chat", "messages": messages, "max_tokens": 4})
+        assert native.status_code == 200 and script.bodies[-1]["stop_token_ids"] == [106]  # <end_of_turn>
+        body = {"model": "gemma-chat", "messages": messages, "stop_token_ids": [5]}
+        assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+        assert script.bodies[-1]["stop_token_ids"] == [5, 106]
+        assert script.bodies[-1]["chat_template"] == GEMMA_TURNS
+        plain = await http.post("/complete", json={"model": "gemma-chat", "prompt": "Hi", "max_tokens": 4})
+        assert plain.status_code == 200 and "stop_token_ids" not in script.bodies[-1]

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
+
 from service.store.database import Database
+from tests.adapters import adapter_folder
+from tests.integration.conftest import running_gateway
+from tests.integration.standin import Script
+from tests.integration.test_adapters import ADMIN, lora_settings
 from tests.postgres import running_postgres
+from tests.unit.test_adapter_serving import store_steps
 from tests.unit.test_store import schema_differences
 
 
@@ -16,3 +25,33 @@ def test_migrations_build_the_declared_tables_on_postgresql() -> None:
             assert schema_differences(database) == []
         finally:
             database.close()
+
+
+def test_registered_adapters_on_postgresql() -> None:
+    with running_postgres() as server:
+        database = Database(server.create_database("adapters"))
+        try:
+            store_steps(database)
+        finally:
+            database.close()
+
+
+async def test_two_pods_on_one_postgresql_serve_the_same_adapters(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    folder = adapter_folder(tmp_path, "pods")
+    body = {"model": "base", "name": "pods", "path": str(folder)}
+    with running_postgres() as server:
+        url = server.create_database("gateway")
+        one, two = (lora_settings(standin_url, tmp_path, database_url=url) for _ in range(2))
+        async with running_gateway(one) as (_, first), running_gateway(two) as (_, second):
+            assert (await first.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+            started = time.monotonic()
+            while (await second.post("/complete", json={"model": "pods", "prompt": "Hi"})).status_code != 200:
+                assert time.monotonic() - started < 3, "the second pod did not follow the registration"
+                await asyncio.sleep(0.05)
+            assert (await second.delete("/adapters/pods", headers=ADMIN)).status_code == 200
+            started = time.monotonic()
+            while (await first.post("/complete", json={"model": "pods", "prompt": "Hi"})).status_code != 404:
+                assert time.monotonic() - started < 3, "the first pod did not follow the removal"
+                await asyncio.sleep(0.05)

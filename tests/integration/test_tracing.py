@@ -8,6 +8,7 @@ import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -136,3 +137,25 @@ async def test_tracing_off_costs_no_thread_and_no_header(standin_url: str, scrip
     assert script.traceparents[-1] is None  # nothing sent to the worker
     assert not [t.name for t in threading.enumerate() if "Otel" in t.name]
     assert SERVER_TIMING.match(response.headers["server-timing"])  # the split is there all the same
+
+
+async def test_a_request_to_an_adapter_carries_it_on_its_spans(
+    sink: Sink, standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    from tests.adapters import adapter_folder
+    from tests.integration.test_adapters import lora_settings
+
+    qa = adapter_folder(tmp_path, "qa")
+    script.served = {"base", "chat", "plain"}
+    async with running_gateway(lora_settings(standin_url, tmp_path, [{"name": "qa", "path": str(qa)}])) as (
+        _, client,
+    ):  # fmt: skip
+        response = await client.post("/v1/completions", json={"model": "qa", "prompt": "Hi", "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        tree = request_spans(sink, response.headers["x-request-id"])
+    server, (attempt,) = tree["server"][0], tree["attempt"]
+    assert server.attributes["gateway.adapter"] == "qa" and server.attributes["gen_ai.request.model"] == "qa"
+    assert attempt.name == "text_completion qa" and attempt.attributes["gateway.adapter"] == "qa"
+    spans = sink.wait_for(lambda spans: any(s.name == "gateway.adapter_load" for s in spans))
+    (load,) = [s for s in spans if s.name == "gateway.adapter_load" and s.trace_id == server.trace_id]
+    assert load.attributes["gateway.adapter.outcome"] == "loaded" and load.parent_id == server.span_id

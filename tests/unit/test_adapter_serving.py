@@ -150,18 +150,44 @@ def test_an_adapters_own_template_renders_its_chats_and_one_like_its_models_does
 def test_the_store_keeps_registrations_and_bumps_their_revision(tmp_path: Path) -> None:
     database = Database(default_url(tmp_path))
     try:
-        database.migrate()
-        assert store.snapshot(database, None) == (0, [])
-        row = store.AdapterRow("qa", "m", "/adapters/qa", "base", None, "QA")
-        stored = store.add(database, row)
-        assert stored.created_at is not None
-        revision, rows = store.snapshot(database, 0)
-        assert revision == 1 and [(r.name, r.description) for r in rows or []] == [("qa", "QA")]
-        assert store.snapshot(database, 1) == (1, None)  # nothing read while the revision stands
-        with pytest.raises(store.AdapterExists):
-            store.add(database, row)
-        assert store.snapshot(database, None)[0] == 1  # a refused write bumps nothing
-        assert store.remove(database, "qa") and not store.remove(database, "qa")
-        assert store.snapshot(database, 1) == (2, [])
+        store_steps(database)
     finally:
         database.close()
+
+
+def store_steps(database: Database) -> None:
+    """Registrations kept, refused twice, removed; each write one more revision (SQLite and PostgreSQL)."""
+    database.migrate()
+    assert store.snapshot(database, None) == (0, [])
+    row = store.AdapterRow("qa", "m", "/adapters/qa", "base", None, "QA")
+    stored = store.add(database, row)
+    assert stored.created_at is not None
+    revision, rows = store.snapshot(database, 0)
+    assert revision == 1 and [(r.name, r.description) for r in rows or []] == [("qa", "QA")]
+    assert store.snapshot(database, 1) == (1, None)  # nothing read while the revision stands
+    with pytest.raises(store.AdapterExists):
+        store.add(database, row)
+    assert store.snapshot(database, None)[0] == 1  # a refused write bumps nothing
+    assert store.remove(database, "qa") and not store.remove(database, "qa")
+    assert store.snapshot(database, 1) == (2, [])
+
+
+def test_an_instruct_adapter_of_a_base_model_stops_at_its_templates_end_of_turn() -> None:
+    # The base Gemma's EOS is <eos>; an adapter taught Gemma's turns ends them with <end_of_turn>, where the
+    # worker would not stop on its own.
+    from service.core.templates import load_tokenizer
+    from tests.adapters import CHATML, GEMMA_TURNS
+
+    settings = Settings()
+    specs = {m.kind: m for m in settings.models}
+    gemma = load_tokenizer(specs[ModelKind.BASE], settings)
+    parent = ServedModel("g", ModelKind.BASE, gemma, ModelPool(specs[ModelKind.BASE]))
+    chat = served_adapter(parent, Adapter("c", "/a", "g", RUNTIME, 8, "", GEMMA_TURNS), ModelKind.INSTRUCT)
+    end_of_turn = gemma.token_strings(list(chat.chat_stop_token_ids))
+    assert end_of_turn == ["<end_of_turn>"] and chat.tokenizer.end_of_turn_id() != gemma.eos_id
+    smol = load_tokenizer(specs[ModelKind.INSTRUCT], settings)
+    assert smol.end_of_turn_id() == smol.eos_id  # ChatML ends turns with SmolLM2's own EOS
+    smol_parent = ServedModel("s", ModelKind.BASE, smol, ModelPool(specs[ModelKind.INSTRUCT]))
+    same = served_adapter(smol_parent, Adapter("c", "/a", "s", RUNTIME, 8, "", CHATML), ModelKind.INSTRUCT)
+    assert same.worker_chat_template == CHATML and same.chat_stop_token_ids == ()
+    assert parent.chat_stop_token_ids == ()

@@ -42,6 +42,8 @@ def exported_names() -> set[str]:
     metrics.routing_decisions.labels("m", "prefix", "prefix_match")
     metrics.routing_prefix_tokens.labels("m")
     metrics.routing_prefix_hit_tokens.labels("m")
+    metrics.adapter_loads.labels("m", "a", "loaded")
+    metrics.adapter_load_time.labels("m", "a")
     return {sample.name for family in metrics.registry.collect() for sample in family.samples}
 
 
@@ -78,6 +80,8 @@ def test_exports_exactly_the_documented_metric_names() -> None:
         "gateway_worker_prefix_cache_hits",
         "gateway_auth_failures",
         "gateway_auth_throttled",
+        "gateway_adapter_loads",
+        "gateway_adapter_load_seconds",
     }
 
 
@@ -107,6 +111,8 @@ def test_dashboard_is_valid_and_its_queries_name_exported_metrics() -> None:
         "gateway_worker_requests_waiting",
         "gateway_own_seconds_bucket",
         "gateway_upstream_seconds_bucket",
+        "gateway_adapter_loads_total",
+        "gateway_adapter_load_seconds_bucket",
     ]
     assert set(wanted) <= named
 

@@ -105,6 +105,8 @@ async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> R
     record = ctx.record
     model, rendered = await _admit_chat(gateway, request, record)
     params = request.engine_params()
+    if model.chat_stop_token_ids:  # its template's end of turn, which the worker does not stop at
+        params["stop_token_ids"] = list(model.chat_stop_token_ids)
     body = gateway.completion_body(model, [rendered.token_ids], request.max_tokens, params, request.stream)
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(model, ctx, rendered.token_ids)

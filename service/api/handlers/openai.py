@@ -222,9 +222,8 @@ async def _send(
     record = ctx.record
     extras = request.model_extra or {}
     check_client_fields(ctx.caller, extras)
-    template = model.worker_chat_template  # the worker knows only its base model's template
-    if template is not None and path != COMPLETIONS_PATH and getattr(request, "chat_template", None) is None:
-        changes = {**(changes or {}), "chat_template": template}
+    if path != COMPLETIONS_PATH:
+        changes = _own_chat(model, request, changes)
     salt = worker_salt(ctx.caller, model.pool, path, extras.get(SALT_FIELD))  # None: the body stays as it is
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     if request.stream:
@@ -237,6 +236,21 @@ async def _send(
     sent = {**request.body(model.name), **changes} if changes else request.as_sent(model.name)
     sent = with_salt(sent, salt)  # the client's own bytes: the salt spliced in, not re-serialised
     return as_is(await gateway.generate(model, sent, record, sequences=sequences, path=path, hint=hint))
+
+
+def _own_chat(
+    model: ServedModel, request: OpenAIRequest, changes: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """A chat of a model with a template of its own (an instruct adapter's): the worker, which knows only
+    its base model's, is sent the template, and the template's end of turn to stop at."""
+    template = model.worker_chat_template
+    if template is not None and getattr(request, "chat_template", None) is None:
+        changes = {**(changes or {}), "chat_template": template}
+    if model.chat_stop_token_ids:
+        asked = (request.model_extra or {}).get("stop_token_ids")
+        stops = [*(asked if isinstance(asked, list) else []), *model.chat_stop_token_ids]
+        changes = {**(changes or {}), "stop_token_ids": stops}
+    return changes
 
 
 def _user(request: OpenAIRequest | V1ResponsesRequest) -> str | None:
