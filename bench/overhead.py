@@ -7,6 +7,8 @@ alternating rounds in one run; the load generator runs in its own process.
                                                   # also a gateway with 2 serving processes
     .venv/bin/python -m bench.overhead --tracing --only "unstreamed c=32"
                                                   # also a gateway exporting traces (to bench.otlp_sink)
+    .venv/bin/python -m bench.overhead --adapter  # also the same gateway's model asked for as a LoRA
+                                                  # adapter (served by the same stand-in), same rounds
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -46,13 +50,25 @@ def start_floor(direct: str) -> tuple[subprocess.Popen[bytes], str]:
     return floor, base
 
 
+ADAPTER = "m-lora"  # the same model asked for as an adapter (the fast stand-in answers its loads with 200)
+
+
+def adapter_folder() -> str:
+    """A folder that passes the gateway's checks of a LoRA adapter (the stand-in reads no weights)."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-adapter-"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    return str(folder)
+
+
 def start_gateway(
     direct: str, processes: int, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """A gateway with `processes` serving processes in front of the stand-in."""
+    """A gateway with `processes` serving processes in front of the stand-in; its model `m` also serves
+    the adapter `m-lora`."""
     gateway_port = free_port("127.0.0.1")
     tokenizer = Settings().resolve_source("builtin:smollm2-135m-instruct")
-    models = [{"name": "m", "kind": "base", "tokenizer": tokenizer, "urls": [direct]}]
+    adapters = [{"name": ADAPTER, "path": adapter_folder()}]
+    models = [{"name": "m", "kind": "base", "tokenizer": tokenizer, "urls": [direct], "adapters": adapters}]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(
         GATEWAY_PORT=str(gateway_port),
@@ -113,15 +129,18 @@ def measure(
     only: str | None = None,
     processes_n: int = 0,
     tracing: bool = False,
+    adapter: bool = False,
 ) -> dict[str, Any]:
     upstream, gateway, direct, through = start_stack()
     processes = [gateway, upstream]
-    # Each target, and the process whose CPU it costs (direct: the stand-in itself).
-    targets = [("direct", direct, upstream.pid), ("gateway", through, gateway.pid)]
+    # Each target, the process whose CPU it costs (direct: the stand-in itself), and the model it names.
+    targets = [("direct", direct, upstream.pid, "m"), ("gateway", through, gateway.pid, "m")]
+    if adapter:  # the same gateway, the same rounds: only the model asked for differs
+        targets.append(("gateway adapter", through, gateway.pid, ADAPTER))
     if processes_n:
         many, many_base = start_gateway(direct, processes_n)
         processes.insert(0, many)
-        targets.append((f"gateway x{processes_n}", many_base, many.pid))
+        targets.append((f"gateway x{processes_n}", many_base, many.pid, "m"))
     if tracing:
         sink_port = free_port("127.0.0.1")
         sink = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink", "--port", str(sink_port)], cwd=ROOT)
@@ -130,11 +149,11 @@ def measure(
             direct, 1, {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"}
         )
         processes.insert(0, traced)
-        targets.append(("gateway traced", traced_base, traced.pid))
+        targets.append(("gateway traced", traced_base, traced.pid, "m"))
     if with_floor:
         floor, floor_base = start_floor(direct)
         processes.insert(0, floor)
-        targets.append(("floor", floor_base, floor.pid))
+        targets.append(("floor", floor_base, floor.pid, "m"))
     results: dict[str, Any] = {}
     try:
         for name, stream, concurrency, requests in SCENARIOS:
@@ -143,11 +162,15 @@ def measure(
             body = {"model": "m", "prompt": PROMPT, "max_tokens": 256 if stream else 1, "stream": stream}
             count = max(concurrency, int(requests * scale))
             loadgen(f"{through}/v1/completions", body, concurrency, max(concurrency, count // 10))  # warm up
-            runs: dict[str, list[dict[str, Any]]] = {target: [] for target, _, _ in targets}
+            if adapter:
+                loadgen(f"{through}/v1/completions", {**body, "model": ADAPTER}, concurrency, concurrency)
+            runs: dict[str, list[dict[str, Any]]] = {target: [] for target, *_ in targets}
             for _ in range(rounds):
-                for target, base, pid in targets:
+                for target, base, pid, model in targets:
                     runs[target].append(
-                        timed_loadgen(pid, f"{base}/v1/completions", body, concurrency, count)
+                        timed_loadgen(
+                            pid, f"{base}/v1/completions", {**body, "model": model}, concurrency, count
+                        )
                     )
             results[name] = summarize(runs, processes_n)
     finally:
@@ -194,6 +217,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], processes_n: int = 0) -> di
         (f"gateway x{processes_n}", "many_"),
         ("gateway traced", "traced_"),
         ("floor", "floor_"),
+        ("gateway adapter", "adapter_"),
     ):
         if target in out:
             out.update(versus(d, out[target], prefix))
@@ -251,6 +275,18 @@ TRACING_COLUMNS: list[Column] = [
 ]
 
 
+ADAPTER_COLUMNS: list[Column] = [
+    ("model added p50", lambda r: r["added_p50_ms"]),
+    ("adapter added p50", lambda r: r["adapter_added_p50_ms"]),
+    ("model added p99", lambda r: r["added_p99_ms"]),
+    ("adapter added p99", lambda r: r["adapter_added_p99_ms"]),
+    ("model req ratio", lambda r: r["requests_ratio"]),
+    ("adapter req ratio", lambda r: r["adapter_requests_ratio"]),
+    ("model CPU/req", lambda r: r["gateway"]["cpu_ms_per_request"]),
+    ("adapter CPU/req", lambda r: r["gateway adapter"]["cpu_ms_per_request"]),
+]
+
+
 def report(title: str, columns: list[Column], results: dict[str, Any]) -> None:
     """One table: a row per scenario, a column per (header, value) pair; missing values print as -."""
     rows = []
@@ -270,10 +306,13 @@ def main() -> None:
     parser.add_argument(
         "--tracing", action="store_true", help="also a gateway exporting every request's trace"
     )
+    parser.add_argument("--adapter", action="store_true", help="also the model asked for as an adapter")
     args = parser.parse_args()
     rounds, scale = (1, 0.02) if args.quick else (args.rounds, 1.0)
-    results = measure(rounds, scale, args.floor, args.only, args.processes, args.tracing)
+    results = measure(rounds, scale, args.floor, args.only, args.processes, args.tracing, args.adapter)
     report("Gateway overhead (ms; rates per second)", COLUMNS, results)
+    if args.adapter:
+        report("A model vs the same model as an adapter, through one gateway (ms)", ADAPTER_COLUMNS, results)
     if args.tracing:
         report("Tracing off vs on (every request traced and exported; ms)", TRACING_COLUMNS, results)
     if args.processes:
@@ -287,8 +326,17 @@ def main() -> None:
         name += f"-processes{args.processes}"
     if args.tracing:
         name += "-tracing"
+    if args.adapter:
+        name += "-adapter"
     path = save(
-        name, {"rounds": rounds, "floor": args.floor, "processes": args.processes, "results": results}
+        name,
+        {
+            "rounds": rounds,
+            "floor": args.floor,
+            "processes": args.processes,
+            "adapter": args.adapter,
+            "results": results,
+        },
     )
     console.print(f"wrote {path}")
 

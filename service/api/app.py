@@ -26,6 +26,7 @@ from service.api.endpoint import (
     metric_labels,
     open_paths,
     post_endpoints,
+    shared_paths,
     undrained_paths,
 )
 from service.api.endpoints import ENDPOINTS
@@ -196,6 +197,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
             ObservabilityMiddleware,
             metrics=app.state.metrics,
             labels=metric_labels(endpoints),
+            shared=shared_paths(endpoints),
             tracing=app.state.tracing,
         ),
         Middleware(DrainMiddleware, drain=app.state.drain, exempt=undrained_paths(endpoints)),
@@ -240,7 +242,7 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         state=app.state,
         session_header=settings.routing_session_header,
         max_json_containers=settings.max_json_containers,
-        other_methods=frozenset(e.path for e in endpoints if e.method != "POST"),
+        other_methods=shared_paths(endpoints),
     )
     edge.append(dispatch)
     app.edge_middleware = edge

@@ -40,6 +40,14 @@ def metric_labels(table: Iterable[Endpoint]) -> dict[str, str]:
     return {e.path: e.metric for e in table if e.metric is not None}
 
 
+def shared_paths(table: Iterable[Endpoint]) -> frozenset[str]:
+    """Paths of a POST endpoint that also have a GET or DELETE route (`/adapters`): only their POST
+    requests carry the POST endpoint's label."""
+    table = list(table)
+    posts = {e.path for e in table if e.method == "POST"}
+    return frozenset(e.path for e in table if e.method != "POST" and e.path in posts)
+
+
 def open_paths(table: Iterable[Endpoint]) -> frozenset[str]:
     return frozenset(e.path for e in table if e.open)
 

@@ -27,12 +27,18 @@ class ObservabilityMiddleware:
     the response, and reports every generation request when it ends, however it ends."""
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, labels: dict[str, str], tracing: Tracing | None = None
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        labels: dict[str, str],
+        tracing: Tracing | None = None,
+        shared: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.labels = labels  # path -> metric label of the endpoints whose requests are recorded
         self.tracing = tracing
+        self.shared = shared  # labelled paths that also have GET or DELETE routes (not recorded)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,6 +46,8 @@ class ObservabilityMiddleware:
             return
         request_id, traceparent = _ids_of(scope)
         endpoint = self.labels.get(scope["path"])
+        if endpoint is not None and scope["method"] != "POST" and scope["path"] in self.shared:
+            endpoint = None  # e.g. GET /adapters: not the POST endpoint's request
         record = RequestRecord(self.metrics, request_id, endpoint) if endpoint else None
         tracing = self.tracing
         if record is not None:

@@ -139,6 +139,9 @@ async def test_the_operator_registers_and_removes_adapters_with_admin_keys_only(
         assert [(a["name"], a["description"], a["loaded_on"]) for a in listing] == [
             ("rt", "runtime", [standin_url.removeprefix("http://")])
         ]
+        samples = parse((await http.get("/metrics", headers=CLIENT)).text)
+        posts = {"endpoint": "adapters_add", "model": "unknown", "status": "200"}
+        assert value(samples, "gateway_requests_total", **posts) == 1  # the POST; not the GETs of its path
         models = (await http.get("/v1/models", headers=CLIENT)).json()["data"]
         assert {"id": "rt", "parent": "base", "kind": "base"}.items() <= next(
             m for m in models if m["id"] == "rt").items()  # fmt: skip

@@ -17,20 +17,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path)}
-    command = [sys.executable, "-m", "bench.overhead", "--quick", "--floor"]
+    command = [sys.executable, "-m", "bench.overhead", "--quick", "--floor", "--adapter"]
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    report = json.loads((tmp_path / "overhead-quick.json").read_text())
+    report = json.loads((tmp_path / "overhead-quick-adapter.json").read_text())
     assert report["machine"]["cpus"]
     results = report["results"]
     assert set(results) == {"unstreamed c=1", "unstreamed c=32", "streamed 256 c=1", "streamed 256 c=32"}
     for scenario in results.values():
-        for target in ("direct", "gateway", "floor"):
+        for target in ("direct", "gateway", "floor", "gateway adapter"):
             assert scenario[target]["failures"] == 0
             assert scenario[target]["requests_per_s"] > 0 and scenario[target]["p50_ms"] > 0
     assert results["streamed 256 c=1"]["gateway"]["events_per_s"] > 0
     assert results["streamed 256 c=1"]["floor"]["events_per_s"] > 0
     assert all("floor_added_p50_ms" in scenario for scenario in results.values())
+    assert all("adapter_added_p50_ms" in scenario for scenario in results.values())
 
 
 def test_cold_start_sampler_follows_the_process_tree_until_ready() -> None:
