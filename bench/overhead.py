@@ -75,6 +75,8 @@ def start_gateway(
         GATEWAY_MAX_IN_FLIGHT_PER_WORKER="4096",
         GATEWAY_MAX_QUEUE_PER_MODEL="4096",
         GATEWAY_PROCESSES=str(processes),
+        # A store of its own: the user's may be at another checkout's migration (start-up refused).
+        GATEWAY_DATABASE_URL=f"sqlite:///{tempfile.mkdtemp(prefix='bench-store-')}/gateway.db",
         **(extra_env or {}),
     )
     gateway = subprocess.Popen(

