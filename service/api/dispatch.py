@@ -87,16 +87,18 @@ class Dispatcher:
         state: Any,
         session_header: str = "x-session-id",
         max_json_containers: int = DEFAULT_CONTAINERS,
+        other_methods: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.endpoints = endpoints
+        self.other_methods = other_methods  # paths that also answer GET or DELETE (FastAPI's routes)
         self.state = state  # the app's state: the lifespan puts the gateway there
         self.session_header = session_header.lower().encode("latin-1")
         self.max_json_containers = max_json_containers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
-        if endpoint is None:
+        if endpoint is None or (scope["method"] != "POST" and scope["path"] in self.other_methods):
             await self.app(scope, receive, send)
             return
         state = scope.get("state", {})

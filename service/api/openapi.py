@@ -16,12 +16,13 @@ from service.api.endpoint import Endpoint
 
 ERROR_STATUSES = {
     "400": "Invalid request (validation, context length, caps, base model on chat)",
-    "401": "Missing or invalid API key",
+    "401": "Missing, invalid or revoked API key",
+    "403": "A key that may not do this (a model outside its policy; an operator route without an admin key)",
     "404": "Unknown model or route",
     "405": "Method not allowed",
     "408": "The request body did not arrive in time",
     "413": "Request body too large",
-    "429": "Rate limit exceeded",
+    "429": "A rate, concurrency or token-budget limit of the key",
     "499": "Client disconnected",
     "500": "Internal error",
     "501": "The model's worker does not serve this route",
@@ -99,7 +100,10 @@ def install_openapi(app: FastAPI, endpoints: Sequence[Endpoint]) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        schema["paths"] = {**post_operations(endpoints, components), **schema.get("paths", {})}
+        paths = post_operations(endpoints, components)
+        for path, operations in schema.get("paths", {}).items():  # a path may have POST and GET
+            paths.setdefault(path, {}).update(operations)
+        schema["paths"] = paths
         components["ErrorEnvelope"] = ERROR_SCHEMA
         reference = {
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}

@@ -23,6 +23,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 MIGRATION_LOCK = 0x6C6C6D67  # a PostgreSQL advisory lock id: "llmg"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def default_url(cache_dir: Path) -> str:
@@ -45,7 +46,9 @@ class Database:
             path = make_url(url).database
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite)
+        # A database that does not answer must not hold a query thread for minutes (TCP's own timeout).
+        connect_args = {} if self.is_sqlite else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="store")
@@ -58,7 +61,7 @@ class Database:
             config = Config()
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(config, "heads")  # every branch: parallel work may add revisions side by side
         log.info("database %s is at the newest schema", redacted(self.url))
 
     @contextlib.contextmanager

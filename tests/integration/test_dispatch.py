@@ -9,10 +9,19 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from service.api.endpoint import post_endpoints
+from service.api.endpoint import admin_paths, post_endpoints
 from service.api.endpoints import ENDPOINTS
+from tests.integration.conftest import ADMIN_KEY
 
 POST_PATHS = sorted(post_endpoints(ENDPOINTS))
+OPERATOR = admin_paths(ENDPOINTS)
+
+
+def admin_for(path: str) -> dict[str, str]:
+    """An operator route's bad body reaches the dispatcher only with an admin key."""
+    return {"authorization": f"Bearer {ADMIN_KEY}"} if path in OPERATOR else {}
+
+
 PYDANTIC_INTERNALS = re.compile(r"function-(after|before|wrap|plain)|\[|model_attributes_type|json_invalid")
 
 BAD_BODIES = [
@@ -41,7 +50,7 @@ def test_every_post_endpoint_is_dispatched_and_documented(gateway_app: FastAPI) 
 async def test_bad_bodies_get_a_clear_400_on_every_route(
     http: httpx.AsyncClient, path: str, raw: bytes, content_type: str, says: str
 ) -> None:
-    headers = {"content-type": content_type} if content_type else {}
+    headers = {"content-type": content_type, **admin_for(path)} if content_type else admin_for(path)
     response = await http.post(path, content=raw, headers=headers)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -53,7 +62,9 @@ async def test_bad_bodies_get_a_clear_400_on_every_route(
 @pytest.mark.parametrize("path", POST_PATHS)
 async def test_json_nested_2000_deep_is_a_400_not_a_500(http: httpx.AsyncClient, path: str) -> None:
     deep = b'{"prompt": ' + b"[" * 2000 + b"]" * 2000 + b', "messages": []}'
-    response = await http.post(path, content=deep, headers={"content-type": "application/json"})
+    response = await http.post(
+        path, content=deep, headers={"content-type": "application/json", **admin_for(path)}
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"] == "The request body is nested too deeply to be parsed."
 

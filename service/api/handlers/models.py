@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service import __version__
-from service.api.deps import GatewayDep
+from service.api.deps import CallerDep, GatewayDep
 from service.core.served import ServedModel
 from service.errors import ModelNotFound
 
@@ -36,16 +36,24 @@ def model_entry(model: ServedModel) -> dict[str, Any]:
     return entry
 
 
-async def list_models(gateway: GatewayDep) -> dict[str, Any]:
-    """Served models, each with its `kind` and `max_model_len`."""
-    return {"object": "list", "data": [model_entry(model) for model in gateway.models.values()]}
+async def list_models(gateway: GatewayDep, caller: CallerDep) -> dict[str, Any]:
+    """Served models, each with its `kind` and `max_model_len` (for a key with a policy, those it may use)."""
+    policy = caller.policy
+    models = [model for model in gateway.models.values() if policy is None or policy.allows(model)]
+    return {"object": "list", "data": [model_entry(model) for model in models]}
 
 
-async def get_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
+async def get_model(model_id: str, gateway: GatewayDep, caller: CallerDep) -> dict[str, Any]:
     """One served model."""
     model = gateway.models.get(model_id)
+    policy = caller.policy
     if model is None:
-        raise ModelNotFound(model_id, list(gateway.models))
+        raise ModelNotFound(
+            model_id, [m.name for m in gateway.models.values() if policy is None or policy.allows(m)]
+        )
+    refusal = policy.refusal(model) if policy is not None else None
+    if refusal is not None:
+        raise refusal
     return model_entry(model)
 
 

@@ -18,7 +18,6 @@ from service.core.templates import RenderedPrompt
 from service.core.tenancy import add_salt
 from service.core.translate import NativeStream, native_chat, native_complete
 from service.errors import InvalidRequest
-from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind
 from service.workers.answer import parse_answer
 
@@ -28,7 +27,7 @@ async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestConte
     loglikelihood of a given `continuation` when one is."""
     record = ctx.record
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, ModelKind.BASE)
+    model = gateway.resolve(request.model, ModelKind.BASE, ctx.caller)
     record.admit(model.name)
     params = request.engine_params()
     prompt = request.prompt
@@ -41,10 +40,13 @@ async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestConte
     body = gateway.completion_body(model, [ids], request.max_tokens, params, request.stream)
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(model, ctx, ids)
+    charge = gateway.charge(ctx.caller, model, [len(ids)], body["max_tokens"], request.n)
     if request.stream:
         translator = NativeStream(model.name, "text")
-        return await gateway.stream(model, body, record, translator, sequences=request.n, hint=hint)
-    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint)
+        return await gateway.stream(
+            model, body, record, translator, sequences=request.n, hint=hint, charge=charge
+        )
+    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint, charge=charge)
     return JSONResponse(native_complete(await parse_answer(answer.raw, model.name), model.name))
 
 
@@ -67,7 +69,9 @@ async def score(
     gateway.check_scoring(model, request, len(whole))
     body = {"model": model.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
-    sent = await gateway.generate(model, body, ctx.record, hint=gateway.route_hint(model, ctx, whole))
+    charge = gateway.charge(ctx.caller, model, [len(whole)], 1)
+    hint = gateway.route_hint(model, ctx, whole)
+    sent = await gateway.generate(model, body, ctx.record, hint=hint, charge=charge)
     answer = await parse_answer(sent.raw, model.name)
     rows = (answer.get("choices") or [{}])[0].get("prompt_logprobs") or []
     tokens = [
@@ -103,22 +107,24 @@ def _scored(token_id: int, row: dict[str, Any] | None) -> dict[str, Any]:
 async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> Response:
     """POST /chat: the next assistant turn, rendered with the model's own chat template."""
     record = ctx.record
-    model, rendered = await _admit_chat(gateway, request, record)
+    model, rendered = await _admit_chat(gateway, request, ctx)
     params = request.engine_params()
     body = gateway.completion_body(model, [rendered.token_ids], request.max_tokens, params, request.stream)
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(model, ctx, rendered.token_ids)
+    charge = gateway.charge(ctx.caller, model, [len(rendered.token_ids)], body["max_tokens"], request.n)
     if request.stream:
         translator = NativeStream(model.name, "delta")
-        return await gateway.stream(model, body, record, translator, sequences=request.n, hint=hint)
-    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint)
+        return await gateway.stream(
+            model, body, record, translator, sequences=request.n, hint=hint, charge=charge
+        )
+    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint, charge=charge)
     return JSONResponse(native_chat(await parse_answer(answer.raw, model.name), model.name))
 
 
 async def render(gateway: Gateway, request: RenderRequest, ctx: RequestContext) -> Response:
     """POST /chat/render: the exact prompt text and token ids a /chat request would send."""
-    record = ctx.record
-    model, rendered = await _admit_chat(gateway, request, record)
+    model, rendered = await _admit_chat(gateway, request, ctx)
     return JSONResponse(
         {
             "model": model.name,
@@ -130,11 +136,12 @@ async def render(gateway: Gateway, request: RenderRequest, ctx: RequestContext) 
 
 
 async def _admit_chat(
-    gateway: Gateway, request: ChatRequest | RenderRequest, record: RequestRecord
+    gateway: Gateway, request: ChatRequest | RenderRequest, ctx: RequestContext
 ) -> tuple[ServedModel, RenderedPrompt]:
     """Checks shared by the native chat endpoints, then the rendered prompt."""
+    record = ctx.record
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    model = gateway.resolve(request.model, ModelKind.INSTRUCT, ctx.caller)
     record.admit(model.name)
     model.require_chat()
     return model, await gateway.render(model, messages_as_dicts(request.messages), record=record)

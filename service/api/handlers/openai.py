@@ -21,6 +21,7 @@ from service.core.caps import enforce_caps
 from service.core.context import RequestContext
 from service.core.conversation import messages_as_dicts
 from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
+from service.core.key_limits import Charge
 from service.core.protocol import (
     ROLE_RULE,
     OpenAIRequest,
@@ -55,11 +56,17 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
     """POST /v1/completions: text prompts go as text (so `echo` returns them as sent) unless the
     gateway's BOS rule changed their tokens; token-id prompts go as ids."""
     record = ctx.record
-    model = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
-    if model.pool.policy is not RoutingPolicy.PREFIX and _surely_fits(gateway, model, request):
+    model = _admit(gateway, request, ctx, ModelKind.BASE, "CompletionRequest")
+    budgeted = ctx.caller.policy is not None and ctx.caller.policy.token_budget is not None
+    if (
+        model.pool.policy is not RoutingPolicy.PREFIX
+        and not budgeted
+        and _surely_fits(gateway, model, request)
+    ):
+        charge = gateway.charge(ctx.caller, model, None, request.max_tokens, request.choices)
         return await _send(
-            gateway, model, request, ctx, COMPLETIONS_PATH, request.choices
-        )  # no tokens needed
+            gateway, model, request, ctx, COMPLETIONS_PATH, request.choices, charge=charge
+        )  # no tokens needed (a budget needs them counted)
     prompts, rewritten = await _prompt_tokens(gateway, model, request, record)
     lengths = [
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(model)) for ids in prompts
@@ -69,19 +76,23 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
     # The BOS rule changed a text prompt's tokens: the worker gets the gateway's ids instead.
     changes = {"prompt": prompts[0] if isinstance(request.prompt, str) else prompts} if rewritten else None
     sequences = len(prompts) * request.choices
-    return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, sequences, changes, prompts[0])
+    charge = gateway.charge(ctx.caller, model, lengths, request.max_tokens, request.choices)
+    return await _send(
+        gateway, model, request, ctx, COMPLETIONS_PATH, sequences, changes, prompts[0], charge=charge
+    )
 
 
 async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) -> Response:
     """POST /v1/chat/completions on the worker's own chat endpoint (tools, reasoning, structured
     outputs, echo, continue_final_message... all vLLM's)."""
     record = ctx.record
-    model = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
+    model = _admit(gateway, request, ctx, ModelKind.INSTRUCT, "ChatCompletionRequest")
     tokens = await _check_conversation(
         gateway, model, request, request.messages, request.requested_max_tokens, record
     )
     gateway.check_scoring(model, request, len(tokens))
-    return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
+    charge = gateway.charge(ctx.caller, model, [len(tokens)], request.requested_max_tokens, request.choices)
+    return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, tokens=tokens, charge=charge)
 
 
 async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: RequestContext) -> Response:
@@ -89,7 +100,7 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
     record = ctx.record
     if request.stream:
         raise InvalidRequest("The batch route answers whole, it does not stream.", param="stream")
-    model = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
+    model = _admit(gateway, request, ctx, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
     rendered = [
         await _check_conversation(
             gateway, model, request, conversation, request.requested_max_tokens, record, f"messages.{index}"
@@ -99,7 +110,9 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
     gateway.check_scoring(model, request, sum(len(tokens) for tokens in rendered))  # they run together
     sequences = len(request.messages) * request.choices
     first = rendered[0] if rendered else None
-    return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first)
+    lengths = [len(tokens) for tokens in rendered]
+    charge = gateway.charge(ctx.caller, model, lengths, request.requested_max_tokens, request.choices)
+    return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first, charge=charge)
 
 
 async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestContext) -> Response:
@@ -109,7 +122,7 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     check_stored_responses(fields)
     check_client_fields(ctx.caller, fields)
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    model = gateway.resolve(request.model, ModelKind.INSTRUCT, ctx.caller)
     record.admit(model.name)
     model.require_chat()
     check_fields(model.pool, "ResponsesRequest", request.extras())
@@ -122,13 +135,14 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
         gateway.check_context(model, len(tokens), request.max_output_tokens)
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
+    charge = gateway.charge(ctx.caller, model, [len(tokens)] if tokens else None, request.max_output_tokens)
     if request.stream:
         body = with_salt(request.body(model.name), salt)
         return await gateway.stream(
-            model, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM, hint=hint
+            model, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM, hint=hint, charge=charge
         )
     sent = with_salt(request.as_sent(model.name), salt)
-    return as_is(await gateway.generate(model, sent, record, path=RESPONSES_PATH, hint=hint))
+    return as_is(await gateway.generate(model, sent, record, path=RESPONSES_PATH, hint=hint, charge=charge))
 
 
 def as_is(answer: Answer) -> Response:
@@ -154,14 +168,14 @@ class AnswerResponse(Response):
 
 
 def _admit(
-    gateway: Gateway, request: OpenAIRequest, record: RequestRecord, kind: ModelKind, schema: str
+    gateway: Gateway, request: OpenAIRequest, ctx: RequestContext, kind: ModelKind, schema: str
 ) -> ServedModel:
     """Checks every /v1 generation request goes through before any work is done."""
     enforce_caps(request, gateway.settings)
     if request.stream_options is not None and not request.stream:
         raise InvalidRequest("stream_options can only be set when stream is true.", param="stream_options")
-    model = gateway.resolve(request.model, kind)
-    record.admit(model.name)
+    model = gateway.resolve(request.model, kind, ctx.caller)
+    ctx.record.admit(model.name)
     if kind is ModelKind.INSTRUCT:
         model.require_chat()
     check_fields(model.pool, schema, request.extras())
@@ -208,6 +222,7 @@ async def _send(
     sequences: int,
     changes: dict[str, Any] | None = None,
     tokens: list[int] | None = None,
+    charge: Charge | None = None,
 ) -> Response:
     """The worker's answer, streamed or whole. The worker gets the request as the client sent it
     (its very bytes when nothing changes), plus the caller's cache salt when keys are configured. A
@@ -223,11 +238,15 @@ async def _send(
         asked = request.stream_options.include_usage if request.stream_options else None
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return await gateway.stream(
-            model, with_salt(body, salt), record, None, bool(asked), sequences=sequences, path=path, hint=hint
-        )
+            model, with_salt(body, salt), record, None, bool(asked),
+            sequences=sequences, path=path, hint=hint, charge=charge,
+        )  # fmt: skip
     sent = {**request.body(model.name), **changes} if changes else request.as_sent(model.name)
     sent = with_salt(sent, salt)  # the client's own bytes: the salt spliced in, not re-serialised
-    return as_is(await gateway.generate(model, sent, record, sequences=sequences, path=path, hint=hint))
+    answer = await gateway.generate(
+        model, sent, record, sequences=sequences, path=path, hint=hint, charge=charge
+    )
+    return as_is(answer)
 
 
 def _user(request: OpenAIRequest | V1ResponsesRequest) -> str | None:
