@@ -10,9 +10,10 @@ Three resources, one rule (`held` by every process + spent within the window <= 
 - slots: requests in progress at once. Taken at the start (`take`), given back at the end (`give`); nothing
   is ever spent.
 
-A process keeps a cushion beyond what open requests hold (about what it used in the last exchange period,
-at most an eighth of the limit) so that most requests need no grant, and gives the rest back at each
-exchange so other processes can have it.
+A process that uses a key keeps a cushion beyond what open requests hold (an eighth of the limit; one
+slot), so that most requests need no grant and a database outage is ridden out on it. When another
+process was refused lately (the store says so at each exchange) the cushion shrinks to what the last
+exchange period used (no slot), and an allowance unused for IDLE_SECONDS is given back whole.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from service.store.ledger import Outcome, Plan
 
 CUSHION_SHARE = 8  # a process keeps at most limit / 8 beyond what its open requests hold
 SLOT_LINGER_SECONDS = 0.1  # a released slot is kept this long (a client's next request usually comes sooner)
+IDLE_SECONDS = 10.0  # an allowance unused this long is given back whole
+CONTENDED_SECONDS = 5.0  # after the store says another process wanted a key, cushions stay small this long
 
 
 class Resource(StrEnum):
@@ -49,18 +52,23 @@ class Allowance:
     demand: int = 0  # taken since the last exchange period began
     recent_demand: int = 0  # taken during the last whole period
     released_at: float = -math.inf  # slots: when one was last given back
-    refused_until: float = 0.0  # a refused ask: until then, the same or a larger one is refused here
+    refused_until: float = 0.0  # a refused ask: until then (or until something comes back), the same
+    # or a larger one is refused here without asking the store again
     refused_need: int = 0
     view: Outcome | None = None  # the last grant attempt's outcome (for the numbers of a refusal)
     nudged: bool = False  # an exchange is due soon to give back what it no longer uses
+    last_taken: float = -math.inf  # when a request last took some
+    contended_until: float = 0.0  # another process wanted this key lately: keep only what is used
+    returning: int = 0  # given back by the exchange under way (restored if it surely failed)
 
     @property
     def available(self) -> int:
         """What a new request may take without asking the store."""
         return self.held - self.pending
 
-    def take(self, amount: int) -> bool:
+    def take(self, amount: int, now: float) -> bool:
         """Reserve `amount` (tokens) or hold one slot, if this process holds enough."""
+        self.last_taken = now
         if self.held - self.pending < amount:
             return False
         self.pending += amount
@@ -71,16 +79,19 @@ class Allowance:
         """A slot (or an unused reservation) comes back."""
         self.pending = max(0, self.pending - amount)
         self.released_at = now
+        self.refused_until = 0.0  # something came back: a refused ask may fit now
 
     def spend(self, reserved: int, used: int, bucket: int) -> None:
         """A request's end: its reservation comes back and what it used is spent, in `bucket`."""
         self.pending = max(0, self.pending - reserved)
         self.held -= used
+        self.refused_until = 0.0  # something came back: a refused ask may fit now
         if used:
             self.spent[bucket] = self.spent.get(bucket, 0) + used
 
-    def hit(self, bucket: int) -> bool:
+    def hit(self, bucket: int, now: float) -> bool:
         """Spend one request of a rate, if this process holds one."""
+        self.last_taken = now
         if self.held - self.pending < 1:
             return False
         self.held -= 1
@@ -96,20 +107,27 @@ class Allowance:
         """An exchange period ends: what was taken in it sizes the cushion."""
         self.recent_demand, self.demand = self.demand, 0
 
-    def cushion(self) -> int:
+    def cushion(self, now: float) -> int:
         """What to keep beyond what open requests hold."""
-        if self.resource is Resource.SLOTS:
+        if self.limit <= 0 or now - self.last_taken > IDLE_SECONDS:
             return 0
-        return min(max(self.recent_demand, self.demand), self.limit // CUSHION_SHARE)
+        contended = now < self.contended_until
+        if self.resource is Resource.SLOTS:
+            return 0 if contended else 1
+        if contended:
+            return min(max(self.recent_demand, self.demand), self.limit // CUSHION_SHARE)
+        return self.limit // CUSHION_SHARE
 
     def plan(self, now: float, window_start: int | None) -> Plan | None:
         """What to tell the store now, with the waiting requests' asks, having given back what is not
         kept (None: nothing to tell)."""
-        keep = self.pending + self.cushion()
+        keep = self.pending + self.cushion(now)
         if self.resource is Resource.SLOTS and now - self.released_at < SLOT_LINGER_SECONDS:
             keep = self.held  # just released: the client's next request may want it
+        self.returning = 0
         if not self.wanted:  # requests waiting: give nothing back now
-            self.held -= max(0, self.held - keep)
+            self.returning = max(0, self.held - keep)
+            self.held -= self.returning
         if window_start is not None:  # buckets out of the window, once stored, are forgotten
             for bucket in [
                 b for b in self.spent if b < window_start and self.written.get(b) == self.spent[b]
@@ -120,9 +138,9 @@ class Allowance:
         wanted = sum(self.wanted)
         if not changed and self.held == self.written_held and not wanted:
             return None
-        extra = min(max(self.recent_demand, self.demand, wanted), self.limit // CUSHION_SHARE)
-        if self.resource is Resource.SLOTS:
-            extra = 0
+        extra = self.cushion(now) if self.resource is not Resource.SLOTS else 0
+        own = max(0, self.held - self.pending)  # what waiting requests can already count on
+        missing = max(0, wanted - own)
         return Plan(
             key_id=self.key_id,
             resource=self.resource.value,
@@ -131,12 +149,18 @@ class Allowance:
             held=self.held,
             in_use=self.pending,
             spent=changed,
-            ask=wanted + extra if wanted else 0,
-            need=min(self.wanted) if wanted else 0,
+            ask=missing + extra if missing else 0,
+            need=max(1, min(self.wanted) - own) if missing else 0,
         )
+
+    def failed(self) -> None:
+        """The exchange surely did not reach the store: what it gave back is still held there."""
+        self.held += self.returning
+        self.returning = 0
 
     def applied(self, plan: Plan, outcome: Outcome) -> None:
         """The store took `plan`: what it now records, and the grant."""
+        self.returning = 0
         self.held += outcome.change
         self.written_held = outcome.held
         self.written.update(plan.spent)

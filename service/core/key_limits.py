@@ -53,9 +53,16 @@ def most_tokens(prompts: Sequence[int] | None, max_tokens: int | None, n: int, c
 class KeyLimits:
     """Every runtime key's allowances in this process, and the checks the request path makes."""
 
-    def __init__(self, ask: Ask, wait_seconds: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ask: Ask,
+        wait_seconds: float = 2.0,
+        clock: Callable[[], float] = time.time,
+        contention_wait: float = 1.5,
+    ) -> None:
         self.ask = ask
         self.wait_seconds = wait_seconds
+        self.contention_wait = contention_wait  # how long others take to give back what they do not use
         self.clock = clock
         self.allowances: dict[tuple[str, Resource], Allowance] = {}
         self.policies: dict[str, KeyPolicy] = {}  # key id -> policy, for the buckets of its allowances
@@ -77,16 +84,14 @@ class KeyLimits:
         limit, seconds = rate_window(rate)
         allowance = self.allowance(key.id, key.policy, Resource.REQUESTS, limit)
         now = self.clock()
-        if allowance.hit(rate_bucket(seconds, now)):
+        if allowance.hit(rate_bucket(seconds, now), now):
             return
         if not allowance.refused_now(1, now):
             await self._ask(allowance, 1, "request rate")
-            if allowance.hit(rate_bucket(seconds, self.clock())):
+            now = self.clock()
+            if allowance.hit(rate_bucket(seconds, now), now):
                 return
-            allowance.refused_until, allowance.refused_need = (
-                self.clock() + min(seconds / RATE_BUCKETS, 1.0),
-                1,
-            )
+            allowance.refused_until, allowance.refused_need = now + min(seconds / RATE_BUCKETS, 1.0), 1
         raise RateLimited(rate, self._rate_retry(allowance, seconds))
 
     async def hold_slot(self, key: StoredKey) -> Allowance:
@@ -94,15 +99,12 @@ class KeyLimits:
         cap = key.policy.max_concurrent
         assert cap is not None
         allowance = self.allowance(key.id, key.policy, Resource.SLOTS, cap)
-        if allowance.take(1):
+        if allowance.take(1, self.clock()):
             return allowance
         if not allowance.refused_now(1, self.clock()):
-            for attempt in range(2):  # another process may be about to give back a slot it just freed
-                await self._ask(allowance, 1, "concurrency limit")
-                if allowance.take(1):
-                    return allowance
-                if attempt == 0:
-                    await asyncio.sleep(SLOT_LINGER_SECONDS * 1.5)
+            await self._ask(allowance, 1, "concurrency limit")
+            if allowance.take(1, self.clock()):
+                return allowance
             allowance.refused_until, allowance.refused_need = self.clock() + SLOT_LINGER_SECONDS, 1
         raise TooManyInFlight(cap)
 
@@ -120,11 +122,11 @@ class KeyLimits:
         allowance = self.allowance(charge.caller.key_id, policy, Resource.TOKENS, budget.tokens)
         if charge.most > budget.tokens:
             raise self._over_budget(allowance, policy, charge.most, never=True)
-        if not allowance.take(charge.most):
+        if not allowance.take(charge.most, self.clock()):
             if allowance.refused_now(charge.most, self.clock()):
                 raise self._over_budget(allowance, policy, charge.most)
             await self._ask(allowance, charge.most, "token budget")
-            if not allowance.take(charge.most):
+            if not allowance.take(charge.most, self.clock()):
                 allowance.refused_until, allowance.refused_need = self.clock() + REFUSED_SECONDS, charge.most
                 raise self._over_budget(allowance, policy, charge.most)
         charge.reserved = charge.most
@@ -143,14 +145,21 @@ class KeyLimits:
             allowance.spend(charge.reserved, used, budget.bucket(self.clock()))
 
     async def _ask(self, allowance: Allowance, amount: int, what: str) -> None:
-        """Wait for an exchange that asks the store for `amount` more; 503 if it cannot be reached."""
+        """Wait for an exchange that asks the store for `amount` more (503 if it cannot be reached);
+        refused while other processes hold some of the limit, once more after they had time to give
+        back what they do not use (the refusal told them)."""
         allowance.wanted.append(amount)
         try:
-            reached = await _wait(self.ask(allowance), self.wait_seconds)
+            for attempt in range(2):
+                if not await _wait(self.ask(allowance), self.wait_seconds):
+                    raise LimitsUnavailable(what)
+                view = allowance.view
+                others = view.held_all - allowance.held if view and view.held_all is not None else 0
+                if allowance.available >= amount or others <= 0 or attempt:
+                    return
+                await asyncio.sleep(self.contention_wait)
         finally:
             allowance.wanted.remove(amount)
-        if not reached:
-            raise LimitsUnavailable(what)
 
     # ------------------------------------------------------------------ exchanges
 
@@ -221,7 +230,8 @@ class KeyLimits:
             fewer = "ask for fewer tokens (lower max_tokens, or a shorter prompt)"
             message = f"{whole}; {ask}, more than the whole budget: {fewer}."
         else:
-            numbers = f"{used:,} used, {reserved:,} reserved for requests in progress, {left:,} left"
+            held = "held by the gateway for requests in progress and use not yet recorded"
+            numbers = f"{used:,} used, {reserved:,} reserved ({held}), {left:,} left"
             message = f"{whole}: {numbers}; {ask}."
         headers = {
             "X-Token-Budget-Limit": str(budget.tokens),

@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from service.core.allowances import SLOT_LINGER_SECONDS, Allowance
+from service.core.allowances import CONTENDED_SECONDS, SLOT_LINGER_SECONDS, Allowance
 from service.core.key_limits import Charge, KeyLimits, most_tokens
 from service.core.key_policy import KeyPolicy
 from service.core.keys import KeyDirectory, StoredKey, as_row, from_row, new_key
@@ -45,6 +45,13 @@ from service.store.usage import read_usage, write_usage
 log = logging.getLogger(__name__)
 STOP_RETRY_SECONDS = 10.0  # stopping with the database away: how long to keep trying to write usage
 ERROR_LOG_EVERY = 60.0
+
+
+@dataclass
+class Stage:
+    """How far an exchange's transaction got (a failure before its commit surely stored nothing)."""
+
+    committing: bool = False
 
 
 @dataclass
@@ -66,7 +73,9 @@ class Tenants:
         self.directory = KeyDirectory()
         self.metrics = KeyMetrics(registry)
         self.usage = UsageBook(settings.usage_max_rows, self.metrics.dropped.inc)
-        self.limits = KeyLimits(self.exchange_soon, settings.keys_store_wait)
+        # A refused request asks again once others had an exchange to give back what they do not use.
+        contention_wait = 1.5 * settings.keys_sync_interval + 0.05
+        self.limits = KeyLimits(self.exchange_soon, settings.keys_store_wait, contention_wait=contention_wait)
         self._next: asyncio.Future[bool] | None = None
         self._next_full = False
         self._next_only: dict[int, Allowance] = {}  # the allowances the next exchange is for (unless full)
@@ -140,11 +149,15 @@ class Tenants:
         rows = self.usage.unwritten(self.holder) if full else []
         lease = self.settings.keys_lease_seconds
         steady = self._connected_since is not None and time.monotonic() - self._connected_since > lease
+        stage = Stage()
         try:
             synced = await self.database.run(
-                self._transaction, [plan for _, plan in plans], rows, full, steady, final
+                self._transaction, [plan for _, plan in plans], rows, full, steady, final, stage
             )
         except Exception as exc:
+            if not stage.committing:  # surely not stored: what was being given back is still held
+                for allowance, _ in plans:
+                    allowance.failed()
             self._store_failed(exc)
             return False
         if self._connected_since is None:
@@ -152,6 +165,7 @@ class Tenants:
             self._connected_since = time.monotonic()
         for (allowance, plan), outcome in zip(plans, synced.exchanged.outcomes, strict=True):
             allowance.applied(plan, outcome)
+        self._contended(synced.exchanged.contended)
         if synced.exchanged.reclaimed:
             log.warning("this process was out of touch with the database longer than the lease "
                         "(GATEWAY_KEYS_LEASE_SECONDS); the others reclaimed its allowances")  # fmt: skip
@@ -167,20 +181,40 @@ class Tenants:
         follow: bool,
         steady: bool,
         final: bool,
+        stage: Stage,
     ) -> Synced:
         """The exchange's one transaction (on a store thread)."""
         now_ms = int(time.time() * 1000)
         lapse = int(self.settings.keys_lease_seconds * 1000) if steady else None
+        since = now_ms - int(CONTENDED_SECONDS * 1000)
         keys = None
-        with self.database.transaction() as connection:
-            exchanged = ledger.exchange(connection, self.holder, now_ms, plans, lapse, self.limits.bucket_now)
+        with self.database.engine.connect() as connection:
+            transaction = connection.begin()
+            exchanged = ledger.exchange(
+                connection, self.holder, now_ms, plans, lapse, self.limits.bucket_now, since
+            )
             write_usage(connection, rows)
             current = revision(connection, key_rows.TOPIC) if follow else self.directory.revision
             if follow and current != self.directory.revision:
                 keys = [from_row(row) for row in key_rows.all_keys(connection)]
             if final:
                 ledger.release(connection, self.holder, now_ms)
+            stage.committing = True  # from here on, a failure may or may not have stored it all
+            transaction.commit()
         return Synced(exchanged, keys, current)
+
+    def _contended(self, contended: frozenset[tuple[str, str]]) -> None:
+        """Keys another process was refused lately: keep only what is used, and give the rest back now."""
+        if not contended:
+            return
+        now = time.time()
+        for (key_id, resource), allowance in self.limits.allowances.items():
+            if (key_id, resource.value) not in contended:
+                continue
+            allowance.contended_until = now + CONTENDED_SECONDS
+            if allowance.held - allowance.pending > allowance.cushion(now) and not allowance.nudged:
+                allowance.nudged = True
+                asyncio.get_running_loop().call_soon(self.exchange_soon, allowance)
 
     def _store_failed(self, exc: Exception) -> None:
         self.metrics.store_errors.inc()

@@ -12,6 +12,10 @@ checked and written in one transaction under a lock on the key's row. What was r
 is at most what was reported spent in it plus what the processes hold, so the limit holds whatever the
 number of processes, and a process keeps serving from what it holds while the database is away.
 
+A process refused a grant marks its row (`wanted_ms`); every exchange tells each process which keys
+others wanted recently, and a process then keeps no more than it uses of them, so allowance sitting
+idle in one process reaches another within an exchange or two.
+
 Every value a process writes is absolute (its own rows), so a write retried after an unclear failure
 counts nothing twice. A process that stops renewing its lease (it crashed, or lost the database for
 longer than the lease) has its allowances reclaimed by the others: counted as spent, since it may have
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
@@ -63,10 +68,12 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Exchanged:
-    """The outcome of one exchange: each plan's, in order, and whether this process had been reclaimed."""
+    """The outcome of one exchange: each plan's, in order, whether this process had been reclaimed, and
+    the (key, resource) pairs another process was refused a grant of lately."""
 
     reclaimed: bool
     outcomes: list[Outcome]
+    contended: frozenset[tuple[str, str]] = frozenset()
 
 
 def exchange(
@@ -76,17 +83,27 @@ def exchange(
     plans: Sequence[Plan],
     reclaim_lapsed_ms: int | None = None,
     bucket_of: BucketOf | None = None,
+    wanted_since_ms: int | None = None,
 ) -> Exchanged:
-    """Renew this process's lease, reclaim lapsed holders (when `reclaim_lapsed_ms` is set), then write
-    and grant every plan, in one transaction (the caller's)."""
+    """Renew this process's lease, reclaim lapsed holders (when `reclaim_lapsed_ms` is set), write and
+    grant every plan, and (with `wanted_since_ms`) read what others were refused since then, in one
+    transaction (the caller's)."""
     reclaimed = _renew(connection, holder, now_ms)  # a write first: SQLite then serializes the rest
     if reclaim_lapsed_ms is not None:
         _reclaim_lapsed(connection, now_ms, reclaim_lapsed_ms, bucket_of or (lambda _k, _r: None))
     ordered = sorted(range(len(plans)), key=lambda i: (plans[i].key_id, plans[i].resource))
     outcomes: dict[int, Outcome] = {}
     for index in ordered:  # one order everywhere: two processes locking keys never wait on each other
-        outcomes[index] = _apply(connection, holder, plans[index], reclaimed)
-    return Exchanged(reclaimed, [outcomes[index] for index in range(len(plans))])
+        outcomes[index] = _apply(connection, holder, plans[index], reclaimed, now_ms)
+    contended: frozenset[tuple[str, str]] = frozenset()
+    if wanted_since_ms is not None:
+        wanted = connection.execute(
+            select(key_allowances.c.key_id, key_allowances.c.resource)
+            .where(key_allowances.c.holder != holder, key_allowances.c.wanted_ms >= wanted_since_ms)
+            .distinct()
+        )
+        contended = frozenset((key, resource) for key, resource in wanted)
+    return Exchanged(reclaimed, [outcomes[index] for index in range(len(plans))], contended)
 
 
 def _renew(connection: Connection, holder: str, now_ms: int) -> bool:
@@ -137,7 +154,7 @@ def _reclaim_lapsed(connection: Connection, now_ms: int, lapse_ms: int, bucket_o
         connection.execute(update(key_allowances).where(key_allowances.c.holder == dead).values(held=0))
 
 
-def _apply(connection: Connection, holder: str, plan: Plan, reclaimed: bool) -> Outcome:
+def _apply(connection: Connection, holder: str, plan: Plan, reclaimed: bool, now_ms: int) -> Outcome:
     """Write one plan's totals and, for an ask, grant what fits under the key's lock."""
     key = (key_allowances.c.key_id == plan.key_id, key_allowances.c.resource == plan.resource)
     spent_key = (key_consumption.c.key_id == plan.key_id, key_consumption.c.resource == plan.resource)
@@ -177,10 +194,17 @@ def _apply(connection: Connection, holder: str, plan: Plan, reclaimed: bool) -> 
                 )
             )  # fmt: skip
         used, held_all = int(used), int(others) + held + granted
-    mine = {"key_id": plan.key_id, "resource": plan.resource, "holder": holder, "held": held + granted}
-    upsert(connection, key_allowances, [mine], ["key_id", "resource", "holder"])
+    refused = bool(plan.ask) and not granted
+    mine = {"key_id": plan.key_id, "resource": plan.resource, "holder": holder, "held": held + granted,
+            "wanted_ms": now_ms if refused else None}  # fmt: skip
+    upsert(connection, key_allowances, [mine], ["key_id", "resource", "holder"], _keep_a_refusal)
     change = held - plan.held + granted
     return Outcome(granted, change, held + granted, used, held_all, by_bucket)
+
+
+def _keep_a_refusal(new: Any) -> dict[str, Any]:
+    """A row's new held, its refusal mark kept unless refused again (others read it a while)."""
+    return {"held": new.held, "wanted_ms": func.coalesce(new.wanted_ms, key_allowances.c.wanted_ms)}
 
 
 def status(connection: Connection, key_id: str, resource: str, window_start: int) -> tuple[int, int]:

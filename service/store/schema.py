@@ -67,6 +67,7 @@ key_allowances = Table(
     Column("resource", String(16), primary_key=True),
     Column("holder", String(32), primary_key=True),
     Column("held", BigInteger, nullable=False),
+    Column("wanted_ms", BigInteger, nullable=True),  # when this process was last refused a grant
 )
 
 # What each process spent of a key's limit per bucket of time (a budget's period, 1/60 of a rate's

@@ -14,7 +14,7 @@ from service.core.key_policy import KeyPolicy, Period, TokenBudget
 from service.core.keys import StoredKey
 from service.core.tenancy import Caller
 from service.errors import BudgetExceeded, LimitsUnavailable, RateLimited, TooManyInFlight
-from service.store.ledger import Outcome, Plan
+from service.store.ledger import Outcome
 
 NOON = datetime(2026, 12, 5, 12, 0, tzinfo=UTC).timestamp()
 
@@ -118,28 +118,43 @@ async def test_a_rate_counts_each_request_and_refuses_with_retry_after() -> None
     assert len(store.plans) == asked
 
 
-async def test_slots_cap_requests_in_progress_and_linger_when_given_back() -> None:
+async def test_slots_cap_requests_in_progress_and_are_given_back_when_others_want_them() -> None:
     now = [NOON]
-    limits, _ = limits_with(free=2)
+    limits, _ = limits_with(free=3)
     limits.clock = lambda: now[0]
-    capped = key(max_concurrent=2)
+    capped = key(max_concurrent=3)
     first, second = await limits.hold_slot(capped), await limits.hold_slot(capped)
-    with pytest.raises(TooManyInFlight):
-        await limits.hold_slot(capped)
     limits.release_slot(first)
     assert first.plan(now[0], None) is None  # just released: kept for the key's next request
     now[0] += SLOT_LINGER_SECONDS * 2
+    assert first.plan(now[0], None) is None and first.held == 2  # one in use, one spare: no store call
+    first.contended_until = now[0] + 5  # another process was refused a slot of this key
     plan = first.plan(now[0], None)
-    assert isinstance(plan, Plan) and plan.held == 1  # then given back
-    assert second.pending == 1
+    assert plan is not None and plan.held == 1 and second.pending == 1  # only what is in use is kept
 
 
-def test_a_cushion_is_kept_and_the_rest_given_back() -> None:
-    allowance = Allowance("k", Resource.TOKENS, 8000, held=5000, pending=100)
+async def test_a_concurrency_cap_refuses_the_one_over() -> None:
+    limits, _ = limits_with(free=2)
+    capped = key(max_concurrent=2)
+    await limits.hold_slot(capped)
+    await limits.hold_slot(capped)
+    with pytest.raises(TooManyInFlight):
+        await limits.hold_slot(capped)
+
+
+def test_a_cushion_is_kept_while_used_and_given_back_when_wanted_or_idle() -> None:
+    allowance = Allowance("k", Resource.TOKENS, 8000, held=5000, pending=100, last_taken=NOON)
     allowance.demand = 400
     allowance.next_period()
     plan = allowance.plan(NOON, 0)
-    assert plan is not None and plan.held == 100 + 400  # open requests plus the last period's demand
+    assert plan is not None and plan.held == 100 + 1000  # open requests plus an eighth of the limit
     assert allowance.plan(NOON, 0) is not None  # the store has not taken it yet: told again
-    allowance.applied(plan, Outcome(0, 0, 500))
+    allowance.applied(plan, Outcome(0, 0, 1100))
     assert allowance.plan(NOON, 0) is None  # nothing changed since the store took it
+    allowance.contended_until = NOON + 5
+    plan = allowance.plan(NOON, 0)
+    assert plan is not None and plan.held == 100 + 400  # wanted elsewhere: the last period's demand
+    allowance.failed()  # that exchange surely did not reach the store: it still holds them
+    assert allowance.held == 1100
+    plan = allowance.plan(NOON + 60, 0)
+    assert plan is not None and plan.held == 100  # unused for a minute: only what open requests hold

@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("resource", sa.String(16), primary_key=True),
         sa.Column("holder", sa.String(32), primary_key=True),
         sa.Column("held", sa.BigInteger, nullable=False),
+        sa.Column("wanted_ms", sa.BigInteger, nullable=True),
     )
     op.create_table(
         "key_consumption",
