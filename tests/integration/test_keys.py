@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -306,3 +307,40 @@ async def test_operator_routes_take_admin_keys_only(standin_url: str, tmp_path: 
     async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
         assert (await http.get(path)).status_code == 401
         assert (await http.get(path, headers=ADMIN)).status_code == 200
+
+
+async def test_the_cli_manages_keys_of_a_running_gateway(
+    standin_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        where = ["--url", str(http.base_url), "--admin-key", "admin-1"]
+
+        async def cli(*argv: str) -> tuple[int, str, str]:
+            code = await asyncio.to_thread(main, [*argv, *where])
+            captured = capsys.readouterr()
+            return code, captured.out, captured.err
+
+        code, out, _ = await cli("keys", "create", "--name", "cli-app", "--kinds", "instruct",
+                                 "--token-budget", "100000/day", "--max-concurrent", "4")  # fmt: skip
+        created = json.loads(out)
+        assert code == 0 and created["kinds"] == ["instruct"] and created["token_budget"]["tokens"] == 100000
+        code, out, _ = await cli("keys", "create", "--name", "script", "--secret-only")
+        secret = out.strip()
+        assert code == 0 and secret.startswith("sk-gw-") and "\n" not in secret
+        client = {"Authorization": f"Bearer {created['key']}"}
+        assert (await http.post("/v1/chat/completions", json=chat(), headers=client)).status_code == 200
+        code, out, _ = await cli("keys", "list")
+        listed = json.loads(out)["data"]
+        assert [k["name"] for k in listed] == ["cli-app", "script"] and listed[0]["token_budget"]["used"] > 0
+        code, out, _ = await cli("keys", "usage", "--key", "cli-app", "--period", "day")
+        assert json.loads(out)["totals"]["requests"] == 1
+        code, out, _ = await cli("keys", "revoke", "cli-app")
+        assert code == 0 and json.loads(out)["revoked_at"]
+        code, _, err = await cli("keys", "revoke", "nobody")
+        assert (
+            code == 1
+            and err.strip()
+            == "llm-gateway: error: 404: No API key has the id or name 'nobody'; GET /keys lists them."
+        )
