@@ -51,6 +51,8 @@ class Allowance:
     wanted: list[int] = field(default_factory=list)  # asks of requests waiting for the next exchange
     demand: int = 0  # taken since the last exchange period began
     recent_demand: int = 0  # taken during the last whole period
+    peak: int = 0  # slots: the most in use at once since the last period began
+    recent_peak: int = 0  # slots: the most in use at once during the last whole period
     released_at: float = -math.inf  # slots: when one was last given back
     refused_until: float = 0.0  # a refused ask: until then (or until something comes back), the same
     # or a larger one is refused here without asking the store again
@@ -60,6 +62,7 @@ class Allowance:
     last_taken: float = -math.inf  # when a request last took some
     contended_until: float = 0.0  # another process wanted this key lately: keep only what is used
     returning: int = 0  # given back by the exchange under way (restored if it surely failed)
+    store_refused: bool = False  # the last exchange asked for more and got nothing
 
     @property
     def available(self) -> int:
@@ -73,6 +76,7 @@ class Allowance:
             return False
         self.pending += amount
         self.demand += amount
+        self.peak = max(self.peak, self.pending)
         return True
 
     def give(self, amount: int, now: float) -> None:
@@ -106,14 +110,15 @@ class Allowance:
     def next_period(self) -> None:
         """An exchange period ends: what was taken in it sizes the cushion."""
         self.recent_demand, self.demand = self.demand, 0
+        self.recent_peak, self.peak = self.peak, self.pending
 
     def cushion(self, now: float) -> int:
         """What to keep beyond what open requests hold."""
         if self.limit <= 0 or now - self.last_taken > IDLE_SECONDS:
             return 0
         contended = now < self.contended_until
-        if self.resource is Resource.SLOTS:
-            return 0 if contended else 1
+        if self.resource is Resource.SLOTS:  # as many as were in use lately, and one more
+            return 0 if contended else max(0, max(self.peak, self.recent_peak) + 1 - self.pending)
         if contended:
             return min(max(self.recent_demand, self.demand), self.limit // CUSHION_SHARE)
         return self.limit // CUSHION_SHARE
@@ -138,7 +143,7 @@ class Allowance:
         wanted = sum(self.wanted)
         if not changed and self.held == self.written_held and not wanted:
             return None
-        extra = self.cushion(now) if self.resource is not Resource.SLOTS else 0
+        extra = self.cushion(now)
         own = max(0, self.held - self.pending)  # what waiting requests can already count on
         missing = max(0, wanted - own)
         return Plan(
@@ -166,3 +171,4 @@ class Allowance:
         self.written.update(plan.spent)
         if plan.ask:
             self.view = outcome
+        self.store_refused = bool(plan.ask) and outcome.granted == 0

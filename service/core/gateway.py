@@ -113,11 +113,11 @@ class Gateway:
         policy = caller.policy
         if policy is None:
             return self.models.resolve(name, default_kind)
-        allowed = [model for model in self.models.values() if policy.allows(model)]
-        if name is None:
+        if name is None or name not in self.models:
+            allowed = [model for model in self.models.values() if policy.allows(model)]
+            if name is not None:
+                raise ModelNotFound(name, [model.name for model in allowed])
             name = next((model.name for model in allowed if model.kind is default_kind), None)
-        if name is not None and name not in self.models:
-            raise ModelNotFound(name, [model.name for model in allowed])
         model = self.models.resolve(name, default_kind)
         refusal = policy.refusal(model)
         if refusal is not None:

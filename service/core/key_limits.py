@@ -20,6 +20,7 @@ from service.core.tenancy import Caller
 from service.errors import BudgetExceeded, LimitsUnavailable, RateLimited, TooManyInFlight
 from service.store.ledger import Plan
 
+ASK_ATTEMPTS = 3  # a request asks the store at most this many times before it is refused
 REFUSED_SECONDS = 1.0  # a refused ask is not asked again (for as much or more) for this long
 # ask(allowance) waits for an exchange that includes `allowance`; whether it reached the store.
 Ask = Callable[[Allowance], Awaitable[bool]]
@@ -87,10 +88,11 @@ class KeyLimits:
         if allowance.hit(rate_bucket(seconds, now), now):
             return
         if not allowance.refused_now(1, now):
-            await self._ask(allowance, 1, "request rate")
-            now = self.clock()
-            if allowance.hit(rate_bucket(seconds, now), now):
+            if await self._granted(
+                allowance, 1, "request rate", lambda t: allowance.hit(rate_bucket(seconds, t), t)
+            ):
                 return
+            now = self.clock()
             allowance.refused_until, allowance.refused_need = now + min(seconds / RATE_BUCKETS, 1.0), 1
         raise RateLimited(rate, self._rate_retry(allowance, seconds))
 
@@ -102,8 +104,7 @@ class KeyLimits:
         if allowance.take(1, self.clock()):
             return allowance
         if not allowance.refused_now(1, self.clock()):
-            await self._ask(allowance, 1, "concurrency limit")
-            if allowance.take(1, self.clock()):
+            if await self._granted(allowance, 1, "concurrency limit", lambda t: allowance.take(1, t)):
                 return allowance
             allowance.refused_until, allowance.refused_need = self.clock() + SLOT_LINGER_SECONDS, 1
         raise TooManyInFlight(cap)
@@ -125,8 +126,9 @@ class KeyLimits:
         if not allowance.take(charge.most, self.clock()):
             if allowance.refused_now(charge.most, self.clock()):
                 raise self._over_budget(allowance, policy, charge.most)
-            await self._ask(allowance, charge.most, "token budget")
-            if not allowance.take(charge.most, self.clock()):
+            if not await self._granted(
+                allowance, charge.most, "token budget", lambda t: allowance.take(charge.most, t)
+            ):
                 allowance.refused_until, allowance.refused_need = self.clock() + REFUSED_SECONDS, charge.most
                 raise self._over_budget(allowance, policy, charge.most)
         charge.reserved = charge.most
@@ -143,6 +145,19 @@ class KeyLimits:
         allowance = self.allowances.get((charge.caller.key_id, Resource.TOKENS))
         if allowance is not None:
             allowance.spend(charge.reserved, used, budget.bucket(self.clock()))
+
+    async def _granted(
+        self, allowance: Allowance, amount: int, what: str, take: Callable[[float], bool]
+    ) -> bool:
+        """Ask the store, then `take`; asked again (a few times) when requests that did not wait took
+        what was granted for the ones that did, as long as the store did not refuse."""
+        for _ in range(ASK_ATTEMPTS):
+            await self._ask(allowance, amount, what)
+            if take(self.clock()):
+                return True
+            if allowance.store_refused:
+                return False
+        return False
 
     async def _ask(self, allowance: Allowance, amount: int, what: str) -> None:
         """Wait for an exchange that asks the store for `amount` more (503 if it cannot be reached);

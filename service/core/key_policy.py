@@ -8,6 +8,7 @@ of `kinds` if that is set: both rules hold when both are given. A refusal is a 4
 from __future__ import annotations
 
 import calendar
+import functools
 import math
 import re
 from datetime import UTC, datetime, timedelta
@@ -129,6 +130,7 @@ class KeyPolicy(BaseModel):
         return bool(self.rate_limit or self.max_concurrent or self.token_budget)
 
 
+@functools.lru_cache(maxsize=1024)
 def rate_window(rate: str) -> tuple[int, float]:
     """`60/minute` as (60, 60.0): requests, and the seconds they are counted over."""
     from limits import parse

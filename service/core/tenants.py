@@ -146,6 +146,8 @@ class Tenants:
     async def _exchange(self, full: bool, final: bool = False, only: Sequence[Allowance] = ()) -> bool:
         """One exchange with the store; False when it could not be reached (nothing is lost)."""
         plans = self.limits.plans(None if full else only)
+        if not full and not final and not plans:
+            return True  # nothing to tell the store (a slot taken again before it was given back)
         rows = self.usage.unwritten(self.holder) if full else []
         lease = self.settings.keys_lease_seconds
         steady = self._connected_since is not None and time.monotonic() - self._connected_since > lease

@@ -158,3 +158,36 @@ def test_a_cushion_is_kept_while_used_and_given_back_when_wanted_or_idle() -> No
     assert allowance.held == 1100
     plan = allowance.plan(NOON + 60, 0)
     assert plan is not None and plan.held == 100  # unused for a minute: only what open requests hold
+
+
+def test_slots_kept_follow_the_most_in_use_lately_and_one_more() -> None:
+    slots = Allowance("k", Resource.SLOTS, 100, held=40, last_taken=NOON)
+    for _ in range(32):  # 32 requests in progress at once (a client with 32 connections)
+        assert slots.take(1, NOON)
+    for _ in range(31):
+        slots.give(1, NOON)
+    slots.next_period()
+    later = NOON + SLOT_LINGER_SECONDS * 2
+    plan = slots.plan(later, None)
+    # One open now, but 32 were lately: 33 kept, so the client's next burst needs no exchange.
+    assert plan is not None and plan.held == 33
+    slots.applied(plan, Outcome(0, 0, 33))
+    slots.next_period()  # a whole period with at most one in use: the spare slots go back
+    plan = slots.plan(later, None)
+    assert plan is not None and plan.held == 2
+
+
+async def test_what_others_took_before_a_waiting_request_resumed_is_asked_for_again() -> None:
+    limits, store = limits_with(free=10)
+    stolen = []
+
+    async def ask_then_others_take(allowance: Allowance) -> bool:
+        answer = await store.ask(allowance)
+        if not stolen:  # requests that did not wait take all that was granted, the first time
+            while allowance.take(1, NOON):
+                stolen.append(1)
+        return answer
+
+    limits.ask = ask_then_others_take
+    slot = await limits.hold_slot(key(max_concurrent=10))  # not a 429: the store had room
+    assert stolen and slot.pending == len(stolen) + 1 and len(store.plans) == 2
