@@ -21,6 +21,7 @@ import pytest
 from service.ops.settings import Settings
 from tests.integration.conftest import running_gateway, standin_settings
 from tests.integration.standin import Script
+from tests.promtext import parse
 
 ADMIN = {"Authorization": "Bearer admin-1"}
 SYNC = 0.1  # GATEWAY_KEYS_SYNC_INTERVAL in these tests
@@ -344,3 +345,28 @@ async def test_the_cli_manages_keys_of_a_running_gateway(
             and err.strip()
             == "llm-gateway: error: 404: No API key has the id or name 'nobody'; GET /keys lists them."
         )
+
+
+async def test_per_key_prometheus_series_count_and_go_with_the_key(standin_url: str, tmp_path: Path) -> None:
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        key_id, headers = await new_key(http, kinds=["instruct"])
+        served = await http.post("/v1/chat/completions", json=chat(max_tokens=5), headers=headers)
+        assert served.status_code == 200
+        refused = await http.post(
+            "/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2}, headers=headers
+        )
+        assert refused.status_code == 403
+        samples = parse((await http.get("/metrics")).text)
+        usage = served.json()["usage"]
+
+        def series(metric: str, **labels: str) -> float:
+            return samples.get((metric, frozenset({"key": key_id, **labels}.items())), 0.0)
+
+        assert series("gateway_key_requests_total") == 2 and series("gateway_key_errors_total") == 1
+        assert series("gateway_key_tokens_total", direction="in") == usage["prompt_tokens"]
+        assert series("gateway_key_tokens_total", direction="out") == usage["completion_tokens"]
+        assert series("gateway_key_refusals_total", reason="kind") == 1
+        assert series("gateway_key_info", name="app") == 1
+        assert (await http.delete(f"/keys/{key_id}", headers=ADMIN)).status_code == 200
+        after = parse((await http.get("/metrics")).text)
+    assert not [name for name, labels in after if ("key", key_id) in labels]  # bounded by the live keys
