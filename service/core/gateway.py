@@ -140,6 +140,10 @@ class Gateway:
             return None
         return self.tenants.charge(caller, model.name, prompts, max_tokens, n, self.context_of(model))
 
+    def holds_plenty(self, charge: Charge | None) -> bool:
+        """Whether this process holds plenty of the key's budget for `charge` (no budget: True)."""
+        return charge is None or self.tenants is None or self.tenants.limits.holds_plenty(charge)
+
     async def encode(
         self,
         model: ServedModel,

@@ -22,6 +22,7 @@ from service.store.ledger import Plan
 
 ASK_ATTEMPTS = 3  # a request asks the store at most this many times before it is refused
 REFUSED_SECONDS = 1.0  # a refused ask is not asked again (for as much or more) for this long
+PLENTY = 64  # requests' worth of a budget held: below, a prompt is counted exactly to reserve it
 # ask(allowance) waits for an exchange that includes `allowance`; whether it reached the store.
 Ask = Callable[[Allowance], Awaitable[bool]]
 
@@ -132,6 +133,16 @@ class KeyLimits:
                 allowance.refused_until, allowance.refused_need = self.clock() + REFUSED_SECONDS, charge.most
                 raise self._over_budget(allowance, policy, charge.most)
         charge.reserved = charge.most
+
+    def holds_plenty(self, charge: Charge) -> bool:
+        """Whether this process holds what PLENTY requests like `charge` would reserve of its key's
+        budget (a key without a budget: it does), so that charging a prompt its upper bound, not its
+        count, cannot refuse a request that its exact count would let through."""
+        policy = charge.caller.policy
+        if policy is None or policy.token_budget is None or charge.caller.key_id is None:
+            return True
+        allowance = self.allowances.get((charge.caller.key_id, Resource.TOKENS))
+        return allowance is not None and allowance.available >= charge.most * PLENTY
 
     def settle(self, charge: Charge, used: int) -> None:
         """The request ended having used `used` tokens: its reservation comes back, they are spent."""

@@ -370,3 +370,18 @@ async def test_per_key_prometheus_series_count_and_go_with_the_key(standin_url: 
         assert (await http.delete(f"/keys/{key_id}", headers=ADMIN)).status_code == 200
         after = parse((await http.get("/metrics")).text)
     assert not [name for name, labels in after if ("key", key_id) in labels]  # bounded by the live keys
+
+
+async def test_a_prompt_reserved_at_its_bound_is_settled_with_the_workers_count(
+    standin_url: str, tmp_path: Path
+) -> None:
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        _, headers = await new_key(http, token_budget={"tokens": 10**6, "period": "day"})
+        body = {"model": "base", "prompt": "hello there " * 40, "max_tokens": 5}
+        used = 0
+        for _ in range(5):  # the first counts its prompt; then the process holds plenty: bounds
+            answer = await http.post("/v1/completions", json=body, headers=headers)
+            assert answer.status_code == 200
+            used += answer.json()["usage"]["total_tokens"]
+        listed = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
+    assert listed["used"] == used and used < 5 * (len(body["prompt"]) + 5)

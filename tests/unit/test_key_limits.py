@@ -191,3 +191,16 @@ async def test_what_others_took_before_a_waiting_request_resumed_is_asked_for_ag
     limits.ask = ask_then_others_take
     slot = await limits.hold_slot(key(max_concurrent=10))  # not a 429: the store had room
     assert stolen and slot.pending == len(stolen) + 1 and len(store.plans) == 2
+
+
+async def test_a_prompt_is_charged_its_bound_only_while_plenty_of_the_budget_is_held() -> None:
+    limits, _ = limits_with(free=10**6)
+    big = Charge(Caller("k" * 32, policy=KeyPolicy(token_budget=TokenBudget(tokens=10**6))), "m", 10, 100)
+    assert not limits.holds_plenty(big)  # nothing held yet: the prompt is counted exactly
+    await limits.reserve(big)  # granted with a cushion of an eighth of the budget
+    assert limits.holds_plenty(big)
+    tight = KeyPolicy(token_budget=TokenBudget(tokens=1000))  # never 64 requests' worth held
+    small = Charge(Caller("s" * 32, policy=tight), "m", 10, 100)
+    await limits.reserve(small)
+    assert not limits.holds_plenty(small)
+    assert limits.holds_plenty(Charge(Caller("k" * 32), "m", None, 10**9))  # a key without a budget

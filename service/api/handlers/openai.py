@@ -57,16 +57,14 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
     gateway's BOS rule changed their tokens; token-id prompts go as ids."""
     record = ctx.record
     model = _admit(gateway, request, ctx, ModelKind.BASE, "CompletionRequest")
-    budgeted = ctx.caller.policy is not None and ctx.caller.policy.token_budget is not None
-    if (
-        model.pool.policy is not RoutingPolicy.PREFIX
-        and not budgeted
-        and _surely_fits(gateway, model, request)
-    ):
-        charge = gateway.charge(ctx.caller, model, None, request.max_tokens, request.choices)
-        return await _send(
-            gateway, model, request, ctx, COMPLETIONS_PATH, request.choices, charge=charge
-        )  # no tokens needed (a budget needs them counted)
+    bound = _surely_fits(gateway, model, request)
+    if model.pool.policy is not RoutingPolicy.PREFIX and bound:
+        # No tokens needed: a budget reserves the prompt's bound (settled with the worker's count)
+        # while this process holds plenty of it; near its end, the prompt is counted exactly.
+        bounds = [bound] if request.max_tokens is not None else None
+        charge = gateway.charge(ctx.caller, model, bounds, request.max_tokens, request.choices)
+        if gateway.holds_plenty(charge):
+            return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, request.choices, charge=charge)
     prompts, rewritten = await _prompt_tokens(gateway, model, request, record)
     lengths = [
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(model)) for ids in prompts
@@ -281,18 +279,18 @@ async def _prompt_tokens(
     return prompts, rewritten
 
 
-def _surely_fits(gateway: Gateway, model: ServedModel, request: V1CompletionRequest) -> bool:
-    """Whether a single text prompt certainly fits without tokenizing it: a token never covers less
-    than one UTF-8 byte, a tokenizer adds at most two special tokens, and the BOS rule can only change
-    a prompt that starts with BOS text. (Scoring needs the exact count: it is tokenized.)"""
+def _surely_fits(gateway: Gateway, model: ServedModel, request: V1CompletionRequest) -> int:
+    """The most tokens a single text prompt can be, when it certainly fits without tokenizing it (else
+    0): a token never covers less than one UTF-8 byte, a tokenizer adds at most two special tokens, and
+    the BOS rule can only change a prompt that starts with BOS text. (Scoring needs the exact count.)"""
     prompt = request.prompt
     if not isinstance(prompt, str) or request.prompt_logprobs is not None or request.echo:
-        return False
+        return 0
     bos = model.tokenizer.bos_text
     if bos and prompt.startswith(bos):
-        return False
+        return 0
     bound = len(prompt) * 4 if len(prompt) > 1024 else len(prompt.encode())  # 4 bytes per character at most
-    return bound + 2 + (request.max_tokens or 0) < gateway.context_of(model)
+    return bound + 2 if bound + 2 + (request.max_tokens or 0) < gateway.context_of(model) else 0
 
 
 def _truncated(length: int, truncate: int | None, context: int) -> int:
