@@ -23,6 +23,8 @@ async def run(
     gaps: list[float] = []
     events = 0
     failures = 0
+    statuses: dict[int, int] = {}  # the status of each failure
+    first_errors: dict[int, str] = {}  # the first answer of each failing status (what went wrong)
     remaining = requests
     payload = json.dumps(body).encode()
     headers = {"content-type": "application/json"}
@@ -39,7 +41,9 @@ async def run(
                 async with session.post(url, data=payload, headers=headers) as response:
                     if response.status != 200:
                         failures += 1
-                        await response.read()
+                        statuses[response.status] = statuses.get(response.status, 0) + 1
+                        answer = await response.read()
+                        first_errors.setdefault(response.status, answer[:500].decode(errors="replace"))
                         continue
                     if body.get("stream"):
                         last = None
@@ -66,6 +70,8 @@ async def run(
         "gaps": gaps,
         "events": events,
         "failures": failures,
+        "failure_statuses": statuses,
+        "first_errors": first_errors,
         "wall": wall,
     }
 

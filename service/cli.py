@@ -1,4 +1,4 @@
-"""`llm-gateway serve | prepare | render | adapters`: the console entry point.
+"""`llm-gateway serve | prepare | render | adapters | keys`: the console entry point.
 
 Options may come before or after the command (`llm-gateway --models-file F serve` and
 `llm-gateway serve --models-file F` mean the same). Bad input is one line on stderr and a non-zero exit,
@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service import __version__
+from service.api.admin_client import AdminError, add_keys_command
 from service.ops.settings import ModelKind, Settings
 
 
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (serve, prepare, render):
         # SUPPRESS: an option given before the command is not overwritten by the command's default.
         _models_file_option(command, argparse.SUPPRESS)
+    add_keys_command(commands)  # the operator API of a running gateway
     return parser
 
 
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except CliError as exc:
+    except (CliError, AdminError) as exc:
         print(f"llm-gateway: error: {exc}", file=sys.stderr)
         return 1
 

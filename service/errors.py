@@ -9,12 +9,17 @@
     ├── ModelNotFound                 404 invalid_request_error / model_not_found (param: model)
     ├── AdapterNotFound               404 invalid_request_error / adapter_not_found (operator API)
     ├── RouteNotFound                 404 not_found_error / route_not_found
+    ├── KeyNotFound                   404 invalid_request_error / key_not_found (an operator route)
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed, with Allow
     ├── RequestTimeout                408 invalid_request_error / body_timeout (or header_timeout)
     ├── RequestTooLarge               413 invalid_request_error / request_too_large
     ├── HeadersTooLarge               431 invalid_request_error / headers_too_large
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded, with Retry-After
     ├── TooManyFailedKeys             429 rate_limit_error / too_many_failed_attempts, with Retry-After
+    ├── TooManyInFlight               429 rate_limit_error / concurrency_limit_exceeded, with Retry-After
+    ├── BudgetExceeded                429 rate_limit_error / token_budget_exceeded (the numbers; Retry-After)
+    ├── LimitsUnavailable             503 service_unavailable / limits_unavailable, with Retry-After
+    ├── StoreUnavailable              503 service_unavailable / store_unavailable, with Retry-After
     ├── NoHealthyWorker               503 service_unavailable
     │   └── WorkersRefuseKey          502 upstream_error / worker_auth_failed (each refused our key)
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
@@ -69,6 +74,17 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class KeyNotFound(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "key_not_found"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"No API key has the id or name '{_clip(key, 100)}'; GET /keys lists them.", param="key"
+        )
 
 
 class RouteNotFound(GatewayError):
@@ -137,9 +153,9 @@ class Unauthorized(GatewayError):
     error_type = "invalid_request_error"
     code = "invalid_api_key"
 
-    def __init__(
-        self, message: str = "Missing or invalid API key: send `Authorization: Bearer <key>`."
-    ) -> None:
+    DEFAULT = "Missing or invalid API key: send `Authorization: Bearer <key>`."
+
+    def __init__(self, message: str = DEFAULT) -> None:
         super().__init__(message)
         self.headers = {"WWW-Authenticate": "Bearer"}
 
@@ -210,6 +226,59 @@ class TooManyFailedKeys(GatewayError):
     def __init__(self, retry_after: str) -> None:
         super().__init__("Too many failed API-key attempts from this address; retry later.")
         self.headers = {"Retry-After": retry_after}
+
+
+class TooManyInFlight(GatewayError):
+    """A key with a cap on requests in flight at once has that many open (across every process and pod)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "concurrency_limit_exceeded"
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(
+            f"This API key may have at most {cap} request(s) in progress at once; wait for one to finish."
+        )
+        self.headers = {"Retry-After": "1"}
+
+
+class BudgetExceeded(GatewayError):
+    """A request's most possible tokens do not fit what is left of its key's token budget."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "token_budget_exceeded"
+
+    def __init__(self, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message, param="max_tokens")
+        self.headers = headers
+
+
+class LimitsUnavailable(GatewayError):
+    """A key's limits need the store (more allowance than this process holds) and it cannot be reached."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "limits_unavailable"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"This API key's {what} cannot be checked right now (the gateway's database is unreachable and "
+            "this process holds no more of it); retry shortly."
+        )
+        self.headers = {"Retry-After": "1"}
+
+
+class StoreUnavailable(GatewayError):
+    """An operator request that needs the database while it cannot be reached."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "store_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The gateway's database is unreachable right now; retry shortly.")
+        self.headers = {"Retry-After": "1"}
 
 
 class NoHealthyWorker(GatewayError):

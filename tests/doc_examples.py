@@ -34,6 +34,10 @@ TITLE = re.compile(r'title="([^"]*)"')
 ANSWER_TITLES = ("Answer", "Output")
 RUNNABLE = ("curl", "llm-gateway", "lm_eval", "python")
 STATIC = ("make", "docker", "kubectl")
+# Pages whose examples manage keys: they run against a gateway with the operator API on, this its
+# admin key (GATEWAY_ADMIN_KEYS), and a database of its own (their keys close the other gateways).
+ADMIN_PAGES = ("docs/operations/tenants.md",)
+ADMIN_KEY = "sk-admin-example"
 # How the docs write the gateway's address; the suite replaces it with the test stack's.
 ADDRESSES = ("http://localhost:8000", "http://127.0.0.1:8000", "localhost:8000", "127.0.0.1:8000")
 
@@ -63,6 +67,11 @@ class Example:
     @property
     def id(self) -> str:
         return self.block.where
+
+    @property
+    def needs_admin(self) -> bool:
+        """Whether it runs against the gateway with the operator API on."""
+        return str(self.block.path.relative_to(ROOT)) in ADMIN_PAGES
 
 
 def doc_files() -> list[Path]:

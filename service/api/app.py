@@ -39,6 +39,7 @@ from service.core.adapters import AdapterRegistry
 from service.core.gateway import Gateway
 from service.core.templates import load_tokenizers
 from service.core.tenancy import Tenancy
+from service.core.tenants import Tenants
 from service.ops.host_counters import HostCounters, counters_for
 from service.ops.metrics import Metrics
 from service.ops.settings import ModelSpec, Settings
@@ -97,11 +98,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     session = build_session(settings)
     # Probes get their own connections: a probe never waits behind traffic, nor reuses its sockets.
     probes = build_session(settings)
-    monitor = discovery = roster = None
+    monitor = discovery = roster = tenants = None
     registry: AdapterRegistry | None = None
     try:
         # Migrating takes a lock, so processes and pods starting together migrate once.
         await asyncio.to_thread(app.state.database.migrate)
+        await app.state.tenants.start()  # the keys managed at runtime, known before serving
+        tenants = app.state.tenants
         tokenizers = await asyncio.to_thread(load_tokenizers, settings)
         await discover(list(pools.values()))
         app.state.gateway = Gateway(
@@ -112,6 +115,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.metrics,
             app.state.drain.streams,
             app.state.tracing,
+            tenants=app.state.tenants,
         )
         app.state.processes = processes
         # Adapters: the configured ones, and those registered (in the store), followed from now on.
@@ -138,6 +142,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*supervisors, *background, return_exceptions=True)
         await session.close()
         await probes.close()
+        if tenants is not None:
+            await tenants.stop()  # usage written, allowances given back (the drain is over)
         await asyncio.to_thread(app.state.database.close)
         if app.state.tracing is not None:
             await asyncio.to_thread(app.state.tracing.shutdown)  # sends what is buffered
@@ -184,7 +190,6 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.tenancy = Tenancy.from_settings(settings)  # who each API key is, and its cache salt
     # While keys are set, metrics readable without one must not show where the workers are.
     hide = settings.metrics_public
     app.state.metrics = Metrics(
@@ -193,6 +198,10 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
     app.state.drain = Drain(settings.drain_timeout, settings.drain_accept_window)
     app.state.counters = counters_for(settings)  # limits' counters, shared by the host's processes
     app.state.database = Database(database_url(settings))  # state that outlives a process
+    # Keys managed at runtime (followed from the store), their limits and usage.
+    app.state.tenants = Tenants(settings, app.state.database, app.state.metrics.registry)
+    # Who each API key is, and its cache salt.
+    app.state.tenancy = Tenancy.from_settings(settings, app.state.tenants.directory)
     app.state.tracing = tracing_from_env(__version__)  # None unless OTEL_EXPORTER_OTLP_* is set
     # Outermost first: observability wraps everything, so refused requests are counted too.
     edge = [
@@ -231,16 +240,14 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
         admin_keys = [key.get_secret_value() for key in settings.admin_keys]
         edge.append(Middleware(AdminGuard, keys=admin_keys, paths=operator, failed_keys=failed,
                                counters=app.state.counters))  # fmt: skip
-    if settings.api_keys:
-        exempt = (
-            open_paths(endpoints) | DOCS_PATHS | ({"/metrics"} if not settings.metrics_need_key else set())
-        )
-        keys = [key.get_secret_value() for key in settings.api_keys]
-        edge.append(
-            Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit,
-                       failed_keys=failed, counters=app.state.counters, metrics=app.state.metrics,
-                       operator_paths=operator)
-        )  # fmt: skip
+    # Always there: keys may be created at runtime (it lets everything through while there are none).
+    exempt = open_paths(endpoints) | DOCS_PATHS | ({"/metrics"} if not settings.metrics_need_key else set())
+    keys = [key.get_secret_value() for key in settings.api_keys]
+    edge.append(
+        Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit,
+                   failed_keys=failed, counters=app.state.counters, metrics=app.state.metrics,
+                   operator_paths=operator, tenants=app.state.tenants)
+    )  # fmt: skip
     edge.append(Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes))
     dispatch = Middleware(
         Dispatcher,

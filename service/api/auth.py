@@ -1,8 +1,11 @@
-"""API keys: with keys configured, every route but the open ones needs `Authorization: Bearer <key>`
-(compared in constant time); each key may be rate limited, and a client address that sends too many
-wrong keys is refused for a while before any key is compared. Both count in `Windows`
+"""API keys: with keys configured (GATEWAY_API_KEYS, or keys managed at runtime in the store), every
+route but the open ones needs `Authorization: Bearer <key>` (configured keys compared in constant time,
+runtime keys looked up by their SHA-256 in memory); each key may be rate limited, and a client address
+that sends too many wrong keys is refused for a while before any key is compared. Both count in `Windows`
 (service.ops.counters) shared by the gateway processes of the host, so the limits are what the
-settings say whatever the process count. A refusal is a typed error answered through `errors.reject`.
+settings say whatever the process count. A runtime key's own limits (rate, requests in progress) are
+its policy's, held across processes and pods (`service.core.tenants`), and every request of a key
+counts in its usage when it ends. A refusal is a typed error answered through `errors.reject`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.endpoint import PathSet
 from service.api.errors import reject
-from service.errors import RateLimited, TooManyFailedKeys, Unauthorized
+from service.core.allowances import Allowance
+from service.core.keys import StoredKey
+from service.core.tenants import Tenants
+from service.errors import GatewayError, RateLimited, TooManyFailedKeys, Unauthorized
 from service.ops.counters import Window, Windows
 from service.ops.host_counters import HostCounters
 from service.ops.metrics import Metrics
@@ -26,6 +32,7 @@ from service.ops.metrics import Metrics
 OPEN_PREFIXES = ("/static/",)  # the playground's files: no secret in them (the page asks for the key)
 IPV6_GROUP = 64  # one client usually holds a whole /64: count its failures together
 MAX_ADDRESS_CHARS = 64
+REVOKED = "This API key was revoked; ask the gateway's operator for a new one."
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -101,8 +108,10 @@ class ApiKeyMiddleware:
         counters: HostCounters | None = None,
         metrics: Metrics | None = None,
         operator_paths: PathSet | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self.app = app
+        self.tenants = tenants  # keys managed at runtime (none: only the configured ones)
         self.operator_paths = operator_paths or PathSet([])  # the admin guard's, not client keys
         # Compare digests so the comparison time says nothing about a key's length or prefix.
         self.digests = [hashlib.sha256(key.encode()).digest() for key in keys]
@@ -120,20 +129,26 @@ class ApiKeyMiddleware:
     def _is_open(self, path: str) -> bool:
         return path in self.open_paths or path.startswith(OPEN_PREFIXES) or path in self.operator_paths
 
-    def _accepted(self, scope: Scope) -> str | None:
-        """The id of the request's key if it is one of ours, else None."""
+    def _accepted(self, scope: Scope) -> tuple[str | None, StoredKey | None]:
+        """The id of the request's key if it is a configured one, or the runtime key it is."""
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token:
-            return None
+            return None, None
         digest = hashlib.sha256(token.strip()).digest()
         found = False
         for known in self.digests:
             found |= hmac.compare_digest(digest, known)  # no early exit: every key is compared
-        return key_id(digest) if found else None
+        if found:
+            return key_id(digest), None
+        return None, self.tenants.find(digest) if self.tenants is not None else None
+
+    def _closed(self) -> bool:
+        """Whether keys are needed: some are configured, or the store has ever held one."""
+        return bool(self.digests) or (self.tenants is not None and self.tenants.closed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.digests or self._is_open(scope["path"]):
+        if scope["type"] != "http" or self._is_open(scope["path"]) or not self._closed():
             await self.app(scope, receive, send)
             return
         address = ""
@@ -144,20 +159,42 @@ class ApiKeyMiddleware:
                 self._count("auth_throttled")
                 await reject(scope, receive, send, TooManyFailedKeys(throttled.retry_after_header))
                 return
-        accepted = self._accepted(scope)
+        accepted, stored = self._accepted(scope)
+        if stored is not None and not stored.revoked:
+            accepted = stored.id
         if accepted is None:
             if self.failures is not None:
                 self.failures.hit(address)
             self._count("auth_failures")
-            await reject(scope, receive, send, Unauthorized())
+            await reject(
+                scope, receive, send, Unauthorized(REVOKED if stored is not None else Unauthorized.DEFAULT)
+            )
             return
-        scope.setdefault("state", {})["api_key_id"] = accepted
-        if self.rates is not None:
+        state = scope.setdefault("state", {})
+        state["api_key_id"] = accepted
+        counted = state.get("record") is not None  # a request the table counts (not a GET of /v1/models)
+        slot = None
+        try:
+            try:
+                slot = await self._limit(accepted, stored, counted)
+            except GatewayError as refused:
+                await reject(scope, receive, send, refused)
+                return
+            await self.app(scope, receive, send)
+        finally:
+            if self.tenants is not None:  # the request counts in its key's usage
+                self.tenants.finish(accepted, slot, state.get("record"))
+
+    async def _limit(self, accepted: str, stored: StoredKey | None, counted: bool) -> Allowance | None:
+        """The key's rate (its own, else GATEWAY_RATE_LIMIT) and its requests in progress; the slot it
+        holds, if any (given back when the request ends)."""
+        if (stored is None or not stored.policy.rate_limit) and self.rates is not None:
             rated = self.rates.hit(f"key/{accepted}")
             if not rated.allowed:
-                await reject(scope, receive, send, RateLimited(self.limit, int(rated.retry_after_header)))
-                return
-        await self.app(scope, receive, send)
+                raise RateLimited(self.limit, int(rated.retry_after_header))
+        if stored is not None and stored.policy.limited and self.tenants is not None:
+            return await self.tenants.admit(stored, counted)
+        return None
 
     def _count(self, name: str) -> None:
         if self.metrics is not None:

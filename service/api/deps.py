@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.core.gateway import Gateway
+from service.core.tenancy import Caller
 from service.ops.record import RequestRecord
 
 
@@ -23,5 +24,12 @@ async def get_record(request: Request) -> RequestRecord:
     return record
 
 
+async def get_caller(request: Request) -> Caller:
+    """Who sent the request (its API key's caller; the open caller without keys)."""
+    caller: Caller = request.app.state.tenancy.caller(getattr(request.state, "api_key_id", None))
+    return caller
+
+
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 RecordDep = Annotated[RequestRecord, Depends(get_record)]

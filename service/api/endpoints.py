@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from service.api.endpoint import Endpoint
-from service.api.handlers import adapters, health, models, native, openai, playground, tokens
+from service.api.handlers import adapters, health, keys, models, native, openai, playground, tokens
 from service.core.adapter_checks import AdapterRequest
+from service.core.key_policy import NewKey
 from service.core.protocol import (
     ChatRequest,
     ChatResponse,
@@ -75,4 +76,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              open=True),
     Endpoint("/favicon.ico", "The gateway's icon.", "playground", method="GET", handler=playground.favicon,
              open=True),
+    # The operator's: API keys and usage (GATEWAY_ADMIN_KEYS only).
+    Endpoint("/keys", "Create an API key with its policy (models, kinds, rate, concurrency, token budget); "
+             "the answer holds its secret, shown this once.", "operator", body=NewKey, handler=keys.create,
+             metric="keys_create", admin=True),
+    Endpoint("/keys", "API keys (never their secrets), with each budget's numbers.", "operator",
+             method="GET", handler=keys.list_keys, admin=True),
+    Endpoint("/keys/{key}", "Revoke an API key (by id, or a name one key has).", "operator",
+             method="DELETE", handler=keys.revoke, admin=True),
+    Endpoint("/usage", "Usage per key, served model and day: requests, errors, tokens in and out.",
+             "operator", method="GET", handler=keys.usage, admin=True),
 )  # fmt: skip

@@ -16,13 +16,14 @@ from service.api.endpoint import Endpoint
 
 ERROR_STATUSES = {
     "400": "Invalid request (validation, context length, caps, base model on chat)",
-    "401": "Missing or invalid API key",
-    "403": "An operator route without an admin key, or the operator API off",
+    "401": "Missing, invalid or revoked API key",
+    "403": "A key that may not do this (a model outside its policy; an operator route without an admin key, "
+    "or the operator API off)",
     "404": "Unknown model or route",
     "405": "Method not allowed",
     "408": "The request body did not arrive in time",
     "413": "Request body too large",
-    "429": "Rate limit exceeded",
+    "429": "A rate, concurrency or token-budget limit of the key",
     "499": "Client disconnected",
     "500": "Internal error",
     "501": "The model's worker does not serve this route",

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from service.core.adapter_send import LOAD_SPAN, AdapterOnWorker
 from service.core.caps import prompt_logprobs_source, sequences_per_prompt
 from service.core.context import RequestContext
+from service.core.key_limits import Charge
 from service.core.relay import OPENAI_STREAM, Relay, RelayResponse, StreamFormat
 from service.core.served import ServedModel, ServedModels, models_of
 from service.core.templates import (
@@ -29,10 +30,13 @@ from service.core.templates import (
     ModelTokenizer,
     RenderedPrompt,
 )
+from service.core.tenancy import OPEN, Caller
+from service.core.tenants import Tenants
 from service.core.translate import StreamTranslator
 from service.errors import (
     ContextLengthExceeded,
     InvalidRequest,
+    ModelNotFound,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -104,6 +108,7 @@ class Gateway:
     metrics: Metrics
     streams: set[WatchedStream]  # open worker streams (a drain ends the ones still open)
     tracing: Tracing | None = None  # None: tracing off
+    tenants: Tenants | None = None  # keys managed at runtime: their limits and usage
     models: ServedModels = field(init=False)  # every name a request may send as `model`
     loads: AdapterLoads = field(init=False)  # adapters onto workers (see workers/lora.py)
     registry: Any = None  # the adapters' registry (core/adapters.py), once the app has started it
@@ -112,9 +117,43 @@ class Gateway:
         self.models = models_of(self.pools, self.tokenizers)
         self.loads = AdapterLoads(self.transport, self.metrics)
 
-    def resolve(self, name: str | None, default_kind: ModelKind) -> ServedModel:
-        """The named model, or the first one of `default_kind` (a 404 listing the served names)."""
-        return self.models.resolve(name, default_kind)
+    def resolve(self, name: str | None, default_kind: ModelKind, caller: Caller = OPEN) -> ServedModel:
+        """The named model, or the first one of `default_kind` (a 404 listing the served names); for a
+        key with a policy, the first of that kind it may use, and a 403 naming the rule for one it may
+        not."""
+        policy = caller.policy
+        if policy is None:
+            return self.models.resolve(name, default_kind)
+        if name is None or name not in self.models:
+            allowed = [model for model in self.models.values() if policy.allows(model)]
+            if name is not None:
+                raise ModelNotFound(name, [model.name for model in allowed])
+            name = next((model.name for model in allowed if model.kind is default_kind), None)
+        model = self.models.resolve(name, default_kind)
+        refusal = policy.refusal(model)
+        if refusal is not None:
+            if self.tenants is not None and caller.key_id is not None:
+                self.tenants.refused(caller.key_id, refusal)
+            raise refusal
+        return model
+
+    def charge(
+        self,
+        caller: Caller,
+        model: ServedModel,
+        prompts: Sequence[int] | None,
+        max_tokens: int | None,
+        n: int = 1,
+    ) -> Charge | None:
+        """What a request may cost its key's token budget (`prompts`: each prompt's token count, None
+        when not counted; `max_tokens` as sent, None: vLLM's default); None without a key."""
+        if self.tenants is None:
+            return None
+        return self.tenants.charge(caller, model.name, prompts, max_tokens, n, self.context_of(model))
+
+    def holds_plenty(self, charge: Charge | None) -> bool:
+        """Whether this process holds plenty of the key's budget for `charge` (no budget: True)."""
+        return charge is None or self.tenants is None or self.tenants.limits.holds_plenty(charge)
 
     async def encode(
         self,
@@ -264,21 +303,27 @@ class Gateway:
         sequences: int = 1,
         path: str = COMPLETIONS_PATH,
         hint: RouteHint = NO_HINT,
+        charge: Charge | None = None,
     ) -> Answer:
-        """A non-streamed request to a worker, holding slots for `sequences` while it runs."""
-        lease, answer, span = await self._with_failover(
-            model, sequences, hint, record,
-            lambda worker, headers: self.transport.complete(worker, path, body, headers),
-        )  # fmt: skip
-        record.upstream_ended()
-        lease.worker.progress_at = time.monotonic()  # a sign of progress for health checks
-        self._release(model, lease)
-        record.set_usage(answer.usage)
-        if span is not None:
-            record.finish_reasons = _describe_answer(span, answer)
-            span.end()
-        record.token_sent()  # a whole answer: its first token reaches the client now
-        return answer
+        """A non-streamed request to a worker, holding slots for `sequences` while it runs (and, with
+        a `charge`, the most it may use of its key's token budget: settled with what it used)."""
+        await self._reserve(charge)
+        try:
+            lease, answer, span = await self._with_failover(
+                model, sequences, hint, record,
+                lambda worker, headers: self.transport.complete(worker, path, body, headers),
+            )  # fmt: skip
+            record.upstream_ended()
+            lease.worker.progress_at = time.monotonic()  # a sign of progress for health checks
+            self._release(model, lease)
+            record.set_usage(answer.usage)
+            if span is not None:
+                record.finish_reasons = _describe_answer(span, answer)
+                span.end()
+            record.token_sent()  # a whole answer: its first token reaches the client now
+            return answer
+        finally:
+            self._settle(charge, record)
 
     async def stream(
         self,
@@ -291,26 +336,44 @@ class Gateway:
         path: str = COMPLETIONS_PATH,
         fmt: StreamFormat = OPENAI_STREAM,
         hint: RouteHint = NO_HINT,
+        charge: Charge | None = None,
     ) -> Response:
         """A streamed request: errors before the first byte are ordinary error responses (after
         one retry on another replica); after it, the stream format's error event (and `[DONE]`).
-        A `None` translator passes the worker's events through."""
-        lease, stream, span = await self._with_failover(
-            model, sequences, hint, record,
-            lambda worker, headers: self._open_stream(worker, path, body, fmt, headers),
-        )  # fmt: skip
+        A `None` translator passes the worker's events through. A `charge` holds the most the request
+        may use of its key's token budget until the stream ends, however it ends."""
+        await self._reserve(charge)
+        try:
+            lease, stream, span = await self._with_failover(
+                model, sequences, hint, record,
+                lambda worker, headers: self._open_stream(worker, path, body, fmt, headers),
+            )  # fmt: skip
+        except BaseException:
+            self._settle(charge, record)
+            raise
         self.streams.add(stream)
 
         async def close() -> None:
-            self.streams.discard(stream)
-            await stream.close()
-            record.upstream_ended()
-            self._release(model, lease)
-            if span is not None:
-                span.end()
+            try:
+                self.streams.discard(stream)
+                await stream.close()
+                record.upstream_ended()
+                self._release(model, lease)
+                if span is not None:
+                    span.end()
+            finally:
+                self._settle(charge, record)
 
         relay = Relay(lease.worker, record, translator, forward_usage, fmt)
         return RelayResponse(relay, stream.blocks(), on_close=close)
+
+    async def _reserve(self, charge: Charge | None) -> None:
+        if charge is not None and self.tenants is not None:
+            await self.tenants.reserve(charge)
+
+    def _settle(self, charge: Charge | None, record: RequestRecord) -> None:
+        if charge is not None and self.tenants is not None:
+            self.tenants.settle(charge, record)
 
     async def _open_stream(
         self, worker: Worker, path: str, body: Body, fmt: StreamFormat, headers: dict[str, str] | None

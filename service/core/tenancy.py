@@ -19,8 +19,9 @@ caller, and the gateway's prefix routing hashes with the same salt:
 - A client's own `cache_salt` still partitions its own cache (it is hashed into the salt) but can
   never name another group's: the worker only ever sees a salt the gateway derived.
 
-Issue 22 turns keys into records with policies; `Caller` is where such a record plugs in (its key id
-and cache group are here; `may_set_priority` is the seam for a per-key scheduling policy).
+Keys managed at runtime (issue 22, `service.core.keys`) are callers too: each alone in its cache group,
+its salt derived as a GATEWAY_API_KEYS key's would be (from the secret, else from the key's SHA-256, which
+only its holder and the store know), with its policy (`service.core.key_policy`) on the caller.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from service.core.key_policy import KeyPolicy
 from service.errors import InvalidRequest
 from service.ops.settings import Settings
 from service.workers.pool import ModelPool
@@ -73,6 +75,7 @@ class Caller:
     salt: str | None = None  # the group's salt, for requests that bring no salt of their own
     may_set_priority: bool = False  # a per-key policy could allow it (issue 22); none does today
     group_key: bytes = field(default=b"", repr=False)
+    policy: KeyPolicy | None = None  # a key managed at runtime: what it may use and its limits
 
     def salt_for(self, client_salt: object = None) -> str | None:
         """The salt the gateway gives the worker: the group's own, or one derived from the client's
@@ -87,21 +90,39 @@ class Caller:
 OPEN = Caller()  # no keys configured: nobody is told apart
 
 
+class StoredKeys(Protocol):
+    """The keys managed at runtime (`service.core.keys.KeyDirectory`), by id."""
+
+    def get(self, ident: str) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
 class Tenancy:
     """The callers the configured keys stand for, resolved once per request from the key's id."""
 
-    def __init__(self, callers: Mapping[str, Caller], anonymous: Caller = OPEN) -> None:
+    def __init__(
+        self,
+        callers: Mapping[str, Caller],
+        anonymous: Caller = OPEN,
+        stored: StoredKeys | None = None,
+        secret: bytes | None = None,
+    ) -> None:
         self.callers = dict(callers)
         self.anonymous = anonymous
+        self.stored = stored
+        self.secret = secret
+        self._stored_callers: dict[str, Caller] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Tenancy:
-        """Every configured key's caller, its salt computed now (none is computed per request)."""
+    def from_settings(cls, settings: Settings, stored: StoredKeys | None = None) -> Tenancy:
+        """Every configured key's caller, its salt computed now (none is computed per request); keys
+        managed at runtime are looked up in `stored`."""
         keys = [key.get_secret_value() for key in settings.api_keys]
-        if not keys:
-            return cls({})
         configured = settings.cache_salt_secret
         secret = configured.get_secret_value().encode() if configured else None
+        if not keys:
+            return cls({}, stored=stored, secret=secret)
         group_of = {member: name for name, members in settings.cache_groups.items() for member in members}
         members: dict[str, list[str]] = {}  # each group's keys, or a key alone
         for key in keys:
@@ -114,13 +135,32 @@ class Tenancy:
         }
         # A request that passed the key check always has a key id; should one ever lack it, it is
         # still kept apart (fail closed), in a group of its own.
-        return cls(callers, _caller(None, "anonymous", secret, keys))
+        return cls(callers, _caller(None, "anonymous", secret, keys), stored, secret)
 
     def caller(self, key_id: str | None) -> Caller:
         """The caller behind a key id (the auth middleware's `api_key_id`; None without keys)."""
         if key_id is None:
             return self.anonymous
-        return self.callers.get(key_id) or self.anonymous
+        return self.callers.get(key_id) or self._stored_caller(key_id) or self.anonymous
+
+    def _stored_caller(self, ident: str) -> Caller | None:
+        """A runtime key's caller, made once (its salt computed then)."""
+        found = self._stored_callers.get(ident)
+        if found is not None or self.stored is None:
+            return found
+        record = self.stored.get(ident)
+        if record is None:
+            return None
+        if len(self._stored_callers) > 2 * len(self.stored) + 16:
+            self._stored_callers.clear()  # revoked keys' callers: keep the memo bounded by the keys
+        group = f"key:{ident}"
+        # Alone in its group, a key's own secret is its SHA-256 (as for GATEWAY_API_KEYS): the digest.
+        group_key = hmac.new(
+            self.secret or record.digest, SALT_LABEL + group.encode(), hashlib.sha256
+        ).digest()
+        caller = Caller(ident, group, _derive(group_key, b""), group_key=group_key, policy=record.policy)
+        self._stored_callers[ident] = caller
+        return caller
 
 
 NO_TENANCY = Tenancy({})

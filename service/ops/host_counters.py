@@ -44,6 +44,9 @@ WINDOW_WORDS = 2 + BUCKETS + 1  # last bucket, expiry (ns), ring
 LAYOUT = struct.Struct("<8s7q")  # magic, columns, then rows of the three tables
 HOLDING_ROWS = 1024  # workers (slots) and models (queue places): a few per model
 ADDRESS_ROWS = 8192  # client addresses with failed key attempts in their window
+RUNTIME_KEY_ROWS = (
+    4096  # keys created at runtime under GATEWAY_RATE_LIMIT (a sparse file: unused rows cost nothing)
+)
 
 
 @dataclass(frozen=True)
@@ -337,7 +340,7 @@ class WindowCounter:
 
 def layout_for(settings: Settings, columns: int) -> Layout:
     """The tables `settings` need, for `columns` serving processes."""
-    return Layout(columns, HOLDING_ROWS, 2 * len(settings.api_keys) + 16, ADDRESS_ROWS)
+    return Layout(columns, HOLDING_ROWS, 2 * len(settings.api_keys) + RUNTIME_KEY_ROWS, ADDRESS_ROWS)
 
 
 def counters_for(settings: Settings) -> HostCounters:

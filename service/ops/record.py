@@ -38,6 +38,7 @@ class RequestRecord:
     span: Any = None  # the request's trace span, when tracing is on
     trace_id: str | None = None  # for the access log: the span's, else the caller's traceparent's
     finish_reasons: list[str] = field(default_factory=list)
+    token_events: int = 0  # generated-token events that reached the client (a whole answer: one)
 
     def admit(self, model: str) -> None:
         """The request is for a served model: it counts as in flight until it ends."""
@@ -48,6 +49,7 @@ class RequestRecord:
     def token_sent(self) -> None:
         """A generated token (or a whole non-streamed answer) reached the client's side."""
         now = time.perf_counter()
+        self.token_events += 1
         if self.first_token_at is None:
             self.first_token_at = now
         else:
@@ -60,6 +62,7 @@ class RequestRecord:
         if count <= 0:
             return
         self.token_sent()
+        self.token_events += count - 1
         if count > 1:  # the others arrived in the same write as the first: no gap
             observe_many(self.metrics.child(self.metrics.itl, self.endpoint, self.model), 0.0, count - 1)
 

@@ -511,6 +511,34 @@ class Settings(BaseSettings):
         "GATEWAY_CACHE_DIR (gateway.db), shared by the processes of one host.",
     )
 
+    # Keys managed at runtime (issue 22): how each process follows the store and shares keys' limits.
+    keys_sync_interval: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Seconds between two exchanges of each gateway process with the database: it looks for "
+        "new or revoked keys, writes usage, and trades the allowances that hold keys' limits across "
+        "processes and pods.",
+    )
+    keys_lease_seconds: float = Field(
+        default=30.0,
+        ge=2,
+        description="Seconds after which a process that stopped exchanging with the database (it crashed) "
+        "has the part of keys' limits it held reclaimed by the others, counted as spent.",
+    )
+    keys_store_wait: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds a request waits for the database when its key needs more allowance than this "
+        "process holds; then a 503 (limits_unavailable).",
+    )
+    usage_max_rows: int = Field(
+        default=100_000,
+        ge=100,
+        description="Usage rows (key x model x day) a process keeps waiting for the database at most; past "
+        "it, new rows are dropped and counted (gateway_usage_dropped_total).",
+    )
+
     @field_validator("cache_salt_secret", "worker_api_key", "database_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:

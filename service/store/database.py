@@ -25,6 +25,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 MIGRATION_LOCK = 0x6C6C6D67  # a PostgreSQL advisory lock id: "llmg"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def default_url(cache_dir: Path) -> str:
@@ -51,7 +52,9 @@ class Database:
             path = make_url(url).database
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite)
+        # A database that does not answer must not hold a query thread for minutes (TCP's own timeout).
+        connect_args = {} if self.is_sqlite else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="store")
@@ -65,7 +68,7 @@ class Database:
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = connection
             try:
-                command.upgrade(config, "head")
+                command.upgrade(config, "heads")  # every branch: parallel work may add revisions side by side
             except CommandError as error:
                 raise self._newer_schema(connection, config) from error
         log.info("database %s is at the newest schema", redacted(self.url))
@@ -73,7 +76,7 @@ class Database:
     def _newer_schema(self, connection: Connection, config: Config) -> Exception:
         """Why migrating failed, in words: a revision this gateway does not know is a newer gateway's."""
         found = [row[0] for row in connection.execute(text("SELECT version_num FROM alembic_version"))]
-        known = ScriptDirectory.from_config(config).get_current_head()
+        known = ", ".join(ScriptDirectory.from_config(config).get_heads())
         return NewerSchema(
             f"the database {redacted(self.url)} is at schema {', '.join(found) or '(none)'}, which this "
             f"gateway (newest schema {known}) does not know: a newer gateway migrated it. Run that version, "

@@ -14,6 +14,7 @@ import pytest
 
 from bench.otlp_sink import Receiver, Sink
 from service.ops.settings import RoutingPolicy, Settings, default_models
+from tests.doc_examples import ADMIN_KEY
 from tests.gateway_process import READY_TIMEOUT_SECONDS, Stack, answers, launch, stop, wait_ready
 
 BASE_MODEL = "gemma-3-270m"
@@ -108,6 +109,30 @@ def pair(tmp_path_factory: pytest.TempPathFactory, otlp: Sink) -> Iterator[Stack
         yield stack
     finally:
         stop(stack)
+
+
+@pytest.fixture(scope="session")
+def admin_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A gateway in front of `stack`'s workers with the operator API on (the docs' admin key) and a
+    database of its own: the keys the docs' examples create never reach the other gateways."""
+    folder = tmp_path_factory.mktemp("admin")
+    settings = Settings()
+    models = [
+        {"name": spec.name, "kind": spec.kind.value, "urls": [stack.worker_url(spec.name)],
+         "tokenizer": settings.resolve_source(spec.source or spec.name)}
+        for spec in default_models()
+    ]  # fmt: skip
+    env = {
+        "GATEWAY_MODELS": json.dumps(models),
+        "GATEWAY_ADMIN_KEYS": ADMIN_KEY,
+        "GATEWAY_DATABASE_URL": f"sqlite:///{folder / 'gateway.db'}",
+    }
+    admin = launch(env, folder / "gateway.log")
+    try:
+        wait_ready(admin)
+        yield admin
+    finally:
+        stop(admin)
 
 
 @pytest.fixture(scope="session")

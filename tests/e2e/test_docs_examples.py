@@ -23,7 +23,10 @@ _ran: dict[str, list[docs.Ran]] = {}
 
 
 @pytest.mark.parametrize("example", RUNNABLE, ids=[example.id for example in RUNNABLE])
-def test_the_documented_example_answers_as_documented(example: docs.Example, stack: Stack) -> None:
+def test_the_documented_example_answers_as_documented(
+    example: docs.Example, request: pytest.FixtureRequest
+) -> None:
+    stack: Stack = request.getfixturevalue("admin_stack" if example.needs_admin else "stack")
     key = f"{example.block.lang}\n{example.block.text}"
     if TRAINED in example.block.text:  # registers the suite's adapters: they must be on disk
         for recipe in RECIPES.values():

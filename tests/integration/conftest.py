@@ -100,9 +100,16 @@ async def running_gateway(
         yield app, client
 
 
+# The shared gateway's operator key (its store is a database of its own, never the cache folder's).
+ADMIN_KEY = "admin-key-of-the-tests"
+
+
 @pytest.fixture(scope="session")
-async def gateway_app(standin_url: str) -> AsyncIterator[FastAPI]:
-    app = create_app(standin_settings(standin_url))
+async def gateway_app(standin_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FastAPI]:
+    database = tmp_path_factory.mktemp("store") / "gateway.db"
+    app = create_app(
+        standin_settings(standin_url, admin_keys=ADMIN_KEY, database_url=f"sqlite:///{database}")
+    )
     async with serve_in_background(app) as url:
         app.state.url = url
         yield app

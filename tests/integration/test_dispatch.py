@@ -9,14 +9,22 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from service.api.endpoint import post_endpoints
+from service.api.endpoint import admin_paths, post_endpoints
 from service.api.endpoints import ENDPOINTS
 from service.api.vllm_dialect import VLLM_TAGS
+from tests.integration.conftest import ADMIN_KEY
 
-# The operator's routes are off in this app (no admin keys); test_adapters.py sends them bad bodies.
-POST_PATHS = sorted(path for path, endpoint in post_endpoints(ENDPOINTS).items() if not endpoint.admin)
+POST_PATHS = sorted(post_endpoints(ENDPOINTS))
+OPERATOR = admin_paths(ENDPOINTS)
 # Routes vLLM serves too: a body vLLM's parser refuses gets vLLM's words (tests/e2e/test_vllm_parity.py).
 VLLM_PATHS = {path for path, endpoint in post_endpoints(ENDPOINTS).items() if endpoint.tag in VLLM_TAGS}
+
+
+def admin_for(path: str) -> dict[str, str]:
+    """An operator route's bad body reaches the dispatcher only with an admin key."""
+    return {"authorization": f"Bearer {ADMIN_KEY}"} if path in OPERATOR else {}
+
+
 PYDANTIC_INTERNALS = re.compile(r"function-(after|before|wrap|plain)|\[|model_attributes_type|json_invalid")
 
 BAD_BODIES = [
@@ -45,7 +53,7 @@ def test_every_post_endpoint_is_dispatched_and_documented(gateway_app: FastAPI) 
 async def test_bad_bodies_get_a_clear_400_on_every_route(
     http: httpx.AsyncClient, path: str, raw: bytes, content_type: str, says: str
 ) -> None:
-    headers = {"content-type": content_type} if content_type else {}
+    headers = {"content-type": content_type, **admin_for(path)} if content_type else admin_for(path)
     response = await http.post(path, content=raw, headers=headers)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -61,7 +69,9 @@ async def test_bad_bodies_get_a_clear_400_on_every_route(
 @pytest.mark.parametrize("path", POST_PATHS)
 async def test_json_nested_2000_deep_is_a_400_not_a_500(http: httpx.AsyncClient, path: str) -> None:
     deep = b'{"prompt": ' + b"[" * 2000 + b"]" * 2000 + b', "messages": []}'
-    response = await http.post(path, content=deep, headers={"content-type": "application/json"})
+    response = await http.post(
+        path, content=deep, headers={"content-type": "application/json", **admin_for(path)}
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"] == "The request body is nested too deeply to be parsed."
 

@@ -52,3 +52,31 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
     err = capsys.readouterr().err
     assert err.startswith("llm-gateway: error: ") and says in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["keys", "list", "--url", "http://127.0.0.1:9"], "no admin key: set GATEWAY_ADMIN_KEY"),
+        (["keys", "list", "--url", "http://127.0.0.1:9", "--admin-key", "a"],
+         "cannot reach the gateway at http://127.0.0.1:9"),
+    ],
+)  # fmt: skip
+def test_keys_commands_say_what_is_wrong_in_one_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llm-gateway: error: ") and says in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_token_budget_is_tokens_per_period(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["keys", "create", "--name", "x", "--token-budget", "200_000/month",
+                                      "--kinds", "instruct", "--models", "a, b"])  # fmt: skip
+    assert args.token_budget == {"tokens": 200_000, "period": "month"}
+    assert args.kinds == ["instruct"] and args.models == ["a", "b"]
+    plain = build_parser().parse_args(["keys", "create", "--name", "x", "--token-budget", "5"])
+    assert plain.token_budget == {"tokens": 5, "period": "day"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["keys", "create", "--name", "x", "--token-budget", "lots/week"])
+    assert "expected TOKENS/day, TOKENS/month or TOKENS/none" in capsys.readouterr().err

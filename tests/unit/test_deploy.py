@@ -279,5 +279,67 @@ def test_compose_workers_load_the_guard_from_the_gateways_own_file() -> None:
         assert ["./service/workers/worker_guard.py", f"{folder}/llm_gateway_worker_guard.py", "ro"] in mounts
 
 
+@pytest.mark.parametrize("overlay", ["gpu-postgres", "cpu-postgres"])
+def test_the_postgresql_option_gives_every_gateway_pod_one_store(overlay: str) -> None:
+    """The *-postgres overlays: the same topology plus a PostgreSQL the gateway's pods alone reach, its URL
+    in a Secret the gateway reads (and the password PostgreSQL starts with, from the same Secret)."""
+    from sqlalchemy.engine import make_url
+
+    documents = render(K8S / "overlays" / overlay)
+    for document in documents:
+        if not document["apiVersion"].startswith("monitoring.coreos.com/"):
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    plain = render(K8S / "overlays" / overlay.removesuffix("-postgres"))
+    assert len(documents) == len(plain) + 4  # the Secret, the StatefulSet, its Service, its NetworkPolicy
+    gateway = by_kind(documents, "Deployment")["llm-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    reference = env_of(gateway)["GATEWAY_DATABASE_URL"]["secretKeyRef"]
+    secret = by_kind(documents, "Secret")[reference["name"]]["stringData"]
+    url = make_url(secret[reference["key"]])
+    Settings(database_url=secret[reference["key"]])  # type: ignore[arg-type]
+    postgres = by_kind(documents, "StatefulSet")["llm-gateway-postgres"]
+    container = postgres["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(container)
+    assert url.get_backend_name() == "postgresql" and url.drivername == "postgresql+psycopg"
+    password = secret[env["POSTGRES_PASSWORD"]["secretKeyRef"]["key"]]
+    assert (url.username, url.database, url.password) == (env["POSTGRES_USER"], env["POSTGRES_DB"], password)
+    service = by_kind(documents, "Service")[str(url.host)]["spec"]
+    assert service["ports"][0]["port"] == url.port
+    assert labels_match({"matchLabels": service["selector"]}, pod_labels(postgres))
+    assert postgres["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    policy = by_kind(documents, "NetworkPolicy")["llm-gateway-postgres"]["spec"]
+    [rule] = policy["ingress"]
+    assert [set(peer) for peer in rule["from"]] == [{"podSelector"}]
+    assert labels_match(
+        rule["from"][0]["podSelector"], pod_labels(by_kind(documents, "Deployment")["llm-gateway"])
+    )
+
+
+def test_without_the_postgresql_option_the_database_url_is_optional() -> None:
+    gateway = by_kind(render(K8S / "base"), "Deployment")["llm-gateway"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    env = env_of(gateway)
+    assert env["GATEWAY_DATABASE_URL"]["secretKeyRef"]["optional"] is True
+    admin = env["GATEWAY_ADMIN_KEYS"]["secretKeyRef"]
+    secret = by_kind(render(K8S / "base"), "Secret")[admin["name"]]["stringData"]
+    assert not set(secret[admin["key"]].split(",")) & set(secret["api-keys"].split(","))  # never a client key
+
+
+def test_the_compose_postgres_profile() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    postgres = services["postgres"]
+    assert postgres["profiles"] == ["postgres"] and "ports" not in postgres and postgres["healthcheck"]
+    assert "postgres-data" in compose["volumes"]
+    for gateway in ("gateway", "all-in-one"):
+        environment = services[gateway]["environment"]
+        assert environment["GATEWAY_DATABASE_URL"] == "${GATEWAY_DATABASE_URL:-}"
+        assert environment["GATEWAY_ADMIN_KEYS"] == "${GATEWAY_ADMIN_KEYS:-}"
+        assert services[gateway]["depends_on"]["postgres"] == {
+            "condition": "service_healthy",
+            "required": False,
+        }
+
+
 if __name__ == "__main__":
     write_guard_configmap()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from service.api.deps import GatewayDep
+from service.api.deps import CallerDep, GatewayDep
 from service.core.gateway import Gateway
 from service.core.served import ServedModel
+from service.core.tenancy import Caller
 from service.errors import ModelNotFound
 
 CREATED = 1_700_000_000
@@ -45,25 +46,33 @@ def model_entry(model: ServedModel, hide_paths: bool = False) -> dict[str, Any]:
     return entry
 
 
-def hides_paths(gateway: Gateway) -> bool:
+def hides_paths(gateway: Gateway, caller: Caller) -> bool:
     """Whether model entries hide host paths: with API keys, callers are tenants, not the operator.
     Without keys the entry is vLLM's own (`vllm bench serve` without `--model` reads `root` as its
     tokenizer's path, which works on the gateway's host)."""
-    return bool(gateway.settings.api_keys)
+    return bool(gateway.settings.api_keys) or caller.key_id is not None
 
 
-async def list_models(gateway: GatewayDep) -> dict[str, Any]:
-    """Served models, each with its `kind` and `max_model_len`."""
-    hide = hides_paths(gateway)
-    return {"object": "list", "data": [model_entry(model, hide) for model in gateway.models.values()]}
+async def list_models(gateway: GatewayDep, caller: CallerDep) -> dict[str, Any]:
+    """Served models, each with its `kind` and `max_model_len` (for a key with a policy, those it may use)."""
+    policy = caller.policy
+    models = [model for model in gateway.models.values() if policy is None or policy.allows(model)]
+    hide = hides_paths(gateway, caller)
+    return {"object": "list", "data": [model_entry(model, hide) for model in models]}
 
 
-async def get_model(model_id: str, gateway: GatewayDep) -> dict[str, Any]:
+async def get_model(model_id: str, gateway: GatewayDep, caller: CallerDep) -> dict[str, Any]:
     """One served model."""
     model = gateway.models.get(model_id)
+    policy = caller.policy
     if model is None:
-        raise ModelNotFound(model_id, list(gateway.models))
-    return model_entry(model, hides_paths(gateway))
+        raise ModelNotFound(
+            model_id, [m.name for m in gateway.models.values() if policy is None or policy.allows(m)]
+        )
+    refusal = policy.refusal(model) if policy is not None else None
+    if refusal is not None:
+        raise refusal
+    return model_entry(model, hides_paths(gateway, caller))
 
 
 async def version(gateway: GatewayDep) -> dict[str, Any]:

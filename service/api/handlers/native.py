@@ -27,7 +27,7 @@ async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestConte
     loglikelihood of a given `continuation` when one is."""
     record = ctx.record
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, ModelKind.BASE)
+    model = gateway.resolve(request.model, ModelKind.BASE, ctx.caller)
     record.admit(model.name)
     params = request.engine_params()
     prompt = request.prompt
@@ -40,10 +40,13 @@ async def complete(gateway: Gateway, request: CompleteRequest, ctx: RequestConte
     body = gateway.completion_body(model, [ids], request.max_tokens, params, request.stream)
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(model, ctx, ids)
+    charge = gateway.charge(ctx.caller, model, [len(ids)], body["max_tokens"], request.n)
     if request.stream:
         translator = NativeStream(model.name, "text")
-        return await gateway.stream(model, body, record, translator, sequences=request.n, hint=hint)
-    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint)
+        return await gateway.stream(
+            model, body, record, translator, sequences=request.n, hint=hint, charge=charge
+        )
+    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint, charge=charge)
     return JSONResponse(native_complete(await parse_answer(answer.raw, model.name), model.name))
 
 
@@ -63,7 +66,9 @@ async def score(
     gateway.check_scoring(model, request, len(whole))
     body = {"model": model.name, "prompt": whole, "max_tokens": 1, "prompt_logprobs": 0, "temperature": 0}
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
-    sent = await gateway.generate(model, body, ctx.record, hint=gateway.route_hint(model, ctx, whole))
+    charge = gateway.charge(ctx.caller, model, [len(whole)], 1)
+    hint = gateway.route_hint(model, ctx, whole)
+    sent = await gateway.generate(model, body, ctx.record, hint=hint, charge=charge)
     answer = await parse_answer(sent.raw, model.name)
     rows = (answer.get("choices") or [{}])[0].get("prompt_logprobs") or []
     tokens = [
@@ -123,10 +128,13 @@ async def chat(gateway: Gateway, request: ChatRequest, ctx: RequestContext) -> R
     )
     add_salt(body, ctx.caller, model.pool)  # with keys: the caller's prefix-cache salt
     hint = gateway.route_hint(model, ctx, rendered.token_ids)
+    charge = gateway.charge(ctx.caller, model, [len(rendered.token_ids)], body["max_tokens"], request.n)
     if request.stream:
         translator = NativeStream(model.name, "delta")
-        return await gateway.stream(model, body, record, translator, sequences=request.n, hint=hint)
-    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint)
+        return await gateway.stream(
+            model, body, record, translator, sequences=request.n, hint=hint, charge=charge
+        )
+    answer = await gateway.generate(model, body, record, sequences=request.n, hint=hint, charge=charge)
     return JSONResponse(native_chat(await parse_answer(answer.raw, model.name), model.name))
 
 
@@ -147,9 +155,10 @@ async def _admit_chat(
     gateway: Gateway, request: ChatRequest | RenderRequest, ctx: RequestContext
 ) -> tuple[ServedModel, RenderedPrompt]:
     """Checks shared by the native chat endpoints, then the rendered prompt."""
+    record = ctx.record
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, ModelKind.INSTRUCT)
-    ctx.record.admit(model.name)
+    model = gateway.resolve(request.model, ModelKind.INSTRUCT, ctx.caller)
+    record.admit(model.name)
     model.require_chat()
     messages = messages_as_dicts(request.messages)
     return model, await gateway.render(model, messages, record=ctx.record, cache_group=ctx.caller.cache_group)

@@ -22,6 +22,7 @@ from service.core.chat_render import request_variables
 from service.core.context import RequestContext
 from service.core.conversation import messages_as_dicts
 from service.core.gateway import CHAT_PATH, COMPLETIONS_PATH, Gateway
+from service.core.key_limits import Charge
 from service.core.protocol import (
     ROLE_RULE,
     OpenAIRequest,
@@ -63,10 +64,19 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
     gateway's BOS rule changed their tokens; token-id prompts go as ids. The context is the worker's to
     check (vLLM refuses a prompt or a max_tokens over it, in its words, and fits max_tokens to the rest)."""
     record = ctx.record
-    model = _admit(gateway, request, record, ModelKind.BASE, "CompletionRequest")
-    if request.empty_prompt or not _needs_tokens(model, request):  # vLLM decides what an empty one is
-        sequences = request.prompts * request.choices
-        return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, sequences)
+    model = _admit(gateway, request, ctx, ModelKind.BASE, "CompletionRequest")
+    if request.empty_prompt:  # vLLM decides what an empty one is
+        return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, request.prompts * request.choices)
+    if not _needs_tokens(model, request):
+        # No tokens needed. A key's token budget reserves a single prompt's upper bound (settled with
+        # the worker's count) while this process holds plenty of it; near its end, or for a batch of
+        # prompts, they are counted exactly. Without a budget they go untokenized, whatever they are.
+        bound = _surely_fits(gateway, model, request)
+        bounds = [bound] if bound and request.max_tokens is not None else None
+        charge = gateway.charge(ctx.caller, model, bounds, request.max_tokens, request.choices)
+        if not _budgeted(charge) or (bound and gateway.holds_plenty(charge)):
+            sequences = request.prompts * request.choices
+            return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, sequences, charge=charge)
     prompts, rewritten = await _prompt_tokens(gateway, model, request, record)
     lengths = [
         _truncated(len(ids), request.truncate_prompt_tokens, gateway.context_of(model)) for ids in prompts
@@ -75,25 +85,27 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
     # The BOS rule changed a text prompt's tokens: the worker gets the gateway's ids instead.
     changes = {"prompt": prompts[0] if isinstance(request.prompt, str) else prompts} if rewritten else None
     sequences = len(prompts) * request.choices
-    return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, sequences, changes, prompts[0])
+    charge = gateway.charge(ctx.caller, model, lengths, request.max_tokens, request.choices)
+    return await _send(
+        gateway, model, request, ctx, COMPLETIONS_PATH, sequences, changes, prompts[0], charge=charge
+    )
 
 
 async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) -> Response:
     """POST /v1/chat/completions on the worker's own chat endpoint (tools, reasoning, structured
     outputs, echo, continue_final_message... all vLLM's)."""
-    record = ctx.record
-    model = _admit(gateway, request, record, ModelKind.INSTRUCT, "ChatCompletionRequest")
+    model = _admit(gateway, request, ctx, ModelKind.INSTRUCT, "ChatCompletionRequest")
     if not request.messages:  # vLLM decides what an empty conversation is
         return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices)
     tokens = await _check_conversation(gateway, model, request, request.messages, ctx)
     gateway.check_scoring(model, request, len(tokens))
-    return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, tokens=tokens)
+    charge = gateway.charge(ctx.caller, model, [len(tokens)], request.requested_max_tokens, request.choices)
+    return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, tokens=tokens, charge=charge)
 
 
 async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: RequestContext) -> Response:
     """POST /v1/chat/completions/batch: several conversations in one call (vLLM's batch route)."""
-    record = ctx.record
-    model = _admit(gateway, request, record, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
+    model = _admit(gateway, request, ctx, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
     sequences = len(request.messages) * request.choices
     if not all(request.messages):  # vLLM decides what an empty conversation (or none) is
         return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, whole=True)
@@ -103,8 +115,12 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
     ]
     gateway.check_scoring(model, request, sum(len(tokens) for tokens in rendered))  # they run together
     first = rendered[0] if rendered else None
+    lengths = [len(tokens) for tokens in rendered]
+    charge = gateway.charge(ctx.caller, model, lengths, request.requested_max_tokens, request.choices)
     # vLLM's batch route answers whole even when asked to stream, and so does this one.
-    return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first, whole=True)
+    return await _send(
+        gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, tokens=first, whole=True, charge=charge
+    )
 
 
 async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestContext) -> Response:
@@ -114,7 +130,7 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     check_stored_responses(fields)
     check_client_fields(ctx.caller, fields)
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, ModelKind.INSTRUCT)
+    model = gateway.resolve(request.model, ModelKind.INSTRUCT, ctx.caller)
     record.admit(model.name)
     model.require_chat()
     if model.worker_chat_template is not None:
@@ -136,13 +152,14 @@ async def responses(gateway: Gateway, request: V1ResponsesRequest, ctx: RequestC
     tokens = (await gateway.render(model, messages, options, record, ctx.caller.cache_group)).token_ids
     hint = gateway.route_hint(model, ctx, tokens, _user(request))
     salt = worker_salt(ctx.caller, model.pool, RESPONSES_PATH, fields.get(SALT_FIELD))
+    charge = gateway.charge(ctx.caller, model, [len(tokens)] if tokens else None, request.max_output_tokens)
     if request.stream:
         body = with_salt(request.body(model.name), salt)
         return await gateway.stream(
-            model, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM, hint=hint
+            model, body, record, None, path=RESPONSES_PATH, fmt=RESPONSES_STREAM, hint=hint, charge=charge
         )
     sent = with_salt(request.as_sent(model.name), salt)
-    return as_is(await gateway.generate(model, sent, record, path=RESPONSES_PATH, hint=hint))
+    return as_is(await gateway.generate(model, sent, record, path=RESPONSES_PATH, hint=hint, charge=charge))
 
 
 def as_is(answer: Answer) -> Response:
@@ -168,12 +185,12 @@ class AnswerResponse(Response):
 
 
 def _admit(
-    gateway: Gateway, request: OpenAIRequest, record: RequestRecord, kind: ModelKind, schema: str
+    gateway: Gateway, request: OpenAIRequest, ctx: RequestContext, kind: ModelKind, schema: str
 ) -> ServedModel:
     """Checks every /v1 generation request goes through before any work is done."""
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, kind)
-    record.admit(model.name)
+    model = gateway.resolve(request.model, kind, ctx.caller)
+    ctx.record.admit(model.name)
     if kind is ModelKind.INSTRUCT:
         model.require_chat()
     check_fields(model.pool, schema, request.extras())
@@ -215,6 +232,7 @@ async def _send(
     changes: dict[str, Any] | None = None,
     tokens: list[int] | None = None,
     whole: bool = False,
+    charge: Charge | None = None,
 ) -> Response:
     """The worker's answer, streamed or whole. The worker gets the request as the client sent it
     (its very bytes when nothing changes), plus the caller's cache salt when keys are configured. A
@@ -232,11 +250,15 @@ async def _send(
         asked = bool(request.stream_options and request.stream_options.include_usage)
         body["stream_options"] = _usage_for_the_gateway(body.get("stream_options"), asked)
         return await gateway.stream(
-            model, with_salt(body, salt), record, None, asked, sequences=sequences, path=path, hint=hint
-        )
+            model, with_salt(body, salt), record, None, asked,
+            sequences=sequences, path=path, hint=hint, charge=charge,
+        )  # fmt: skip
     sent = {**request.body(model.name), **changes} if changes else request.as_sent(model.name)
     sent = with_salt(sent, salt)  # the client's own bytes: the salt spliced in, not re-serialised
-    return as_is(await gateway.generate(model, sent, record, sequences=sequences, path=path, hint=hint))
+    answer = await gateway.generate(
+        model, sent, record, sequences=sequences, path=path, hint=hint, charge=charge
+    )
+    return as_is(answer)
 
 
 def _usage_for_the_gateway(options: dict[str, Any] | None, asked: bool) -> dict[str, Any]:
@@ -307,6 +329,26 @@ def _needs_tokens(model: ServedModel, request: V1CompletionRequest) -> bool:
     if not bos:
         return False
     return any(text.startswith(bos) for text in prompt_texts(request))
+
+
+def _budgeted(charge: Charge | None) -> bool:
+    """Whether a request's key has a token budget (what it reserves must then bound what it may use)."""
+    policy = charge.caller.policy if charge is not None else None
+    return policy is not None and policy.token_budget is not None
+
+
+def _surely_fits(gateway: Gateway, model: ServedModel, request: V1CompletionRequest) -> int:
+    """The most tokens a single text prompt can be, when it certainly fits without tokenizing it (else
+    0): a token never covers less than one UTF-8 byte, a tokenizer adds at most two special tokens, and
+    the BOS rule can only change a prompt that starts with BOS text. (Scoring needs the exact count.)"""
+    prompt = request.prompt
+    if not isinstance(prompt, str) or request.prompt_logprobs is not None or request.echo:
+        return 0
+    bos = model.tokenizer.bos_text
+    if bos and prompt.startswith(bos):
+        return 0
+    bound = len(prompt) * 4 if len(prompt) > 1024 else len(prompt.encode())  # 4 bytes per character at most
+    return bound + 2 if bound + 2 + (request.max_tokens or 0) < gateway.context_of(model) else 0
 
 
 def _truncated(length: int, truncate: int | None, context: int) -> int:

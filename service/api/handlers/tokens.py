@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
-from service.api.deps import GatewayDep
+from service.api.deps import CallerDep, GatewayDep
 from service.core.caps import enforce_caps
 from service.core.context import RequestContext
 from service.core.conversation import messages_as_dicts
@@ -34,7 +34,7 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
     record = ctx.record
     enforce_caps(request, gateway.settings)
     if request.messages is not None:
-        model = gateway.resolve(request.model, ModelKind.INSTRUCT)
+        model = gateway.resolve(request.model, ModelKind.INSTRUCT, ctx.caller)
         model.require_chat()
         check_fields(model.pool, "TokenizeChatRequest", request.extras(), need_worker=False)
         options = ChatOptions.of(request)  # a request's template: refused unless the model trusts them
@@ -42,7 +42,7 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
         messages = messages_as_dicts(request.messages)
         tokens = (await gateway.render(model, messages, options, record, ctx.caller.cache_group)).token_ids
     elif request.prompt is not None:
-        model = gateway.resolve(request.model, ModelKind.BASE)
+        model = gateway.resolve(request.model, ModelKind.BASE, ctx.caller)
         check_fields(model.pool, "TokenizeCompletionRequest", request.extras(), need_worker=False)
         record.admit(model.name)
         tokens = await gateway.encode(model, request.prompt, request.add_special_tokens is not False)
@@ -66,7 +66,7 @@ async def detokenize(gateway: Gateway, request: DetokenizeRequest, ctx: RequestC
     """POST /detokenize: `{prompt}`, the text of the ids (special tokens written out, as vLLM does)."""
     record = ctx.record
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, ModelKind.BASE)
+    model = gateway.resolve(request.model, ModelKind.BASE, ctx.caller)
     check_fields(model.pool, "DetokenizeRequest", request.extras(), need_worker=False)
     record.admit(model.name)
     tokenizer = model.tokenizer
@@ -102,10 +102,10 @@ def _json_list(items: Sequence[Any]) -> str:
     return "[" + ",".join(slices) + "]"
 
 
-async def tokenizer_info(gateway: GatewayDep, model: str | None = None) -> dict[str, Any]:
+async def tokenizer_info(gateway: GatewayDep, caller: CallerDep, model: str | None = None) -> dict[str, Any]:
     """GET /tokenizer_info[?model=]: the tokenizer's configuration (special tokens, class, chat
     template), as vLLM's server publishes it; `model_max_length` is the model's context length."""
-    served = gateway.resolve(model, ModelKind.BASE)
+    served = gateway.resolve(model, ModelKind.BASE, caller)
     tokenizer = served.tokenizer
     info: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.config}
     info.update({name: text for name, text in tokenizer.special_tokens.items()})

@@ -1,0 +1,174 @@
+"""What one gateway process holds of a key's limit, spent in memory on the request's path (no database
+call while it holds enough), and what it tells the store at the next exchange (see service/store/ledger.py).
+
+Three resources, one rule (`held` by every process + spent within the window <= the limit):
+
+- tokens: a budget per period. A request reserves the most it may use (`take`), and at its end gives the
+  reservation back and spends what it really used (`spend`).
+- requests: a rate. Each request spends one at once (`hit`); spent requests stop counting as the window
+  moves on.
+- slots: requests in progress at once. Taken at the start (`take`), given back at the end (`give`); nothing
+  is ever spent.
+
+A process that uses a key keeps a cushion beyond what open requests hold (an eighth of the limit; one
+slot), so that most requests need no grant and a database outage is ridden out on it. When another
+process was refused lately (the store says so at each exchange) the cushion shrinks to what the last
+exchange period used (no slot), and an allowance unused for IDLE_SECONDS is given back whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from service.store.ledger import Outcome, Plan
+
+CUSHION_SHARE = 8  # a process keeps at most limit / 8 beyond what its open requests hold
+SLOT_LINGER_SECONDS = 0.1  # a released slot is kept this long (a client's next request usually comes sooner)
+IDLE_SECONDS = 10.0  # an allowance unused this long is given back whole
+CONTENDED_SECONDS = 5.0  # after the store says another process wanted a key, cushions stay small this long
+
+
+class Resource(StrEnum):
+    TOKENS = "tokens"
+    REQUESTS = "requests"
+    SLOTS = "slots"
+
+
+@dataclass(eq=False)
+class Allowance:
+    """One key's resource as this process holds it."""
+
+    key_id: str
+    resource: Resource
+    limit: int
+    held: int = 0  # granted by the store and not spent (what open requests hold included)
+    pending: int = 0  # tokens reserved by open requests, or slots in use
+    spent: dict[int, int] = field(default_factory=dict)  # bucket -> this process's total spent there
+    written: dict[int, int] = field(default_factory=dict)  # the totals the store has
+    written_held: int = 0  # what the store records as held by this process
+    wanted: list[int] = field(default_factory=list)  # asks of requests waiting for the next exchange
+    demand: int = 0  # taken since the last exchange period began
+    recent_demand: int = 0  # taken during the last whole period
+    peak: int = 0  # slots: the most in use at once since the last period began
+    recent_peak: int = 0  # slots: the most in use at once during the last whole period
+    released_at: float = -math.inf  # slots: when one was last given back
+    refused_until: float = 0.0  # a refused ask: until then (or until something comes back), the same
+    # or a larger one is refused here without asking the store again
+    refused_need: int = 0
+    view: Outcome | None = None  # the last grant attempt's outcome (for the numbers of a refusal)
+    nudged: bool = False  # an exchange is due soon to give back what it no longer uses
+    last_taken: float = -math.inf  # when a request last took some
+    contended_until: float = 0.0  # another process wanted this key lately: keep only what is used
+    returning: int = 0  # given back by the exchange under way (restored if it surely failed)
+    store_refused: bool = False  # the last exchange asked for more and got nothing
+
+    @property
+    def available(self) -> int:
+        """What a new request may take without asking the store."""
+        return self.held - self.pending
+
+    def take(self, amount: int, now: float) -> bool:
+        """Reserve `amount` (tokens) or hold one slot, if this process holds enough."""
+        self.last_taken = now
+        if self.held - self.pending < amount:
+            return False
+        self.pending += amount
+        self.demand += amount
+        self.peak = max(self.peak, self.pending)
+        return True
+
+    def give(self, amount: int, now: float) -> None:
+        """A slot (or an unused reservation) comes back."""
+        self.pending = max(0, self.pending - amount)
+        self.released_at = now
+        self.refused_until = 0.0  # something came back: a refused ask may fit now
+
+    def spend(self, reserved: int, used: int, bucket: int) -> None:
+        """A request's end: its reservation comes back and what it used is spent, in `bucket`."""
+        self.pending = max(0, self.pending - reserved)
+        self.held -= used
+        self.refused_until = 0.0  # something came back: a refused ask may fit now
+        if used:
+            self.spent[bucket] = self.spent.get(bucket, 0) + used
+
+    def hit(self, bucket: int, now: float) -> bool:
+        """Spend one request of a rate, if this process holds one."""
+        self.last_taken = now
+        if self.held - self.pending < 1:
+            return False
+        self.held -= 1
+        self.demand += 1
+        self.spent[bucket] = self.spent.get(bucket, 0) + 1
+        return True
+
+    def refused_now(self, amount: int, now: float) -> bool:
+        """Whether an ask of `amount` was refused so recently that asking again is pointless."""
+        return now < self.refused_until and amount >= self.refused_need
+
+    def next_period(self) -> None:
+        """An exchange period ends: what was taken in it sizes the cushion."""
+        self.recent_demand, self.demand = self.demand, 0
+        self.recent_peak, self.peak = self.peak, self.pending
+
+    def cushion(self, now: float) -> int:
+        """What to keep beyond what open requests hold."""
+        if self.limit <= 0 or now - self.last_taken > IDLE_SECONDS:
+            return 0
+        contended = now < self.contended_until
+        if self.resource is Resource.SLOTS:  # as many as were in use lately, and one more
+            return 0 if contended else max(0, max(self.peak, self.recent_peak) + 1 - self.pending)
+        if contended:
+            return min(max(self.recent_demand, self.demand), self.limit // CUSHION_SHARE)
+        return self.limit // CUSHION_SHARE
+
+    def plan(self, now: float, window_start: int | None) -> Plan | None:
+        """What to tell the store now, with the waiting requests' asks, having given back what is not
+        kept (None: nothing to tell)."""
+        keep = self.pending + self.cushion(now)
+        if self.resource is Resource.SLOTS and now - self.released_at < SLOT_LINGER_SECONDS:
+            keep = self.held  # just released: the client's next request may want it
+        self.returning = 0
+        if not self.wanted:  # requests waiting: give nothing back now
+            self.returning = max(0, self.held - keep)
+            self.held -= self.returning
+        if window_start is not None:  # buckets out of the window, once stored, are forgotten
+            for bucket in [
+                b for b in self.spent if b < window_start and self.written.get(b) == self.spent[b]
+            ]:
+                del self.spent[bucket]
+                self.written.pop(bucket, None)
+        changed = {b: total for b, total in self.spent.items() if self.written.get(b) != total}
+        wanted = sum(self.wanted)
+        if not changed and self.held == self.written_held and not wanted:
+            return None
+        extra = self.cushion(now)
+        own = max(0, self.held - self.pending)  # what waiting requests can already count on
+        missing = max(0, wanted - own)
+        return Plan(
+            key_id=self.key_id,
+            resource=self.resource.value,
+            limit=self.limit,
+            window_start=window_start,
+            held=self.held,
+            in_use=self.pending,
+            spent=changed,
+            ask=missing + extra if missing else 0,
+            need=max(1, min(self.wanted) - own) if missing else 0,
+        )
+
+    def failed(self) -> None:
+        """The exchange surely did not reach the store: what it gave back is still held there."""
+        self.held += self.returning
+        self.returning = 0
+
+    def applied(self, plan: Plan, outcome: Outcome) -> None:
+        """The store took `plan`: what it now records, and the grant."""
+        self.returning = 0
+        self.held += outcome.change
+        self.written_held = outcome.held
+        self.written.update(plan.spent)
+        if plan.ask:
+            self.view = outcome
+        self.store_refused = bool(plan.ask) and outcome.granted == 0
