@@ -13,9 +13,11 @@ import math
 import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.core.protocol import FAIL_FAST
 from service.core.served import ServedModel
 from service.errors import Forbidden
 from service.ops.settings import ModelKind
@@ -67,10 +69,10 @@ class KeyPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    models: list[str] | None = Field(
+    models: Annotated[list[str], FAIL_FAST] | None = Field(
         default=None, min_length=1, max_length=MAX_MODELS, description="Served names it may use."
     )
-    kinds: list[ModelKind] | None = Field(
+    kinds: Annotated[list[ModelKind], FAIL_FAST] | None = Field(
         default=None, min_length=1, description="Kinds of model it may use: `base`, `instruct`."
     )
     rate_limit: str | None = Field(default=None, description="Requests it may make, such as `60/minute`.")
