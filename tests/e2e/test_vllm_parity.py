@@ -100,7 +100,6 @@ VLLM_REFUSES = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 1, "truncate_prompt_tokens": -2}),
     ("/v1/completions", {"prompt": "x", "max_tokens": 1, "echo": "x"}),
     ("/v1/completions", {"prompt": "x", "max_tokens": 1, "top_k": -5}),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 1, "stop": ["a", "b", "c", "d", "e"]}),
     ("/v1/completions", {"model": 5, "prompt": "x", "max_tokens": 1}),
     ("/v1/chat/completions", {"messages": []}),
     ("/v1/chat/completions", {"messages": HI, "max_completion_tokens": 5000}),
@@ -173,6 +172,19 @@ def test_what_only_the_gateway_refuses_is_in_its_envelope(
     error = through.json()["error"]
     assert through.status_code == 400 and error["type"] == "invalid_request_error"
     assert error["param"] == param and error["code"] == code
+
+
+def test_a_stop_list_over_the_cap_meets_the_gateways_one_limit_which_is_vllms_own(stack: Stack) -> None:
+    """GATEWAY_MAX_STOP defaults to vLLM's own limit (4): a fifth stop meets the gateway's cap, in its
+    envelope naming `stop` (one limit per field), where vLLM would have refused it too; four pass."""
+    body = {"model": BASE_MODEL, "prompt": "x", "max_tokens": 1, "stop": ["a", "b", "c", "d", "e"]}
+    through, direct = both(stack, "/v1/completions", body)
+    assert direct.status_code == 400, direct.text
+    error = through.json()["error"]
+    assert through.status_code == 400 and (error["type"], error["param"]) == ("invalid_request_error", "stop")
+    assert error["message"] == "stop is 5; this gateway allows at most 4."
+    through, direct = both(stack, "/v1/completions", {**body, "stop": ["a", "b", "c", "d"]})
+    assert through.status_code == direct.status_code == 200, through.text
 
 
 def test_a_prompt_plus_max_tokens_over_the_context_is_fitted_as_vllm_fits_it(stack: Stack) -> None:
