@@ -17,6 +17,7 @@ from service.ops.settings import Settings
 from tests.adapters import adapter_folder
 from tests.gateway_process import Stack, launch, stop, wait_ready
 from tests.integration.conftest import TOKENIZER
+from tests.integration.test_processes import served_by
 
 STANDIN = Path(__file__).with_name("standin.py")
 ADMIN = {"Authorization": "Bearer admin-1"}
@@ -43,23 +44,26 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stop(started)
 
 
-def complete(gateway: Stack, model: str) -> httpx.Response:
+def complete(gateway: Stack, model: str) -> tuple[httpx.Response, str]:
+    """A completion on a new connection, and the serving process that answered it (its pid)."""
     body = {"model": model, "prompt": "Hello", "max_tokens": 4}
-    return httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=10)  # a new connection each time
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        answer = client.post("/v1/completions", json=body)
+        port = answer.extensions["network_stream"].get_extra_info("client_addr")[1]
+        return answer, str(served_by(gateway, port))
 
 
 def answered_by_both(gateway: Stack, model: str, status: int) -> tuple[float, set[str]]:
     """Requests one after another until 20 in a row, from both processes, answer `status`: how long after
-    the first request the last other answer came, and which processes answered (their request ids'
-    prefixes)."""
+    the first request the last other answer came, and which processes answered (their pids)."""
     started = time.monotonic()
     last_other = started
     streak: list[str] = []
     while len(streak) < 20 or len(set(streak)) < 2:
         assert time.monotonic() - started < 10, f"{model}: not {status} from both: {gateway.log()[-3000:]}"
-        answer = complete(gateway, model)
+        answer, process = complete(gateway, model)
         if answer.status_code == status:
-            streak.append(answer.headers["x-request-id"][:16])
+            streak.append(process)
         else:
             last_other, streak = time.monotonic(), []
     return last_other - started, set(streak)

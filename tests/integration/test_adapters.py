@@ -48,7 +48,7 @@ def error_of(answer: httpx.Response) -> dict[str, Any]:
 
 
 async def loads(http: httpx.AsyncClient, adapter: str, outcome: str) -> float:
-    samples = parse((await http.get("/metrics")).text)
+    samples = parse((await http.get("/metrics", headers=ADMIN)).text)
     return value(samples, "gateway_adapter_loads_total", model="base", adapter=adapter, outcome=outcome)
 
 
@@ -76,7 +76,7 @@ async def test_a_configured_adapter_is_served_under_its_own_name_and_loaded_wher
         streamed = await http.post("/v1/completions", json={"model": "qa", "prompt": "Hi", "stream": True})
         assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
         assert script.loads == ["qa", "qa", "qa"] and await loads(http, "qa", "loaded") == 3
-        samples = parse((await http.get("/metrics")).text)
+        samples = parse((await http.get("/metrics", headers=ADMIN)).text)
         assert value(samples, "gateway_requests_total", endpoint="complete", model="qa", status="200") == 1
         assert value(samples, "gateway_queue_wait_seconds_count", model="qa") == 4  # its own label
 
@@ -139,7 +139,7 @@ async def test_the_operator_registers_and_removes_adapters_with_admin_keys_only(
         assert [(a["name"], a["description"], a["loaded_on"]) for a in listing] == [
             ("rt", "runtime", [standin_url.removeprefix("http://")])
         ]
-        samples = parse((await http.get("/metrics", headers=CLIENT)).text)
+        samples = parse((await http.get("/metrics", headers=ADMIN)).text)
         posts = {"endpoint": "adapters_add", "model": "unknown", "status": "200"}
         assert value(samples, "gateway_requests_total", **posts) == 1  # the POST; not the GETs of its path
         models = (await http.get("/v1/models", headers=CLIENT)).json()["data"]

@@ -101,10 +101,10 @@ async def test_wrong_method_is_a_405_envelope(http: httpx.AsyncClient) -> None:
 
 async def test_refusals_are_counted(http: httpx.AsyncClient) -> None:
     """A refused request on a table endpoint is still counted and logged as a failed request."""
-    before = (await http.get("/metrics")).text
+    before = (await http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).text
     response = await http.post("/v1/completions", json={"model": "base", "prompt": "hi", "n": "many"})
     assert response.status_code == 400
-    after = (await http.get("/metrics")).text
+    after = (await http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).text
     line = 'gateway_errors_total{endpoint="v1_completions",type="invalid_request_error"}'
 
     def count(text: str) -> float:

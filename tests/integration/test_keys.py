@@ -359,7 +359,7 @@ async def test_per_key_prometheus_series_count_and_go_with_the_key(standin_url: 
             "/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2}, headers=headers
         )
         assert refused.status_code == 403
-        samples = parse((await http.get("/metrics")).text)
+        samples = parse((await http.get("/metrics", headers=ADMIN)).text)
         usage = served.json()["usage"]
 
         def series(metric: str, **labels: str) -> float:
@@ -371,7 +371,7 @@ async def test_per_key_prometheus_series_count_and_go_with_the_key(standin_url: 
         assert series("gateway_key_refusals_total", reason="kind") == 1
         assert series("gateway_key_info", name="app") == 1
         assert (await http.delete(f"/keys/{key_id}", headers=ADMIN)).status_code == 200
-        after = parse((await http.get("/metrics")).text)
+        after = parse((await http.get("/metrics", headers=ADMIN)).text)
     assert not [name for name, labels in after if ("key", key_id) in labels]  # bounded by the live keys
 
 

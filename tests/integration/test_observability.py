@@ -9,6 +9,7 @@ import logging
 import httpx
 import pytest
 
+from tests.integration.conftest import ADMIN_KEY
 from tests.integration.standin import Script
 from tests.promtext import Samples, delta, parse, value
 
@@ -16,7 +17,7 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 async def scrape(http: httpx.AsyncClient) -> Samples:
-    response = await http.get("/metrics")
+    response = await http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return parse(response.text)

@@ -10,7 +10,7 @@ import pytest
 
 from service import __version__
 from service.ops.settings import ModelSpec
-from tests.integration.conftest import TOKENIZER, running_gateway, standin_settings
+from tests.integration.conftest import ADMIN_KEY, TOKENIZER, running_gateway, standin_settings
 from tests.integration.standin import Script
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -104,7 +104,7 @@ async def test_a_client_stream_options_keep_the_gateways_usage(
         assert script.bodies[-1]["stream_options"] == sent
         if not options.get("include_usage"):
             assert all("usage" not in json.loads(p) for p in payloads[:-1])  # not asked for: not forwarded
-    metrics = (await http.get("/metrics")).text
+    metrics = (await http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).text
     assert 'gateway_completion_tokens_total{model="base"}' in metrics
 
 

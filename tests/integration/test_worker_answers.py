@@ -11,7 +11,7 @@ import pytest
 
 from service.core.gateway import Gateway
 from tests.helpers import outstanding
-from tests.integration.conftest import running_gateway, standin_settings
+from tests.integration.conftest import ADMIN_KEY, running_gateway, standin_settings
 from tests.integration.standin import Script
 from tests.promtext import delta, parse
 
@@ -22,7 +22,7 @@ LARGE = 3 << 20  # over the size native answers are parsed on the loop (1 MiB)
 
 
 async def metrics(http: httpx.AsyncClient) -> dict:  # type: ignore[type-arg]
-    return parse((await http.get("/metrics")).text)
+    return parse((await http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).text)
 
 
 @pytest.mark.parametrize(("path", "body"), [("/v1/completions", BASE), ("/v1/chat/completions", CHAT)])
