@@ -35,6 +35,7 @@ MAX_ADDRESS_CHARS = 64
 REVOKED = "This API key was revoked; ask the gateway's operator for a new one."
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,8 @@ class ClientAddress:
         )
 
     def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.trusted)
+        ip = parse_address(address)
+        return ip is not None and any(ip in net for net in self.trusted)
 
     def of(self, scope: Scope) -> str:
         """The client's address as a counting key (an IPv6 address stands for its /64)."""
@@ -81,15 +79,36 @@ class ClientAddress:
         return group(address)
 
 
-def group(address: str) -> str:
-    """IPv4 as is; IPv6 as its /64 (an IPv4-mapped one as the IPv4 address)."""
+def parse_address(text: str) -> IPAddress | None:
+    """An address as peers and proxies write it: `[v6]:port`, `v4:port`, zero-padded IPv4, and an
+    IPv4-mapped IPv6 peer (a dual-stack listener's view of an IPv4 client) as its IPv4 address; None
+    when it is no address (a hostname, `unknown`)."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else text[1:]
+    elif text.count(":") == 1:  # IPv4 with a port (IPv6 has at least two colons)
+        text = text.split(":")[0]
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(text)
     except ValueError:
+        parts = text.split(".")
+        if len(parts) != 4 or not all(part.isdigit() and len(part) <= 4 for part in parts):
+            return None
+        numbers = [int(part) for part in parts]
+        if max(numbers) > 255:
+            return None
+        ip = ipaddress.IPv4Address(".".join(map(str, numbers)))  # 010.020.030.040: zero-padded
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def group(address: str) -> str:
+    """IPv4 as is; IPv6 as its /64 (an IPv4-mapped one as the IPv4 address); other text as it is."""
+    ip = parse_address(address)
+    if ip is None:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network(f"{ip}/{IPV6_GROUP}", strict=False))
     return str(ip)
 

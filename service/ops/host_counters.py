@@ -89,6 +89,9 @@ class _Locks:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
 
 
+Weight = Callable[[list[int]], int]  # how much a row holds: the lightest is evicted first
+
+
 class _Table:
     """Rows of `words` int64 each, found by key digest."""
 
@@ -116,15 +119,18 @@ class _Table:
         """Release a row `locate` returned."""
         self.locks.unlock(self.at(row))
 
-    def locate(self, key: str, idle: Callable[[list[int]], bool], claim: bool) -> int | None:
+    def locate(
+        self, key: str, idle: Callable[[list[int]], bool], claim: bool, weight: Weight | None = None
+    ) -> int | None:
         """The row of `key` (claimed if it has none and `claim`), locked: `unlock` it when done. None:
-        it has no row (and none could be claimed)."""
+        it has no row (and none could be claimed). With `weight`, a key that finds no free row takes
+        the lightest row it probed (a full table never leaves a key uncounted)."""
         cached = self.cache.get(key)
         digest = cached[0] if cached else hashlib.blake2b(key.encode(), digest_size=KEY_BYTES).digest()
         row = cached[1] if cached else None
         for _ in range(3):  # a cached row can be claimed by another key in between: look again
             if row is None:
-                row = self._find(digest, idle, claim)
+                row = self._find(digest, idle, claim, weight)
                 if row is None:
                     return None
             self.locks.lock(self.at(row))
@@ -138,12 +144,16 @@ class _Table:
             row = None
         return None
 
-    def _find(self, digest: bytes, idle: Callable[[list[int]], bool], claim: bool) -> int | None:
-        """Under the table's lock: the row holding `digest`, else (if `claim`) one claimed for it."""
+    def _find(
+        self, digest: bytes, idle: Callable[[list[int]], bool], claim: bool, weight: Weight | None = None
+    ) -> int | None:
+        """Under the table's lock: the row holding `digest`, else (if `claim`) one claimed for it: a free
+        or idle one, else with `weight` the lightest one probed (evicted)."""
         self.locks.lock(self.offset)
         try:
             start = int.from_bytes(digest[:8], "little") % self.rows
             free = None
+            lightest: tuple[int, int] | None = None  # (weight, row)
             for probe in range(min(PROBES, self.rows)):
                 row = (start + probe) % self.rows
                 held = self.key_at(row)
@@ -152,19 +162,24 @@ class _Table:
                 if held == EMPTY:  # never used: the key is not further on
                     free = row if free is None else free
                     break
-                if free is None and idle(self.read(row)):
+                words = self.read(row)
+                if free is None and idle(words):
                     free = row
-            if free is None or not claim:
+                if weight is not None and (lightest is None or weight(words) < lightest[0]):
+                    lightest = (weight(words), row)
+            if not claim:
                 return None
-            return free if self._claim(free, digest, idle) else None
+            if free is None and lightest is not None:
+                return lightest[1] if self._claim(lightest[1], digest, idle, evict=True) else None
+            return free if free is not None and self._claim(free, digest, idle) else None
         finally:
             self.locks.unlock(self.offset)
 
-    def _claim(self, row: int, digest: bytes, idle: Callable[[list[int]], bool]) -> bool:
-        """Give an unused or idle row to `digest` (under the table's lock)."""
+    def _claim(self, row: int, digest: bytes, idle: Callable[[list[int]], bool], evict: bool = False) -> bool:
+        """Give an unused or idle row (with `evict`, any row) to `digest` (under the table's lock)."""
         self.locks.lock(self.at(row))
         try:
-            if self.key_at(row) != EMPTY and not idle(self.read(row)):
+            if not evict and self.key_at(row) != EMPTY and not idle(self.read(row)):
                 return False  # used meanwhile by a process that holds its row from its memo
             self.write(row, [0] * self.words)
             start = self.at(row)
@@ -284,8 +299,12 @@ class HostCounters:
     # Windows ------------------------------------------------------------------------------------
 
     def windows(self, table: str, window: Window) -> WindowCounter:
-        """A `Windows` counter over `table` (`keys` or `addresses`) with `window`."""
-        return WindowCounter(self, self.key_windows if table == "keys" else self.address_windows, window)
+        """A `Windows` counter over `table` (`keys` or `addresses`) with `window`. Addresses come from
+        anyone: when their table is full, a new one evicts the probed row that counted least, so
+        filling the table with one failure per address leaves no address uncounted."""
+        if table == "keys":
+            return WindowCounter(self, self.key_windows, window)
+        return WindowCounter(self, self.address_windows, window, evict=True)
 
     def close(self) -> None:
         """Unmap the memory (and close the file)."""
@@ -295,6 +314,11 @@ class HostCounters:
             self.fd = None
 
 
+def _counted(words: list[int]) -> int:
+    """What a window row counts now (its ring; the first two words are its bucket and expiry)."""
+    return sum(words[2:])
+
+
 def _nothing_held(words: list[int]) -> bool:
     return not any(words)
 
@@ -302,8 +326,9 @@ def _nothing_held(words: list[int]) -> bool:
 class WindowCounter:
     """`Windows` over one table of `HostCounters`."""
 
-    def __init__(self, counters: HostCounters, table: _Table, window: Window) -> None:
+    def __init__(self, counters: HostCounters, table: _Table, window: Window, evict: bool = False) -> None:
         self.counters, self.table, self.window = counters, table, window
+        self.weight: Weight | None = _counted if evict else None
 
     def _idle(self, words: list[int]) -> bool:
         return words[1] <= int(self.counters.clock() * 1e9)
@@ -319,7 +344,7 @@ class WindowCounter:
     def _visit(self, key: str, cost: int, count: bool) -> Verdict:
         window, table = self.window, self.table
         with self.counters._thread_lock:
-            row = table.locate(key, self._idle, claim=count)
+            row = table.locate(key, self._idle, claim=count, weight=self.weight)
             now = self.counters.clock()
             bucket = int(now / window.bucket_seconds)
             if row is None:

@@ -82,6 +82,13 @@ async def test_the_rate_limit_counts_each_key_in_the_shared_counters() -> None:
         ("10.0.0.9", "6.6.6.6, 1.2.3.4, 10.0.0.7", ("10.0.0.0/8",), "1.2.3.4"),  # spoofed left part
         ("2001:db8::1", "", (), "2001:db8::/64"),  # an IPv6 client stands for its /64
         ("::ffff:1.2.3.4", "", (), "1.2.3.4"),
+        # A dual-stack listener (GATEWAY_HOST=::) sees an IPv4 proxy as IPv4-mapped: still trusted.
+        ("::ffff:127.0.0.1", "10.9.9.9", ("127.0.0.1",), "10.9.9.9"),
+        # How proxies write a client: with a port, in brackets, zero-padded; one client each time.
+        ("127.0.0.1", "10.20.30.40:1234", ("127.0.0.1",), "10.20.30.40"),
+        ("127.0.0.1", "[::ffff:10.20.30.40]", ("127.0.0.1",), "10.20.30.40"),
+        ("127.0.0.1", "[2001:db8::1]:443", ("127.0.0.1",), "2001:db8::/64"),
+        ("127.0.0.1", "010.020.030.040", ("127.0.0.1",), "10.20.30.40"),
     ],
 )
 def test_the_client_address_trusts_only_the_configured_proxies(

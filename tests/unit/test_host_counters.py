@@ -138,19 +138,33 @@ def test_check_counts_nothing_and_a_cost_over_the_limit_never_fits() -> None:
     assert window.hit("address/y", cost=3).retry_after == float("inf")
 
 
-def test_rows_whose_window_passed_are_reused_and_a_full_table_admits() -> None:
+def test_rows_whose_window_passed_are_reused_and_a_full_table_evicts_the_lightest() -> None:
     counters = HostCounters.in_memory(address_rows=64)
     clock = counters.clock = Clock()
     window = counters.windows("addresses", Window(1, 60))
     addresses = [f"address/{n}" for n in range(200)]
     assert all(window.hit(address).allowed for address in addresses)
     counted = [address for address in addresses if not window.check(address).allowed]
-    assert 32 <= len(counted) <= 64  # at most a row each; the others were not counted (admitted)
+    assert 32 <= len(counted) <= 64  # at most a row each; the others were evicted by later ones
     clock.now += 61 + 60 / BUCKETS  # every window passed: their rows can be reused
     later = [f"address/later-{n}" for n in range(32)]
     assert all(window.hit(address).allowed for address in later)
     assert not any(window.check(address).allowed for address in later)  # counted in reused rows
     assert all(window.check(address).allowed for address in counted)  # their old hits no longer count
+
+
+def test_filling_the_address_table_leaves_no_address_free_to_guess() -> None:
+    """One failure from each of many addresses fills the table; a new address must still be limited
+    (it was admitted without limit when no row was free)."""
+    counters = HostCounters.in_memory(address_rows=64)
+    window = counters.windows("addresses", Window(10, 60))
+    for n in range(1000):
+        window.hit(f"address/filler-{n}")
+    allowed = [window.hit("address/guesser").allowed for _ in range(40)]
+    assert allowed.count(True) == 10 and not window.check("address/guesser").allowed
+    for n in range(1000, 2000):  # more filling meanwhile evicts rows that counted less, not the guesser's
+        window.hit(f"address/filler-{n}")
+    assert not window.check("address/guesser").allowed
 
 
 def test_give_after_another_key_took_over_a_row_does_not_touch_it() -> None:
