@@ -67,7 +67,10 @@ def build_pools(
     endpoints: dict[str, list[Worker]] = {}
     processes = build_embedded(settings, endpoints) if settings.roster_file is None else []
     capacity = Capacity(
-        settings.max_in_flight_per_worker, settings.max_queue_per_model, settings.queue_timeout
+        settings.max_in_flight_per_worker,
+        settings.max_queue_per_model,
+        settings.queue_timeout,
+        queue_share=settings.queue_share_per_key,
     )
     slots = counters or HostCounters.in_memory()
     pools = {

@@ -506,15 +506,18 @@ class Gateway:
         model: ServedModel, ctx: RequestContext, tokens: Sequence[int] | None = None, user: str | None = None
     ) -> RouteHint:
         """What the pool's routing policy needs of this request: its prompt's token ids for `prefix`,
-        its session key (the session header, else the `user` field) for `session`; and its adapter,
-        which every policy weighs."""
+        its session key (the session header, else the `user` field) for `session`; its adapter, which
+        every policy weighs; and its API key, whose turn in the model's queue it waits for."""
         policy = model.pool.policy
         adapter = model.adapter.name if model.adapter is not None else None
+        caller = ctx.caller.key_id
         if policy is RoutingPolicy.PREFIX and tokens:
-            return RouteHint(tokens=tokens, salt=ctx.caller.salt, adapter=adapter)
+            return RouteHint(tokens=tokens, salt=ctx.caller.salt, adapter=adapter, caller=caller)
         if policy is RoutingPolicy.SESSION:
-            return RouteHint(session=ctx.session or user, adapter=adapter)
-        return NO_HINT if adapter is None else RouteHint(adapter=adapter)
+            return RouteHint(session=ctx.session or user, adapter=adapter, caller=caller)
+        if adapter is None and caller is None:
+            return NO_HINT
+        return RouteHint(adapter=adapter, caller=caller)
 
 
 def _operation(record: RequestRecord) -> str:

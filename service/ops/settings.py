@@ -354,6 +354,10 @@ class Settings(BaseSettings):
     max_in_flight_per_worker: int = Field(default=32, ge=1, description="Requests one worker serves at once.")
     max_queue_per_model: int = Field(default=128, ge=0, description="Requests waiting for a slot, per model.")
     queue_timeout: float = Field(default=30.0, gt=0, description="Seconds a request may wait for a slot.")
+    queue_share_per_key: float = Field(
+        default=0.5, gt=0, le=1,
+        description="The most of a model's queue one API key may hold (keys also take turns in it).",
+    )  # fmt: skip
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys (comma-separated); empty: no auth."
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from service.ops.counters import Holdings
 from service.ops.host_counters import HostCounters
 from service.ops.metrics import WorkerRow
 from service.ops.settings import ModelKind, ModelSpec, RoutingPolicy
+from service.workers.fair_line import FairLine
 from service.workers.routing import (
     DEFAULT_BLOCK_SIZE,
     NO_HINT,
@@ -48,6 +48,12 @@ class Capacity:
     queue: int = 64
     queue_timeout: float = 30.0
     poll: float = 0.01  # while requests wait: how often to look for slots other processes freed
+    queue_share: float = 1.0  # of the queue's places, the most one API key may hold
+
+    @property
+    def per_caller(self) -> int:
+        """Queue places one API key may hold."""
+        return max(1, int(self.queue * self.queue_share))
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +75,10 @@ class _Waiter:
     exclude: Collection[Worker]
     hint: RouteHint
 
+    @property
+    def caller(self) -> str | None:
+        return self.hint.caller
+
 
 @dataclass
 class ModelPool:
@@ -79,7 +89,7 @@ class ModelPool:
     capacity: Capacity = field(default_factory=Capacity)
     router: Router = field(default_factory=lambda: Router(RoutingConfig()))
     slots: Holdings = field(default_factory=HostCounters.in_memory)  # shared by the host's processes
-    _waiters: deque[_Waiter] = field(default_factory=deque)
+    _waiters: FairLine[_Waiter] = field(default_factory=FairLine)
     _poller: asyncio.Task[None] | None = None
     _picks: int = 0
 
@@ -238,6 +248,11 @@ class ModelPool:
                 return lease
         if not self.slots.take(self._queue_key, 1, self.capacity.queue):
             raise Overloaded(self.name, "its queue is full")
+        if hint.caller is not None and not self.slots.take(
+            self._caller_key(hint.caller), 1, self.capacity.per_caller
+        ):
+            self.slots.give(self._queue_key, 1)
+            raise Overloaded(self.name, "this API key holds its whole share of the queue")
         waiter = _Waiter(asyncio.get_running_loop().create_future(), cost, exclude, hint)
         self._waiters.append(waiter)
         self._keep_polling()
@@ -251,10 +266,15 @@ class ModelPool:
             raise Overloaded(self.name, f"no worker slot freed within {self.capacity.queue_timeout:g} s")
         return waiter.future.result()
 
+    def _caller_key(self, caller: str) -> str:
+        return f"queue/{self.name}/{caller}"
+
     def _leave(self, waiter: _Waiter) -> None:
-        """Out of the line (served, cancelled or timed out): its queue place goes back."""
-        self._waiters.remove(waiter)
+        """Out of the line (served, cancelled or timed out): its queue places go back."""
+        self._waiters.served(waiter)
         self.slots.give(self._queue_key, 1)
+        if waiter.caller is not None:
+            self.slots.give(self._caller_key(waiter.caller), 1)
 
     def _forget(self, waiter: _Waiter) -> None:
         """Leave the line; slots handed over meanwhile go back."""
@@ -285,10 +305,10 @@ class ModelPool:
         self.hand_over()
 
     def hand_over(self) -> None:
-        """Give free slots to waiting requests, strictly first come first served (a big request at
-        the head is not overtaken by small ones behind it, so it cannot starve)."""
+        """Give free slots to waiting requests: API keys take turns, each first come first served within
+        its own line (a big request whose turn it is is not overtaken, so it cannot starve)."""
         while self._waiters:
-            head = self._waiters[0]
+            head = self._waiters.head()
             if head.future.done():
                 self._leave(head)
                 continue

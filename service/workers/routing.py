@@ -69,12 +69,14 @@ class Reason(StrEnum):
 @dataclass(frozen=True)
 class RouteHint:
     """What a request offers for routing: its prompt's token ids, its session key, the cache salt its
-    prompt is cached under on the worker (None: unsalted), and the LoRA adapter it runs with (if any)."""
+    prompt is cached under on the worker (None: unsalted), the LoRA adapter it runs with (if any), and
+    its API key's id (keys take turns in a model's queue; None: no key)."""
 
     tokens: Sequence[int] | None = None
     session: str | None = None
     salt: str | None = None
     adapter: str | None = None
+    caller: str | None = None
 
 
 NO_HINT = RouteHint()

@@ -7,6 +7,7 @@ import pytest
 from service.errors import NoHealthyWorker, Overloaded
 from service.ops.settings import ModelKind, ModelSpec
 from service.workers.pool import Capacity, ModelPool, Worker
+from service.workers.routing import RouteHint
 
 SPEC = ModelSpec(name="m", kind=ModelKind.BASE, source="/m")
 
@@ -122,3 +123,28 @@ async def test_a_batch_bigger_than_a_worker_waits_for_a_whole_worker_and_is_not_
     pool.release(whole)
     pool.release(await small)
     assert worker.outstanding == 0
+
+
+async def test_keys_take_turns_in_the_line_and_one_key_holds_at_most_its_share() -> None:
+    """One key filling the line delays only itself: another key's request goes at the next free slot,
+    and one key cannot take every place in the line (review r2 F2)."""
+    worker = Worker("m", "http://a", up=True)
+    pool = ModelPool(SPEC, [worker], Capacity(per_worker=1, queue=8, queue_timeout=5, queue_share=0.5))
+    a, b = RouteHint(caller="a"), RouteHint(caller="b")
+    held = await pool.acquire(hint=a)
+    hogs = [asyncio.ensure_future(pool.acquire(hint=a)) for _ in range(4)]  # a's share: 4 of 8 places
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="share of the queue"):
+        await pool.acquire(hint=a)
+    late = asyncio.ensure_future(pool.acquire(hint=b))  # b comes after all of a's
+    await asyncio.sleep(0)
+    pool.release(held)
+    first = await hogs[0]  # a's turn first: it was waiting first
+    pool.release(first)
+    second = await late
+    assert second.worker is worker  # then b's, ahead of a's other three
+    assert not any(hog.done() for hog in hogs[1:])
+    pool.release(second)
+    for hog in hogs[1:]:
+        pool.release(await hog)
+    assert worker.outstanding == 0 and pool.queued == 0
