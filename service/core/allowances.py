@@ -72,6 +72,7 @@ class Allowance:
     def take(self, amount: int, now: float) -> bool:
         """Reserve `amount` (tokens) or hold one slot, if this process holds enough."""
         self.last_taken = now
+        amount = max(0, amount)  # a negative reservation would hand out what others hold
         if self.held - self.pending < amount:
             return False
         self.pending += amount

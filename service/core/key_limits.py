@@ -42,7 +42,11 @@ class Charge:
 def most_tokens(prompts: Sequence[int] | None, max_tokens: int | None, n: int, context: int) -> int:
     """The most tokens a request may use: each prompt (vLLM counts it once, whatever `n`) plus `n`
     completions of at most `max_tokens` (omitted: vLLM's default, the rest of the context). Prompts not
-    counted: at most a context each completion, less what max_tokens leaves to the prompt."""
+    counted: at most a context each completion, less what max_tokens leaves to the prompt. A value vLLM
+    refuses (`max_tokens` below 0, `n` below 1) reserves as the most it could be, never less than nothing."""
+    n = max(1, n)
+    if max_tokens is not None and max_tokens < 0:
+        max_tokens = None  # the worker refuses it; meanwhile it holds what an omitted one would
     if prompts is None:
         return n * context if max_tokens is None else max(0, context - max_tokens) + n * max_tokens
     total = 0

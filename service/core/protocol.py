@@ -341,12 +341,9 @@ class V1CompletionRequest(OpenAIRequest):
 
     @property
     def empty_prompt(self) -> bool:
-        """No prompt, an empty one, or a list holding an empty one (a list is of one kind: its first item
-        says which, so a list of two million ids is not walked)."""
-        prompt = self.prompt
-        if not prompt:
-            return True
-        return isinstance(prompt, list) and not isinstance(prompt[0], int) and not all(prompt)
+        """No prompt, or an empty one (a batch with an empty item among others is counted as any batch:
+        vLLM generates for it on a model whose tokenizer adds BOS)."""
+        return not self.prompt
 
 
 class ContentPart(Passthrough):

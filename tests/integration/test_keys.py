@@ -388,3 +388,48 @@ async def test_a_prompt_reserved_at_its_bound_is_settled_with_the_workers_count(
             used += answer.json()["usage"]["total_tokens"]
         listed = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
     assert listed["used"] == used and used < 5 * (len(body["prompt"]) + 5)
+
+
+@pytest.mark.parametrize(
+    ("path", "asked"),
+    [("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": -1_000_000_000}),
+     ("/v1/chat/completions", {**chat(), "max_completion_tokens": -1_000_000}),
+     ("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 5, "n": -3})],
+)  # fmt: skip
+async def test_a_value_the_worker_refuses_reserves_no_less_than_nothing(
+    standin_url: str, script: Script, tmp_path: Path, path: str, asked: dict[str, Any]
+) -> None:
+    """A negative max_tokens (or n) reserved a negative amount while it waited: the key's other requests
+    then ran far past its budget, and the ledger said a billion tokens were left (review of issue 22)."""
+    script.tokens = ["x"] * 10
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        _, headers = await new_key(http, token_budget={"tokens": 60, "period": "day"})
+        await http.post(path, json=asked, headers=headers)  # the stand-in answers; vLLM would refuse it
+        listed = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
+        assert listed["reserved"] >= 0 and listed["left"] <= 60, listed
+        body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 40}
+        answers = await asyncio.gather(
+            *(http.post("/v1/completions", json=body, headers=headers) for _ in range(6))
+        )
+        served = sum(
+            answer.json()["usage"]["total_tokens"] for answer in answers if answer.status_code == 200
+        )
+        listed = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
+    assert listed["used"] <= 60 and served <= 60, (served, listed)
+
+
+async def test_a_batch_with_an_empty_prompt_is_charged_and_counted(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """["text", ""] went to the worker without a charge: nothing reserved, nothing counted."""
+    script.tokens = ["x"] * 10
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        key_id, headers = await new_key(http, token_budget={"tokens": 50, "period": "day"})
+        body = {"model": "base", "prompt": ["Once upon a time", ""], "max_tokens": 200, "n": 2}
+        refused = await http.post("/v1/completions", json=body, headers=headers)
+        assert refused.status_code == 429, refused.text
+        small = {**body, "max_tokens": 5}
+        answered = await http.post("/v1/completions", json=small, headers=headers)
+        assert answered.status_code == 200, answered.text
+        usage = (await http.get("/usage", params={"key": key_id}, headers=ADMIN)).json()["totals"]
+    assert usage["tokens_out"] > 0 and usage["requests"] >= 1, usage
