@@ -32,8 +32,9 @@ class AdapterRequest(BaseModel):
     kind: ModelKind | None = Field(default=None, description="`base` or `instruct`; unset: the model's.")
     chat_template: str | None = Field(
         default=None, min_length=1, max_length=4096,
-        description="A Jinja file (absolute path) for an instruct adapter; unset: the folder's "
-        "chat_template.jinja, else its tokenizer_config.json template, else the model's own.",
+        description="A Jinja file in the adapter's folder (absolute path) for an instruct adapter; "
+        "unset: the folder's chat_template.jinja, else its tokenizer_config.json template, else the "
+        "model's own.",
     )  # fmt: skip
     description: str = Field(default="", max_length=1000, description="What it was trained for.")
 

@@ -45,11 +45,16 @@ def fit_rank(rank: int) -> int:
 
 
 def read_capped(path: Path, limit: int) -> str:
-    """A text file's content, refused when over `limit` bytes (its size is read first)."""
-    size = path.stat().st_size
-    if size > limit:
-        raise AdapterFolderError(f"{path} is {size:,} bytes, over the {limit:,} this gateway reads")
-    return path.read_text()
+    """A text file's content (UTF-8), refused when over `limit` bytes: at most `limit` + 1 bytes are read,
+    whatever size the file reports (files under /proc report none)."""
+    with path.open("rb") as handle:
+        content = handle.read(limit + 1)
+    if len(content) > limit:
+        raise AdapterFolderError(f"{path} is over the {limit:,} bytes this gateway reads")
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdapterFolderError(f"{path} is not UTF-8 text") from None
 
 
 def read_lora(folder: Path) -> LoraFacts:
@@ -63,7 +68,7 @@ def read_lora(folder: Path) -> LoraFacts:
         raise AdapterFolderError(f"{folder} has no {CONFIG_FILE}: not a PEFT adapter folder")
     try:
         config = json.loads(read_capped(config_path, MAX_CONFIG_BYTES))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         if isinstance(exc, AdapterFolderError):
             raise
         raise AdapterFolderError(f"{config_path} cannot be read as JSON ({exc})") from None
@@ -83,8 +88,12 @@ def read_lora(folder: Path) -> LoraFacts:
 
 def read_template(folder: Path, explicit: Path | None = None) -> str | None:
     """An adapter's chat template: the file given, else the folder's `chat_template.jinja`, else its
-    `tokenizer_config.json`'s `chat_template` (as transformers reads a tokenizer folder); None if none."""
+    `tokenizer_config.json`'s `chat_template` (as transformers reads a tokenizer folder); None if none.
+    A file given must lie in the adapter's folder: a template is shown to every client that renders a
+    chat with it, so it must never be any other file of the host."""
     if explicit is not None:
+        if not explicit.resolve().is_relative_to(folder.resolve()):
+            raise AdapterFolderError(f"{explicit} is not in the adapter's folder {folder}")
         return read_capped(explicit, MAX_TEMPLATE_BYTES)
     template_file = folder / TEMPLATE_FILE
     if template_file.is_file():
@@ -94,7 +103,7 @@ def read_template(folder: Path, explicit: Path | None = None) -> str | None:
         return None
     try:
         config = json.loads(read_capped(config_file, MAX_CONFIG_BYTES + MAX_TEMPLATE_BYTES))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         if isinstance(exc, AdapterFolderError):
             raise
         raise AdapterFolderError(f"{config_file} cannot be read as JSON ({exc})") from None

@@ -73,8 +73,8 @@ class AdapterSpec(BaseModel):
     )
     chat_template: FilePath | None = Field(
         default=None,
-        description="Jinja file for an instruct adapter; unset: the folder's `chat_template.jinja`, else its "
-        "`tokenizer_config.json` template, else the model's own.",
+        description="Jinja file (in the adapter's folder) for an instruct adapter; unset: the folder's "
+        "`chat_template.jinja`, else its `tokenizer_config.json` template, else the model's own.",
     )
     description: str = Field(default="", max_length=1000, description="What it was trained for.")
     _lora: LoraFacts = PrivateAttr()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.ops.lora import fit_rank, read_template, same_base
+from service.ops.lora import AdapterFolderError, fit_rank, read_lora, read_template, same_base
 from service.ops.settings import ModelKind, ModelSpec, Settings
 from tests.adapters import CHATML, adapter_folder
 
@@ -94,7 +94,7 @@ def test_an_instruct_adapter_on_a_base_model_needs_a_chat_template(tmp_path: Pat
     bare = adapter_folder(tmp_path, "bare")
     message = refusal(adapters=[{"name": "sft", "path": str(bare), "kind": "instruct"}])
     assert "adapters.0 ('sft'): an instruct adapter on a base model needs a chat template" in message
-    template = tmp_path / "chat.jinja"
+    template = bare / "chat.jinja"
     template.write_text(CHATML)
     spec = ModelSpec(**model(adapters=[{"name": "sft", "path": str(bare), "kind": "instruct",
                                         "chat_template": str(template)}]))  # fmt: skip
@@ -113,10 +113,30 @@ def test_the_template_is_found_as_transformers_finds_a_tokenizers(tmp_path: Path
     templates = [{"name": "tools", "template": "T"}, {"name": "default", "template": "D"}]
     (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
     assert read_template(named) == "D"
-    explicit = tmp_path / "explicit.jinja"
+    explicit = own / "explicit.jinja"
     explicit.write_text("EXPLICIT")
     assert read_template(own, explicit) == "EXPLICIT"
     assert read_template(adapter_folder(tmp_path, "none")) is None
+
+
+@pytest.mark.parametrize("where", ["/proc/self/environ", "/etc/os-release", "../outside.jinja"])
+def test_a_template_file_outside_the_adapters_folder_is_refused(tmp_path: Path, where: str) -> None:
+    """A template is shown to every client that renders a chat with it: a registration naming
+    /proc/self/environ showed the gateway's keys to them (review of issue 20)."""
+    own = adapter_folder(tmp_path, "own")
+    (tmp_path / "outside.jinja").write_text("OUTSIDE")
+    with pytest.raises(AdapterFolderError, match="not in the adapter's folder"):
+        read_template(own, own / where if where.startswith("..") else Path(where))
+
+
+def test_what_a_folder_holds_is_read_no_further_than_its_cap_and_as_text(tmp_path: Path) -> None:
+    own = adapter_folder(tmp_path, "own")
+    (own / "binary.jinja").write_bytes(b"\xff\xfe{{ x }}\x00\x81")
+    with pytest.raises(AdapterFolderError, match="not UTF-8"):
+        read_template(own, own / "binary.jinja")
+    (own / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError to parse
+    with pytest.raises(AdapterFolderError, match="cannot be read as JSON"):
+        read_lora(own)
 
 
 def test_names_are_unique_across_models_and_adapters(tmp_path: Path) -> None:
