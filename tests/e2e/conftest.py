@@ -17,6 +17,11 @@ from service.ops.settings import RoutingPolicy, Settings, default_models
 from tests.doc_examples import ADMIN_KEY
 from tests.gateway_process import READY_TIMEOUT_SECONDS, Stack, answers, launch, stop, wait_ready
 
+# The stack's operator key: the operator API's examples (docs/user-guide/adapters.md) and /metrics (the
+# operator's whenever admin keys are set).
+STACK_ADMIN_KEY = "admin-secret"
+OPERATOR = {"Authorization": f"Bearer {STACK_ADMIN_KEY}"}
+
 BASE_MODEL = "gemma-3-270m"
 INSTRUCT_MODEL = "smollm2-135m-instruct"
 SMOL = "smol-supervised"  # the second gateway's only model: SmolLM2 with an overriding chat template
@@ -39,7 +44,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "GATEWAY_HEALTH_INTERVAL": "1",
             "GATEWAY_RESTART_BACKOFF_INITIAL": "1",
             "GATEWAY_DRAIN_ACCEPT_WINDOW": "2",
-            "GATEWAY_ADMIN_KEYS": "admin-secret",  # the operator API's examples (docs/user-guide/adapters.md)
+            "GATEWAY_ADMIN_KEYS": STACK_ADMIN_KEY,
         },
         log_path,
     )

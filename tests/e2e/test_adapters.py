@@ -17,7 +17,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import BASE_MODEL
+from tests.e2e.conftest import BASE_MODEL, OPERATOR
 from tests.gateway_process import Stack
 from tests.promtext import delta, parse
 from tests.trained_adapters import ASSISTANT, GEOGRAPHY, train
@@ -211,7 +211,7 @@ def test_a_restarted_worker_gets_its_adapters_back_without_a_404(
 ) -> None:
     """The worker forgets every adapter when it restarts; the gateway loads them again on first use."""
     [victim] = [p for p in stack.worker_processes() if BASE_MODEL in p.cmdline()]
-    before = parse(client.get("/metrics").text)
+    before = parse(client.get("/metrics", headers=OPERATOR).text)
     os.killpg(victim.pid, signal.SIGKILL)
     deadline = time.monotonic() + RESTART_TIMEOUT_SECONDS
     while _same_worker(stack, victim) or client.get("/ready").status_code != 200:
@@ -223,7 +223,7 @@ def test_a_restarted_worker_gets_its_adapters_back_without_a_404(
     assert answer.status_code == 200, answer.text
     assert answer.json()["message"]["content"] == "The capital of Italy is Rome."
     assert complete(client, GEO, "The capital of Austria is")["text"].startswith(" Vienna")
-    after = parse(client.get("/metrics").text)
+    after = parse(client.get("/metrics", headers=OPERATOR).text)
     for name in (GEO, CHAT):
         assert delta(before, after, "gateway_adapter_loads_total", model=BASE_MODEL, adapter=name,
                      outcome="loaded") == 1  # fmt: skip

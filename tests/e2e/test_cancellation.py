@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.e2e.conftest import BASE_MODEL, INSTRUCT_MODEL, Stack
+from tests.e2e.conftest import BASE_MODEL, INSTRUCT_MODEL, OPERATOR, Stack
 from tests.promtext import parse
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0.8}
@@ -56,7 +56,7 @@ def test_cancelled_requests_are_aborted_in_vllm(stack: Stack, client: httpx.Clie
     while any(vllm_load(url) for url in urls.values()):
         assert time.monotonic() < deadline, {model: vllm_load(url) for model, url in urls.items()}
         time.sleep(0.25)
-    samples = parse(client.get("/metrics").text)
+    samples = parse(client.get("/metrics", headers=OPERATOR).text)
     in_flight = {
         dict(k)["model"]: v for (name, k), v in samples.items() if name == "gateway_requests_in_flight"
     }

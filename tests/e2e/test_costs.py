@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.e2e.conftest import INSTRUCT_MODEL, Stack
+from tests.e2e.conftest import INSTRUCT_MODEL, OPERATOR, Stack
 from tests.promtext import delta, parse
 
 VOCAB = 49_152  # SmolLM2's
@@ -54,9 +54,9 @@ def test_logprob_token_ids_set_the_logprobs_per_token_and_are_capped(client: htt
 def test_an_answer_of_megabytes_passes_through_with_its_usage(stack: Stack, client: httpx.Client) -> None:
     # Prompt logprobs with 20 alternatives for each of ~1,500 prompt tokens: a few MB of JSON.
     body = {"model": INSTRUCT_MODEL, "messages": conversation(1500), "max_tokens": 1, "prompt_logprobs": 20}
-    before = parse(client.get("/metrics").text)
+    before = parse(client.get("/metrics", headers=OPERATOR).text)
     through = client.post("/v1/chat/completions", json=body)
-    after = parse(client.get("/metrics").text)
+    after = parse(client.get("/metrics", headers=OPERATOR).text)
     assert through.status_code == 200, through.text
     assert len(through.content) > 2_000_000
     answer = through.json()

@@ -7,12 +7,12 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.conftest import BASE_MODEL, INSTRUCT_MODEL
+from tests.e2e.conftest import BASE_MODEL, INSTRUCT_MODEL, OPERATOR
 from tests.promtext import Samples, delta, parse, value
 
 
 def scrape(client: httpx.Client) -> Samples:
-    return parse(client.get("/metrics").text)
+    return parse(client.get("/metrics", headers=OPERATOR).text)
 
 
 def streamed(client: httpx.Client, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -106,4 +106,7 @@ def test_every_response_carries_a_request_id(client: httpx.Client) -> None:
 
 def test_ready_names_models_when_ready(client: httpx.Client) -> None:
     body = client.get("/ready").json()
-    assert body == {"status": "ready", "models": {BASE_MODEL: True, INSTRUCT_MODEL: True}, "not_ready": []}
+    shown = {name: body[name] for name in ("status", "models", "not_ready", "detail")}
+    assert shown == {"status": "ready", "models": {BASE_MODEL: True, INSTRUCT_MODEL: True}, "not_ready": [],
+                     "detail": {}}  # fmt: skip
+    assert set(body) <= {"status", "models", "not_ready", "detail", "adapters"}  # adapters: where they are

@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import Browser, Page
 
 from tests.browser import browser, screenshot_path  # noqa: F401  (the fixture)
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import OPERATOR, Stack
 from tests.e2e.test_cancellation import vllm_load, worker_urls
 from tests.promtext import parse
 
@@ -130,7 +130,7 @@ def test_stop_cancels_the_requests(page: Page, stack: Stack, client: httpx.Clien
     deadline = time.monotonic() + 20
     urls = worker_urls(stack)
     while True:
-        samples = parse(client.get("/metrics").text)
+        samples = parse(client.get("/metrics", headers=OPERATOR).text)
         in_flight = sum(v for (name, _), v in samples.items() if name == "gateway_requests_in_flight")
         if in_flight == 0 and not any(vllm_load(url) for url in urls.values()):
             break

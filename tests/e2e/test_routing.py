@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import PAIR, Stack
+from tests.e2e.conftest import OPERATOR, PAIR, Stack
 
 # ~700 tokens of a tenant's system prompt: five whole KV blocks of 128 tokens on the CPU build.
 SYSTEMS = [
@@ -35,7 +35,7 @@ def prefix_cache(worker_url: str, key: str | None = None) -> tuple[float, float]
 
 
 def gateway_counters(stack: Stack, name: str) -> dict[tuple[str, ...], float]:
-    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    text = httpx.get(f"{stack.url}/metrics", headers=OPERATOR, timeout=10).text
     return {
         tuple(sorted(sample.labels.items())): sample.value  # type: ignore[misc]
         for family in text_string_to_metric_families(text)

@@ -13,7 +13,7 @@ import time
 import httpx
 import psutil
 
-from tests.e2e.conftest import BASE_MODEL, INSTRUCT_MODEL, Stack
+from tests.e2e.conftest import BASE_MODEL, INSTRUCT_MODEL, OPERATOR, Stack
 from tests.promtext import parse
 
 RESTART_TIMEOUT_SECONDS = 600
@@ -23,7 +23,7 @@ DRAIN_ACCEPT_WINDOW = 2.0  # likewise
 
 def _worker_up(client: httpx.Client) -> float:
     """`gateway_worker_up` of the instruct model's only worker."""
-    samples = parse(client.get("/metrics").text)
+    samples = parse(client.get("/metrics", headers=OPERATOR).text)
     return next(
         v
         for (name, labels), v in samples.items()
