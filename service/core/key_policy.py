@@ -97,8 +97,8 @@ class KeyPolicy(BaseModel):
     @field_validator("rate_limit")
     @classmethod
     def _parsable(cls, value: str | None) -> str | None:
-        if value is not None:
-            rate_window(value)
+        if value is not None and rate_window(value)[0] < 1:
+            raise ValueError(f"rate_limit {value[:64]!r} lets no request through: give at least 1 a period")
         return value
 
     def refusal(self, model: ServedModel) -> Forbidden | None:

@@ -44,6 +44,7 @@ def test_a_refusal_names_the_rule() -> None:
 @pytest.mark.parametrize(
     "body",
     [{"name": ""}, {"name": "x", "kinds": ["chatty"]}, {"name": "x", "rate_limit": "often"},
+     {"name": "x", "rate_limit": "0/second"},
      {"name": "x", "max_concurrent": 0}, {"name": "x", "token_budget": {"tokens": 10, "period": "week"}},
      {"name": "x", "models": ["no spaces please"]}, {"name": "x", "secret": "mine"}],
 )  # fmt: skip
