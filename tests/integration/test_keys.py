@@ -127,7 +127,9 @@ async def test_kinds_and_models_are_policy_on_every_route(standin_url: str, tmp_
                                 headers=instruct)).status_code == 200  # fmt: skip
         listed = (await http.get("/v1/models", headers=instruct)).json()["data"]
         assert [m["id"] for m in listed] == ["chat"]
-        assert (await http.get("/v1/models/base", headers=instruct)).status_code == 403
+        assert (
+            await http.get("/v1/models/base", headers=instruct)
+        ).status_code == 404  # hidden, as in the list
 
         _, base = await new_key(http, kinds=["base"])
         for path, body in [("/chat", {"messages": [{"role": "user", "content": "hi"}]}),

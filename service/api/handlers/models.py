@@ -65,13 +65,10 @@ async def get_model(model_id: str, gateway: GatewayDep, caller: CallerDep) -> di
     """One served model."""
     model = gateway.models.get(model_id)
     policy = caller.policy
-    if model is None:
+    if model is None or (policy is not None and not policy.allows(model)):  # hidden as in the list
         raise ModelNotFound(
             model_id, [m.name for m in gateway.models.values() if policy is None or policy.allows(m)]
         )
-    refusal = policy.refusal(model) if policy is not None else None
-    if refusal is not None:
-        raise refusal
     return model_entry(model, hides_paths(gateway, caller))
 
 
