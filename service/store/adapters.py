@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,7 +47,16 @@ def snapshot(database: Database, known: int | None) -> tuple[int, list[AdapterRo
         if current == known:
             return current, None
         rows = connection.execute(select(adapters).order_by(adapters.c.created_at, adapters.c.name))
-        return current, [AdapterRow(**row._mapping) for row in rows]
+        return current, [_read(row._mapping) for row in rows]
+
+
+def _read(values: Any) -> AdapterRow:
+    """A stored row; its time in UTC whatever the database hands back (SQLite forgets the zone, so the
+    row just added compared unequal to itself as read back, and was taken for a new one)."""
+    row = AdapterRow(**values)
+    if row.created_at is not None and row.created_at.tzinfo is None:
+        row = AdapterRow(**{**row.__dict__, "created_at": row.created_at.replace(tzinfo=UTC)})
+    return row
 
 
 def add(database: Database, row: AdapterRow) -> AdapterRow:

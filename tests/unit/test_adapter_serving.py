@@ -164,6 +164,7 @@ def store_steps(database: Database) -> None:
     assert stored.created_at is not None
     revision, rows = store.snapshot(database, 0)
     assert revision == 1 and [(r.name, r.description) for r in rows or []] == [("qa", "QA")]
+    assert rows == [stored]  # read back as added, its time zone included (the registry compares them)
     assert store.snapshot(database, 1) == (1, None)  # nothing read while the revision stands
     with pytest.raises(store.AdapterExists):
         store.add(database, row)
