@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.served import CONFIG, RUNTIME, Adapter, ServedModel
-from service.errors import InvalidRequest
+from service.errors import GatewayError, InvalidRequest
 from service.ops.lora import AdapterFolderError, read_lora, read_template, same_base
 from service.ops.settings import SERVED_NAME, ModelKind, Settings
 from service.store.adapters import AdapterRow
@@ -115,8 +115,21 @@ def checked(request: AdapterRequest, parent: ServedModel, settings: Settings) ->
             "`chat_template` (a Jinja file), or put chat_template.jinja in the adapter's folder.",
             param="chat_template",
         )
+    if template:
+        _renders(parent, template)
     description = request.description
     return Adapter(request.name, str(folder), spec.name, RUNTIME, facts.rank, description, template), kind
+
+
+def _renders(parent: ServedModel, template: str) -> None:
+    """A chat template that cannot render a one-message chat would fail every chat: refused now."""
+    try:
+        parent.tokenizer.with_chat_template(template).render_chat([{"role": "user", "content": "Hello."}])
+    except GatewayError as exc:
+        raise InvalidRequest(
+            f"chat_template: the template cannot render a one-message chat ({exc.message})",
+            param="chat_template",
+        ) from None
 
 
 def _template(request: AdapterRequest, folder: Path) -> str | None:

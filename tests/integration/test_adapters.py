@@ -358,3 +358,17 @@ async def test_an_instruct_adapter_of_a_base_model_stops_at_its_end_of_turn(
         assert script.bodies[-1]["chat_template"] == GEMMA_TURNS
         plain = await http.post("/complete", json={"model": "gemma-chat", "prompt": "Hi", "max_tokens": 4})
         assert plain.status_code == 200 and "stop_token_ids" not in script.bodies[-1]
+
+
+@pytest.mark.parametrize("template", ["{{ 1 + 'a' }}", "{{ raise_exception('no') }}"])
+async def test_a_template_that_renders_no_chat_is_refused_at_registration(
+    standin_url: str, tmp_path: Path, template: str
+) -> None:
+    """Accepted, it failed every chat after, with a 400 blaming the client's messages (review of issue 20)."""
+    folder = adapter_folder(tmp_path, "broken", template=template)
+    body = {"model": "base", "name": "broken", "path": str(folder), "kind": "instruct"}
+    async with running_gateway(lora_settings(standin_url, tmp_path)) as (_, http):
+        refused = await http.post("/adapters", json=body, headers=ADMIN)
+        assert refused.status_code == 400 and error_of(refused)["param"] == "chat_template", refused.text
+        assert "cannot render a one-message chat" in error_of(refused)["message"]
+        assert (await http.get("/adapters", headers=ADMIN)).json()["data"] == []
