@@ -51,6 +51,17 @@ from typing import Any
 MAX_MESSAGE_CHARS = 1000
 
 
+LARGEST_SHOWN = 10**15
+
+
+def shown(number: int, grouped: bool = False) -> str:
+    """A count for a message, `1,234` when `grouped`; past 10^15 said in words (Python refuses to write an
+    integer of over 4,300 digits, and a client may send one)."""
+    if abs(number) >= LARGEST_SHOWN:
+        return "more than 10^15"
+    return f"{number:,}" if grouped else str(number)
+
+
 class GatewayError(Exception):
     """Base of every error the gateway reports to a client."""
 

@@ -39,6 +39,7 @@ from service.errors import (
     ModelNotFound,
     UpstreamTimeout,
     UpstreamUnavailable,
+    shown,
 )
 from service.ops.metrics import Metrics
 from service.ops.record import RequestRecord
@@ -80,8 +81,8 @@ def check_fits(
         )
     if requested is not None and prompt_tokens + requested > context:
         raise ContextLengthExceeded(
-            f"The prompt ({prompt_tokens} tokens) plus {asked} ({requested}) is "
-            f"{prompt_tokens + requested} tokens, over this model's context of {context} tokens; "
+            f"The prompt ({prompt_tokens} tokens) plus {asked} ({shown(requested)}) is "
+            f"{shown(prompt_tokens + requested)} tokens, over this model's context of {context} tokens; "
             f"ask for at most {context - prompt_tokens} tokens.",
             param=asked,
         )

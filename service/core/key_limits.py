@@ -17,7 +17,7 @@ from service.core.allowances import SLOT_LINGER_SECONDS, Allowance, Resource
 from service.core.key_policy import RATE_BUCKETS, KeyPolicy, rate_bucket, rate_window
 from service.core.keys import StoredKey
 from service.core.tenancy import Caller
-from service.errors import BudgetExceeded, LimitsUnavailable, RateLimited, TooManyInFlight
+from service.errors import BudgetExceeded, LimitsUnavailable, RateLimited, TooManyInFlight, shown
 from service.store.ledger import Plan
 
 ASK_ATTEMPTS = 3  # a request asks the store at most this many times before it is refused
@@ -254,7 +254,8 @@ class KeyLimits:
         left = max(0, budget.tokens - used - reserved)
         resets = budget.resets_at(now)
         period = "in all" if resets is None else f"per {budget.period.value}"
-        ask = f"this request may use up to {most:,} tokens (its prompt plus what max_tokens allows)"
+        most_shown = shown(most, grouped=True)
+        ask = f"this request may use up to {most_shown} tokens (its prompt plus what max_tokens allows)"
         whole = f"This API key's token budget is {budget.tokens:,} tokens {period}"
         if never:
             fewer = "ask for fewer tokens (lower max_tokens, or a shorter prompt)"

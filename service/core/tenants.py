@@ -393,12 +393,12 @@ def used_by(record: RequestRecord, charge: Charge) -> tuple[int, int]:
     """(tokens in, tokens out) a request used: what the worker reported; without a report, what the
     gateway saw (its prompt count, one token per streamed event) if a worker was reached; else none."""
     if record.prompt_tokens or record.completion_tokens:
-        return record.prompt_tokens, record.completion_tokens
+        return max(0, record.prompt_tokens), max(0, record.completion_tokens)
     if record.upstream_seconds <= 0 and record.upstream_since is None:
         return 0, 0  # never sent to a worker (refused, queued then cancelled)
     if charge.prompt_tokens is None:
         return charge.most, 0  # nothing counted: the most it could have been
-    return charge.prompt_tokens, record.token_events
+    return max(0, charge.prompt_tokens), record.token_events
 
 
 def _short(exc: Exception) -> str:

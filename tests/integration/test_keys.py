@@ -435,3 +435,31 @@ async def test_a_batch_with_an_empty_prompt_is_charged_and_counted(
         assert answered.status_code == 200, answered.text
         usage = (await http.get("/usage", params={"key": key_id}, headers=ADMIN)).json()["totals"]
     assert usage["tokens_out"] > 0 and usage["requests"] >= 1, usage
+
+
+async def test_a_negative_truncation_never_counts_below_nothing(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """truncate_prompt_tokens below -1 (vLLM refuses it) made the prompt's count negative: a 500 from the
+    metrics, and a negative use stored that lifted the key's budget (review of issue 21)."""
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        key_id, headers = await new_key(http, token_budget={"tokens": 100_000, "period": "day"})
+        body = {"model": "base", "prompt": [1, 2, 3], "truncate_prompt_tokens": -(10**12), "max_tokens": 3}
+        answer = await http.post("/v1/completions", json=body, headers=headers)
+        assert answer.status_code < 500, answer.text
+        listed = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
+        usage = (await http.get("/usage", params={"key": key_id}, headers=ADMIN)).json()["totals"]
+    assert listed["used"] >= 0 and listed["left"] <= 100_000 and usage["tokens_in"] >= 0, (listed, usage)
+
+
+async def test_a_count_of_thousands_of_digits_is_a_400_not_a_500(standin_url: str, tmp_path: Path) -> None:
+    huge = int("9" * 4300)  # Python refuses to write an integer over 4,300 digits as text
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        _, headers = await new_key(http, token_budget={"tokens": 1000, "period": "day"})
+        native = await http.post(
+            "/complete", json={"model": "base", "prompt": "hi", "max_tokens": huge}, headers=headers
+        )
+        budgeted = await http.post("/v1/chat/completions", json={**chat(), "max_completion_tokens": huge},
+                                   headers=headers)  # fmt: skip
+    assert native.status_code == 400 and "more than 10^15" in native.text, native.text
+    assert budgeted.status_code == 429 and "more than 10^15" in budgeted.text, budgeted.text

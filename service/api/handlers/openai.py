@@ -352,8 +352,9 @@ def _surely_fits(gateway: Gateway, model: ServedModel, request: V1CompletionRequ
 
 
 def _truncated(length: int, truncate: int | None, context: int) -> int:
-    """A prompt's length after vLLM's `truncate_prompt_tokens` (-1: to the context)."""
-    if truncate is None:
+    """A prompt's length after vLLM's `truncate_prompt_tokens` (-1: to the context; other negative values
+    vLLM refuses, and they count as no truncation: a length is never below nothing)."""
+    if truncate is None or truncate < -1:
         return length
     return min(length, context if truncate == -1 else truncate)
 
