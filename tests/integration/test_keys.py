@@ -444,7 +444,9 @@ async def test_a_negative_truncation_never_counts_below_nothing(
     metrics, and a negative use stored that lifted the key's budget (review of issue 21)."""
     async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
         key_id, headers = await new_key(http, token_budget={"tokens": 100_000, "period": "day"})
-        body = {"model": "base", "prompt": [1, 2, 3], "truncate_prompt_tokens": -(10**12), "max_tokens": 3}
+        # n: 0 makes the stand-in refuse it, as vLLM refuses the truncation: no usage comes back
+        body = {"model": "base", "prompt": [1, 2, 3], "truncate_prompt_tokens": -(10**12), "max_tokens": 3,
+                "n": 0}  # fmt: skip
         answer = await http.post("/v1/completions", json=body, headers=headers)
         assert answer.status_code < 500, answer.text
         listed = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
