@@ -473,6 +473,7 @@ def _clip(text: str, limit: int) -> str:
 
 # Parts of a pydantic error location that name a validator or a union member, not a field.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal", "bytes"})
+MAX_NAME_SHOWN = 64  # characters of an unknown field's name an error repeats
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^[0-9]+$")
 
 
@@ -505,8 +506,11 @@ def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
         return InvalidRequest(_json_problem(str((first.get("ctx") or {}).get("error", ""))))
     if kind in {"model_attributes_type", "model_type", "dict_type"} and param is None:
         return InvalidRequest("The request body must be a JSON object.")
-    if kind == "extra_forbidden":
-        return InvalidRequest(f"Unrecognized request argument supplied: {param}.", param=param)
+    if kind == "extra_forbidden":  # the name as sent (any text), cut short: a key may be megabytes long
+        location = first.get("loc", ())
+        name = str(location[-1]) if location else ""
+        name = name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "..."
+        return InvalidRequest(f"Unrecognized request argument supplied: {name}.", param=name)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return InvalidRequest(f"{param}: {message}{more}" if param else f"{message}{more}", param=param)

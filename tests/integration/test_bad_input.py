@@ -79,3 +79,14 @@ async def test_errors_name_the_field_the_client_sent(
     error = response.json()["error"]
     assert error["param"] == param and named in error["message"], error
     assert script.bodies == []
+
+
+@pytest.mark.parametrize("name", ["0aa", "a.b", "[x]", "k" * 100_000])
+async def test_an_unknown_field_is_named_as_sent_and_never_echoed_whole(
+    http: httpx.AsyncClient, name: str
+) -> None:
+    """It said 'supplied: None' for a name that is not an identifier, and repeated a 4 MB one whole."""
+    response = await http.post("/complete", json={"model": "base", "prompt": "hi", name: 1})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == (name if len(name) <= 64 else name[:64] + "...")
+    assert len(response.content) < 1000 and "None" not in error["message"]
