@@ -94,6 +94,6 @@ def test_the_yielding_decoder_lets_another_thread_run() -> None:
     held_turns, _ = turns_taken(json.loads, raw)  # json.loads holds the GIL for the whole parse
     turns, _ = turns_taken(yielding_loads, raw)
     # It gives the GIL up every few milliseconds: the other thread gets many turns where json.loads gives
-    # it one or two. Turns are counted, not timed: on a loaded machine the OS alone can make any wait
-    # long, but it cannot make a thread that never releases the GIL take turns.
-    assert turns > 50 and turns > 10 * max(1, held_turns), (turns, held_turns)
+    # it a few (3 idle, 57 once under heavy load, against ~500). Turns are counted, not timed: on a loaded
+    # machine the OS alone can make any wait long, but it cannot make a thread that holds the GIL take turns.
+    assert turns > 50 and turns > 3 * max(1, held_turns), (turns, held_turns)
