@@ -7,8 +7,13 @@ operator API, kept in the store so they survive restarts and every gateway proce
   served. If anything fails after the load, it is unloaded again.
 - Every process reads the "adapters" revision every `poll` seconds (on the store's threads, never on a
   request's path) and, when it moved, the registrations: added ones are served, removed ones are not.
-- A removal stops new requests at once (404); the process that removed it unloads it from the workers
-  once the other processes have followed (two polls) and its own requests using it are over.
+- A removal stops new requests at once (404) in the process that removed it and within a poll in the
+  others. Every process then unloads it from the workers once nothing uses it: none of its own
+  requests, and none its workers run or hold waiting (their `vllm:lora_requests_info`, which counts
+  the requests of every process and pod), read again until then. A request admitted before the removal
+  that reaches a worker after the unload loads it again (never a 404): its own process unloads it after.
+- Registrations and removals of different names never wait for one another (a load can take seconds);
+  a name being registered or removed is busy for any other change until that one ends.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from service.core.adapter_checks import AdapterRequest, checked, configured, from_row, row_of, served_adapter
@@ -31,11 +37,14 @@ from service.errors import (
 )
 from service.store import adapters as store
 from service.store.database import Database
-from service.workers.facts import describe, read_model_entry
+from service.workers.engine_metrics import read_engine_load
+from service.workers.facts import describe, listed_adapters, read_model_entry
 from service.workers.routing import RouteHint
 from service.workers.worker import Worker
 
 log = logging.getLogger(__name__)
+IN_USE_POLL = 0.5  # seconds between looks at whether a removed adapter is still in use
+RUNNING = 2  # `Worker.affinity` of a replica whose engine runs or queues the adapter now
 
 
 class AdapterRegistry:
@@ -47,7 +56,7 @@ class AdapterRegistry:
         self.database = database
         self.poll = poll
         self._revision: int | None = None
-        self._lock = asyncio.Lock()  # one registration or removal at a time in this process
+        self._busy: set[str] = set()  # names being registered or removed by this process now
         self._follower: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
         self._failing = False
@@ -78,7 +87,7 @@ class AdapterRegistry:
         wanted = {row.name: row for row in rows}
         for name, served in list(self.models.items()):
             if served.adapter is not None and served.adapter.source == RUNTIME and name not in wanted:
-                self.models.remove(name)
+                self._withdrawn(served)
                 log.info("adapter %s is no longer registered", name)
         for row in rows:
             current = self.models.get(row.name)
@@ -112,8 +121,8 @@ class AdapterRegistry:
 
     async def register(self, request: AdapterRequest) -> ServedModel:
         """Check, load on one replica, store, serve; a 400 saying why otherwise."""
-        async with self._lock:
-            parent = self._parent_of(request)
+        parent = self._parent_of(request)
+        with self._claimed(request.name):
             if request.name in self.models:
                 raise InvalidRequest(f"name: '{request.name}' is already served (a model or an adapter).",
                                      param="name")  # fmt: skip
@@ -123,7 +132,7 @@ class AdapterRegistry:
             try:
                 row = await self.database.run(store.add, self.database, row_of(adapter, kind))
             except store.AdapterExists:
-                await self._unload(worker, served)
+                await self._withdraw(worker, served)
                 message = f"name: '{request.name}' was registered meanwhile."
                 raise InvalidRequest(message, param="name") from None
             except BaseException:
@@ -133,6 +142,31 @@ class AdapterRegistry:
             self.models.add(served)
             log.info("adapter %s of %s registered (%s)", served.name, parent.name, adapter.path)
             return served
+
+    @contextlib.contextmanager
+    def _claimed(self, name: str) -> Iterator[None]:
+        """`name` is this change's until it ends: another registration or removal of it is a 400."""
+        if name in self._busy:
+            raise InvalidRequest(f"name: '{name}' is being registered or removed right now; try again "
+                                 "once that ends.", param="name")  # fmt: skip
+        self._busy.add(name)
+        try:
+            yield
+        finally:
+            self._busy.discard(name)
+
+    async def _withdraw(self, worker: Worker, served: ServedModel) -> None:
+        """Unload what a registration that lost its name to another process's loaded, unless the worker
+        holds the winner's adapter under that name now (the same folder, or the winner's load replaced
+        this one): unloading it would cost the winner a reload."""
+        assert served.adapter is not None
+        with contextlib.suppress(Exception):
+            _, rows = await self.database.run(store.snapshot, self.database, None)
+            winner = next((row.path for row in rows or [] if row.name == served.name), None)
+            listed = listed_adapters(await self.gateway.transport.get_json(worker, "/v1/models"))
+            if winner == served.adapter.path or listed.get(served.name) != served.adapter.path:
+                return
+        await self._unload(worker, served)
 
     def _parent_of(self, request: AdapterRequest) -> ServedModel:
         parent = self.models.get(request.model)
@@ -173,7 +207,7 @@ class AdapterRegistry:
     async def remove(self, name: str) -> ServedModel:
         """Stop serving a registered adapter (new requests get 404 at once); it is unloaded from the
         workers in the background once nobody uses it."""
-        async with self._lock:
+        with self._claimed(name):
             served = self.models.get(name)
             if served is None or served.adapter is None:
                 raise AdapterNotFound(name, self.names())
@@ -181,22 +215,40 @@ class AdapterRegistry:
                 raise InvalidRequest(f"'{name}' is configured in the models file: remove it there (and "
                                      "restart the gateway).", param="name")  # fmt: skip
             await self.database.run(store.remove, self.database, name)
-            self.models.remove(name)
-            task = asyncio.create_task(self._unload_when_unused(served))
-            self._unloads.add(task)
-            task.add_done_callback(self._unloads.discard)
+            self._withdrawn(served)
             log.info("adapter %s removed", name)
             return served
 
+    def _withdrawn(self, served: ServedModel) -> None:
+        """No longer served by this process: unloaded in the background once nothing uses it."""
+        self.models.remove(served.name)
+        task = asyncio.create_task(self._unload_when_unused(served))
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+
     async def _unload_when_unused(self, served: ServedModel) -> None:
-        # The other processes stop routing to it within one poll; then this one's requests finish.
-        await asyncio.sleep(2 * self.poll)
+        """Unload a removed adapter from its replicas once no request uses it (see the module's notes);
+        not if its name is served again meanwhile. Its metrics series go with it."""
+        await asyncio.sleep(2 * self.poll)  # the other processes stop sending it new requests
         deadline = time.monotonic() + self.gateway.settings.read_timeout
-        while served.usage.requests > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 (a count, rarely >0)
-            await asyncio.sleep(0.1)
+        while time.monotonic() < deadline and await self._in_use(served):  # noqa: ASYNC110 (polls the workers)
+            await asyncio.sleep(IN_USE_POLL)
+        if served.name in self.models:
+            return
         for worker in list(served.pool.workers):
             if worker.healthy or served.name in worker.adapters:
                 await self._unload(worker, served)
+        self.gateway.metrics.forget_model(served.name)
+
+    async def _in_use(self, served: ServedModel) -> bool:
+        """Whether a request of this process uses the adapter, or a replica runs or queues one (read
+        from each replica's metrics now: every process's and pod's requests)."""
+        if served.usage.requests > 0:
+            return True
+        workers = [worker for worker in served.pool.workers if worker.healthy]
+        limit = self.gateway.settings.health_timeout
+        await asyncio.gather(*(_reread_load(self.gateway, worker, limit) for worker in workers))
+        return any(worker.affinity(served.name) == RUNNING for worker in workers)
 
     async def _unload(self, worker: Worker, served: ServedModel) -> None:
         with contextlib.suppress(GatewayError):
@@ -213,6 +265,14 @@ class AdapterRegistry:
         limit = self.gateway.settings.health_timeout
         await asyncio.gather(*(_reread(self.gateway, w, limit) for w in workers))
         return [describe_adapter(m) for m in self.models.values() if m.adapter is not None]
+
+
+async def _reread_load(gateway: Gateway, worker: Worker, limit: float) -> None:
+    """A worker's load now, adapters running and waiting included; what was known stays if it does not
+    answer in time."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(limit):
+            await read_engine_load(gateway.transport, worker)
 
 
 async def _reread(gateway: Gateway, worker: Worker, limit: float) -> None:

@@ -8,6 +8,7 @@ several gateway processes or pods aggregate with `sum()`/`histogram_quantile()`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -213,6 +214,16 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def forget_model(self, name: str) -> None:
+        """Drop every series labelled with `name` as its model or adapter (a removed adapter: series of
+        names that come and go would otherwise pile up for the life of the process)."""
+        for metric, values in list(self._children):
+            labels = dict(zip(getattr(metric, "_labelnames", ()), values, strict=False))
+            if name in (labels.get("model"), labels.get("adapter")):
+                del self._children[(metric, values)]
+                with contextlib.suppress(KeyError):
+                    metric.remove(*values)
 
     def exposition(self) -> bytes:
         """The text format for GET /metrics (merged across processes in multiprocess mode)."""

@@ -74,6 +74,8 @@ class Script:
     loads: list[str] = field(default_factory=list)  # every load asked, by name (answered or not)
     unloads: list[str] = field(default_factory=list)
     broken_adapters: set[str] = field(default_factory=set)  # load, then fail to generate
+    # What its `/metrics` says the engine runs (`vllm:lora_requests_info`); None: no /metrics at all.
+    lora_running: set[str] | None = None
 
     def forget_adapters(self) -> None:
         """What a restart does to the adapters it held."""
@@ -262,6 +264,16 @@ def build_app(script: Script) -> Starlette:
             return vllm_error(f"The lora adapter '{name}' cannot be found.", "NotFoundError", 404)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
+    async def metrics(_: Request) -> Response:
+        if script.lora_running is None:
+            return PlainTextResponse("Not Found", status_code=404)
+        running = ",".join(sorted(script.lora_running))
+        return PlainTextResponse(
+            "# TYPE vllm:lora_requests_info gauge\n"
+            f'vllm:lora_requests_info{{max_lora="2",running_lora_adapters="{running}",'
+            f'waiting_lora_adapters=""}} {time.time()}\n'
+        )
+
     def unknown_model(body: dict[str, Any]) -> Response | None:
         """vLLM's answer to a model name it does not serve (None: it serves it)."""
         name = body.get("model")
@@ -391,6 +403,7 @@ def build_app(script: Script) -> Starlette:
             Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/load_lora_adapter", load_lora, methods=["POST"]),
             Route("/v1/unload_lora_adapter", unload_lora, methods=["POST"]),
+            Route("/metrics", metrics),
         ]
     )
 

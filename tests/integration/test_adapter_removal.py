@@ -1,0 +1,94 @@
+"""Removing and registering adapters while they are used, in the real app before the stand-in worker: a
+removal waits for the requests the worker reports (those of other processes and pods too), takes the
+adapter's metrics series with it, never waits behind another name's slow registration, and a
+registration that loses its name to another process's leaves the winner's adapter loaded."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.adapters import adapter_folder
+from tests.integration.conftest import running_gateway
+from tests.integration.standin import Script
+from tests.integration.test_adapters import ADMIN, lora_settings
+from tests.promtext import Samples, parse
+
+
+@pytest.fixture(autouse=True)
+def vllm_names(script: Script) -> None:
+    script.served = {"base", "chat", "plain"}
+
+
+def labelled(samples: Samples, name: str) -> set[str]:
+    """The names of the series with a label whose value is `name`."""
+    return {metric for metric, labels in samples if name in dict(labels).values()}
+
+
+async def unloaded(script: Script, name: str, seconds: float) -> bool:
+    """Whether the worker was asked to unload `name` within `seconds`."""
+    for _ in range(int(seconds / 0.05)):
+        if name in script.unloads:
+            return True
+        await asyncio.sleep(0.05)
+    return name in script.unloads
+
+
+async def test_a_removal_waits_for_what_the_worker_runs_and_takes_the_adapters_series_with_it(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    folder = adapter_folder(tmp_path, "shared")
+    async with running_gateway(lora_settings(standin_url, tmp_path)) as (_, http):
+        body = {"model": "base", "name": "shared", "path": str(folder)}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        for model in ("shared", "base"):
+            assert (await http.post("/complete", json={"model": model, "prompt": "Hi"})).status_code == 200
+        before = labelled(parse((await http.get("/metrics", headers=ADMIN)).text), "shared")
+        assert before >= {"gateway_requests_total", "gateway_adapter_loads_total"}
+        # Another gateway process (or pod) streams with it: this one's count is zero, the worker's is not.
+        script.lora_running = {"shared"}
+        assert (await http.delete("/adapters/shared", headers=ADMIN)).status_code == 200
+        assert (await http.post("/complete", json={"model": "shared", "prompt": "Hi"})).status_code == 404
+        assert not await unloaded(script, "shared", 4.0)  # two polls (2 s) and then some: still in use
+        script.lora_running = set()  # that stream ended
+        assert await unloaded(script, "shared", 3.0)
+        assert "shared" not in script.adapters
+        left = parse((await http.get("/metrics", headers=ADMIN)).text)
+        assert labelled(left, "shared") == set()
+        assert "gateway_requests_total" in labelled(left, "base")  # the other models' series stay
+
+
+async def test_a_removal_does_not_wait_behind_a_slow_registration_of_another_name(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    async with running_gateway(lora_settings(standin_url, tmp_path)) as (_, http):
+        quick = {"model": "base", "name": "quick", "path": str(adapter_folder(tmp_path, "quick"))}
+        assert (await http.post("/adapters", json=quick, headers=ADMIN)).status_code == 200
+        script.load_delay = 3.0
+        slow = {"model": "base", "name": "slow", "path": str(adapter_folder(tmp_path, "slow"))}
+        registering = asyncio.ensure_future(http.post("/adapters", json=slow, headers=ADMIN))
+        while "slow" not in script.loads:  # noqa: ASYNC110 (the stand-in's record)
+            await asyncio.sleep(0.01)
+        same = await http.post("/adapters", json=slow, headers=ADMIN)  # the name is taken meanwhile
+        assert same.status_code == 400 and "being registered" in same.json()["error"]["message"]
+        removed = await http.delete("/adapters/quick", headers=ADMIN)
+        assert removed.status_code == 200 and not registering.done()
+        assert (await registering).status_code == 200
+
+
+async def test_a_registration_that_loses_its_name_leaves_the_winners_adapter_loaded(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    folder = adapter_folder(tmp_path, "twice")
+    settings = lora_settings(standin_url, tmp_path)
+    # Two gateway processes on one store, the same registration sent to both at once.
+    async with running_gateway(settings) as (_, first), running_gateway(settings) as (_, second):
+        script.load_delay = 0.5
+        body = {"model": "base", "name": "twice", "path": str(folder)}
+        answers = await asyncio.gather(
+            *(http.post("/adapters", json=body, headers=ADMIN) for http in (first, second))
+        )
+        assert sorted(answer.status_code for answer in answers) == [200, 400], [a.text for a in answers]
+        assert script.unloads == [] and script.adapters == {"twice": str(folder.resolve())}
