@@ -1,10 +1,11 @@
 """Real LoRA adapters, trained with peft on the built-in Gemma (tests/trained_adapters.py), served by the
 real Gemma worker of the default stack: registered at runtime through the operator API, used through every
 route a client takes (the openai SDK and lm-evaluation-harness among them), rendered identically by the
-gateway and the worker, reloaded after the worker restarts."""
+gateway and the worker, reloaded after the worker restarts, removed while a request is under way."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -234,3 +235,39 @@ def _same_worker(stack: Stack, victim: psutil.Process) -> bool:
     """Whether the model's worker is still the killed one (or none yet)."""
     workers = [p for p in stack.worker_processes() if BASE_MODEL in p.cmdline()]
     return not workers or workers[0].pid == victim.pid
+
+
+def test_a_removal_lets_the_stream_under_way_finish_then_unloads_from_the_worker(
+    stack: Stack, client: httpx.Client, folders: dict[str, Path], adapters: Adapters
+) -> None:
+    name = "lora-chat-2"
+    register(client, name, folders[CHAT], "instruct")
+    worker = stack.worker_url(BASE_MODEL)
+    assert name in {entry["id"] for entry in client.get("/v1/models").json()["data"]}
+    # A completion: 48 tokens whatever it says (a chat would stop at the adapter's end of turn).
+    body = {"model": name, "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True,
+            "temperature": 0, "stream": True}  # fmt: skip
+    events: list[str] = []
+    with client.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        events.append(next(line for line in lines if line.startswith("data: ")))
+        with httpx.Client(base_url=stack.url, timeout=30) as operator:
+            assert operator.delete(f"/adapters/{name}", headers=ADMIN).status_code == 200
+        gone = time.monotonic() + 30  # every gateway process follows within a second
+        while name in {e["id"] for e in client.get("/v1/models").json()["data"]}:
+            assert time.monotonic() < gone
+            time.sleep(0.1)
+        refused = client.post("/chat", json={"model": name, "messages": QUESTION})
+        on_worker = {e["id"] for e in httpx.get(f"{worker}/v1/models", timeout=30).json()["data"]}
+        events += [line for line in lines if line.startswith("data: ")]
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+    assert name in on_worker  # still loaded while its stream ran
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(event[6:]) for event in events[:-1]]
+    assert not any("error" in chunk for chunk in chunks)
+    assert sum(len(c["choices"][0].get("text") or "") > 0 for c in chunks if c["choices"]) > 30
+    unloaded = time.monotonic() + 60  # then unloaded, once the workers run nothing with it
+    while name in {e["id"] for e in httpx.get(f"{worker}/v1/models", timeout=30).json()["data"]}:
+        assert time.monotonic() < unloaded
+        time.sleep(0.5)
+    assert complete(client, GEO, "The capital of Austria is")["text"].startswith(" Vienna")  # others stay

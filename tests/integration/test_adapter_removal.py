@@ -1,7 +1,8 @@
 """Removing and registering adapters while they are used, in the real app before the stand-in worker: a
 removal waits for the requests the worker reports (those of other processes and pods too), takes the
 adapter's metrics series with it, never waits behind another name's slow registration, and a
-registration that loses its name to another process's leaves the winner's adapter loaded."""
+registration that loses its name to another process's leaves the winner's adapter loaded; /ready, open to
+all, names no adapter while keys guard the gateway."""
 
 from __future__ import annotations
 
@@ -92,3 +93,16 @@ async def test_a_registration_that_loses_its_name_leaves_the_winners_adapter_loa
         )
         assert sorted(answer.status_code for answer in answers) == [200, 400], [a.text for a in answers]
         assert script.unloads == [] and script.adapters == {"twice": str(folder.resolve())}
+
+
+async def test_ready_names_no_adapter_while_keys_guard_the_gateway(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    qa = adapter_folder(tmp_path, "qa")
+    settings = lora_settings(standin_url, tmp_path, [{"name": "qa", "path": str(qa)}], api_keys="client-1")
+    async with running_gateway(settings) as (_, http):
+        client = {"Authorization": "Bearer client-1"}
+        answer = await http.post("/complete", json={"model": "qa", "prompt": "Hi"}, headers=client)
+        assert answer.status_code == 200, answer.text
+        ready = (await http.get("/ready")).json()
+        assert ready["status"] == "ready" and "adapters" not in ready and "qa" not in str(ready)

@@ -239,3 +239,18 @@ async def test_an_embedded_worker_with_a_key_is_closed_to_all_but_its_gateway(tm
         keyed = await http.get(f"{worker}/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert keyed.status_code == 200
         await asyncio.sleep(0)
+
+
+async def test_ready_hides_worker_addresses_once_runtime_keys_guard_the_gateway(
+    wrong_key_worker: tuple[Script, str], tmp_path: Path
+) -> None:
+    _, url = wrong_key_worker
+    address = url.removeprefix("http://")
+    settings = standin_settings(url, admin_keys="operator", worker_api_key="wrong",
+                                database_url=f"sqlite:///{tmp_path / 'gateway.db'}")  # fmt: skip
+    async with running_gateway(settings) as (_, http):
+        assert address in (await http.get("/ready")).text  # no client key yet: the gateway is open
+        created = await http.post("/keys", json={"name": "app"}, headers={"Authorization": "Bearer operator"})
+        assert created.status_code == 201, created.text
+        ready = (await http.get("/ready")).text
+        assert address not in ready and address.split(":")[0] not in ready and "base-0" in ready

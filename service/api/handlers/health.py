@@ -38,13 +38,19 @@ async def ready(gateway: GatewayDep, request: Request, any_model: AnyModel = Non
     serves = any(models.values()) if any_model is not None else not waiting
     ok = serves and not stopping
     status = "draining" if stopping else "ready" if ok else "not ready"
-    hide = bool(gateway.settings.api_keys)  # /ready is open: no worker addresses while keys guard the rest
+    hide = _guarded(bool(gateway.settings.api_keys), request)  # /ready is open: less said behind keys
     detail = {pool.name: down for pool in gateway.pools.values() if (down := pool.down(hide))}
     body: dict[str, Any] = {"status": status, "models": models, "not_ready": waiting, "detail": detail}
     adapters = {m.name: loaded_on(m, hide) for m in gateway.models.values() if m.adapter is not None}
-    if adapters:  # an adapter is ready with its model; where it is loaded, as this process knows
+    if adapters and not hide:  # ready with its model; where it is loaded, as this process knows
         body["adapters"] = adapters
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _guarded(static_keys: bool, request: Request) -> bool:
+    """Whether keys guard the gateway's other routes: configured ones, or keys managed at runtime."""
+    tenants = getattr(request.app.state, "tenants", None)
+    return static_keys or bool(tenants is not None and tenants.closed)
 
 
 def loaded_on(model: ServedModel, hide_addresses: bool) -> list[str]:
