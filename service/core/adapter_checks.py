@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.core.served import CONFIG, RUNTIME, Adapter, ServedModel
 from service.errors import GatewayError, InvalidRequest
 from service.ops.lora import AdapterFolderError, read_lora, read_template, same_base
-from service.ops.settings import SERVED_NAME, ModelKind, Settings
+from service.ops.settings import ModelKind, ServedName, Settings
 from service.store.adapters import AdapterRow
 
 
@@ -23,7 +23,7 @@ class AdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=128, description="The served model it was trained from.")
-    name: str = Field(min_length=1, max_length=128, pattern=SERVED_NAME, description="Its served name.")
+    name: ServedName = Field(min_length=1, max_length=128, description="Its served name.")
     path: str = Field(
         min_length=1, max_length=4096,
         description="Its folder (adapter_config.json and weights), an absolute path the gateway and the "

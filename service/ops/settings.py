@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -37,8 +39,20 @@ from service.ops.lora import (
 )
 
 BUILTIN_PREFIX = "builtin:"
-# What a served name (a model's or an adapter's) may be: it travels in URLs, labels and log lines.
-SERVED_NAME = r"^[A-Za-z0-9._:/-]+$"
+# What a served name (a model's or an adapter's) may be: it travels in URLs, labels, log lines and command
+# lines, so it is never an option (-x) or a hidden or rooted path (.x, /x).
+SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+
+
+def served_name(value: str) -> str:
+    """`value` if it may be a served name; a message a person understands otherwise."""
+    if not SERVED_NAME.fullmatch(value):
+        raise ValueError("a served name starts with a letter or digit and holds only letters, digits and "
+                         ". _ : / -")  # fmt: skip
+    return value
+
+
+ServedName = Annotated[str, AfterValidator(served_name)]
 
 
 class ModelKind(StrEnum):
@@ -63,7 +77,7 @@ class AdapterSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=128, pattern=SERVED_NAME, description="Served name.")
+    name: ServedName = Field(min_length=1, max_length=128, description="Served name.")
     path: Path = Field(
         description="The adapter's folder (PEFT's `adapter_config.json` and weights), an absolute path as "
         "the gateway and the workers both see it."
@@ -100,7 +114,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, pattern=SERVED_NAME, description="Served model name.")
+    name: ServedName = Field(min_length=1, description="Served model name.")
     kind: ModelKind = Field(description="`base` (completion only) or `instruct` (has a chat template).")
     source: str | None = Field(
         default=None,

@@ -246,7 +246,7 @@ def test_a_removal_lets_the_stream_under_way_finish_then_unloads_from_the_worker
     assert name in {entry["id"] for entry in client.get("/v1/models").json()["data"]}
     # A completion: 48 tokens whatever it says (a chat would stop at the adapter's end of turn).
     body = {"model": name, "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True,
-            "temperature": 0, "stream": True}  # fmt: skip
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     events: list[str] = []
     with client.stream("POST", "/v1/completions", json=body) as stream:
         lines = stream.iter_lines()
@@ -265,7 +265,8 @@ def test_a_removal_lets_the_stream_under_way_finish_then_unloads_from_the_worker
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(event[6:]) for event in events[:-1]]
     assert not any("error" in chunk for chunk in chunks)
-    assert sum(len(c["choices"][0].get("text") or "") > 0 for c in chunks if c["choices"]) > 30
+    assert chunks[-1]["usage"]["completion_tokens"] == 48  # every token, though the adapter was removed
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     unloaded = time.monotonic() + 60  # then unloaded, once the workers run nothing with it
     while name in {e["id"] for e in httpx.get(f"{worker}/v1/models", timeout=30).json()["data"]}:
         assert time.monotonic() < unloaded
