@@ -3,10 +3,11 @@ typed gateway errors here, at the boundary."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -260,7 +261,7 @@ class HttpTransport:
     async def complete(
         self, worker: Worker, path: str, body: Body, headers: dict[str, str] | None = None
     ) -> Answer:
-        try:
+        with self._whole_answer_errors(worker):
             async with self.session.post(
                 worker.url + path, data=encode(body), timeout=self._answer_timeout, headers=headers
             ) as response:
@@ -272,14 +273,6 @@ class HttpTransport:
                 if content is None:
                     response.close()  # drop the rest unread
                 problem = compressed(response, worker)
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise translate(exc, worker, self.connect_timeout) from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"The worker for model '{worker.model}' did not answer within {self.read_timeout:g} s."
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise translate(exc, worker, self.connect_timeout) from exc
         if content is None:
             raise answer_too_large(worker, self.max_answer_bytes)
         if problem is not None:
@@ -323,16 +316,22 @@ class HttpTransport:
             return response.status == 200
 
     async def post(self, worker: Worker, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-        try:
+        with self._whole_answer_errors(worker, f" {path}"):
             async with self.session.post(
                 worker.url + path, data=encode(body), timeout=self._answer_timeout
             ) as response:
                 return response.status, bytes(await read_capped(response, MAX_ERROR_BYTES) or b"")
+
+    @contextlib.contextmanager
+    def _whole_answer_errors(self, worker: Worker, what: str = "") -> Iterator[None]:
+        """aiohttp's failures while waiting for a whole answer, as the gateway's own errors."""
+        try:
+            yield
         except aiohttp.ConnectionTimeoutError as exc:
             raise translate(exc, worker, self.connect_timeout) from exc
         except TimeoutError as exc:
             raise UpstreamTimeout(
-                f"The worker for model '{worker.model}' did not answer {path} within {self.read_timeout:g} s."
+                f"The worker for model '{worker.model}' did not answer{what} within {self.read_timeout:g} s."
             ) from exc
         except aiohttp.ClientError as exc:
             raise translate(exc, worker, self.connect_timeout) from exc

@@ -38,12 +38,13 @@ def hit_many(path: Path, column: int, hits: int, limit: int, at: float) -> int:
     return sum(window.hit("key/shared").allowed for _ in range(hits))
 
 
-def hold_and_look(path: Path, column: int, seconds: float, cap: int, at: float) -> int:
+def hold_and_look(path: Path, column: int, seconds: float, cap: int, together: Any) -> int:
     """Take a slot, look at the host-wide total while holding it, give it back; the largest total seen."""
     counters = HostCounters.attach(path, column)
     most = 0
-    start_together(at)
-    while time.time() < at + seconds:
+    together.wait()  # every process attached (a loaded machine starts spawned interpreters slowly)
+    end = time.time() + seconds
+    while time.time() < end:
         if counters.take("slots/m/w", 1, cap):
             most = max(most, counters.held("slots/m/w"))
             counters.give("slots/m/w", 1)
@@ -69,9 +70,9 @@ def test_a_window_shared_by_processes_admits_exactly_its_limit(tmp_path: Path) -
 
 def test_holdings_never_exceed_the_cap_across_processes(tmp_path: Path) -> None:
     path, supervisor = counters_file(tmp_path)
-    with SPAWN.Pool(PROCESSES) as pool:
-        at = time.time() + 3
-        most = pool.starmap(hold_and_look, [(path, column, 1.0, 2, at) for column in range(PROCESSES)])
+    with SPAWN.Manager() as manager, SPAWN.Pool(PROCESSES) as pool:
+        together = manager.Barrier(PROCESSES)
+        most = pool.starmap(hold_and_look, [(path, column, 1.0, 2, together) for column in range(PROCESSES)])
     assert max(most) == 2  # the cap was reached, and never passed
     assert supervisor.held("slots/m/w") == 0
 
