@@ -127,12 +127,8 @@ def admin_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Itera
          "tokenizer": settings.resolve_source(spec.source or spec.name)}
         for spec in default_models()
     ]  # fmt: skip
-    env = {
-        "GATEWAY_MODELS": json.dumps(models),
-        "GATEWAY_ADMIN_KEYS": ADMIN_KEY,
-        "GATEWAY_DATABASE_URL": f"sqlite:///{folder / 'gateway.db'}",
-    }
-    admin = launch(env, folder / "gateway.log")
+    env = {"GATEWAY_MODELS": json.dumps(models), "GATEWAY_ADMIN_KEYS": ADMIN_KEY}
+    admin = launch(env, folder / "gateway.log")  # its store: gateway.db beside the log
     try:
         wait_ready(admin)
         yield admin
