@@ -10,6 +10,7 @@
     ├── AdapterNotFound               404 invalid_request_error / adapter_not_found (operator API)
     ├── RouteNotFound                 404 not_found_error / route_not_found
     ├── KeyNotFound                   404 invalid_request_error / key_not_found (an operator route)
+    ├── TooManyKeys                   409 invalid_request_error / too_many_keys (GATEWAY_MAX_KEYS live keys)
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed, with Allow
     ├── RequestTimeout                408 invalid_request_error / body_timeout (or header_timeout)
     ├── RequestTooLarge               413 invalid_request_error / request_too_large
@@ -95,6 +96,20 @@ class KeyNotFound(GatewayError):
     def __init__(self, key: str) -> None:
         super().__init__(
             f"No API key has the id or name '{_clip(key, 100)}'; GET /keys lists them.", param="key"
+        )
+
+
+class TooManyKeys(GatewayError):
+    """A new key beyond GATEWAY_MAX_KEYS live ones (per-key state and metric series are bounded by it)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "too_many_keys"
+
+    def __init__(self, live: int, most: int) -> None:
+        super().__init__(
+            f"This gateway already has {live:,} live API keys, the most it allows (GATEWAY_MAX_KEYS = "
+            f"{most:,}): revoke keys that are no longer used (DELETE /keys/{{key}}) or raise the setting."
         )
 
 

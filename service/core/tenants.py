@@ -33,7 +33,7 @@ from service.core.key_policy import KeyPolicy
 from service.core.keys import KeyDirectory, StoredKey, as_row, from_row, new_key
 from service.core.tenancy import Caller
 from service.core.usage import KeyMetrics, UsageBook
-from service.errors import GatewayError, StoreUnavailable
+from service.errors import GatewayError, StoreUnavailable, TooManyKeys
 from service.ops.record import RequestRecord
 from service.ops.settings import Settings
 from service.store import keys as key_rows
@@ -337,7 +337,10 @@ class Tenants:
     async def create(self, name: str, policy: KeyPolicy) -> tuple[str, StoredKey]:
         """A new key (its secret, shown once, and its record), in effect here at once."""
         secret, record = new_key(name, policy, datetime.now(UTC))
-        await self._write(key_rows.insert_key, as_row(record))
+        try:
+            await self._write(key_rows.insert_key, as_row(record), self.settings.max_keys)
+        except key_rows.KeysFull as full:
+            raise TooManyKeys(full.live, self.settings.max_keys) from None
         self.directory.put(record)
         self._refresh({})
         return secret, record
@@ -378,6 +381,8 @@ class Tenants:
     async def _write(self, work: Any, *args: Any) -> Any:
         try:
             return await self.database.run(self._in_transaction, work, *args)
+        except key_rows.KeysFull:
+            raise
         except Exception as exc:
             log.warning("the database is unreachable for an operator request: %s", _short(exc))
             raise StoreUnavailable() from exc

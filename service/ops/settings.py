@@ -536,6 +536,12 @@ class Settings(BaseSettings):
         description="Seconds a request waits for the database when its key needs more allowance than this "
         "process holds; then a 503 (limits_unavailable).",
     )
+    max_keys: int = Field(
+        default=10_000,
+        ge=1,
+        description="Live (not revoked) API keys the store may hold at most; creating one more is refused "
+        "(409). Per-key state and Prometheus series are bounded by it.",
+    )
     usage_max_rows: int = Field(
         default=100_000,
         ge=100,
