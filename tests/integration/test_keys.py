@@ -487,3 +487,34 @@ async def test_keys_beyond_the_most_allowed_are_refused_with_the_numbers(
         await new_key(second)  # a revoked key leaves room
         listed = (await first.get("/keys", params={"revoked": "true"}, headers=ADMIN)).json()["data"]
         assert len(listed) == 3 and sum(key["revoked_at"] is None for key in listed) == 2
+
+
+async def test_a_request_without_a_model_defaults_within_the_keys_policy(
+    standin_url: str, tmp_path: Path
+) -> None:
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        _, instruct = await new_key(http, kinds=["instruct"])
+        # Endpoints any model serves take the first model the key may use, not the gateway's default.
+        for path, body in [("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1, 2]}),
+                           ("/v1/completions", {"prompt": "x", "max_tokens": 2})]:  # fmt: skip
+            answer = await http.post(path, json=body, headers=instruct)
+            assert answer.status_code == 200, (path, answer.text)
+        assert (await http.get("/tokenizer_info", headers=instruct)).status_code == 200
+        completed = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                    headers=instruct)  # fmt: skip
+        assert completed.json()["model"] == "chat"
+        # An endpoint of one kind refuses with the rule when the key may use none of that kind.
+        refused = await http.post("/complete", json={"prompt": "x"}, headers=instruct)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "kind_not_allowed"
+
+        _, base = await new_key(http, models=["base"])
+        chat_refused = await http.post("/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "hi"}]}, headers=base)  # fmt: skip
+        assert chat_refused.status_code == 403 and chat_refused.json()["error"]["code"] == "model_not_allowed"
+        tokenized = await http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]},
+                                    headers=base)  # fmt: skip
+        assert tokenized.status_code == 403 and "may use only these models: base" in tokenized.text
+
+        _, second = await new_key(http, models=["chat"])
+        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                headers=second)).json()["model"] == "chat"  # fmt: skip
