@@ -21,6 +21,7 @@
     ├── BudgetExceeded                429 rate_limit_error / token_budget_exceeded (the numbers; Retry-After)
     ├── LimitsUnavailable             503 service_unavailable / limits_unavailable, with Retry-After
     ├── StoreUnavailable              503 service_unavailable / store_unavailable, with Retry-After
+    ├── KeyUncheckable                503 service_unavailable / key_uncheckable (unknown key, store away)
     ├── NoHealthyWorker               503 service_unavailable
     │   └── WorkersRefuseKey          502 upstream_error / worker_auth_failed (each refused our key)
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
@@ -304,6 +305,22 @@ class StoreUnavailable(GatewayError):
 
     def __init__(self) -> None:
         super().__init__("The gateway's database is unreachable right now; retry shortly.")
+        self.headers = {"Retry-After": "1"}
+
+
+class KeyUncheckable(GatewayError):
+    """A key this process does not know while the store cannot be reached (it may be a new one)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "key_uncheckable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This API key cannot be checked right now: this gateway process does not know it and its "
+            "database is unreachable (a key created since the process last read them is not known yet); "
+            "retry shortly."
+        )
         self.headers = {"Retry-After": "1"}
 
 
