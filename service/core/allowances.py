@@ -72,6 +72,9 @@ class Allowance:
     returning: int = 0  # given back by the exchange under way (restored if it surely failed)
     store_refused: bool = False  # the last exchange asked for more and got nothing
     standby_asked_at: float = -math.inf  # when this process last asked for its standby share
+    # Idle, holding what it keeps, the store told everything: exchanges skip it until something happens
+    # (a request, a grant, a failed exchange, another process wanting the key, a new process count).
+    calm: bool = False
 
     @property
     def available(self) -> int:
@@ -80,7 +83,7 @@ class Allowance:
 
     def take(self, amount: int, now: float) -> bool:
         """Reserve `amount` (tokens) or hold one slot, if this process holds enough."""
-        self.last_taken = now
+        self.last_taken, self.calm = now, False
         amount = max(0, amount)  # a negative reservation would hand out what others hold
         if self.held - self.pending < amount:
             return False
@@ -93,19 +96,21 @@ class Allowance:
         """A slot (or an unused reservation) comes back."""
         self.pending = max(0, self.pending - amount)
         self.released_at = now
+        self.calm = False
         self.refused_until = 0.0  # something came back: a refused ask may fit now
 
     def spend(self, reserved: int, used: int, bucket: int) -> None:
         """A request's end: its reservation comes back and what it used is spent, in `bucket`."""
         self.pending = max(0, self.pending - reserved)
         self.held -= used
+        self.calm = False
         self.refused_until = 0.0  # something came back: a refused ask may fit now
         if used:
             self.spent[bucket] = self.spent.get(bucket, 0) + used
 
     def hit(self, bucket: int, now: float) -> bool:
         """Spend one request of a rate, if this process holds one."""
-        self.last_taken = now
+        self.last_taken, self.calm = now, False
         if self.held - self.pending < 1:
             return False
         self.held -= 1
@@ -156,6 +161,8 @@ class Allowance:
         changed = {b: total for b, total in self.spent.items() if self.written.get(b) != total}
         ask, need, for_standby = self._ask(now, standby, ask_standby)
         if not changed and self.held == self.written_held and not ask:
+            idle = not self.pending and not self.wanted and now - self.last_taken > IDLE_SECONDS
+            self.calm = idle and self.held == keep and now >= self.contended_until
             return None
         return Plan(
             key_id=self.key_id,
@@ -186,11 +193,13 @@ class Allowance:
         """The exchange surely did not reach the store: what it gave back is still held there."""
         self.held += self.returning
         self.returning = 0
+        self.calm = False
 
     def applied(self, plan: Plan, outcome: Outcome) -> None:
         """The store took `plan`: what it now records, and the grant."""
         self.returning = 0
         self.held += outcome.change
+        self.calm = False
         self.written_held = outcome.held
         self.written.update(plan.spent)
         if plan.ask:

@@ -77,6 +77,7 @@ class KeyLimits:
         # After this (the clock's time), what this process holds may have been reclaimed by the others
         # (its lease lapsed): it is not used until an exchange renews the lease.
         self.holds_until = math.inf
+        self._planned_for = 1  # the process count the last plans were made for
 
     def allowance(self, key_id: str, policy: KeyPolicy, resource: Resource, limit: int) -> Allowance:
         """This process's allowance of a key's resource (none held at first)."""
@@ -207,6 +208,7 @@ class KeyLimits:
         refused while other processes hold some of the limit, once more after they had time to give
         back what they do not use (the refusal told them)."""
         allowance.wanted.append(amount)
+        allowance.calm = False
         try:
             for attempt in range(2):
                 if not await _wait(self.ask(allowance), self.wait_seconds):
@@ -227,7 +229,11 @@ class KeyLimits:
         now = self.clock()
         found = []
         standby_asks = STANDBY_ASKS
+        recount = self.processes != self._planned_for  # every share changes: none is calm
+        self._planned_for = self.processes
         for allowance in list(self.allowances.values() if only is None else only):
+            if allowance.calm and not recount:
+                continue
             allowance.nudged = False
             plan = allowance.plan(
                 now, self.window_start(allowance, now), self.standby(allowance), standby_asks > 0
@@ -266,6 +272,7 @@ class KeyLimits:
                 continue
             allowance.limit = 0
             allowance.recent_demand = allowance.demand = 0
+            allowance.calm = False
             if not allowance.pending and not allowance.held and allowance.written_held == 0:
                 unwritten = any(allowance.written.get(b) != v for b, v in allowance.spent.items())
                 if not unwritten:

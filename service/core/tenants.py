@@ -224,7 +224,7 @@ class Tenants:
         for (key_id, resource), allowance in self.limits.allowances.items():
             if (key_id, resource.value) not in contended:
                 continue
-            allowance.contended_until = now + CONTENDED_SECONDS
+            allowance.contended_until, allowance.calm = now + CONTENDED_SECONDS, False
             if allowance.held - allowance.pending > allowance.cushion(now) and not allowance.nudged:
                 allowance.nudged = True
                 asyncio.get_running_loop().call_soon(self.exchange_soon, allowance)

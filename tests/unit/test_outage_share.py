@@ -189,3 +189,14 @@ async def test_processes_riding_out_an_outage_never_pass_a_limit_together(
     for start in served["requests"]:  # the rate: within any minute (its buckets are 1/RATE_BUCKETS of it)
         window = [t for t in served["requests"] if start <= t < start + 60]
         assert len(window) <= 60, (start, len(window))
+
+
+async def test_an_exchange_skips_idle_allowances_until_something_happens() -> None:
+    limits, store = limits_with(free=10**6)
+    limits.prepare([stored()])
+    await store.ask(limits.allowances[(KEY, Resource.TOKENS)])  # the shares granted
+    assert limits.plans() == [] and all(a.calm for a in limits.allowances.values())
+    await limits.hit(stored())  # a request: its allowance tells the store what it spent
+    assert [plan.resource for _, plan in limits.plans()] == ["requests"]
+    limits.processes = 2  # another process: every share is halved, so every allowance gives some back
+    assert sorted(plan.resource for _, plan in limits.plans()) == ["requests", "slots", "tokens"]
