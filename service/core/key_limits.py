@@ -300,7 +300,7 @@ class KeyLimits:
             fewer = "ask for fewer tokens (lower max_tokens, or a shorter prompt)"
             message = f"{whole}; {ask}, more than the whole budget: {fewer}."
         else:
-            held = "held by the gateway for requests in progress and use not yet recorded"
+            held = "held by the gateway for requests in progress, use not yet recorded and outages"
             numbers = f"{used:,} used, {reserved:,} reserved ({held}), {left:,} left"
             message = f"{whole}: {numbers}; {ask}."
         headers = {
