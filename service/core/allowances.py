@@ -16,8 +16,9 @@ each exchange) the cushion shrinks to what the last exchange period used (no slo
 unused for IDLE_SECONDS is given back down to its standby share.
 
 The standby share is how a database outage is ridden out: every process holds, of every live key it
-knows, used or not, limit / (STANDBY_SHARE x the processes the store counts), granted by the store like
-any other allowance (so within the rule above) and given back while another process wants the key.
+knows, used or not, limit / (STANDBY_SHARE[resource] x the processes the store counts), granted by the
+store like any other allowance (so within the rule above) and given back while another process wants the
+key. A budget's share is smaller: a process that crashes has what it held counted as spent for the period.
 During an outage a process serves from what it holds and nothing more: nothing is granted while the
 store is away, so whatever the outage (every process or some, long or short) no limit is passed.
 """
@@ -32,16 +33,21 @@ from service.store.ledger import Outcome, Plan
 
 CUSHION_SHARE = 8  # a process keeps at most limit / 8 beyond what its open requests hold
 SLOT_LINGER_SECONDS = 0.1  # a released slot is kept this long (a client's next request usually comes sooner)
-IDLE_SECONDS = 10.0  # an allowance unused this long is given back whole
+IDLE_SECONDS = 10.0  # an allowance unused this long is given back, down to its standby share
 CONTENDED_SECONDS = 5.0  # after the store says another process wanted a key, cushions stay small this long
-STANDBY_SHARE = 2  # half of a limit is shared out ahead among the processes; the rest goes to who asks
-STANDBY_RETRY_SECONDS = 10.0  # a standby share asked for (granted or not) is not asked for again sooner
 
 
 class Resource(StrEnum):
     TOKENS = "tokens"
     REQUESTS = "requests"
     SLOTS = "slots"
+
+
+# What part of a limit the processes together hold ahead for an outage (the rest goes to who asks): half of
+# a rate or a concurrency cap (a crashed process's share counts for one window, or comes back); an eighth
+# of a budget (a crashed process's share counts as spent until the period ends).
+STANDBY_SHARE = {Resource.REQUESTS: 2, Resource.SLOTS: 2, Resource.TOKENS: 8}
+STANDBY_RETRY_SECONDS = 10.0  # a standby share asked for (granted or not) is not asked for again sooner
 
 
 @dataclass(eq=False)

@@ -103,8 +103,9 @@ class KeyLimits:
 
     def standby(self, allowance: Allowance) -> int:
         """The share of a key's limit this process holds ahead for an outage: the limit divided by
-        STANDBY_SHARE times the processes the store counts, so all of them together hold half of it."""
-        return allowance.limit // (STANDBY_SHARE * max(1, self.processes))
+        its STANDBY_SHARE times the processes the store counts (all of them together: half of a rate or a
+        concurrency cap, an eighth of a budget)."""
+        return allowance.limit // (STANDBY_SHARE[allowance.resource] * max(1, self.processes))
 
     def usable(self, now: float) -> bool:
         """Whether what this process holds is still its own (its lease has not lapsed)."""

@@ -58,14 +58,14 @@ def test_a_request_ask_is_never_taken_for_a_standby_one() -> None:
     assert plan is not None and not plan.standby and plan.need == 300
 
 
-def test_the_standby_share_is_half_the_limit_shared_by_the_processes() -> None:
+def test_the_standby_share_is_half_a_rate_or_cap_and_an_eighth_of_a_budget_shared_by_the_processes() -> None:
     limits, _ = limits_with(free=0)
     limits.prepare([stored()])
     shares = {resource: limits.standby(a) for (_, resource), a in limits.allowances.items()}
-    assert shares == {Resource.REQUESTS: 30, Resource.SLOTS: 2, Resource.TOKENS: 500}
+    assert shares == {Resource.REQUESTS: 30, Resource.SLOTS: 2, Resource.TOKENS: 125}
     limits.processes = 3
     shares = {resource: limits.standby(a) for (_, resource), a in limits.allowances.items()}
-    assert shares == {Resource.REQUESTS: 10, Resource.SLOTS: 0, Resource.TOKENS: 166}
+    assert shares == {Resource.REQUESTS: 10, Resource.SLOTS: 0, Resource.TOKENS: 41}
     limits.prepare([stored(KeyPolicy(models=["m"])), stored(revoked=True)])  # nothing to count: no more
     assert len(limits.allowances) == 3
 
@@ -85,8 +85,8 @@ async def test_a_known_key_never_used_here_is_served_from_its_share_in_an_outage
         await limits.hold_slot(key)
     limits.release_slot(slots[0])
     await limits.hold_slot(key)  # a slot given back is held again
-    await limits.reserve(charge(300))
-    await limits.reserve(charge(200))
+    await limits.reserve(charge(100))
+    await limits.reserve(charge(25))
     with pytest.raises(LimitsUnavailable):
         await limits.reserve(charge(1))
 
