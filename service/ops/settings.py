@@ -573,6 +573,18 @@ class Settings(BaseSettings):
                 seen.add(member)
         return self
 
+    @model_validator(mode="after")
+    def _lease_outlasts_exchanges(self) -> Self:
+        """A process uses what it holds of keys' limits for 0.8 of the lease after an exchange: several
+        exchanges must fit in it, or every request would wait for one."""
+        lease, interval = self.keys_lease_seconds, self.keys_sync_interval
+        if lease < 4 * interval:
+            raise ValueError(
+                f"keys_lease_seconds ({lease:g}) must be at least 4 x keys_sync_interval ({interval:g}): "
+                "processes would take one another for crashed between two exchanges"
+            )
+        return self
+
     @field_validator("api_keys", "admin_keys", "cors_allow_origins", "trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:

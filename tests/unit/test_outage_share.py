@@ -200,3 +200,13 @@ async def test_an_exchange_skips_idle_allowances_until_something_happens() -> No
     assert [plan.resource for _, plan in limits.plans()] == ["requests"]
     limits.processes = 2  # another process: every share is halved, so every allowance gives some back
     assert sorted(plan.resource for _, plan in limits.plans()) == ["requests", "slots", "tokens"]
+
+
+def test_a_lease_that_fits_too_few_exchanges_stops_start_up() -> None:
+    from pydantic import ValidationError
+
+    from service.ops.settings import Settings
+
+    with pytest.raises(ValidationError, match=r"keys_lease_seconds \(10\) must be at least 4 x keys_sync"):
+        Settings(keys_lease_seconds=10, keys_sync_interval=5)
+    assert Settings(keys_lease_seconds=20, keys_sync_interval=5).keys_lease_seconds == 20
