@@ -212,7 +212,9 @@ class KeyLimits:
         allowance.calm = False
         try:
             for attempt in range(2):
-                if not await _wait(self.ask(allowance), self.wait_seconds):
+                reached = await _wait(self.ask(allowance), self.wait_seconds)
+                # An exchange with nothing to tell answers without the store: it renews no lease.
+                if not reached or not self.usable(self.clock()):
                     raise LimitsUnavailable(what)
                 view = allowance.view
                 others = view.held_all - allowance.held if view and view.held_all is not None else 0

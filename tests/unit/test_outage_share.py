@@ -105,6 +105,13 @@ async def test_what_is_held_is_not_used_once_the_lease_could_have_lapsed() -> No
         await limits.hit(stored())
     assert limits.allowances[(KEY, Resource.REQUESTS)].available == 29  # held, but no longer its own
 
+    async def nothing_to_tell(_allowance: Allowance) -> bool:
+        return True  # an exchange with nothing to tell answers at once, without the store
+
+    limits.ask = nothing_to_tell
+    with pytest.raises(LimitsUnavailable):
+        await limits.hit(stored())
+
 
 # ---------------------------------------------------------------- several processes, one real ledger
 
