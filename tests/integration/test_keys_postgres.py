@@ -135,3 +135,43 @@ async def test_a_database_stopped_mid_load_loses_and_doubles_nothing(
             len(answers), errors, served(answers))  # fmt: skip
         assert used == served(answers) and still_held == 0
     assert usage["requests"] <= len(seen)  # read while running: never more than was sent
+
+
+async def test_two_gateways_cut_off_together_stay_within_a_budget(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    budget = 3000
+    with running_postgres() as server:
+        url = server.create_database("gateway")
+        settings = standin_settings(
+            standin_url, admin_keys="admin-1", database_url=url, keys_sync_interval=0.2, keys_store_wait=0.5
+        )
+        seen: list[list[Any]] = [[], []]
+        async with running_gateway(settings) as (_, first), running_gateway(settings) as (_, second):
+            key_id, headers = await new_key(first, token_budget={"tokens": budget, "period": "day"})
+            await asyncio.sleep(0.6)  # the second gateway reads the key, both learn they are two
+            done = asyncio.Event()
+            workers = [asyncio.create_task(load(http, headers, done, seen[index], pause=0.01))
+                       for index, http in enumerate((first, second))]  # fmt: skip
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(server.stop)
+            stopped_at = [len(answers) for answers in seen]
+            await asyncio.sleep(3.0)
+            outage = [answers[at:] for answers, at in zip(seen, stopped_at, strict=True)]
+            await asyncio.to_thread(server.start)
+            done.set()
+            await asyncio.gather(*workers)
+        total, used, held = written(url, key_id)
+    answers = seen[0] + seen[1]
+    print("outage:", [Counter(code for code, _, _ in part) for part in outage],
+          "served:", served(answers), "of", budget)  # fmt: skip
+    # Each gateway served from what the store had granted it, then refused: at most its standby share
+    # (budget / (8 x 2 gateways)) and its cushion (budget / 8), whatever the other one did.
+    for part in outage:
+        codes = Counter(code for code, _, _ in part)
+        assert codes[200] >= 5 and codes[503] > 0 and set(codes) <= {200, 503}, codes
+        assert served(part) <= budget // 16 + budget // 8
+        assert {error for code, _, error in part if code == 503} == {"limits_unavailable"}
+    assert served(answers) <= budget
+    assert (total["requests"], total["tokens_in"] + total["tokens_out"]) == (len(answers), served(answers))
+    assert used == served(answers) and held == 0
