@@ -10,6 +10,7 @@
     ├── AdapterNotFound               404 invalid_request_error / adapter_not_found (operator API)
     ├── RouteNotFound                 404 not_found_error / route_not_found
     ├── KeyNotFound                   404 invalid_request_error / key_not_found (an operator route)
+    ├── TooManyKeys                   409 invalid_request_error / too_many_keys (GATEWAY_MAX_KEYS live keys)
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed, with Allow
     ├── RequestTimeout                408 invalid_request_error / body_timeout (or header_timeout)
     ├── RequestTooLarge               413 invalid_request_error / request_too_large
@@ -20,6 +21,7 @@
     ├── BudgetExceeded                429 rate_limit_error / token_budget_exceeded (the numbers; Retry-After)
     ├── LimitsUnavailable             503 service_unavailable / limits_unavailable, with Retry-After
     ├── StoreUnavailable              503 service_unavailable / store_unavailable, with Retry-After
+    ├── KeyUncheckable                503 service_unavailable / key_uncheckable (unknown key, store away)
     ├── NoHealthyWorker               503 service_unavailable
     │   └── WorkersRefuseKey          502 upstream_error / worker_auth_failed (each refused our key)
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
@@ -95,6 +97,20 @@ class KeyNotFound(GatewayError):
     def __init__(self, key: str) -> None:
         super().__init__(
             f"No API key has the id or name '{_clip(key, 100)}'; GET /keys lists them.", param="key"
+        )
+
+
+class TooManyKeys(GatewayError):
+    """A new key beyond GATEWAY_MAX_KEYS live ones (per-key state and metric series are bounded by it)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "too_many_keys"
+
+    def __init__(self, live: int, most: int) -> None:
+        super().__init__(
+            f"This gateway already has {live:,} live API keys, the most it allows (GATEWAY_MAX_KEYS = "
+            f"{most:,}): revoke keys that are no longer used (DELETE /keys/{{key}}) or raise the setting."
         )
 
 
@@ -289,6 +305,22 @@ class StoreUnavailable(GatewayError):
 
     def __init__(self) -> None:
         super().__init__("The gateway's database is unreachable right now; retry shortly.")
+        self.headers = {"Retry-After": "1"}
+
+
+class KeyUncheckable(GatewayError):
+    """A key this process does not know while the store cannot be reached (it may be a new one)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "key_uncheckable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This API key cannot be checked right now: this gateway process does not know it and its "
+            "database is unreachable (a key created since the process last read them is not known yet); "
+            "retry shortly."
+        )
         self.headers = {"Retry-After": "1"}
 
 

@@ -24,7 +24,7 @@ from service.api.errors import reject
 from service.core.allowances import Allowance
 from service.core.keys import StoredKey
 from service.core.tenants import Tenants
-from service.errors import GatewayError, RateLimited, TooManyFailedKeys, Unauthorized
+from service.errors import GatewayError, KeyUncheckable, RateLimited, TooManyFailedKeys, Unauthorized
 from service.ops.counters import Window, Windows
 from service.ops.host_counters import HostCounters
 from service.ops.metrics import Metrics
@@ -185,9 +185,10 @@ class ApiKeyMiddleware:
             if self.failures is not None:
                 self.failures.hit(address)
             self._count("auth_failures")
-            await reject(
-                scope, receive, send, Unauthorized(REVOKED if stored is not None else Unauthorized.DEFAULT)
-            )
+            error: GatewayError = Unauthorized(REVOKED if stored is not None else Unauthorized.DEFAULT)
+            if stored is None and self.tenants is not None and not self.tenants.reachable:
+                error = KeyUncheckable()  # it may be a key created since this process last read them
+            await reject(scope, receive, send, error)
             return
         state = scope.setdefault("state", {})
         state["api_key_id"] = accepted

@@ -118,10 +118,12 @@ class Gateway:
         self.models = models_of(self.pools, self.tokenizers)
         self.loads = AdapterLoads(self.transport, self.metrics)
 
-    def resolve(self, name: str | None, default_kind: ModelKind, caller: Caller = OPEN) -> ServedModel:
+    def resolve(
+        self, name: str | None, default_kind: ModelKind, caller: Caller = OPEN, any_kind: bool = False
+    ) -> ServedModel:
         """The named model, or the first one of `default_kind` (a 404 listing the served names); for a
-        key with a policy, the first of that kind it may use, and a 403 naming the rule for one it may
-        not."""
+        key with a policy, the first of that kind it may use (`any_kind`: an endpoint any model serves,
+        else the first it may use at all), and a 403 naming the rule for one it may not."""
         policy = caller.policy
         if policy is None:
             return self.models.resolve(name, default_kind)
@@ -129,7 +131,9 @@ class Gateway:
             allowed = [model for model in self.models.values() if policy.allows(model)]
             if name is not None:
                 raise ModelNotFound(name, [model.name for model in allowed])
-            name = next((model.name for model in allowed if model.kind is default_kind), None)
+            fitting = [model for model in allowed if model.kind is default_kind]
+            fitting = fitting or (allowed if any_kind else [])
+            name = fitting[0].name if fitting else None  # none: the gateway's default, refused by the rule
         model = self.models.resolve(name, default_kind)
         refusal = policy.refusal(model)
         if refusal is not None:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from service.core.allowances import SLOT_LINGER_SECONDS, Allowance, Resource
+from service.core.allowances import SLOT_LINGER_SECONDS, STANDBY_SHARE, Allowance, Resource
 from service.core.key_policy import RATE_BUCKETS, KeyPolicy, rate_bucket, rate_window
 from service.core.keys import StoredKey
 from service.core.tenancy import Caller
@@ -23,6 +23,7 @@ from service.store.ledger import Plan
 ASK_ATTEMPTS = 3  # a request asks the store at most this many times before it is refused
 REFUSED_SECONDS = 1.0  # a refused ask is not asked again (for as much or more) for this long
 PLENTY = 64  # requests' worth of a budget held: below, a prompt is counted exactly to reserve it
+STANDBY_ASKS = 64  # standby shares asked for in one exchange at most (thousands of keys: over a few minutes)
 # ask(allowance) waits for an exchange that includes `allowance`; whether it reached the store.
 Ask = Callable[[Allowance], Awaitable[bool]]
 
@@ -72,6 +73,11 @@ class KeyLimits:
         self.clock = clock
         self.allowances: dict[tuple[str, Resource], Allowance] = {}
         self.policies: dict[str, KeyPolicy] = {}  # key id -> policy, for the buckets of its allowances
+        self.processes = 1  # gateway processes the store counted at the last exchange
+        # After this (the clock's time), what this process holds may have been reclaimed by the others
+        # (its lease lapsed): it is not used until an exchange renews the lease.
+        self.holds_until = math.inf
+        self._planned_for = 1  # the process count the last plans were made for
 
     def allowance(self, key_id: str, policy: KeyPolicy, resource: Resource, limit: int) -> Allowance:
         """This process's allowance of a key's resource (none held at first)."""
@@ -80,6 +86,30 @@ class KeyLimits:
             found = self.allowances[(key_id, resource)] = Allowance(key_id, resource, limit)
             self.policies[key_id] = policy
         return found
+
+    def prepare(self, keys: Iterable[StoredKey]) -> None:
+        """An allowance of every limit of every live key, used here or not, so that each holds its
+        standby share (asked for at the next exchanges) to ride out an outage."""
+        for key in keys:
+            policy = key.policy
+            if key.revoked or not policy.limited:
+                continue
+            if policy.rate_limit:
+                self.allowance(key.id, policy, Resource.REQUESTS, rate_window(policy.rate_limit)[0])
+            if policy.max_concurrent:
+                self.allowance(key.id, policy, Resource.SLOTS, policy.max_concurrent)
+            if policy.token_budget:
+                self.allowance(key.id, policy, Resource.TOKENS, policy.token_budget.tokens)
+
+    def standby(self, allowance: Allowance) -> int:
+        """The share of a key's limit this process holds ahead for an outage: the limit divided by
+        its STANDBY_SHARE times the processes the store counts (all of them together: half of a rate or a
+        concurrency cap, an eighth of a budget)."""
+        return allowance.limit // (STANDBY_SHARE[allowance.resource] * max(1, self.processes))
+
+    def usable(self, now: float) -> bool:
+        """Whether what this process holds is still its own (its lease has not lapsed)."""
+        return now < self.holds_until
 
     # ------------------------------------------------------------------ the checks
 
@@ -90,7 +120,7 @@ class KeyLimits:
         limit, seconds = rate_window(rate)
         allowance = self.allowance(key.id, key.policy, Resource.REQUESTS, limit)
         now = self.clock()
-        if allowance.hit(rate_bucket(seconds, now), now):
+        if self.usable(now) and allowance.hit(rate_bucket(seconds, now), now):
             return
         if not allowance.refused_now(1, now):
             if await self._granted(
@@ -106,7 +136,7 @@ class KeyLimits:
         cap = key.policy.max_concurrent
         assert cap is not None
         allowance = self.allowance(key.id, key.policy, Resource.SLOTS, cap)
-        if allowance.take(1, self.clock()):
+        if self.usable(self.clock()) and allowance.take(1, self.clock()):
             return allowance
         if not allowance.refused_now(1, self.clock()):
             if await self._granted(allowance, 1, "concurrency limit", lambda t: allowance.take(1, t)):
@@ -128,7 +158,7 @@ class KeyLimits:
         allowance = self.allowance(charge.caller.key_id, policy, Resource.TOKENS, budget.tokens)
         if charge.most > budget.tokens:
             raise self._over_budget(allowance, policy, charge.most, never=True)
-        if not allowance.take(charge.most, self.clock()):
+        if not (self.usable(self.clock()) and allowance.take(charge.most, self.clock())):
             if allowance.refused_now(charge.most, self.clock()):
                 raise self._over_budget(allowance, policy, charge.most)
             if not await self._granted(
@@ -179,9 +209,12 @@ class KeyLimits:
         refused while other processes hold some of the limit, once more after they had time to give
         back what they do not use (the refusal told them)."""
         allowance.wanted.append(amount)
+        allowance.calm = False
         try:
             for attempt in range(2):
-                if not await _wait(self.ask(allowance), self.wait_seconds):
+                reached = await _wait(self.ask(allowance), self.wait_seconds)
+                # An exchange with nothing to tell answers without the store: it renews no lease.
+                if not reached or not self.usable(self.clock()):
                     raise LimitsUnavailable(what)
                 view = allowance.view
                 others = view.held_all - allowance.held if view and view.held_all is not None else 0
@@ -198,10 +231,18 @@ class KeyLimits:
         asks."""
         now = self.clock()
         found = []
+        standby_asks = STANDBY_ASKS
+        recount = self.processes != self._planned_for  # every share changes: none is calm
+        self._planned_for = self.processes
         for allowance in list(self.allowances.values() if only is None else only):
+            if allowance.calm and not recount:
+                continue
             allowance.nudged = False
-            plan = allowance.plan(now, self.window_start(allowance, now))
+            plan = allowance.plan(
+                now, self.window_start(allowance, now), self.standby(allowance), standby_asks > 0
+            )
             if plan is not None:
+                standby_asks -= plan.standby
                 found.append((allowance, plan))
         return found
 
@@ -234,6 +275,7 @@ class KeyLimits:
                 continue
             allowance.limit = 0
             allowance.recent_demand = allowance.demand = 0
+            allowance.calm = False
             if not allowance.pending and not allowance.held and allowance.written_held == 0:
                 unwritten = any(allowance.written.get(b) != v for b, v in allowance.spent.items())
                 if not unwritten:
@@ -261,7 +303,7 @@ class KeyLimits:
             fewer = "ask for fewer tokens (lower max_tokens, or a shorter prompt)"
             message = f"{whole}; {ask}, more than the whole budget: {fewer}."
         else:
-            held = "held by the gateway for requests in progress and use not yet recorded"
+            held = "held by the gateway for requests in progress, use not yet recorded and outages"
             numbers = f"{used:,} used, {reserved:,} reserved ({held}), {left:,} left"
             message = f"{whole}: {numbers}; {ask}."
         headers = {

@@ -11,6 +11,10 @@ of processes whose lease lapsed. A request that needs more allowance than this p
 an exchange at once (coalesced with the others waiting). When the database is unreachable, known keys
 keep being served within what this process holds, and usage waits in memory to be written when it is
 back. Stopping, the process writes everything and gives its allowances back.
+
+What a process holds is its own until its lease could lapse: from the start of its last exchange that
+reached the store, LEASE_USED of GATEWAY_KEYS_LEASE_SECONDS (the rest spares clocks that differ). After
+that the others may have reclaimed it, so it is not used until the store answers again.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from service.core.key_policy import KeyPolicy
 from service.core.keys import KeyDirectory, StoredKey, as_row, from_row, new_key
 from service.core.tenancy import Caller
 from service.core.usage import KeyMetrics, UsageBook
-from service.errors import GatewayError, StoreUnavailable
+from service.errors import GatewayError, StoreUnavailable, TooManyKeys
 from service.ops.record import RequestRecord
 from service.ops.settings import Settings
 from service.store import keys as key_rows
@@ -45,6 +49,7 @@ from service.store.usage import read_usage, write_usage
 log = logging.getLogger(__name__)
 STOP_RETRY_SECONDS = 10.0  # stopping with the database away: how long to keep trying to write usage
 ERROR_LOG_EVERY = 60.0
+LEASE_USED = 0.8  # of the lease, from an exchange's start, during which what a process holds is its own
 
 
 @dataclass
@@ -88,9 +93,11 @@ class Tenants:
 
     async def start(self) -> None:
         """Load the keys (before serving: a process never serves without knowing them), then follow."""
+        started = time.time()
         keys, current = await self.database.run(self._load)
         self._adopt(keys, current)
         self._connected_since = time.monotonic()
+        self._holds_until(started)
         self._loop = asyncio.create_task(self._follow())
         log.info("%d API key(s) managed at runtime (%d revoked)", len(keys), sum(k.revoked for k in keys))
 
@@ -152,6 +159,7 @@ class Tenants:
         lease = self.settings.keys_lease_seconds
         steady = self._connected_since is not None and time.monotonic() - self._connected_since > lease
         stage = Stage()
+        started = time.time()
         try:
             synced = await self.database.run(
                 self._transaction, [plan for _, plan in plans], rows, full, steady, final, stage
@@ -165,6 +173,8 @@ class Tenants:
         if self._connected_since is None:
             log.info("the database is reachable again; usage and allowances written")
             self._connected_since = time.monotonic()
+        self._holds_until(started)
+        self.limits.processes = synced.exchanged.processes
         for (allowance, plan), outcome in zip(plans, synced.exchanged.outcomes, strict=True):
             allowance.applied(plan, outcome)
         self._contended(synced.exchanged.contended)
@@ -192,8 +202,9 @@ class Tenants:
         keys = None
         with self.database.engine.connect() as connection:
             transaction = connection.begin()
+            lease_ms = int(self.settings.keys_lease_seconds * 1000)
             exchanged = ledger.exchange(
-                connection, self.holder, now_ms, plans, lapse, self.limits.bucket_now, since
+                connection, self.holder, now_ms, plans, lapse, self.limits.bucket_now, since, lease_ms
             )
             write_usage(connection, rows)
             current = revision(connection, key_rows.TOPIC) if follow else self.directory.revision
@@ -213,10 +224,20 @@ class Tenants:
         for (key_id, resource), allowance in self.limits.allowances.items():
             if (key_id, resource.value) not in contended:
                 continue
-            allowance.contended_until = now + CONTENDED_SECONDS
+            allowance.contended_until, allowance.calm = now + CONTENDED_SECONDS, False
             if allowance.held - allowance.pending > allowance.cushion(now) and not allowance.nudged:
                 allowance.nudged = True
                 asyncio.get_running_loop().call_soon(self.exchange_soon, allowance)
+
+    def _holds_until(self, started: float) -> None:
+        """An exchange that began at `started` renewed the lease: what is held is this process's till then."""
+        self.limits.holds_until = started + LEASE_USED * self.settings.keys_lease_seconds
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the last exchange reached the store (else a key this process does not know may be a
+        new one, and cannot be checked)."""
+        return self._connected_since is not None
 
     def _store_failed(self, exc: Exception) -> None:
         self.metrics.store_errors.inc()
@@ -243,6 +264,7 @@ class Tenants:
         """After the keys changed: allowances of revoked keys go back, their metric series go."""
         live = {key.id: key.policy for key in self.directory.by_id.values() if not key.revoked}
         self.limits.retire(live.get)
+        self.limits.prepare(self.directory.by_id.values())
         for key in self.directory.by_id.values():
             if key.revoked and not (before.get(key.id) and before[key.id].revoked):
                 self.metrics.forget(key.id)
@@ -337,7 +359,10 @@ class Tenants:
     async def create(self, name: str, policy: KeyPolicy) -> tuple[str, StoredKey]:
         """A new key (its secret, shown once, and its record), in effect here at once."""
         secret, record = new_key(name, policy, datetime.now(UTC))
-        await self._write(key_rows.insert_key, as_row(record))
+        try:
+            await self._write(key_rows.insert_key, as_row(record), self.settings.max_keys)
+        except key_rows.KeysFull as full:
+            raise TooManyKeys(full.live, self.settings.max_keys) from None
         self.directory.put(record)
         self._refresh({})
         return secret, record
@@ -378,6 +403,8 @@ class Tenants:
     async def _write(self, work: Any, *args: Any) -> Any:
         try:
             return await self.database.run(self._in_transaction, work, *args)
+        except key_rows.KeysFull:
+            raise
         except Exception as exc:
             log.warning("the database is unreachable for an operator request: %s", _short(exc))
             raise StoreUnavailable() from exc

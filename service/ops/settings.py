@@ -550,6 +550,12 @@ class Settings(BaseSettings):
         description="Seconds a request waits for the database when its key needs more allowance than this "
         "process holds; then a 503 (limits_unavailable).",
     )
+    max_keys: int = Field(
+        default=10_000,
+        ge=1,
+        description="Live (not revoked) API keys the store may hold at most; creating one more is refused "
+        "(409). Per-key state and Prometheus series are bounded by it.",
+    )
     usage_max_rows: int = Field(
         default=100_000,
         ge=100,
@@ -579,6 +585,18 @@ class Settings(BaseSettings):
                 if member in seen:
                     raise ValueError(f"cache_groups: key id {member!r} is in more than one group")
                 seen.add(member)
+        return self
+
+    @model_validator(mode="after")
+    def _lease_outlasts_exchanges(self) -> Self:
+        """A process uses what it holds of keys' limits for 0.8 of the lease after an exchange: several
+        exchanges must fit in it, or every request would wait for one."""
+        lease, interval = self.keys_lease_seconds, self.keys_sync_interval
+        if lease < 4 * interval:
+            raise ValueError(
+                f"keys_lease_seconds ({lease:g}) must be at least 4 x keys_sync_interval ({interval:g}): "
+                "processes would take one another for crashed between two exchanges"
+            )
         return self
 
     @field_validator("api_keys", "admin_keys", "cors_allow_origins", "trusted_proxies", mode="before")

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, func, select, update
 
 from service.store.rows import bump
 from service.store.schema import api_keys
@@ -15,10 +15,26 @@ from service.store.schema import api_keys
 TOPIC = "keys"
 
 
-def insert_key(connection: Connection, row: Mapping[str, Any]) -> int:
-    """Store a new key's row; the `keys` revision after it."""
+class KeysFull(Exception):
+    """The store already holds the most live keys allowed."""
+
+    def __init__(self, live: int) -> None:
+        super().__init__(f"{live} live keys")
+        self.live = live
+
+
+def insert_key(connection: Connection, row: Mapping[str, Any], max_live: int | None = None) -> int:
+    """Store a new key's row, unless `max_live` live keys exist already (KeysFull); the `keys` revision
+    after it."""
+    current = bump(connection, TOPIC)  # first: its row lock makes concurrent creations count in turn
+    if max_live is not None:
+        live = connection.execute(
+            select(func.count()).select_from(api_keys).where(api_keys.c.revoked_at.is_(None))
+        ).scalar_one()
+        if live >= max_live:
+            raise KeysFull(int(live))
     connection.execute(api_keys.insert().values(**row))
-    return bump(connection, TOPIC)
+    return current
 
 
 def revoke_key(connection: Connection, key_id: str, when: datetime) -> dict[str, Any] | None:

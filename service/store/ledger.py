@@ -52,6 +52,7 @@ class Plan:
     spent: Mapping[int, int]  # buckets whose total changed, with the new totals
     ask: int = 0  # more wanted now
     need: int = 0  # the least that is of any use: a smaller grant is none
+    standby: bool = False  # asked ahead, for an outage: refused, it tells no other process it is wanted
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Exchanged:
     reclaimed: bool
     outcomes: list[Outcome]
     contended: frozenset[tuple[str, str]] = frozenset()
+    processes: int = 1  # processes whose lease is live (this one included), when asked for
 
 
 def exchange(
@@ -84,10 +86,11 @@ def exchange(
     reclaim_lapsed_ms: int | None = None,
     bucket_of: BucketOf | None = None,
     wanted_since_ms: int | None = None,
+    lease_ms: int | None = None,
 ) -> Exchanged:
     """Renew this process's lease, reclaim lapsed holders (when `reclaim_lapsed_ms` is set), write and
-    grant every plan, and (with `wanted_since_ms`) read what others were refused since then, in one
-    transaction (the caller's)."""
+    grant every plan, (with `wanted_since_ms`) read what others were refused since then and (with
+    `lease_ms`) count the processes renewed within it, in one transaction (the caller's)."""
     reclaimed = _renew(connection, holder, now_ms)  # a write first: SQLite then serializes the rest
     if reclaim_lapsed_ms is not None:
         _reclaim_lapsed(connection, now_ms, reclaim_lapsed_ms, bucket_of or (lambda _k, _r: None))
@@ -103,7 +106,15 @@ def exchange(
             .distinct()
         )
         contended = frozenset((key, resource) for key, resource in wanted)
-    return Exchanged(reclaimed, [outcomes[index] for index in range(len(plans))], contended)
+    processes = 1
+    if lease_ms is not None:
+        processes = connection.execute(
+            select(func.count())
+            .select_from(holders)
+            .where(holders.c.reclaimed_ms.is_(None), holders.c.renewed_ms >= now_ms - lease_ms)
+        ).scalar_one()
+    outcomes_in_order = [outcomes[index] for index in range(len(plans))]
+    return Exchanged(reclaimed, outcomes_in_order, contended, max(1, int(processes)))
 
 
 def _renew(connection: Connection, holder: str, now_ms: int) -> bool:
@@ -194,7 +205,7 @@ def _apply(connection: Connection, holder: str, plan: Plan, reclaimed: bool, now
                 )
             )  # fmt: skip
         used, held_all = int(used), int(others) + held + granted
-    refused = bool(plan.ask) and not granted
+    refused = bool(plan.ask) and not granted and not plan.standby
     mine = {"key_id": plan.key_id, "resource": plan.resource, "holder": holder, "held": held + granted,
             "wanted_ms": now_ms if refused else None}  # fmt: skip
     upsert(connection, key_allowances, [mine], ["key_id", "resource", "holder"], _keep_a_refusal)

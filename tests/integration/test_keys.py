@@ -465,3 +465,56 @@ async def test_a_count_of_thousands_of_digits_is_a_400_not_a_500(standin_url: st
                                    headers=headers)  # fmt: skip
     assert native.status_code == 400 and "more than 10^15" in native.text, native.text
     assert budgeted.status_code == 429 and "more than 10^15" in budgeted.text, budgeted.text
+
+
+async def test_keys_beyond_the_most_allowed_are_refused_with_the_numbers(
+    standin_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    async with gateways(standin_url, tmp_path / "gateway.db", count=2, max_keys=2) as (first, second):
+        kept, _ = await new_key(first)
+        await new_key(second)  # live keys are counted in the store, whichever process creates them
+        refused = await first.post("/keys", json={"name": "third"}, headers=ADMIN)
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "too_many_keys" and error["type"] == "invalid_request_error"
+        assert "already has 2 live API keys, the most it allows (GATEWAY_MAX_KEYS = 2)" in error["message"]
+        where = ["--url", str(second.base_url), "--admin-key", "admin-1"]
+        code = await asyncio.to_thread(main, ["keys", "create", "--name", "cli", *where])
+        assert code == 1 and "409: This gateway already has 2 live API keys" in capsys.readouterr().err
+        assert (await first.delete(f"/keys/{kept}", headers=ADMIN)).status_code == 200
+        await new_key(second)  # a revoked key leaves room
+        listed = (await first.get("/keys", params={"revoked": "true"}, headers=ADMIN)).json()["data"]
+        assert len(listed) == 3 and sum(key["revoked_at"] is None for key in listed) == 2
+
+
+async def test_a_request_without_a_model_defaults_within_the_keys_policy(
+    standin_url: str, tmp_path: Path
+) -> None:
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        _, instruct = await new_key(http, kinds=["instruct"])
+        # Endpoints any model serves take the first model the key may use, not the gateway's default.
+        for path, body in [("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1, 2]}),
+                           ("/v1/completions", {"prompt": "x", "max_tokens": 2})]:  # fmt: skip
+            answer = await http.post(path, json=body, headers=instruct)
+            assert answer.status_code == 200, (path, answer.text)
+        assert (await http.get("/tokenizer_info", headers=instruct)).status_code == 200
+        completed = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                    headers=instruct)  # fmt: skip
+        assert completed.json()["model"] == "chat"
+        # An endpoint of one kind refuses with the rule when the key may use none of that kind.
+        refused = await http.post("/complete", json={"prompt": "x"}, headers=instruct)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "kind_not_allowed"
+
+        _, base = await new_key(http, models=["base"])
+        chat_refused = await http.post("/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "hi"}]}, headers=base)  # fmt: skip
+        assert chat_refused.status_code == 403 and chat_refused.json()["error"]["code"] == "model_not_allowed"
+        tokenized = await http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]},
+                                    headers=base)  # fmt: skip
+        assert tokenized.status_code == 403 and "may use only these models: base" in tokenized.text
+
+        _, second = await new_key(http, models=["chat"])
+        assert (await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                headers=second)).json()["model"] == "chat"  # fmt: skip

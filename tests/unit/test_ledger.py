@@ -89,3 +89,21 @@ def test_a_stopping_process_gives_everything_back(database: Database) -> None:
         ledger.release(connection, "a", 2_000)
         assert ledger.status(connection, KEY, "tokens", 7) == (0, 0)
     assert run(database, "b", [ask(100)]).outcomes[0].granted == 100
+
+
+def test_a_refused_standby_ask_tells_no_other_process_it_is_wanted(database: Database) -> None:
+    run(database, "a", [ask(100)])
+    standby = Plan(KEY, "tokens", 100, 7, 0, 0, {}, ask=10, need=1, standby=True)
+    assert run(database, "b", [standby]).outcomes[0].granted == 0
+    assert not run(database, "a", [], wanted_since_ms=0).contended  # a share ahead is no one's need
+    run(database, "b", [ask(10)])  # a request's ask, refused: the others learn the key is wanted
+    assert run(database, "a", [], wanted_since_ms=0).contended == {(KEY, "tokens")}
+
+
+def test_processes_are_counted_by_their_live_leases(database: Database) -> None:
+    run(database, "a", [], now_ms=1_000)
+    run(database, "b", [], now_ms=20_000)
+    assert run(database, "c", [], now_ms=40_000, lease_ms=30_000).processes == 2  # `a` lapsed
+    with database.transaction() as connection:
+        ledger.release(connection, "b", 41_000)  # stopped: no longer counted
+    assert run(database, "c", [], now_ms=42_000, lease_ms=30_000).processes == 1

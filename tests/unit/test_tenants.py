@@ -97,7 +97,7 @@ async def test_requests_waiting_for_allowance_share_one_exchange(pair: tuple[Ten
 async def test_usage_is_written_once_and_on_stop(tmp_path: Path) -> None:
     database = Database(default_url(tmp_path))
     database.migrate()
-    tenants = Tenants(Settings(keys_sync_interval=60), database, CollectorRegistry())
+    tenants = Tenants(Settings(keys_sync_interval=60, keys_lease_seconds=240), database, CollectorRegistry())
     await tenants.start()
     _, key = await tenants.create("app", BUDGET)
     for _ in range(3):

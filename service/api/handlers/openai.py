@@ -189,7 +189,8 @@ def _admit(
 ) -> ServedModel:
     """Checks every /v1 generation request goes through before any work is done."""
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, kind, ctx.caller)
+    # /v1/completions serves any model (as vLLM's does): a key allowed no base model defaults to its first
+    model = gateway.resolve(request.model, kind, ctx.caller, any_kind=kind is ModelKind.BASE)
     ctx.record.admit(model.name)
     if kind is ModelKind.INSTRUCT:
         model.require_chat()

@@ -3,7 +3,8 @@ POST /tokenize (a prompt, or chat messages rendered exactly as a chat request wo
 POST /detokenize, GET /tokenizer_info (what lm-evaluation-harness's remote tokenizer reads).
 
 A request without `model` gets the first base model for a prompt (evaluation harnesses score base
-models) and the first instruct model for messages."""
+models) and the first instruct model for messages; a key whose policy allows no base model gets the first
+model it may use for a prompt (any model tokenizes one)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ async def tokenize(gateway: Gateway, request: TokenizeRequest, ctx: RequestConte
         messages = messages_as_dicts(request.messages)
         tokens = (await gateway.render(model, messages, options, record, ctx.caller.cache_group)).token_ids
     elif request.prompt is not None:
-        model = gateway.resolve(request.model, ModelKind.BASE, ctx.caller)
+        model = gateway.resolve(request.model, ModelKind.BASE, ctx.caller, any_kind=True)
         check_fields(model.pool, "TokenizeCompletionRequest", request.extras(), need_worker=False)
         record.admit(model.name)
         tokens = await gateway.encode(model, request.prompt, request.add_special_tokens is not False)
@@ -66,7 +67,7 @@ async def detokenize(gateway: Gateway, request: DetokenizeRequest, ctx: RequestC
     """POST /detokenize: `{prompt}`, the text of the ids (special tokens written out, as vLLM does)."""
     record = ctx.record
     enforce_caps(request, gateway.settings)
-    model = gateway.resolve(request.model, ModelKind.BASE, ctx.caller)
+    model = gateway.resolve(request.model, ModelKind.BASE, ctx.caller, any_kind=True)
     check_fields(model.pool, "DetokenizeRequest", request.extras(), need_worker=False)
     record.admit(model.name)
     tokenizer = model.tokenizer
@@ -105,7 +106,7 @@ def _json_list(items: Sequence[Any]) -> str:
 async def tokenizer_info(gateway: GatewayDep, caller: CallerDep, model: str | None = None) -> dict[str, Any]:
     """GET /tokenizer_info[?model=]: the tokenizer's configuration (special tokens, class, chat
     template), as vLLM's server publishes it; `model_max_length` is the model's context length."""
-    served = gateway.resolve(model, ModelKind.BASE, caller)
+    served = gateway.resolve(model, ModelKind.BASE, caller, any_kind=True)
     tokenizer = served.tokenizer
     info: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.config}
     info.update({name: text for name, text in tokenizer.special_tokens.items()})
