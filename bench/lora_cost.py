@@ -6,7 +6,7 @@ the base requests are measured again beside requests on the adapter. Real vLLM w
 `flock /tmp/e2e.lock`.
 
     .venv/bin/python -m bench.lora_cost               # writes bench/results/lora_cost.json
-    .venv/bin/python -m bench.lora_cost --requests 5  # quicker
+    .venv/bin/python -m bench.lora_cost --requests 5 --tokens 16  # quicker
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from service.ops.settings import Settings, default_models
 from service.workers.supervisor import free_port, launch_plan
 
 PROMPT = "The history of the city of Rome"
-SHAPES = [("16 tokens", 16), ("128 tokens", 128)]  # name, tokens generated (ignore_eos)
+SHAPES = (16, 128)  # tokens generated (ignore_eos), by default
 
 
 def start(lora: bool, folder: Path) -> tuple[subprocess.Popen[bytes], str, float]:
@@ -84,7 +84,7 @@ def alternate(targets: list[tuple[str, str, str]], tokens: int, n: int) -> dict[
     }
 
 
-def measure(n: int, adapter: Path) -> dict[str, Any]:
+def measure(n: int, adapter: Path, shapes: list[int]) -> dict[str, Any]:
     """Both workers started one after the other, then alternating requests; see the module's doc."""
     folder = Path(tempfile.mkdtemp(prefix="lora-cost-"))
     result: dict[str, Any] = {"started_s": {}, "memory_mib": {}, "latency": {}}
@@ -96,7 +96,8 @@ def measure(n: int, adapter: Path) -> dict[str, Any]:
             f"started (s): {result['started_s']}; memory (MiB): {result['memory_mib']}"
         )  # kept if cut short
         base = [("LoRA off", off_url, "gemma-3-270m"), ("LoRA on", on_url, "gemma-3-270m")]
-        for shape, tokens in SHAPES:
+        for tokens in shapes:
+            shape = f"{tokens} tokens"
             result["latency"][shape] = alternate(base, tokens, n)
             console.print(
                 shape, {label: round(found["p50_ms"]) for label, found in result["latency"][shape].items()}
@@ -106,8 +107,8 @@ def measure(n: int, adapter: Path) -> dict[str, Any]:
         )
         load.raise_for_status()
         loaded = [*base, ("LoRA on, adapter request", on_url, "geo")]
-        for shape, tokens in SHAPES:
-            result["latency"][f"{shape}, an adapter loaded"] = alternate(loaded, tokens, n)
+        for tokens in shapes:
+            result["latency"][f"{tokens} tokens, an adapter loaded"] = alternate(loaded, tokens, n)
         result["memory_mib"]["on, an adapter loaded"] = memory_mib(on)
     finally:
         for process in (off, on):
@@ -137,10 +138,12 @@ def report(result: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=10, help="requests per target and shape")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(SHAPES),
+                        help="tokens generated per request, one shape each (a loaded machine: 16 alone)")  # fmt: skip
     parser.add_argument("--adapter", type=Path, default=Path.home() / ".cache/llm-gateway/adapters/gemma-geo",
                         help="a LoRA folder for the Gemma (tests/trained_adapters.py makes gemma-geo)")  # fmt: skip
     args = parser.parse_args()
-    result = measure(args.requests, args.adapter.resolve())
+    result = measure(args.requests, args.adapter.resolve(), args.tokens)
     report(result)
     for by_label in result["latency"].values():
         for found in by_label.values():

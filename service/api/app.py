@@ -89,6 +89,7 @@ def routing_config(settings: Settings, spec: ModelSpec) -> RoutingConfig:
         max_prefix_tokens=settings.routing_max_prefix_tokens,
         balance_factor=settings.routing_balance_factor,
         index_blocks=settings.routing_index_blocks,
+        adapter_affinity=spec.adapter_affinity,
     )
 
 

@@ -180,6 +180,11 @@ class ModelSpec(BaseModel):
         f"{', '.join(map(str, VLLM_RANKS))}); unset: the largest configured adapter's rank rounded up to "
         f"one of them, else {DEFAULT_MAX_RANK}.",
     )
+    adapter_affinity: bool = Field(
+        default=True,
+        description="Route an adapter's requests to the replicas that hold it (within the load bound); off: "
+        "by the routing policy alone, the adapter loaded wherever a request lands.",
+    )
 
     @model_validator(mode="after")
     def _needs_weights_or_workers(self) -> Self:

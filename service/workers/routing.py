@@ -32,6 +32,8 @@ engine runs it now (`vllm:lora_requests_info`), then those that have it loaded, 
 policy's order; an adapter held nowhere goes to its own rendezvous replica (every gateway process
 loads it on the same one). Bounded load still rules, so a hot adapter spreads to more replicas. Its
 prefix hashes include the adapter's name: vLLM's KV blocks computed with one adapter are not another's.
+With a model's `adapter_affinity` off, adapter requests are routed by the policy alone (and the adapter
+loaded wherever they land): the baseline `bench/adapter_routing.py` compares affinity with.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class RoutingConfig:
     max_prefix_tokens: int = 8192
     balance_factor: float = 1.25
     index_blocks: int = 65_536
+    adapter_affinity: bool = True  # off: an adapter's requests go where the policy alone sends them
 
 
 class Router:
@@ -206,7 +209,7 @@ class Router:
         if len(workers) == 1:
             return Route(least_loaded, Reason.LEAST_OUTSTANDING)
         route = self._by_policy(workers, least_loaded, cost, hint, block_size)
-        if hint.adapter is None:
+        if hint.adapter is None or not self.config.adapter_affinity:
             return route
         return self._adapter_first(route, workers, least_loaded, cost, hint.adapter)
 

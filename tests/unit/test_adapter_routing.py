@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.ops.settings import RoutingPolicy
+from service.api.app import routing_config
+from service.ops.settings import ModelSpec, RoutingPolicy, Settings
 from service.workers.pool import ModelPool
 from service.workers.routing import Reason, RouteHint, block_hashes
 from service.workers.worker import EngineLoad, Worker
@@ -102,3 +103,22 @@ async def test_a_prefix_learned_with_one_adapter_is_not_matched_for_another() ->
     _, again = await route(pool, "qa", prompt)
     _, other = await route(pool, "sft", prompt)
     assert (first, again, other) == (Reason.PREFIX_HASH, Reason.PREFIX_MATCH, Reason.PREFIX_HASH)
+
+
+async def test_without_affinity_an_adapter_request_goes_where_the_policy_sends_it() -> None:
+    # The baseline bench/adapter_routing.py measures affinity against: least outstanding alone, the
+    # adapter then loaded wherever the request lands.
+    workers = replicas(3)
+    workers[0].adapters["qa"] = "/adapters/qa"
+    workers[0].outstanding, workers[1].outstanding = 2, 1
+    pool = pool_of(workers, RoutingPolicy.LEAST_OUTSTANDING, adapter_affinity=False)
+    assert await route(pool, "qa") == (workers[2], Reason.LEAST_OUTSTANDING)
+    workers[2].outstanding = 3
+    assert await route(pool, "new") == (workers[1], Reason.LEAST_OUTSTANDING)  # not its rendezvous replica
+
+
+def test_a_models_adapter_affinity_reaches_its_router() -> None:
+    spec = ModelSpec(name="m", kind="base", urls=["http://w:1"], tokenizer="t", adapter_affinity=False)
+    settings = Settings(models=[spec])
+    assert routing_config(settings, spec).adapter_affinity is False
+    assert routing_config(settings, spec.model_copy(update={"adapter_affinity": True})).adapter_affinity
