@@ -11,10 +11,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -78,6 +80,86 @@ def loadgen(
             raise RuntimeError(f"load generator exited with {run.returncode}: {run.stderr[-2000:]}")
         result: dict[str, Any] = json.loads(report.read_text())
     return result
+
+
+Runs = dict[str, list[dict[str, Any]]]  # each place's measurements, one per round
+
+
+@dataclass(frozen=True)
+class Place:
+    """One measured target: the process whose CPU counts, where the load goes, and what it sends."""
+
+    name: str
+    pid: int
+    url: str
+    body: dict[str, Any]
+    bearer: str | None = None
+
+
+def alternating_rounds(
+    places: Sequence[Place], rounds: int, concurrency: int, requests: int, rotate: bool = True
+) -> Runs:
+    """The same load on every place once a round, with the CPU it cost; with `rotate`, each round starts
+    one place further on, so none always runs first (or on a warmer machine: a shared one's load drifts)."""
+    runs: Runs = {place.name: [] for place in places}
+    for index in range(rounds):
+        shift = index % len(places) if rotate else 0
+        for place in [*places[shift:], *places[:shift]]:
+            runs[place.name].append(
+                cpu_loadgen(place.pid, place.url, place.body, concurrency, requests, place.bearer)
+            )
+    return runs
+
+
+def summarize_cpu(runs: Runs) -> dict[str, Any]:
+    """Per target: CPU per request (median of rounds, and each round's), latency, failures."""
+    out: dict[str, Any] = {}
+    for name, measured in runs.items():
+        latencies = [x for run in measured for x in run["latencies"]]
+        per_round = [run["cpu_ms_per_request"] for run in measured]
+        out[name] = {
+            "cpu_ms_per_request": statistics.median(per_round),
+            "cpu_ms_per_request_rounds": per_round,
+            "p50_ms": percentile(latencies, 50) * 1e3,
+            "p99_ms": percentile(latencies, 99) * 1e3,
+            "failures": sum(run["failures"] for run in measured),
+            "failure_statuses": [run.get("failure_statuses", {}) for run in measured],
+            "first_errors": [run.get("first_errors", {}) for run in measured if run.get("first_errors")],
+        }
+    return out
+
+
+def paired_ratio(summary: dict[str, Any], this: str, that: str) -> float:
+    """The median over rounds of this target's CPU per request over that one's: each round's runs were
+    close together, so their ratio is the least disturbed by the machine's other load."""
+    pairs = zip(
+        summary[this]["cpu_ms_per_request_rounds"], summary[that]["cpu_ms_per_request_rounds"], strict=True
+    )
+    return float(statistics.median(a / b for a, b in pairs))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children so far (what /proc/<pid>/stat says)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def cpu_loadgen(
+    pid: int, url: str, body: dict[str, Any], concurrency: int, requests: int, bearer: str | None = None
+) -> dict[str, Any]:
+    """A load generator run, with the CPU milliseconds per request the measured process (`pid`) spent."""
+    before = cpu_seconds(pid)
+    run = loadgen(url, body, concurrency, requests, bearer)
+    run["cpu_s"] = cpu_seconds(pid) - before
+    run["cpu_ms_per_request"] = run["cpu_s"] / max(1, len(run["latencies"])) * 1e3
+    return run
 
 
 def machine() -> dict[str, Any]:

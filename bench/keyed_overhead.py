@@ -12,14 +12,26 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, console, gateway_env, loadgen, percentile, save, table, wait_http
-from bench.overhead import PROMPT, SCENARIOS, cpu_seconds
+from bench.common import (
+    ROOT,
+    Place,
+    Runs,
+    alternating_rounds,
+    console,
+    gateway_env,
+    loadgen,
+    paired_ratio,
+    save,
+    summarize_cpu,
+    table,
+    wait_http,
+)
+from bench.overhead import PROMPT, SCENARIOS
 from service.ops.settings import Settings
 from service.workers.supervisor import free_port
 
@@ -70,15 +82,12 @@ def measure(baseline: Path, rounds: int, scale: float, only: str | None) -> dict
                 continue
             body = {"model": "m", "prompt": PROMPT, "max_tokens": 256 if stream else 1, "stream": stream}
             count = max(concurrency, int(requests * scale))
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
             for _name, base, _ in targets:  # warm up both
                 loadgen(f"{base}/v1/completions", body, concurrency, max(concurrency, count // 10), KEY)
-            for index in range(rounds):  # ABBA: neither gateway always runs first (or on a warmer machine)
-                for name, base, pid in targets if index % 2 == 0 else targets[::-1]:
-                    before = cpu_seconds(pid)
-                    run = loadgen(f"{base}/v1/completions", body, concurrency, count, KEY)
-                    run["cpu_ms_per_request"] = (cpu_seconds(pid) - before) / len(run["latencies"]) * 1e3
-                    runs[name].append(run)
+
+            # Rotating two gateways is ABBA: neither always runs first (or on a warmer machine).
+            places = [Place(name, pid, f"{base}/v1/completions", body, KEY) for name, base, pid in targets]
+            runs = alternating_rounds(places, rounds, concurrency, count)
             results[scenario] = summarize(runs)
     finally:
         for process in processes:
@@ -87,27 +96,10 @@ def measure(baseline: Path, rounds: int, scale: float, only: str | None) -> dict
     return results
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per gateway: CPU per request (median of rounds, and each round), latency, failures."""
-    out: dict[str, Any] = {}
-    for name, measured in runs.items():
-        latencies = [x for run in measured for x in run["latencies"]]
-        per_round = [run["cpu_ms_per_request"] for run in measured]
-        out[name] = {
-            "cpu_ms_per_request": statistics.median(per_round),
-            "cpu_ms_per_request_rounds": per_round,
-            "p50_ms": percentile(latencies, 50) * 1e3,
-            "p99_ms": percentile(latencies, 99) * 1e3,
-            "failures": sum(run["failures"] for run in measured),
-        }
-    # Each round's two runs were back to back: their ratio is the least disturbed by the machine's
-    # other load, which drifts over a run.
-    pairs = zip(
-        out["this tree"]["cpu_ms_per_request_rounds"],
-        out["baseline"]["cpu_ms_per_request_rounds"],
-        strict=True,
-    )
-    out["cpu_ratio"] = statistics.median(this / baseline for this, baseline in pairs)
+def summarize(runs: Runs) -> dict[str, Any]:
+    """Per gateway: CPU per request (median of rounds, and each round), latency, failures; the ratio."""
+    out = summarize_cpu(runs)
+    out["cpu_ratio"] = paired_ratio(out, "this tree", "baseline")
     return out
 
 

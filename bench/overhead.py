@@ -23,9 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from bench.common import ROOT, console, gateway_env, loadgen, percentile, save, table, wait_http
+from bench.common import (
+    ROOT,
+    Place,
+    alternating_rounds,
+    console,
+    gateway_env,
+    loadgen,
+    percentile,
+    save,
+    table,
+    wait_http,
+)
+from bench.common import cpu_seconds as cpu_seconds  # where other benchmarks import it from
 from service.ops.settings import Settings
 from service.workers.supervisor import free_port
 
@@ -102,27 +112,6 @@ def start_stack() -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str
     return upstream, gateway, direct, through
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children so far (what /proc/<pid>/stat says)."""
-    root = psutil.Process(pid)
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
-def timed_loadgen(pid: int, url: str, body: dict[str, Any], concurrency: int, count: int) -> dict[str, Any]:
-    """A load generator run, with the CPU seconds the measured process (`pid`) spent on it."""
-    before = cpu_seconds(pid)
-    result = loadgen(url, body, concurrency, count)
-    result["cpu_s"] = cpu_seconds(pid) - before
-    return result
-
-
 def measure(
     rounds: int,
     scale: float,
@@ -165,14 +154,12 @@ def measure(
             loadgen(f"{through}/v1/completions", body, concurrency, max(concurrency, count // 10))  # warm up
             if adapter:
                 loadgen(f"{through}/v1/completions", {**body, "model": ADAPTER}, concurrency, concurrency)
-            runs: dict[str, list[dict[str, Any]]] = {target: [] for target, *_ in targets}
-            for _ in range(rounds):
-                for target, base, pid, model in targets:
-                    runs[target].append(
-                        timed_loadgen(
-                            pid, f"{base}/v1/completions", {**body, "model": model}, concurrency, count
-                        )
-                    )
+
+            places = [
+                Place(target, pid, f"{base}/v1/completions", {**body, "model": model})
+                for target, base, pid, model in targets
+            ]
+            runs = alternating_rounds(places, rounds, concurrency, count, rotate=False)  # as it always ran
             results[name] = summarize(runs, processes_n)
     finally:
         for process in processes:

@@ -32,6 +32,7 @@ from service.ops.metrics import Metrics
 OPEN_PREFIXES = ("/static/",)  # the playground's files: no secret in them (the page asks for the key)
 IPV6_GROUP = 64  # one client usually holds a whole /64: count its failures together
 MAX_ADDRESS_CHARS = 64
+GROUPED_MEMO = 4096  # addresses whose counting key is remembered (parsing one costs more than the rest)
 REVOKED = "This API key was revoked; ask the gateway's operator for a new one."
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -61,6 +62,7 @@ class ClientAddress:
         self.trusted: tuple[Network, ...] = tuple(
             ipaddress.ip_network(net, strict=False) for net in trusted_proxies
         )
+        self._grouped: dict[str, str] = {}  # address -> its counting key (`group` is a pure function)
 
     def _is_trusted(self, address: str) -> bool:
         ip = parse_address(address)
@@ -76,7 +78,12 @@ class ClientAddress:
                 address = hop.strip()[:MAX_ADDRESS_CHARS] or address
                 if not self._is_trusted(address):
                     break
-        return group(address)
+        found = self._grouped.get(address)
+        if found is None:
+            if len(self._grouped) >= GROUPED_MEMO:
+                self._grouped.clear()  # bounded whatever the addresses seen
+            found = self._grouped[address] = group(address)
+        return found
 
 
 def parse_address(text: str) -> IPAddress | None:
@@ -150,7 +157,7 @@ class ApiKeyMiddleware:
 
     def _accepted(self, scope: Scope) -> tuple[str | None, StoredKey | None]:
         """The id of the request's key if it is a configured one, or the runtime key it is."""
-        header = dict(scope["headers"]).get(b"authorization", b"")
+        header = _header(scope, b"authorization")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token:
             return None, None
@@ -219,6 +226,15 @@ class ApiKeyMiddleware:
     def _count(self, name: str) -> None:
         if self.metrics is not None:
             getattr(self.metrics, name).inc()
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    """The last value of header `name` (as a dict of the headers would keep), or b"" (no dict built)."""
+    value: bytes = b""
+    for key, found in scope["headers"]:
+        if key == name:
+            value = found
+    return value
 
 
 def rate_window(rate_limit: str) -> Window:

@@ -12,6 +12,7 @@ process has served since it started: bounded by the number of keys.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
@@ -25,7 +26,13 @@ REQUESTS, ERRORS, TOKENS_IN, TOKENS_OUT = range(4)
 
 def today(now: float) -> date:
     """The UTC day of `now` (seconds since the epoch)."""
-    return datetime.fromtimestamp(now, UTC).date()
+    return _day(int(now // 86_400))
+
+
+@functools.lru_cache(maxsize=4)
+def _day(number: int) -> date:
+    """Day `number` since the epoch (made once: every request asks for today)."""
+    return datetime.fromtimestamp(number * 86_400, UTC).date()
 
 
 class KeyMetrics:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from service.api import auth
 from service.api.auth import ApiKeyMiddleware, ClientAddress, FailedKeyLimit
 from service.ops.host_counters import HostCounters
 from service.ops.metrics import Metrics
@@ -103,3 +104,35 @@ def test_trusted_proxies_are_read_comma_separated_and_checked() -> None:
     assert settings.trusted_proxies == ["10.0.0.0/8", "127.0.0.1"]
     with pytest.raises(ValidationError, match="not an address or CIDR network"):
         Settings(trusted_proxies="10.0.0.0/8, proxy.internal")  # type: ignore[arg-type]
+
+
+def test_the_client_address_is_grouped_once_per_address_and_the_memo_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parsing an address costs more than the rest of a key check: it is done once per address, and
+    the addresses remembered never pass GROUPED_MEMO however many clients come."""
+    monkeypatch.setattr(auth, "GROUPED_MEMO", 8)
+    parsed: list[str] = []
+    real_group = auth.group
+
+    def counted(address: str) -> str:
+        parsed.append(address)
+        return real_group(address)
+
+    monkeypatch.setattr(auth, "group", counted)
+    addresses = ClientAddress(())
+    for _ in range(3):
+        assert addresses.of({"client": ("2001:db8::1", 1), "headers": []}) == "2001:db8::/64"
+    assert parsed == ["2001:db8::1"]
+    for n in range(100):
+        assert addresses.of({"client": (f"10.0.0.{n}", 1), "headers": []}) == f"10.0.0.{n}"
+    assert len(addresses._grouped) <= 8
+
+
+def test_the_last_authorization_header_is_the_one_checked() -> None:
+    """As a dict of the headers would keep it: the last of repeated Authorization headers counts."""
+    middleware = ApiKeyMiddleware(lambda *_: None, ["k"])  # type: ignore[arg-type]
+    last_right = [(b"authorization", b"Bearer first"), (b"host", b"x"), (b"authorization", b"Bearer k")]
+    last_wrong = [(b"authorization", b"Bearer k"), (b"authorization", b"Bearer x")]
+    assert middleware._accepted({"headers": last_right})[0] is not None
+    assert middleware._accepted({"headers": last_wrong}) == (None, None)
