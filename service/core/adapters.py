@@ -12,6 +12,8 @@ operator API, kept in the store so they survive restarts and every gateway proce
   requests, and none its workers run or hold waiting (their `vllm:lora_requests_info`, which counts
   the requests of every process and pod), read again until then. A request admitted before the removal
   that reaches a worker after the unload loads it again (never a 404): its own process unloads it after.
+  Nothing is unloaded while the name is registered again (the store is asked), and a request admitted
+  under the old registration never puts the old folder back under the new one (`AdapterLoads.may_replace`).
 - Registrations and removals of different names never wait for one another (a load can take seconds);
   a name being registered or removed is busy for any other change until that one ends.
 """
@@ -39,6 +41,7 @@ from service.store import adapters as store
 from service.store.database import Database
 from service.workers.engine_metrics import read_engine_load
 from service.workers.facts import describe, listed_adapters, read_model_entry
+from service.workers.lora import LoraTarget
 from service.workers.routing import RouteHint
 from service.workers.worker import Worker
 
@@ -68,6 +71,7 @@ class AdapterRegistry:
         for served in await asyncio.to_thread(configured, self.gateway.settings, models):
             self.models.add(served)
         await self.refresh()
+        self.gateway.loads.may_replace = self._may_replace
         self._follower = asyncio.create_task(self._follow())
 
     async def stop(self) -> None:
@@ -155,6 +159,19 @@ class AdapterRegistry:
         finally:
             self._busy.discard(name)
 
+    async def _may_replace(self, target: LoraTarget) -> bool:
+        """Whether `target` is its name's current registration, so it may replace another folder a worker
+        holds under that name: configured so, stored so, or being registered by this process now (its row
+        comes once it is checked). With the store away, nothing is replaced."""
+        served = self.models.get(target.name)
+        if served is not None and served.adapter is not None and served.adapter.source == CONFIG:
+            return served.adapter.path == target.path
+        try:
+            row = await self.database.run(store.find, self.database, target.name)
+        except Exception:
+            return False
+        return row.path == target.path if row is not None else target.name in self._busy
+
     async def _withdraw(self, worker: Worker, served: ServedModel) -> None:
         """Unload what a registration that lost its name to another process's loaded, unless the worker
         holds the winner's adapter under that name now (the same folder, or the winner's load replaced
@@ -233,18 +250,32 @@ class AdapterRegistry:
         deadline = time.monotonic() + self.gateway.settings.read_timeout
         while time.monotonic() < deadline and await self._in_use(served):  # noqa: ASYNC110 (polls the workers)
             await asyncio.sleep(IN_USE_POLL)
-        if served.name in self.models:
+        if await self._registered_again(served.name):
             return
         for worker in list(served.pool.workers):
             if worker.healthy or served.name in worker.adapters:
                 await self._unload(worker, served)
-        self.gateway.metrics.forget_model(served.name)
+        if served.usage.requests == 0:  # (a request past the deadline would count into new series)
+            self.gateway.metrics.forget_model(served.name)
+
+    async def _registered_again(self, name: str) -> bool:
+        """Whether `name` is served again, by this process or (the store says) another one: then the
+        workers hold the new registration under it. With the store away, assumed so (never unload what
+        may be in use)."""
+        if name in self.models or name in self._busy:
+            return True
+        try:
+            return await self.database.run(store.find, self.database, name) is not None
+        except Exception:
+            return True
 
     async def _in_use(self, served: ServedModel) -> bool:
         """Whether a request of this process uses the adapter, or a replica runs or queues one (read
         from each replica's metrics now: every process's and pod's requests)."""
         if served.usage.requests > 0:
             return True
+        if served.name in self.models:  # served again meanwhile: no unload follows, stop looking
+            return False
         workers = [worker for worker in served.pool.workers if worker.healthy]
         limit = self.gateway.settings.health_timeout
         await asyncio.gather(*(_reread_load(self.gateway, worker, limit) for worker in workers))

@@ -217,7 +217,10 @@ class Metrics:
 
     def forget_model(self, name: str) -> None:
         """Drop every series labelled with `name` as its model or adapter (a removed adapter: series of
-        names that come and go would otherwise pile up for the life of the process)."""
+        names that come and go would otherwise pile up for the life of the process). Not with several
+        processes: prometheus-client cannot remove series from its multiprocess files (kept until restart)."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            return
         for metric, values in list(self._children):
             labels = dict(zip(getattr(metric, "_labelnames", ()), values, strict=False))
             if name in (labels.get("model"), labels.get("adapter")):

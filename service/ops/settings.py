@@ -40,15 +40,17 @@ from service.ops.lora import (
 
 BUILTIN_PREFIX = "builtin:"
 # What a served name (a model's or an adapter's) may be: it travels in URLs, labels, log lines and command
-# lines, so it is never an option (-x) or a hidden or rooted path (.x, /x).
-SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# lines, so it is never an option (-x), a hidden or rooted path (.x, /x), nor holds a segment a URL would
+# fold (a/../b is /b to curl and httpx, so a DELETE would reach another name).
+SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._:-]*"
+SERVED_NAME = re.compile(rf"{SEGMENT}(/{SEGMENT})*")
 
 
 def served_name(value: str) -> str:
     """`value` if it may be a served name; a message a person understands otherwise."""
     if not SERVED_NAME.fullmatch(value):
-        raise ValueError("a served name starts with a letter or digit and holds only letters, digits and "
-                         ". _ : / -")  # fmt: skip
+        raise ValueError("a served name holds letters, digits and . _ : -, in parts joined by single / "
+                         "(org/model), each part starting with a letter or digit")  # fmt: skip
     return value
 
 

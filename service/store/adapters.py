@@ -59,6 +59,13 @@ def _read(values: Any) -> AdapterRow:
     return row
 
 
+def find(database: Database, name: str) -> AdapterRow | None:
+    """The registration of `name`, if there is one."""
+    with database.transaction() as connection:
+        row = connection.execute(select(adapters).where(adapters.c.name == name)).first()
+    return _read(row._mapping) if row is not None else None
+
+
 def add(database: Database, row: AdapterRow) -> AdapterRow:
     """Store a new adapter (AdapterExists if its name is taken); the row as stored."""
     stored = AdapterRow(**{**row.__dict__, "created_at": row.created_at or datetime.now(UTC)})

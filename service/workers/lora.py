@@ -7,8 +7,10 @@ the loads that fail, checks a folder before accepting it, and routes by what eac
 
 - One load at a time per worker and adapter: requests that need the same load wait for it.
 - A worker that answers that the adapter "has already been loaded" (another gateway process, or pod,
-  loaded it) holds it if its `/v1/models` lists it from the same folder; from another folder (an
-  adapter removed and registered again under the same name), it is unloaded and loaded again.
+  loaded it) holds it if its `/v1/models` lists it from the same folder. From another folder (an
+  adapter removed and registered again under the same name), the folder is replaced only if `may_replace`
+  says this target is the name's current registration (the store knows): a request admitted before a
+  removal must not put the old weights back under a name registered again since.
 - Every load is counted: `gateway_adapter_loads_total{model,adapter,outcome}` and its duration.
 """
 
@@ -18,6 +20,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -58,6 +61,8 @@ class AdapterLoads:
         self.transport = transport
         self.metrics = metrics
         self._pending: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
+        # Whether a target may replace the other folder a worker holds under its name (the registry says).
+        self.may_replace: Callable[[LoraTarget], Awaitable[bool]] = _never
 
     @staticmethod
     def holds(worker: Worker, target: LoraTarget) -> bool:
@@ -114,6 +119,8 @@ class AdapterLoads:
             if listed.get(target.name) == target.path:
                 worker.adapters[target.name] = target.path
                 return Outcome.ALREADY
+            if not await self.may_replace(target):  # the worker holds the name's current registration
+                raise AdapterLoadFailed(worker.model, target.name, STALE)
             # The name holds another folder's weights (removed and registered again): replace them.
             await self.unload(worker, target.name)
             status, body = await self._post_load(worker, target)
@@ -129,6 +136,16 @@ class AdapterLoads:
         return await self.transport.post(
             worker, LOAD_PATH, {"lora_name": target.name, "lora_path": target.path}
         )
+
+
+STALE = (
+    "the worker holds another folder under this name, registered since this request was admitted (the "
+    "adapter was removed and registered again): send the request again"
+)
+
+
+async def _never(_: LoraTarget) -> bool:
+    return False
 
 
 def message_of(body: bytes) -> str:

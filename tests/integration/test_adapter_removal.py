@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from service.api.handlers.adapters import registry_of
+from service.errors import AdapterLoadFailed
 from tests.adapters import adapter_folder
 from tests.integration.conftest import running_gateway
 from tests.integration.standin import Script
@@ -106,3 +108,45 @@ async def test_ready_names_no_adapter_while_keys_guard_the_gateway(
         assert answer.status_code == 200, answer.text
         ready = (await http.get("/ready")).json()
         assert ready["status"] == "ready" and "adapters" not in ready and "qa" not in str(ready)
+
+
+async def test_a_request_admitted_before_a_removal_never_puts_the_old_folder_back_under_a_new_registration(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    old, new = adapter_folder(tmp_path, "old"), adapter_folder(tmp_path, "new")
+    async with running_gateway(lora_settings(standin_url, tmp_path)) as (app, http):
+        assert (await http.post("/adapters", json={"model": "base", "name": "v", "path": str(old)},
+                                headers=ADMIN)).status_code == 200  # fmt: skip
+        stale = app.state.gateway.models["v"].adapter.target  # what a request queued now carries
+        assert (await http.delete("/adapters/v", headers=ADMIN)).status_code == 200
+        body = {"model": "base", "name": "v", "path": str(new)}
+        again = await http.post("/adapters", json=body, headers=ADMIN)
+        assert again.status_code == 200, again.text
+        assert script.adapters["v"] == str(new.resolve())  # the new registration replaced the old folder
+        [worker] = app.state.gateway.pools["base"].workers
+        worker.adapters.pop("v")  # as a process that has not looked at this worker since
+        with pytest.raises(AdapterLoadFailed) as refused:
+            await app.state.gateway.loads.ensure(worker, stale)
+        assert "registered since" in refused.value.reason
+        assert script.adapters["v"] == str(new.resolve())  # the old folder is not put back
+        answer = await http.post("/complete", json={"model": "v", "prompt": "Hi"})
+        assert answer.status_code == 200 and script.adapters["v"] == str(new.resolve())
+
+
+async def test_a_removal_never_unloads_the_name_another_process_registered_again(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    old, new = adapter_folder(tmp_path, "old"), adapter_folder(tmp_path, "new")
+    settings = lora_settings(standin_url, tmp_path)
+    async with running_gateway(settings) as (app, first), running_gateway(settings) as (_, second):
+        body = {"model": "base", "name": "v", "path": str(old)}
+        assert (await first.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        follower = registry_of(app.state.gateway)._follower
+        assert follower is not None
+        follower.cancel()  # it has not read the store since (the gap of a poll)
+        assert (await first.delete("/adapters/v", headers=ADMIN)).status_code == 200
+        # The other process registers the name again before the first one's unload (two polls later).
+        again = await second.post("/adapters", json={**body, "path": str(new)}, headers=ADMIN)
+        assert again.status_code == 200, again.text
+        await asyncio.sleep(3.5)  # the first process's removal has run its course
+        assert script.adapters.get("v") == str(new.resolve()), script.unloads
