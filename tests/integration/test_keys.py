@@ -437,6 +437,31 @@ async def test_a_batch_with_an_empty_prompt_is_charged_and_counted(
     assert usage["tokens_out"] > 0 and usage["requests"] >= 1, usage
 
 
+@pytest.mark.parametrize(
+    ("path", "empty"),
+    [("/v1/completions", {"prompt": ""}), ("/v1/completions", {"prompt": []}), ("/v1/completions", {}),
+     ("/v1/chat/completions", {"messages": []})],
+)  # fmt: skip
+async def test_an_empty_prompt_is_charged_and_counted(
+    standin_url: str, script: Script, tmp_path: Path, path: str, empty: dict[str, Any]
+) -> None:
+    """An empty prompt went to the worker without a charge (vLLM generates for "" on a model whose
+    tokenizer adds BOS): any max_tokens got through a budget, and nothing was counted (review of issue 22)."""
+    script.tokens = ["x"] * 4
+    model = "chat" if "chat" in path else "base"
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        key_id, headers = await new_key(http, token_budget={"tokens": 40, "period": "day"})
+        refused = await http.post(path, json={"model": model, **empty, "max_tokens": 1000}, headers=headers)
+        assert refused.status_code == 429, refused.text
+        small = {"model": model, **empty, "max_tokens": 4}
+        answers = [await http.post(path, json=small, headers=headers) for _ in range(12)]
+        served = sum(a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200)
+        listed = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
+        usage = (await http.get("/usage", params={"key": key_id}, headers=ADMIN)).json()["totals"]
+    assert 0 < served <= 40 and listed["used"] == served, (served, listed)
+    assert usage["tokens_in"] + usage["tokens_out"] == served, usage
+
+
 async def test_a_negative_truncation_never_counts_below_nothing(
     standin_url: str, script: Script, tmp_path: Path
 ) -> None:

@@ -43,7 +43,7 @@ from service.core.tenancy import (
     with_salt,
     worker_salt,
 )
-from service.errors import InvalidRequest, VllmRefusal
+from service.errors import GatewayError, InvalidRequest, VllmRefusal
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy
 from service.workers.answer import Answer
@@ -65,8 +65,11 @@ async def completions(gateway: Gateway, request: V1CompletionRequest, ctx: Reque
     check (vLLM refuses a prompt or a max_tokens over it, in its words, and fits max_tokens to the rest)."""
     record = ctx.record
     model = _admit(gateway, request, ctx, ModelKind.BASE, "CompletionRequest")
-    if request.empty_prompt:  # vLLM decides what an empty one is
-        return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, request.prompts * request.choices)
+    if request.empty_prompt:  # vLLM decides what an empty one is; a key's budget still pays what it makes
+        special = len(model.tokenizer.encode("", request.add_special_tokens is not False))  # BOS, if any
+        charge = gateway.charge(ctx.caller, model, [special], request.max_tokens, request.choices)
+        sequences = request.prompts * request.choices
+        return await _send(gateway, model, request, ctx, COMPLETIONS_PATH, sequences, charge=charge)
     if not _needs_tokens(model, request):
         # No tokens needed. A key's token budget reserves a single prompt's upper bound (settled with
         # the worker's count) while this process holds plenty of it; near its end, or for a batch of
@@ -95,8 +98,10 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     """POST /v1/chat/completions on the worker's own chat endpoint (tools, reasoning, structured
     outputs, echo, continue_final_message... all vLLM's)."""
     model = _admit(gateway, request, ctx, ModelKind.INSTRUCT, "ChatCompletionRequest")
-    if not request.messages:  # vLLM decides what an empty conversation is
-        return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices)
+    if not request.messages:  # vLLM decides what an empty conversation is; a key's budget still pays
+        charge = gateway.charge(ctx.caller, model, [_empty_chat_tokens(model)], request.requested_max_tokens,
+                                request.choices)  # fmt: skip
+        return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, charge=charge)
     tokens = await _check_conversation(gateway, model, request, request.messages, ctx)
     gateway.check_scoring(model, request, len(tokens))
     charge = gateway.charge(ctx.caller, model, [len(tokens)], request.requested_max_tokens, request.choices)
@@ -221,6 +226,14 @@ def _sends_template(request: V1ChatRequest | V1BatchChatRequest) -> bool:
     `chat_template_kwargs`)."""
     kwargs = request.chat_template_kwargs or {}
     return request.chat_template is not None or kwargs.get("chat_template") is not None
+
+
+def _empty_chat_tokens(model: ServedModel) -> int:
+    """The tokens a template writes for no message at all (its BOS and generation prompt, if it renders)."""
+    try:
+        return len(model.tokenizer.render_chat([]).token_ids)
+    except GatewayError:
+        return 0
 
 
 async def _send(
