@@ -28,6 +28,29 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_SECONDS = 5
 
 
+# Every session on PostgreSQL: a lock or a statement waits a bounded time, and a session idle inside a
+# transaction (a pod cut off mid-exchange) is ended by the server, so its row locks never stall the other
+# pods' exchanges, revocations and usage writes.
+POSTGRES_SESSION = {
+    "lock_timeout": "5s",
+    "statement_timeout": "30s",
+    "idle_in_transaction_session_timeout": "15s",
+}
+
+
+def postgres_connect_args(url: str) -> dict[str, Any]:
+    """libpq's connection settings: a database that does not answer must not hold a query thread for
+    minutes (TCP's own timeouts); the session limits above unless the URL sets `options` itself."""
+    args: dict[str, Any] = {
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+        "tcp_user_timeout": 15_000,  # ms: data the server never acknowledges fails the query
+    }  # fmt: skip
+    if "options" not in make_url(url).query:
+        args["options"] = " ".join(f"-c {name}={value}" for name, value in POSTGRES_SESSION.items())
+    return args
+
+
 def default_url(cache_dir: Path) -> str:
     """SQLite in the cache folder: nothing to install, shared safely by the processes of one host."""
     return f"sqlite:///{cache_dir / 'gateway.db'}"
@@ -52,8 +75,7 @@ class Database:
             path = make_url(url).database
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # A database that does not answer must not hold a query thread for minutes (TCP's own timeout).
-        connect_args = {} if self.is_sqlite else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        connect_args = {} if self.is_sqlite else postgres_connect_args(url)
         self.engine: Engine = create_engine(url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)

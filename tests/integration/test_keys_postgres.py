@@ -5,6 +5,7 @@ memory and is written when the database is back, and nothing is counted twice.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -175,3 +176,31 @@ async def test_two_gateways_cut_off_together_stay_within_a_budget(
     assert served(answers) <= budget
     assert (total["requests"], total["tokens_in"] + total["tokens_out"]) == (len(answers), served(answers))
     assert used == served(answers) and held == 0
+
+
+async def test_a_session_that_holds_a_keys_row_stalls_nothing_for_long(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """A pod cut off in the middle of an exchange held its key rows locked for as long as its connection
+    stayed open (hours, without keepalives): every other pod's exchanges and revocations waited on it
+    (review of issue 22). Lock waits are bounded, and the server ends a session idle in a transaction."""
+    with running_postgres() as server:
+        url = server.create_database("gateway")
+        settings = standin_settings(standin_url, admin_keys="admin-1", database_url=url)
+        async with running_gateway(settings) as (_, http):
+            key_id, _ = await new_key(http, rate_limit="600/minute")
+            cut_off = Database(url)  # another pod's session, frozen holding the key's row
+            connection = cut_off.engine.connect()
+            try:
+                connection.exec_driver_sql("BEGIN")
+                connection.exec_driver_sql("SELECT * FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
+                started = time.monotonic()
+                revoked = await http.delete(f"/keys/{key_id}", headers=ADMIN, timeout=60)
+                waited = time.monotonic() - started
+                assert revoked.status_code == 503 and waited < 20, (revoked.text, waited)
+                await asyncio.sleep(16)  # the server ends the session idle in its transaction
+                assert (await http.delete(f"/keys/{key_id}", headers=ADMIN)).status_code == 200
+            finally:
+                with contextlib.suppress(Exception):
+                    connection.close()
+                cut_off.close()
