@@ -25,6 +25,8 @@ from service.ops.settings import ModelKind
 MODEL_NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")  # a served name, as the models file allows it
 MAX_MODELS = 256
 RATE_BUCKETS = 60  # a rate's window moves in steps of 1/60 of its length, as GATEWAY_RATE_LIMIT's does
+MAX_RATE_REQUESTS = 10**12
+ZERO_PERIOD = re.compile(r"/\s*0+\s*[A-Za-z]")  # `1/0second`, `5/00 minutes`
 
 
 class Period(StrEnum):
@@ -97,8 +99,15 @@ class KeyPolicy(BaseModel):
     @field_validator("rate_limit")
     @classmethod
     def _parsable(cls, value: str | None) -> str | None:
-        if value is not None and rate_window(value)[0] < 1:
+        if value is None:
+            return value
+        requests, _ = rate_window(value)
+        if requests < 1:
             raise ValueError(f"rate_limit {value[:64]!r} lets no request through: give at least 1 a period")
+        if requests > MAX_RATE_REQUESTS:  # the store counts in 64-bit integers
+            raise ValueError(f"rate_limit {value[:64]!r}: at most {MAX_RATE_REQUESTS:,} requests a period")
+        if ZERO_PERIOD.search(value):  # `limits` reads 1/0second as 1/second
+            raise ValueError(f"rate_limit {value[:64]!r}: a period of zero seconds lets nothing be counted")
         return value
 
     def refusal(self, model: ServedModel) -> Forbidden | None:
@@ -155,6 +164,13 @@ class NewKey(KeyPolicy):
     """POST /keys: a key's name and its policy."""
 
     name: str = Field(min_length=1, max_length=128, description="What the key is for (shown in listings).")
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():  # NUL and other control characters: the store and logs refuse them
+            raise ValueError("a key's name holds printable characters only (no control characters)")
+        return value
 
     def policy(self) -> KeyPolicy:
         """The policy part."""

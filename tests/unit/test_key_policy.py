@@ -44,13 +44,21 @@ def test_a_refusal_names_the_rule() -> None:
 @pytest.mark.parametrize(
     "body",
     [{"name": ""}, {"name": "x", "kinds": ["chatty"]}, {"name": "x", "rate_limit": "often"},
-     {"name": "x", "rate_limit": "0/second"},
+     {"name": "x", "rate_limit": "0/second"}, {"name": "x", "rate_limit": "99999999999999999999/second"},
+     {"name": "x", "rate_limit": "1/0second"}, {"name": "x", "rate_limit": "5/00 minutes"},
+     {"name": "\u0000"}, {"name": "a\nb"},
      {"name": "x", "max_concurrent": 0}, {"name": "x", "token_budget": {"tokens": 10, "period": "week"}},
      {"name": "x", "models": ["no spaces please"]}, {"name": "x", "secret": "mine"}],
 )  # fmt: skip
 def test_a_bad_policy_is_refused(body: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         NewKey.model_validate(body)
+
+
+def test_the_largest_rate_and_a_period_of_several_units_are_taken() -> None:
+    assert NewKey.model_validate({"name": "x", "rate_limit": "1000000000000/second"}).rate_limit
+    key = NewKey.model_validate({"name": "büro 1", "rate_limit": "5/10 minutes"})
+    assert key.rate_limit == "5/10 minutes"
 
 
 def test_budget_periods_start_at_midnight_utc() -> None:
