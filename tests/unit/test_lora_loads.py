@@ -101,7 +101,16 @@ async def test_a_name_holding_another_folder_is_unloaded_and_loaded_again(worker
     fake = FakeTransport()
     vllm = FakeVllm(fake, worker, {QA.path, "/adapters/old"})
     vllm.held["qa"] = "/adapters/old"  # removed and registered again under the same name
-    assert await AdapterLoads(fake).ensure(worker, QA) is Outcome.LOADED
+    loads = AdapterLoads(fake)
+    with pytest.raises(AdapterLoadFailed) as caught:  # unless told that QA is the name's registration now
+        await loads.ensure(worker, QA)
+    assert "registered since" in caught.value.reason and vllm.held == {"qa": "/adapters/old"}
+
+    async def current(target: LoraTarget) -> bool:
+        return target.path == QA.path
+
+    loads.may_replace = current
+    assert await loads.ensure(worker, QA) is Outcome.LOADED
     assert vllm.held == {"qa": QA.path}
 
 
