@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -34,7 +33,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import ROOT, console, gateway_env, percentile, save, table, wait_http
+from bench.common import ROOT, console, gateway_env, percentile, save, stop_all, table, wait_http
 from service.ops.settings import Settings, default_models
 from service.workers.supervisor import free_port, launch_plan
 
@@ -233,12 +232,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     except KeyboardInterrupt:
         console.print("interrupted: the rounds both modes finished are reported")
     finally:
-        for process, _ in gateways.values():
-            process.send_signal(signal.SIGTERM)
-        for process in workers:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in [*(p for p, _ in gateways.values()), *workers]:
-            process.wait(timeout=60)
+        stop_all([process for process, _ in gateways.values()], workers)
     done = min(len(mode_runs) for mode_runs in runs.values())
     return {mode: summarize(runs[mode][:done]) for mode in MODES}, complete
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,16 @@ def gateway_env(store: str = STORE) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["GATEWAY_DATABASE_URL"] = store
     return env
+
+
+def stop_all(gateways: Sequence[subprocess.Popen[bytes]], workers: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM the gateways and the workers' process groups (a worker is a process tree), then wait."""
+    for process in gateways:
+        process.send_signal(signal.SIGTERM)
+    for process in workers:
+        os.killpg(process.pid, signal.SIGTERM)
+    for process in [*gateways, *workers]:
+        process.wait(timeout=60)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

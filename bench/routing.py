@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import ROOT, console, gateway_env, percentile, save, table, wait_http
+from bench.common import ROOT, console, gateway_env, percentile, save, stop_all, table, wait_http
 from service.ops.settings import Settings, default_models
 from service.workers.supervisor import free_port, launch_plan
 
@@ -186,12 +184,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                   f"hit rate {run['cache_hits'] / max(1, run['cache_queries']):.2f}")  # fmt: skip
             results[f"c={concurrency}"] = {policy: summarize(runs[policy]) for policy in policies}
     finally:
-        for process, _ in gateways.values():
-            process.send_signal(signal.SIGTERM)
-        for process in workers:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in [*(p for p, _ in gateways.values()), *workers]:
-            process.wait(timeout=60)
+        stop_all([process for process, _ in gateways.values()], workers)
     return results
 
 

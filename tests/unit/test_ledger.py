@@ -18,8 +18,9 @@ from service.store.schema import api_keys
 KEY = "k" * 32
 
 
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[Database]:
+@pytest.fixture(name="database")
+def store_with_a_key(tmp_path: Path) -> Iterator[Database]:
+    """A migrated SQLite store holding the key KEY."""
     store = Database(default_url(tmp_path))
     store.migrate()
     with store.transaction() as connection:

@@ -6,9 +6,7 @@ then away: whatever they did before, all they serve stays within every limit."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -19,12 +17,11 @@ from service.core.keys import StoredKey
 from service.core.tenancy import Caller
 from service.errors import BudgetExceeded, LimitsUnavailable, RateLimited, TooManyInFlight
 from service.store import ledger
-from service.store.database import Database, default_url
+from service.store.database import Database
 from service.store.ledger import Outcome
-from service.store.schema import api_keys
 from tests.unit.test_key_limits import NOON, limits_with
+from tests.unit.test_ledger import KEY, store_with_a_key  # noqa: F401 (the `database` fixture)
 
-KEY = "k" * 32
 POLICY = KeyPolicy(rate_limit="60/minute", max_concurrent=4, token_budget=TokenBudget(tokens=1000))
 
 
@@ -114,19 +111,6 @@ async def test_what_is_held_is_not_used_once_the_lease_could_have_lapsed() -> No
 
 
 # ---------------------------------------------------------------- several processes, one real ledger
-
-
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[Database]:
-    store = Database(default_url(tmp_path))
-    store.migrate()
-    with store.transaction() as connection:
-        connection.execute(api_keys.insert().values(
-            id=KEY, digest="0" * 64, prefix="sk-gw-x", name="k", created_at=datetime.now(UTC)))  # fmt: skip
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 class Process:
