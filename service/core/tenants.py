@@ -239,6 +239,12 @@ class Tenants:
         new one, and cannot be checked)."""
         return self._connected_since is not None
 
+    def holds_keys(self) -> bool:
+        """Whether this process may serve runtime keys from what it knows of them: within its hold (the
+        part of the lease since its last exchange that reached the store), as for their limits; past it a
+        revocation made elsewhere may have gone unseen for longer than the docs promise."""
+        return self.limits.usable(self.limits.clock())
+
     def _store_failed(self, exc: Exception) -> None:
         self.metrics.store_errors.inc()
         self._connected_since = None

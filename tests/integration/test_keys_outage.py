@@ -1,0 +1,95 @@
+"""Runtime keys while one gateway is cut off from the store that another still reaches (its database made
+unreachable for it alone): past its hold it serves no runtime key, limited or not, so a revocation made
+elsewhere cannot go unseen for the whole outage; a key it cannot check is no failed attempt of its address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from sqlalchemy.exc import OperationalError
+
+from tests.integration.conftest import running_gateway, standin_settings
+
+ADMIN = {"Authorization": "Bearer admin-1"}
+STATIC = {"Authorization": "Bearer static-1"}
+BODY = {"model": "base", "prompt": "hi", "max_tokens": 4}
+LEASE = 2.0  # the shortest allowed: this process holds what it knows for 0.8 x 2 s after its last exchange
+
+
+def settings_for(url: str, database: Path, **overrides: Any) -> Any:
+    return standin_settings(
+        url, admin_keys="admin-1", api_keys="static-1", database_url=f"sqlite:///{database}",
+        keys_sync_interval=0.1, keys_lease_seconds=LEASE, keys_store_wait=0.3, **overrides,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def cut_off(app: FastAPI) -> Iterator[None]:
+    """This gateway alone cannot reach its database (the others still can) until the block ends."""
+    database = app.state.database
+
+    async def unreachable(*_: Any) -> Any:
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("the database is unreachable"))
+
+    database.run = unreachable
+    try:
+        yield
+    finally:
+        del database.run  # the class's own again
+
+
+async def status_of(http: httpx.AsyncClient, headers: dict[str, str]) -> tuple[int, str | None, str | None]:
+    answer = await http.post("/v1/completions", json=BODY, headers=headers)
+    code = answer.json().get("error", {}).get("code") if answer.status_code != 200 else None
+    return answer.status_code, code, answer.headers.get("retry-after")
+
+
+async def new_key(http: httpx.AsyncClient, **policy: Any) -> tuple[str, dict[str, str]]:
+    answer = await http.post("/keys", json={"name": "app", **policy}, headers=ADMIN)
+    assert answer.status_code == 201, answer.text
+    return answer.json()["id"], {"Authorization": f"Bearer {answer.json()['key']}"}
+
+
+async def test_a_cut_off_gateway_serves_no_runtime_key_past_its_hold(
+    standin_url: str, tmp_path: Path
+) -> None:
+    settings = settings_for(standin_url, tmp_path / "gateway.db")
+    async with running_gateway(settings) as (app, first), running_gateway(settings) as (_, second):
+        keys = [await new_key(second), await new_key(second, kinds=["base"]),
+                await new_key(second, rate_limit="100000/minute")]  # fmt: skip
+        await asyncio.sleep(0.5)  # the first gateway's next exchanges bring the keys (and shares) in
+        assert [(await status_of(first, headers))[0] for _, headers in keys] == [200] * 3
+        with cut_off(app):
+            for key_id, _ in keys:
+                assert (await second.delete(f"/keys/{key_id}", headers=ADMIN)).status_code == 200
+            assert [(await status_of(second, headers))[0] for _, headers in keys] == [401] * 3
+            await asyncio.sleep(LEASE)  # past the hold (0.8 of the lease since its last exchange)
+            stale = [await status_of(first, headers) for _, headers in keys]
+            static = await status_of(first, STATIC)
+        await asyncio.sleep(0.5)  # exchanges reach the store again: the revocations are seen
+        after = [(await status_of(first, headers))[0] for _, headers in keys]
+    assert stale == [(503, "key_uncheckable", "1")] * 3
+    assert static[0] == 200  # GATEWAY_API_KEYS need no store
+    assert after == [401] * 3
+
+
+async def test_a_key_that_cannot_be_checked_is_no_failed_attempt(standin_url: str, tmp_path: Path) -> None:
+    settings = settings_for(standin_url, tmp_path / "gateway.db", auth_failure_limit=3)
+    unknown = {"Authorization": "Bearer sk-gw-a-key-this-gateway-does-not-know"}
+    async with running_gateway(settings) as (app, http):
+        await new_key(http)
+        with cut_off(app):
+            await asyncio.sleep(0.3)  # an exchange fails: the process knows the store is away
+            retried = [(await status_of(http, unknown))[:2] for _ in range(6)]
+            static = await status_of(http, STATIC)
+        await asyncio.sleep(0.3)
+        wrong = [(await status_of(http, unknown))[0] for _ in range(4)]  # a 401 still counts
+    assert retried == [(503, "key_uncheckable")] * 6
+    assert static[0] == 200  # the same address's good key is not locked out
+    assert wrong == [401, 401, 401, 429]
