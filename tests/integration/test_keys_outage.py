@@ -1,6 +1,7 @@
 """Runtime keys while one gateway is cut off from the store that another still reaches (its database made
 unreachable for it alone): past its hold it serves no runtime key, limited or not, so a revocation made
-elsewhere cannot go unseen for the whole outage; a key it cannot check is no failed attempt of its address."""
+elsewhere cannot go unseen for the whole outage; a key it cannot check is no failed attempt of its address;
+usage it served and could not write before it stopped is spooled on its disk and written by the next."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError
 
+from service.core import tenants
 from tests.integration.conftest import running_gateway, standin_settings
 
 ADMIN = {"Authorization": "Bearer admin-1"}
@@ -25,7 +28,7 @@ LEASE = 2.0  # the shortest allowed: this process holds what it knows for 0.8 x 
 def settings_for(url: str, database: Path, **overrides: Any) -> Any:
     return standin_settings(
         url, admin_keys="admin-1", api_keys="static-1", database_url=f"sqlite:///{database}",
-        keys_sync_interval=0.1, keys_lease_seconds=LEASE, keys_store_wait=0.3, **overrides,
+        **{"keys_sync_interval": 0.1, "keys_lease_seconds": LEASE, "keys_store_wait": 0.3, **overrides},
     )  # fmt: skip
 
 
@@ -93,3 +96,44 @@ async def test_a_key_that_cannot_be_checked_is_no_failed_attempt(standin_url: st
     assert retried == [(503, "key_uncheckable")] * 6
     assert static[0] == 200  # the same address's good key is not locked out
     assert wrong == [401, 401, 401, 429]
+
+
+async def usage_of(http: httpx.AsyncClient, key_id: str) -> dict[str, int]:
+    answer = await http.get("/usage", params={"key": key_id}, headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    totals: dict[str, int] = answer.json()["totals"]
+    return {name: totals[name] for name in ("requests", "tokens_in", "tokens_out")}
+
+
+async def test_usage_served_in_an_outage_outlives_a_gateway_stopped_before_it_ends(
+    standin_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tenants, "STOP_RETRY_SECONDS", 0.3)
+    settings = settings_for(standin_url, tmp_path / "gateway.db", keys_lease_seconds=30.0,
+                            cache_dir=tmp_path / "cache")  # fmt: skip
+    (tmp_path / "cache").mkdir()  # a cache folder of its own, with the prepared tokenizers
+    (tmp_path / "cache" / "models").symlink_to(standin_settings(standin_url).cache_dir / "models")
+    spools = tmp_path / "cache" / "usage-spool"
+    served: list[int] = []
+    with contextlib.ExitStack() as outage:
+        async with running_gateway(settings) as (app, http):
+            key_id, headers = await new_key(http)
+            served += [(await http.post("/v1/completions", json=BODY, headers=headers)).status_code]
+            await asyncio.sleep(0.3)  # written by the next exchanges
+            before = await usage_of(http, key_id)
+            outage.enter_context(cut_off(app))
+            for _ in range(3):
+                served += [(await http.post("/v1/completions", json=BODY, headers=headers)).status_code]
+        # The gateway stopped while its database was away.
+        copy = b"".join(path.read_bytes() for path in spools.glob("*.json"))
+        kept = sorted(spools.glob("*.json"))
+    async with running_gateway(settings) as (_, http):
+        after = await usage_of(http, key_id)
+    assert served == [200] * 4 and before["requests"] == 1
+    assert after["requests"] == 4 and after["tokens_in"] == 4 * before["tokens_in"], after
+    assert after["tokens_out"] == 4 * before["tokens_out"]
+    assert len(kept) == 1 and sorted(spools.glob("*.json")) == []  # written, then deleted
+    kept[0].write_bytes(copy)  # as if a gateway had stopped between the store's commit and the deletion
+    async with running_gateway(settings) as (_, http):
+        again = await usage_of(http, key_id)
+    assert again == after  # written twice, counted once
