@@ -137,3 +137,28 @@ async def test_usage_served_in_an_outage_outlives_a_gateway_stopped_before_it_en
     async with running_gateway(settings) as (_, http):
         again = await usage_of(http, key_id)
     assert again == after  # written twice, counted once
+
+
+async def test_a_running_gateway_writes_a_spool_once_its_database_is_back(
+    standin_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tenants, "STOP_RETRY_SECONDS", 0.3)
+    (tmp_path / "cache").mkdir()  # one host's cache folder, shared by its two gateway processes
+    (tmp_path / "cache" / "models").symlink_to(standin_settings(standin_url).cache_dir / "models")
+    settings = settings_for(standin_url, tmp_path / "gateway.db", keys_lease_seconds=30.0,
+                            cache_dir=tmp_path / "cache")  # fmt: skip
+    async with running_gateway(settings) as (staying_app, staying):
+        key_id, headers = await new_key(staying)
+        with contextlib.ExitStack() as outage:
+            async with running_gateway(settings) as (leaving_app, leaving):
+                await asyncio.sleep(0.3)  # the key is known to the second process
+                outage.enter_context(cut_off(staying_app))
+                outage.enter_context(cut_off(leaving_app))
+                served = [(await leaving.post("/v1/completions", json=BODY, headers=headers)).status_code
+                          for _ in range(3)]  # fmt: skip
+            spooled = sorted((tmp_path / "cache" / "usage-spool").glob("*.json"))
+        await asyncio.sleep(0.5)  # the staying process's exchanges reach the database again
+        usage = await usage_of(staying, key_id)
+        left = sorted((tmp_path / "cache" / "usage-spool").glob("*.json"))
+    assert served == [200] * 3 and len(spooled) == 1
+    assert usage["requests"] == 3 and left == []
