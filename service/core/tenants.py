@@ -118,35 +118,13 @@ class Tenants:
             if await self._exchange(full=True, final=True):
                 return
             if time.monotonic() > deadline:
-                await self._spool_usage()
+                await self.spool.keep_unwritten(self.holder, self.usage.unwritten(self.holder))
                 return
             await asyncio.sleep(0.5)
 
-    async def _spool_usage(self) -> None:
-        """Stopping with the database away: what it does not have goes to this process's spool file."""
-        rows = self.usage.unwritten(self.holder)
-        if not rows:
-            return
-        try:
-            path = await asyncio.to_thread(self.spool.keep, self.holder, rows)
-        except OSError as exc:
-            log.error("stopping without writing %d usage row(s): the database is unreachable and the "
-                      "spool cannot be written (%s)", len(rows), exc)  # fmt: skip
-            return
-        log.warning("the database is unreachable: %d usage row(s) kept in %s, written to the database by "
-                    "the next gateway started with this cache folder", len(rows), path)  # fmt: skip
-
     async def _fold_spools(self) -> None:
         """Write the usage spooled by processes that stopped while the database was away (once)."""
-        self._spool_due = False
-        try:
-            written = await self.database.run(self.spool.fold, self.database)
-        except Exception as exc:
-            self._spool_due = True  # the store went away meanwhile: again once it is back
-            log.warning("usage spools not written yet: %s", _short(exc))
-            return
-        if written:
-            log.info("%d usage row(s) spooled by stopped processes written to the database", written)
+        self._spool_due = not await self.spool.write(self.database)  # else again once the store is back
 
     async def _follow(self) -> None:
         while True:

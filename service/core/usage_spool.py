@@ -10,6 +10,7 @@ deleted only after the store committed its rows.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -34,6 +35,30 @@ class UsageSpool:
         self.folder = cache_dir / FOLDER
         self.store = hashlib.sha256(redacted(store_url).encode()).hexdigest()[:16]
         self.max_bytes = max(1, max_rows) * ROW_BYTES
+
+    async def keep_unwritten(self, holder: str, rows: list[dict[str, Any]]) -> None:
+        """Stopping with the database away: what it does not have goes to this process's spool (logged)."""
+        if not rows:
+            return
+        try:
+            path = await asyncio.to_thread(self.keep, holder, rows)
+        except OSError as exc:
+            log.error("stopping without writing %d usage row(s): the database is unreachable and the "
+                      "spool cannot be written (%s)", len(rows), exc)  # fmt: skip
+            return
+        log.warning("the database is unreachable: %d usage row(s) kept in %s, written to the database by "
+                    "the next gateway started with this cache folder", len(rows), path)  # fmt: skip
+
+    async def write(self, database: Database) -> bool:
+        """Write every spool of this store to it (on the store's threads); whether the store was reached."""
+        try:
+            written = await database.run(self.fold, database)
+        except Exception as exc:
+            log.warning("usage spools not written yet: %s: %.200s", type(exc).__name__, exc)
+            return False
+        if written:
+            log.info("%d usage row(s) spooled by stopped processes written to the database", written)
+        return True
 
     def keep(self, holder: str, rows: list[dict[str, Any]]) -> Path:
         """Write a stopping process's unwritten usage rows (blocking: run it on a thread)."""
