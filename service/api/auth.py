@@ -193,9 +193,10 @@ class ApiKeyMiddleware:
             refusal = refusal or Unauthorized()
             # Only a 401 is a failed attempt: "cannot check now" says nothing against the key (and a
             # client retrying it as Retry-After invites must not lock out its address's good keys).
-            if isinstance(refusal, Unauthorized) and self.failures is not None:
-                self.failures.hit(address)
-            self._count("auth_failures")
+            if isinstance(refusal, Unauthorized):
+                if self.failures is not None:
+                    self.failures.hit(address)
+                self._count("auth_failures")
             await reject(scope, receive, send, refusal)
             return
         state = scope.setdefault("state", {})

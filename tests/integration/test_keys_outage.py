@@ -91,10 +91,12 @@ async def test_a_key_that_cannot_be_checked_is_no_failed_attempt(standin_url: st
             await asyncio.sleep(0.3)  # an exchange fails: the process knows the store is away
             retried = [(await status_of(http, unknown))[:2] for _ in range(6)]
             static = await status_of(http, STATIC)
+            failures = app.state.metrics.registry.get_sample_value("gateway_auth_failures_total")
         await asyncio.sleep(0.3)
         wrong = [(await status_of(http, unknown))[0] for _ in range(4)]  # a 401 still counts
     assert retried == [(503, "key_uncheckable")] * 6
     assert static[0] == 200  # the same address's good key is not locked out
+    assert not failures  # nor counted as a wrong key
     assert wrong == [401, 401, 401, 429]
 
 
