@@ -21,7 +21,7 @@
     ├── BudgetExceeded                429 rate_limit_error / token_budget_exceeded (the numbers; Retry-After)
     ├── LimitsUnavailable             503 service_unavailable / limits_unavailable, with Retry-After
     ├── StoreUnavailable              503 service_unavailable / store_unavailable, with Retry-After
-    ├── KeyUncheckable                503 service_unavailable / key_uncheckable (unknown key, store away)
+    ├── KeyUncheckable                503 service_unavailable / key_uncheckable (store away: new/stale key)
     ├── NoHealthyWorker               503 service_unavailable
     │   └── WorkersRefuseKey          502 upstream_error / worker_auth_failed (each refused our key)
     ├── Overloaded                    503 service_unavailable / overloaded, with Retry-After
@@ -315,12 +315,18 @@ class KeyUncheckable(GatewayError):
     error_type = "service_unavailable"
     code = "key_uncheckable"
 
-    def __init__(self) -> None:
-        super().__init__(
-            "This API key cannot be checked right now: this gateway process does not know it and its "
-            "database is unreachable (a key created since the process last read them is not known yet); "
-            "retry shortly."
-        )
+    UNKNOWN = (
+        "This API key cannot be checked right now: this gateway process does not know it and its "
+        "database is unreachable (a key created since the process last read them is not known yet); "
+        "retry shortly."
+    )
+    STALE = (
+        "This API key cannot be checked right now: this gateway process has not reached its database "
+        "for too long to know whether the key was revoked since; retry shortly."
+    )
+
+    def __init__(self, message: str = UNKNOWN) -> None:
+        super().__init__(message)
         self.headers = {"Retry-After": "1"}
 
 

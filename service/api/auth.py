@@ -188,14 +188,16 @@ class ApiKeyMiddleware:
         accepted, stored = self._accepted(scope)
         if stored is not None and not stored.revoked:
             accepted = stored.id
-        if accepted is None:
-            if self.failures is not None:
-                self.failures.hit(address)
-            self._count("auth_failures")
-            error: GatewayError = Unauthorized(REVOKED if stored is not None else Unauthorized.DEFAULT)
-            if stored is None and self.tenants is not None and not self.tenants.reachable:
-                error = KeyUncheckable()  # it may be a key created since this process last read them
-            await reject(scope, receive, send, error)
+        refusal = self._refusal(accepted, stored)
+        if refusal is not None or accepted is None:  # (a key not accepted always has a refusal)
+            refusal = refusal or Unauthorized()
+            # Only a 401 is a failed attempt: "cannot check now" says nothing against the key (and a
+            # client retrying it as Retry-After invites must not lock out its address's good keys).
+            if isinstance(refusal, Unauthorized):
+                if self.failures is not None:
+                    self.failures.hit(address)
+                self._count("auth_failures")
+            await reject(scope, receive, send, refusal)
             return
         state = scope.setdefault("state", {})
         state["api_key_id"] = accepted
@@ -211,6 +213,18 @@ class ApiKeyMiddleware:
         finally:
             if self.tenants is not None:  # the request counts in its key's usage
                 self.tenants.finish(accepted, slot, state.get("record"))
+
+    def _refusal(self, accepted: str | None, stored: StoredKey | None) -> GatewayError | None:
+        """Why the request's key is refused, if it is: unknown or revoked (401), or a key this process
+        cannot check now (503: the store is away, and for a runtime key, for longer than the process's
+        hold, after which what it knows of the keys, a revocation made elsewhere, may be stale)."""
+        if accepted is None:
+            if stored is None and self.tenants is not None and not self.tenants.reachable:
+                return KeyUncheckable()  # it may be a key created since this process last read them
+            return Unauthorized(REVOKED if stored is not None else Unauthorized.DEFAULT)
+        if stored is not None and self.tenants is not None and not self.tenants.holds_keys():
+            return KeyUncheckable(KeyUncheckable.STALE)
+        return None
 
     async def _limit(self, accepted: str, stored: StoredKey | None, counted: bool) -> Allowance | None:
         """The key's rate (its own, else GATEWAY_RATE_LIMIT) and its requests in progress; the slot it

@@ -10,7 +10,8 @@ what it spent of each key's limits, gives back allowance it does not need, and r
 of processes whose lease lapsed. A request that needs more allowance than this process holds asks for
 an exchange at once (coalesced with the others waiting). When the database is unreachable, known keys
 keep being served within what this process holds, and usage waits in memory to be written when it is
-back. Stopping, the process writes everything and gives its allowances back.
+back. Stopping, the process writes everything and gives its allowances back; with the database still away,
+its unwritten usage goes to a spool file that a later process writes (`service.core.usage_spool`).
 
 What a process holds is its own until its lease could lapse: from the start of its last exchange that
 reached the store, LEASE_USED of GATEWAY_KEYS_LEASE_SECONDS (the rest spares clocks that differ). After
@@ -37,6 +38,7 @@ from service.core.key_policy import KeyPolicy
 from service.core.keys import KeyDirectory, StoredKey, as_row, from_row, new_key
 from service.core.tenancy import Caller
 from service.core.usage import KeyMetrics, UsageBook
+from service.core.usage_spool import UsageSpool
 from service.errors import GatewayError, StoreUnavailable, TooManyKeys
 from service.ops.record import RequestRecord
 from service.ops.settings import Settings
@@ -78,6 +80,8 @@ class Tenants:
         self.directory = KeyDirectory()
         self.metrics = KeyMetrics(registry)
         self.usage = UsageBook(settings.usage_max_rows, self.metrics.dropped.inc)
+        self.spool = UsageSpool(settings.cache_dir, database.url, settings.usage_max_rows)
+        self._spool_due = True  # spools of stopped processes to write once the store is reachable
         # A refused request asks again once others had an exchange to give back what they do not use.
         contention_wait = 1.5 * settings.keys_sync_interval + 0.05
         self.limits = KeyLimits(self.exchange_soon, settings.keys_store_wait, contention_wait=contention_wait)
@@ -98,6 +102,7 @@ class Tenants:
         self._adopt(keys, current)
         self._connected_since = time.monotonic()
         self._holds_until(started)
+        await self._fold_spools()
         self._loop = asyncio.create_task(self._follow())
         log.info("%d API key(s) managed at runtime (%d revoked)", len(keys), sum(k.revoked for k in keys))
 
@@ -113,17 +118,21 @@ class Tenants:
             if await self._exchange(full=True, final=True):
                 return
             if time.monotonic() > deadline:
-                log.error("stopping without writing %d usage row(s): the database is unreachable",
-                          self.usage.waiting)  # fmt: skip
+                await self.spool.keep_unwritten(self.holder, self.usage.unwritten(self.holder))
                 return
             await asyncio.sleep(0.5)
+
+    async def _fold_spools(self) -> None:
+        """Write the usage spooled by processes that stopped while the database was away (once)."""
+        self._spool_due = not await self.spool.write(self.database)  # else again once the store is back
 
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(self.settings.keys_sync_interval)
             for allowance in list(self.limits.allowances.values()):
                 allowance.next_period()
-            await self.exchange_soon(full=True)
+            if await self.exchange_soon(full=True) and self._spool_due:
+                await self._fold_spools()
 
     # ------------------------------------------------------------------ exchanges
 
@@ -172,6 +181,7 @@ class Tenants:
             return False
         if self._connected_since is None:
             log.info("the database is reachable again; usage and allowances written")
+            self._spool_due = True  # a process that stopped meanwhile may have spooled its usage
             self._connected_since = time.monotonic()
         self._holds_until(started)
         self.limits.processes = synced.exchanged.processes
@@ -238,6 +248,12 @@ class Tenants:
         """Whether the last exchange reached the store (else a key this process does not know may be a
         new one, and cannot be checked)."""
         return self._connected_since is not None
+
+    def holds_keys(self) -> bool:
+        """Whether this process may serve runtime keys from what it knows of them: within its hold (the
+        part of the lease since its last exchange that reached the store), as for their limits; past it a
+        revocation made elsewhere may have gone unseen for longer than the docs promise."""
+        return self.limits.usable(self.limits.clock())
 
     def _store_failed(self, exc: Exception) -> None:
         self.metrics.store_errors.inc()

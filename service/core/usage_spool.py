@@ -1,0 +1,118 @@
+"""Usage a gateway process could not write to the store before it stopped (the database was away), kept on
+its own disk until a process with the same cache folder and store writes it.
+
+One file per stopped process, `<cache>/usage-spool/<store>-<holder>.json`, written atomically (a temporary
+file renamed). `<store>` names the database (a hash of its URL without the password), so a spool is only
+ever written to the store it belongs to. Writing a spool again is harmless: usage rows are keyed by their
+process (`holder`) and hold absolute totals, so the same rows written twice leave the same totals. A file is
+deleted only after the store committed its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from service.store.database import Database, redacted
+from service.store.usage import COUNTS, write_usage
+
+log = logging.getLogger(__name__)
+FOLDER = "usage-spool"
+ROW_BYTES = 1024  # a spooled row is far smaller: a larger file is no spool of ours, and is left alone
+
+
+class UsageSpool:
+    """The spool files of one store in one cache folder."""
+
+    def __init__(self, cache_dir: Path, store_url: str, max_rows: int) -> None:
+        self.folder = cache_dir / FOLDER
+        self.store = hashlib.sha256(redacted(store_url).encode()).hexdigest()[:16]
+        self.max_bytes = max(1, max_rows) * ROW_BYTES
+
+    async def keep_unwritten(self, holder: str, rows: list[dict[str, Any]]) -> None:
+        """Stopping with the database away: what it does not have goes to this process's spool (logged)."""
+        if not rows:
+            return
+        try:
+            path = await asyncio.to_thread(self.keep, holder, rows)
+        except OSError as exc:
+            log.error("stopping without writing %d usage row(s): the database is unreachable and the "
+                      "spool cannot be written (%s)", len(rows), exc)  # fmt: skip
+            return
+        log.warning("the database is unreachable: %d usage row(s) kept in %s, written to the database by "
+                    "the next gateway started with this cache folder", len(rows), path)  # fmt: skip
+
+    async def write(self, database: Database) -> bool:
+        """Write every spool of this store to it (on the store's threads); whether the store was reached."""
+        try:
+            written = await database.run(self.fold, database)
+        except Exception as exc:
+            log.warning("usage spools not written yet: %s: %.200s", type(exc).__name__, exc)
+            return False
+        if written:
+            log.info("%d usage row(s) spooled by stopped processes written to the database", written)
+        return True
+
+    def keep(self, holder: str, rows: list[dict[str, Any]]) -> Path:
+        """Write a stopping process's unwritten usage rows (blocking: run it on a thread)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self.store}-{holder}.json"
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        shown = [{**row, "day": row["day"].isoformat()} for row in rows]
+        try:
+            with open(temporary, "w") as handle:
+                json.dump({"rows": shown}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())  # the rename must never expose a file the disk does not hold
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+        return path
+
+    def fold(self, database: Database) -> int:
+        """Write every spool of this store to it, each file deleted once committed; the rows written
+        (blocking: run it on the store's threads)."""
+        written = 0
+        for path in sorted(self.folder.glob(f"{self.store}-*.json")):
+            rows = self._read(path)
+            if rows is None:
+                continue
+            with database.transaction() as connection:
+                write_usage(connection, rows)
+            with contextlib.suppress(FileNotFoundError):  # another process folded it too: same totals
+                path.unlink()
+            written += len(rows)
+        return written
+
+    def _read(self, path: Path) -> list[dict[str, Any]] | None:
+        """A spool's rows, or None (logged) when it cannot be one."""
+        try:
+            if path.stat().st_size > self.max_bytes:
+                raise ValueError(f"larger than {self.max_bytes} bytes")
+            rows = [_row(found) for found in json.loads(path.read_text())["rows"]]
+        except FileNotFoundError:
+            return None  # folded meanwhile by another process
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("usage spool %s is not readable (%s): left in place, not written", path, exc)
+            return None
+        return rows
+
+
+def _row(found: dict[str, Any]) -> dict[str, Any]:
+    """One `usage` row from its JSON form (refusing anything else)."""
+    row: dict[str, Any] = {name: str(found[name]) for name in ("key_id", "model", "holder")}
+    row["day"] = date.fromisoformat(found["day"])
+    for name in COUNTS:
+        value = found[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} is {value!r}, not a count")
+        row[name] = value
+    return row

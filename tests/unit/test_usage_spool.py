@@ -1,0 +1,58 @@
+"""Usage spooled by a process that stopped with its database away: written only to its own store, each file
+once committed; a file that is no spool of ours is left alone, the others still written."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.core.usage_spool import UsageSpool
+from service.store.database import Database, default_url
+from service.store.usage import read_usage
+
+
+def row(holder: str, requests: int) -> dict[str, Any]:
+    counts = {"requests": requests, "errors": 0, "tokens_in": 3 * requests, "tokens_out": 5 * requests}
+    return {"key_id": "k1", "model": "base", "day": date(2026, 12, 4), "holder": holder, **counts}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Database]:
+    database = Database(default_url(tmp_path / "store"))
+    database.migrate()
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def requests_in(database: Database) -> int:
+    with database.transaction() as connection:
+        return sum(found["requests"] for found in read_usage(connection))
+
+
+def test_spools_are_written_to_their_own_store_once(tmp_path: Path, store: Database) -> None:
+    ours = UsageSpool(tmp_path / "cache", store.url, max_rows=100)
+    other = UsageSpool(tmp_path / "cache", "sqlite:////elsewhere/gateway.db", max_rows=100)
+    ours.keep("a" * 32, [row("a" * 32, 2)])
+    ours.keep("b" * 32, [row("b" * 32, 3)])
+    foreign = other.keep("c" * 32, [row("c" * 32, 7)])
+    assert ours.fold(store) == 2 and requests_in(store) == 5
+    assert sorted(path.name for path in ours.folder.iterdir()) == [foreign.name]  # only the other store's
+    ours.keep("a" * 32, [row("a" * 32, 2)])  # folded again (a stop between commit and deletion)
+    assert ours.fold(store) == 1 and requests_in(store) == 5
+
+
+def test_a_file_that_is_no_spool_is_left_alone(tmp_path: Path, store: Database) -> None:
+    spool = UsageSpool(tmp_path / "cache", store.url, max_rows=1)
+    spool.keep("a" * 32, [row("a" * 32, 2)])
+    broken = spool.folder / f"{spool.store}-{'b' * 32}.json"
+    broken.write_text('{"rows": [{"key_id": "k1", "requests": -4}]}')
+    huge = spool.folder / f"{spool.store}-{'c' * 32}.json"
+    huge.write_text('{"rows": []}' + " " * 2048)  # larger than a spool of at most one row can be
+    assert spool.fold(store) == 1 and requests_in(store) == 2
+    assert broken.exists() and huge.exists()
