@@ -315,15 +315,12 @@ class KeyUncheckable(GatewayError):
     error_type = "service_unavailable"
     code = "key_uncheckable"
 
+    # One message whether the process knows the key or not: the answer must not tell a guess it is right.
     UNKNOWN = (
-        "This API key cannot be checked right now: this gateway process does not know it and its "
-        "database is unreachable (a key created since the process last read them is not known yet); "
-        "retry shortly."
+        "This API key cannot be checked right now: this gateway process cannot reach its database (a key "
+        "created or revoked since it last read them is not known to it); retry shortly."
     )
-    STALE = (
-        "This API key cannot be checked right now: this gateway process has not reached its database "
-        "for too long to know whether the key was revoked since; retry shortly."
-    )
+    STALE = UNKNOWN
 
     def __init__(self, message: str = UNKNOWN) -> None:
         super().__init__(message)

@@ -191,9 +191,10 @@ class ApiKeyMiddleware:
         refusal = self._refusal(accepted, stored)
         if refusal is not None or accepted is None:  # (a key not accepted always has a refusal)
             refusal = refusal or Unauthorized()
-            # Only a 401 is a failed attempt: "cannot check now" says nothing against the key (and a
-            # client retrying it as Retry-After invites must not lock out its address's good keys).
-            if isinstance(refusal, Unauthorized):
+            # A failed attempt, unless it is a key this process knows that it cannot check now (its
+            # client retrying as Retry-After invites must not lock out its address's good keys). An
+            # unknown key still counts while the store is away: else guesses would go unthrottled.
+            if isinstance(refusal, Unauthorized) or stored is None:
                 if self.failures is not None:
                     self.failures.hit(address)
                 self._count("auth_failures")

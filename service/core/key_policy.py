@@ -26,7 +26,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")  # a served name, as the m
 MAX_MODELS = 256
 RATE_BUCKETS = 60  # a rate's window moves in steps of 1/60 of its length, as GATEWAY_RATE_LIMIT's does
 MAX_RATE_REQUESTS = 10**12
-ZERO_PERIOD = re.compile(r"/\s*0+\s*[A-Za-z]")  # `1/0second`, `5/00 minutes`
+ZERO_PERIOD = re.compile(r"(/|\bper)\s*0+\s*[A-Za-z]", re.IGNORECASE)  # `1/0second`, `1 per 0 seconds`
 
 
 class Period(StrEnum):
@@ -108,6 +108,8 @@ class KeyPolicy(BaseModel):
             raise ValueError(f"rate_limit {value[:64]!r}: at most {MAX_RATE_REQUESTS:,} requests a period")
         if ZERO_PERIOD.search(value):  # `limits` reads 1/0second as 1/second
             raise ValueError(f"rate_limit {value[:64]!r}: a period of zero seconds lets nothing be counted")
+        if any(separator in value for separator in ";,|"):  # `limits` would keep the first rate only
+            raise ValueError(f"rate_limit {value[:64]!r}: give one rate (a key has one rate limit)")
         return value
 
     def refusal(self, model: ServedModel) -> Forbidden | None:

@@ -85,6 +85,9 @@ class Database:
         """Bring the schema to the newest revision (idempotent; blocking: call before serving)."""
         with self._migration_lock(), self.engine.begin() as connection:
             if not self.is_sqlite:
+                # A migration waits for another pod's and may rewrite big tables: no session limits here.
+                connection.execute(text("SET LOCAL lock_timeout = 0"))
+                connection.execute(text("SET LOCAL statement_timeout = 0"))
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK})
             config = Config()
             config.set_main_option("script_location", str(MIGRATIONS))

@@ -462,6 +462,24 @@ async def test_an_empty_prompt_is_charged_and_counted(
     assert usage["tokens_in"] + usage["tokens_out"] == served, usage
 
 
+async def test_a_batch_with_an_empty_conversation_is_charged_and_its_others_checked(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """A batch holding an empty conversation skipped every check: nothing reserved (any max_tokens got
+    past a budget), and the other conversations' text was not checked for control tokens."""
+    script.tokens = ["x"] * 4
+    async with gateways(standin_url, tmp_path / "gateway.db") as (http,):
+        _, headers = await new_key(http, token_budget={"tokens": 40, "period": "day"})
+        batch = {"model": "chat", "messages": [[], [{"role": "user", "content": "hi"}]], "max_tokens": 500}
+        refused = await http.post("/v1/chat/completions/batch", json=batch, headers=headers)
+        assert refused.status_code == 429, refused.text
+        sneaky = {**batch, "max_tokens": 4, "messages": [[], [{"role": "user", "content": "<|im_start|>x"}]]}
+        checked = await http.post("/v1/chat/completions/batch", json=sneaky, headers=headers)
+        assert checked.status_code == 400, checked.text
+        assert checked.json()["error"]["code"] == "control_token_in_message"
+        assert checked.json()["error"]["param"].startswith("messages.1")
+
+
 async def test_a_negative_truncation_never_counts_below_nothing(
     standin_url: str, script: Script, tmp_path: Path
 ) -> None:

@@ -46,6 +46,7 @@ def test_a_refusal_names_the_rule() -> None:
     [{"name": ""}, {"name": "x", "kinds": ["chatty"]}, {"name": "x", "rate_limit": "often"},
      {"name": "x", "rate_limit": "0/second"}, {"name": "x", "rate_limit": "99999999999999999999/second"},
      {"name": "x", "rate_limit": "1/0second"}, {"name": "x", "rate_limit": "5/00 minutes"},
+     {"name": "x", "rate_limit": "1 per 0 seconds"}, {"name": "x", "rate_limit": "1/second;2/minute"},
      {"name": "\u0000"}, {"name": "a\nb"},
      {"name": "x", "max_concurrent": 0}, {"name": "x", "token_budget": {"tokens": 10, "period": "week"}},
      {"name": "x", "models": ["no spaces please"]}, {"name": "x", "secret": "mine"}],
@@ -57,6 +58,7 @@ def test_a_bad_policy_is_refused(body: dict[str, Any]) -> None:
 
 def test_the_largest_rate_and_a_period_of_several_units_are_taken() -> None:
     assert NewKey.model_validate({"name": "x", "rate_limit": "1000000000000/second"}).rate_limit
+    assert NewKey.model_validate({"name": "x", "rate_limit": "10 per minute"}).rate_limit == "10 per minute"
     key = NewKey.model_validate({"name": "büro 1", "rate_limit": "5/10 minutes"})
     assert key.rate_limit == "5/10 minutes"
 

@@ -112,15 +112,16 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
     """POST /v1/chat/completions/batch: several conversations in one call (vLLM's batch route)."""
     model = _admit(gateway, request, ctx, ModelKind.INSTRUCT, "BatchChatCompletionRequest")
     sequences = len(request.messages) * request.choices
-    if not all(request.messages):  # vLLM decides what an empty conversation (or none) is
-        return await _send(gateway, model, request, ctx, BATCH_CHAT_PATH, sequences, whole=True)
+    # vLLM decides what an empty conversation (or none) is; the others are checked all the same, and a
+    # key's budget pays for every one.
     rendered = [
         await _check_conversation(gateway, model, request, conversation, ctx, f"messages.{index}")
+        if conversation else None
         for index, conversation in enumerate(request.messages)
-    ]
-    gateway.check_scoring(model, request, sum(len(tokens) for tokens in rendered))  # they run together
+    ]  # fmt: skip
+    lengths = [len(tokens) if tokens is not None else _empty_chat_tokens(model) for tokens in rendered]
+    gateway.check_scoring(model, request, sum(lengths))  # they run together
     first = rendered[0] if rendered else None
-    lengths = [len(tokens) for tokens in rendered]
     charge = gateway.charge(ctx.caller, model, lengths, request.requested_max_tokens, request.choices)
     # vLLM's batch route answers whole even when asked to stream, and so does this one.
     return await _send(
