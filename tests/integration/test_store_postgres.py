@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
-from service.store.database import Database
+from sqlalchemy import text
+
+from service.store.database import MIGRATION_LOCK, Database
 from tests.adapters import adapter_folder
 from tests.integration.conftest import running_gateway
 from tests.integration.standin import Script
@@ -25,6 +28,26 @@ def test_migrations_build_the_declared_tables_on_postgresql() -> None:
             assert schema_differences(database) == []
         finally:
             database.close()
+
+
+def test_a_pod_starting_while_another_migrates_waits_for_it() -> None:
+    """The sessions' 5 s lock limit once applied to the migration's lock too: a pod starting while another
+    migrated failed (review of issue 22)."""
+    with running_postgres() as server:
+        url = server.create_database("gateway")
+        other, starting = Database(url), Database(url)
+        try:
+            with other.engine.begin() as migrating:  # another pod's migration holds the lock for 7 s
+                migrating.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK})
+                waiting = threading.Thread(target=starting.migrate)
+                waiting.start()
+                time.sleep(7)
+                assert waiting.is_alive()  # still waiting, not failed
+            waiting.join(60)
+            assert not waiting.is_alive() and schema_differences(starting) == []
+        finally:
+            other.close()
+            starting.close()
 
 
 def test_registered_adapters_on_postgresql() -> None:
