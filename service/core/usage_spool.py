@@ -20,6 +20,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DataError, IntegrityError
+
 from service.store.database import Database, redacted
 from service.store.usage import COUNTS, write_usage
 
@@ -85,8 +87,12 @@ class UsageSpool:
             rows = self._read(path)
             if rows is None:
                 continue
-            with database.transaction() as connection:
-                write_usage(connection, rows)
+            try:
+                with database.transaction() as connection:
+                    write_usage(connection, rows)
+            except (DataError, IntegrityError, OverflowError) as exc:  # the rows, not the store: set aside
+                _set_aside(path, f"the store refused its rows: {type(exc).__name__}")
+                continue
             with contextlib.suppress(FileNotFoundError):  # another process folded it too: same totals
                 path.unlink()
             written += len(rows)
@@ -100,10 +106,18 @@ class UsageSpool:
             rows = [_row(found) for found in json.loads(path.read_text())["rows"]]
         except FileNotFoundError:
             return None  # folded meanwhile by another process
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("usage spool %s is not readable (%s): left in place, not written", path, exc)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            _set_aside(path, f"it is not readable: {type(exc).__name__}: {str(exc)[:200]}")
             return None
         return rows
+
+
+def _set_aside(path: Path, why: str) -> None:
+    """A spool that cannot be written is renamed `*.bad` (logged once; the others are still written, and
+    an operator can look at it) rather than read again after every exchange."""
+    with contextlib.suppress(OSError):
+        path.rename(path.with_name(path.name + ".bad"))
+    log.error("usage spool %s set aside as %s.bad, not written: %s", path, path.name, why)
 
 
 def _row(found: dict[str, Any]) -> dict[str, Any]:

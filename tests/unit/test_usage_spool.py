@@ -1,5 +1,6 @@
 """Usage spooled by a process that stopped with its database away: written only to its own store, each file
-once committed; a file that is no spool of ours is left alone, the others still written."""
+once committed; a file that is no spool of ours, or whose rows the store refuses, is set aside as `.bad`,
+the others still written."""
 
 from __future__ import annotations
 
@@ -47,12 +48,21 @@ def test_spools_are_written_to_their_own_store_once(tmp_path: Path, store: Datab
     assert ours.fold(store) == 1 and requests_in(store) == 5
 
 
-def test_a_file_that_is_no_spool_is_left_alone(tmp_path: Path, store: Database) -> None:
+def test_a_file_that_cannot_be_written_is_set_aside_and_the_others_are_written(
+    tmp_path: Path, store: Database
+) -> None:
     spool = UsageSpool(tmp_path / "cache", store.url, max_rows=1)
     spool.keep("a" * 32, [row("a" * 32, 2)])
     broken = spool.folder / f"{spool.store}-{'b' * 32}.json"
     broken.write_text('{"rows": [{"key_id": "k1", "requests": -4}]}')
     huge = spool.folder / f"{spool.store}-{'c' * 32}.json"
     huge.write_text('{"rows": []}' + " " * 2048)  # larger than a spool of at most one row can be
-    assert spool.fold(store) == 1 and requests_in(store) == 2
-    assert broken.exists() and huge.exists()
+    poison = spool.folder / f"{spool.store}-{'0' * 32}.json"  # sorted first; the store refuses its count
+    poison.write_text(
+        '{"rows": [{"key_id": "k1", "model": "base", "day": "2026-12-04", "holder": "x", "requests": 1, '
+        '"errors": 0, "tokens_in": 9223372036854775808, "tokens_out": 0}]}'
+    )
+    assert spool.fold(store) == 1 and requests_in(store) == 2  # the good one is written all the same
+    for path in (broken, huge, poison):  # set aside once, never read again
+        assert not path.exists() and path.with_name(path.name + ".bad").exists()
+    assert spool.fold(store) == 0
