@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from service.core.adapter_checks import AdapterRequest, checked, configured, from_row, row_of, served_adapter
@@ -43,6 +43,7 @@ from service.workers.engine_metrics import read_engine_load
 from service.workers.facts import describe, listed_adapters, read_model_entry
 from service.workers.lora import LoraTarget
 from service.workers.routing import RouteHint
+from service.workers.transport import Transport
 from service.workers.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ class AdapterRegistry:
             return False
         workers = [worker for worker in served.pool.workers if worker.healthy]
         limit = self.gateway.settings.health_timeout
-        await asyncio.gather(*(_reread_load(self.gateway, worker, limit) for worker in workers))
+        await asyncio.gather(*(_reread(read_engine_load, self.gateway, w, limit) for w in workers))
         return any(worker.affinity(served.name) == RUNNING for worker in workers)
 
     async def _unload(self, worker: Worker, served: ServedModel) -> None:
@@ -294,23 +295,18 @@ class AdapterRegistry:
         pools = {id(m.pool): m.pool for m in self.models.values() if m.adapter is not None}
         workers = [w for pool in pools.values() for w in pool.workers if w.healthy]
         limit = self.gateway.settings.health_timeout
-        await asyncio.gather(*(_reread(self.gateway, w, limit) for w in workers))
+        await asyncio.gather(*(_reread(read_model_entry, self.gateway, w, limit) for w in workers))
         return [describe_adapter(m) for m in self.models.values() if m.adapter is not None]
 
 
-async def _reread_load(gateway: Gateway, worker: Worker, limit: float) -> None:
-    """A worker's load now, adapters running and waiting included; what was known stays if it does not
-    answer in time."""
+async def _reread(
+    read: Callable[[Transport, Worker], Awaitable[None]], gateway: Gateway, worker: Worker, limit: float
+) -> None:
+    """`read` a worker's facts again now (its adapters listed, or its load with the adapters it runs and
+    queues); what was known stays if it does not answer in time."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(limit):
-            await read_engine_load(gateway.transport, worker)
-
-
-async def _reread(gateway: Gateway, worker: Worker, limit: float) -> None:
-    """What a worker lists now (its adapters); what was known stays if it does not answer in time."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(limit):
-            await read_model_entry(gateway.transport, worker)
+            await read(gateway.transport, worker)
 
 
 def describe_adapter(served: ServedModel) -> dict[str, Any]:

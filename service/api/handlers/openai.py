@@ -247,12 +247,14 @@ async def _send(
     changes: dict[str, Any] | None = None,
     tokens: list[int] | None = None,
     whole: bool = False,
-    charge: Charge | None = None,
+    *,
+    charge: Charge | None,
 ) -> Response:
-    """The worker's answer, streamed or whole. The worker gets the request as the client sent it
-    (its very bytes when nothing changes), plus the caller's cache salt when keys are configured. A
-    stream always asks the worker for usage (the gateway counts tokens); the client gets that usage
-    event only if it asked for it."""
+    """The worker's answer, streamed or whole. The worker gets the request as the client sent it (its
+    very bytes when nothing changes), plus the caller's cache salt when keys are configured. A stream
+    always asks the worker for usage (the gateway counts tokens); the client gets that usage event only
+    if it asked for it. `charge` has no default: every route says what a key's budget pays for it (None
+    only without a key), so no path sends for free by forgetting it."""
     record = ctx.record
     extras = request.model_extra or {}
     check_client_fields(ctx.caller, extras)
