@@ -351,8 +351,9 @@ async def test_runaway_client_templates_never_hold_up_anyone_else(gateway: httpx
         served.append(time.monotonic() - started)
     answers = [await bomb for bomb in bombs]
     assert [a.json()["error"]["code"] for a in answers] == ["chat_template_budget_exceeded"] * 6
-    # Never behind a runaway (each holds its thread for the whole budget); scheduling noise aside.
-    assert len(served) >= 10 and statistics.median(served) < BUDGET / 5 and max(served) < 2 * BUDGET, served
+    # Never behind a runaway: waiting for one takes its whole budget, for the six together six. A runaway
+    # still shares the GIL and the 2 cores, which slows the others (0.12 s median seen on a loaded CI).
+    assert len(served) >= 10 and statistics.median(served) < BUDGET / 2 and max(served) < 2 * BUDGET, served
 
 
 async def test_the_client_templates_length_counts_in_the_prompt_characters(
