@@ -66,15 +66,17 @@ class KeyLimits:
         wait_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
         contention_wait: float = 1.5,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ask = ask
         self.wait_seconds = wait_seconds
         self.contention_wait = contention_wait  # how long others take to give back what they do not use
-        self.clock = clock
+        self.clock = clock  # the wall clock: periods and rate windows are calendar times
+        self.monotonic = monotonic  # the lease's hold: a wall clock set back must not lengthen it
         self.allowances: dict[tuple[str, Resource], Allowance] = {}
         self.policies: dict[str, KeyPolicy] = {}  # key id -> policy, for the buckets of its allowances
         self.processes = 1  # gateway processes the store counted at the last exchange
-        # After this (the clock's time), what this process holds may have been reclaimed by the others
+        # After this (`monotonic`'s time), what this process holds may have been reclaimed by the others
         # (its lease lapsed): it is not used until an exchange renews the lease.
         self.holds_until = math.inf
         self._planned_for = 1  # the process count the last plans were made for
@@ -107,9 +109,9 @@ class KeyLimits:
         concurrency cap, an eighth of a budget)."""
         return allowance.limit // (STANDBY_SHARE[allowance.resource] * max(1, self.processes))
 
-    def usable(self, now: float) -> bool:
+    def usable(self) -> bool:
         """Whether what this process holds is still its own (its lease has not lapsed)."""
-        return now < self.holds_until
+        return self.monotonic() < self.holds_until
 
     # ------------------------------------------------------------------ the checks
 
@@ -120,7 +122,7 @@ class KeyLimits:
         limit, seconds = rate_window(rate)
         allowance = self.allowance(key.id, key.policy, Resource.REQUESTS, limit)
         now = self.clock()
-        if self.usable(now) and allowance.hit(rate_bucket(seconds, now), now):
+        if self.usable() and allowance.hit(rate_bucket(seconds, now), now):
             return
         if not allowance.refused_now(1, now):
             if await self._granted(
@@ -136,7 +138,7 @@ class KeyLimits:
         cap = key.policy.max_concurrent
         assert cap is not None
         allowance = self.allowance(key.id, key.policy, Resource.SLOTS, cap)
-        if self.usable(self.clock()) and allowance.take(1, self.clock()):
+        if self.usable() and allowance.take(1, self.clock()):
             return allowance
         if not allowance.refused_now(1, self.clock()):
             if await self._granted(allowance, 1, "concurrency limit", lambda t: allowance.take(1, t)):
@@ -158,7 +160,7 @@ class KeyLimits:
         allowance = self.allowance(charge.caller.key_id, policy, Resource.TOKENS, budget.tokens)
         if charge.most > budget.tokens:
             raise self._over_budget(allowance, policy, charge.most, never=True)
-        if not (self.usable(self.clock()) and allowance.take(charge.most, self.clock())):
+        if not (self.usable() and allowance.take(charge.most, self.clock())):
             if allowance.refused_now(charge.most, self.clock()):
                 raise self._over_budget(allowance, policy, charge.most)
             if not await self._granted(
@@ -214,7 +216,7 @@ class KeyLimits:
             for attempt in range(2):
                 reached = await _wait(self.ask(allowance), self.wait_seconds)
                 # An exchange with nothing to tell answers without the store: it renews no lease.
-                if not reached or not self.usable(self.clock()):
+                if not reached or not self.usable():
                     raise LimitsUnavailable(what)
                 view = allowance.view
                 others = view.held_all - allowance.held if view and view.held_all is not None else 0

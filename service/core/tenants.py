@@ -97,7 +97,7 @@ class Tenants:
 
     async def start(self) -> None:
         """Load the keys (before serving: a process never serves without knowing them), then follow."""
-        started = time.time()
+        started = time.monotonic()
         keys, current = await self.database.run(self._load)
         self._adopt(keys, current)
         self._connected_since = time.monotonic()
@@ -168,7 +168,7 @@ class Tenants:
         lease = self.settings.keys_lease_seconds
         steady = self._connected_since is not None and time.monotonic() - self._connected_since > lease
         stage = Stage()
-        started = time.time()
+        started = time.monotonic()
         try:
             synced = await self.database.run(
                 self._transaction, [plan for _, plan in plans], rows, full, steady, final, stage
@@ -240,7 +240,8 @@ class Tenants:
                 asyncio.get_running_loop().call_soon(self.exchange_soon, allowance)
 
     def _holds_until(self, started: float) -> None:
-        """An exchange that began at `started` renewed the lease: what is held is this process's till then."""
+        """An exchange that began at `started` (monotonic) renewed the lease: what is held is this
+        process's till then, whatever the wall clock does meanwhile."""
         self.limits.holds_until = started + LEASE_USED * self.settings.keys_lease_seconds
 
     @property
@@ -253,7 +254,7 @@ class Tenants:
         """Whether this process may serve runtime keys from what it knows of them: within its hold (the
         part of the lease since its last exchange that reached the store), as for their limits; past it a
         revocation made elsewhere may have gone unseen for longer than the docs promise."""
-        return self.limits.usable(self.limits.clock())
+        return self.limits.usable()
 
     def _store_failed(self, exc: Exception) -> None:
         self.metrics.store_errors.inc()

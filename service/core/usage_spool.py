@@ -6,6 +6,12 @@ file renamed). `<store>` names the database (a hash of its URL without the passw
 ever written to the store it belongs to. Writing a spool again is harmless: usage rows are keyed by their
 process (`holder`) and hold absolute totals, so the same rows written twice leave the same totals. A file is
 deleted only after the store committed its rows.
+
+Those totals overwrite what the store has of the same process, so a spool is written only as its own
+process's rows (every row names the holder in its file name), and only while that process is gone: one
+whose lease was renewed after the file was last modified is running (a stopped process never renews
+again), and its file is set aside rather than allowed to overwrite its totals. A temporary file left by a
+process that died while writing its spool is deleted once it is an hour old.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -23,11 +31,15 @@ from typing import Any
 from sqlalchemy.exc import DataError, IntegrityError
 
 from service.store.database import Database, redacted
+from service.store.ledger import renewed_ms
 from service.store.usage import COUNTS, write_usage
 
 log = logging.getLogger(__name__)
 FOLDER = "usage-spool"
 ROW_BYTES = 1024  # a spooled row is far smaller: a larger file is no spool of ours, and is left alone
+HOLDER = re.compile(r"^[0-9a-f]{32}$")  # a process's holder id (uuid4 hex)
+RUNNING_SLACK_MS = 1000  # a lease renewed this long after the file was written: its process is running
+STALE_TEMPORARY_SECONDS = 3600.0  # a spool is written in milliseconds: an older temporary file is debris
 
 
 class UsageSpool:
@@ -83,12 +95,15 @@ class UsageSpool:
         """Write every spool of this store to it, each file deleted once committed; the rows written
         (blocking: run it on the store's threads)."""
         written = 0
+        self._sweep_temporaries()
         for path in sorted(self.folder.glob(f"{self.store}-*.json")):
             rows = self._read(path)
             if rows is None:
                 continue
             try:
                 with database.transaction() as connection:
+                    if self._running(connection, path):
+                        continue
                     write_usage(connection, rows)
             except (DataError, IntegrityError, OverflowError) as exc:  # the rows, not the store: set aside
                 _set_aside(path, f"the store refused its rows: {type(exc).__name__}")
@@ -98,18 +113,50 @@ class UsageSpool:
             written += len(rows)
         return written
 
+    def _running(self, connection: Any, path: Path) -> bool:
+        """Whether the spool's process renewed its lease after writing it (then it is set aside)."""
+        renewed = renewed_ms(connection, _holder_of(path, self.store))
+        try:
+            modified_ms = path.stat().st_mtime * 1000
+        except FileNotFoundError:
+            return True  # folded meanwhile by another process: nothing to write
+        if renewed is None or renewed <= modified_ms + RUNNING_SLACK_MS:
+            return False
+        _set_aside(path, "its process renewed its lease after writing it: it is running, and its rows "
+                         "would overwrite its newer totals")  # fmt: skip
+        return True
+
+    def _sweep_temporaries(self) -> None:
+        """Delete the temporary files of spools whose writer died before renaming them."""
+        old = time.time() - STALE_TEMPORARY_SECONDS
+        for temporary in self.folder.glob(f"{self.store}-*.json.*.tmp"):
+            with contextlib.suppress(OSError):
+                if temporary.stat().st_mtime < old:
+                    temporary.unlink()
+                    log.info("deleted %s, a usage spool its process never finished writing", temporary)
+
     def _read(self, path: Path) -> list[dict[str, Any]] | None:
         """A spool's rows, or None (logged) when it cannot be one."""
         try:
             if path.stat().st_size > self.max_bytes:
                 raise ValueError(f"larger than {self.max_bytes} bytes")
+            holder = _holder_of(path, self.store)
+            if not HOLDER.match(holder):
+                raise ValueError(f"its name does not end with a process's holder id: {holder[:64]!r}")
             rows = [_row(found) for found in json.loads(path.read_text())["rows"]]
+            if any(found["holder"] != holder for found in rows):
+                raise ValueError("a row names another process than the file does")
         except FileNotFoundError:
             return None  # folded meanwhile by another process
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             _set_aside(path, f"it is not readable: {type(exc).__name__}: {str(exc)[:200]}")
             return None
         return rows
+
+
+def _holder_of(path: Path, store: str) -> str:
+    """The holder a spool file is named after: `<store>-<holder>.json`."""
+    return path.name.removeprefix(f"{store}-").removesuffix(".json")
 
 
 def _set_aside(path: Path, why: str) -> None:

@@ -91,7 +91,7 @@ async def test_a_known_key_never_used_here_is_served_from_its_share_in_an_outage
 async def test_what_is_held_is_not_used_once_the_lease_could_have_lapsed() -> None:
     now = [NOON]
     limits, store = limits_with(free=10**6)
-    limits.clock = lambda: now[0]
+    limits.clock = limits.monotonic = lambda: now[0]
     limits.prepare([stored()])
     await store.ask(limits.allowances[(KEY, Resource.REQUESTS)])
     limits.holds_until = NOON + 24  # an exchange began 30 s x 0.8 before
@@ -106,6 +106,23 @@ async def test_what_is_held_is_not_used_once_the_lease_could_have_lapsed() -> No
         return True  # an exchange with nothing to tell answers at once, without the store
 
     limits.ask = nothing_to_tell
+    with pytest.raises(LimitsUnavailable):
+        await limits.hit(stored())
+
+
+async def test_a_wall_clock_set_back_does_not_lengthen_the_hold() -> None:
+    """The others reclaim a lapsed lease by their own clocks: this process's hold runs on its monotonic
+    clock, so a wall clock stepped back (NTP) cannot keep it spending what may have been reclaimed."""
+    wall, steady = [NOON], [100.0]
+    limits, store = limits_with(free=10**6)
+    limits.clock, limits.monotonic = (lambda: wall[0]), (lambda: steady[0])
+    limits.prepare([stored()])
+    await store.ask(limits.allowances[(KEY, Resource.REQUESTS)])
+    limits.holds_until = steady[0] + 24
+    store.reachable = False
+    await limits.hit(stored())
+    steady[0] += 25
+    wall[0] -= 60  # set back a minute: by the wall clock, the hold would have 59 s to go
     with pytest.raises(LimitsUnavailable):
         await limits.hit(stored())
 
