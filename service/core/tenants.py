@@ -400,15 +400,15 @@ class Tenants:
         rows = await self._read(key_rows.all_keys)
         return [from_row(row) for row in rows]
 
-    async def budget_status(self, key: StoredKey) -> tuple[int, int] | None:
-        """(used in the current period, reserved) of a key's budget, every process together."""
-        budget = key.policy.token_budget
-        if budget is None:
-            return None
-        status: tuple[int, int] = await self._read(
-            ledger.status, key.id, "tokens", budget.bucket(time.time())
-        )
-        return status
+    async def budget_statuses(self, keys: Sequence[StoredKey]) -> dict[str, tuple[int, int]]:
+        """(used in the current period, reserved) of each budget of `keys`, every process together (one
+        read of the store for them all)."""
+        now = time.time()
+        windows = {key.id: key.policy.token_budget.bucket(now) for key in keys if key.policy.token_budget}
+        if not windows:
+            return {}
+        found: dict[str, tuple[int, int]] = await self._read(ledger.statuses, "tokens", windows)
+        return found
 
     async def usage_rows(
         self, first: date | None, last: date | None, key_id: str | None, model: str | None

@@ -220,18 +220,30 @@ def _keep_a_refusal(new: Any) -> dict[str, Any]:
 
 def status(connection: Connection, key_id: str, resource: str, window_start: int) -> tuple[int, int]:
     """(spent within the window, held) by every process, for one key's resource."""
-    used = connection.execute(
-        select(func.coalesce(func.sum(key_consumption.c.amount), 0)).where(
-            key_consumption.c.key_id == key_id, key_consumption.c.resource == resource,
-            key_consumption.c.bucket >= window_start,
-        )
-    ).scalar_one()  # fmt: skip
+    return statuses(connection, resource, {key_id: window_start}).get(key_id, (0, 0))
+
+
+def statuses(connection: Connection, resource: str, windows: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """(spent within its window, held) by every process, for a resource of each key of `windows` (key id
+    -> the first bucket of its window): two grouped queries, whatever the number of keys."""
+    found = {key_id: [0, 0] for key_id in windows}
+    spent = connection.execute(
+        select(key_consumption.c.key_id, key_consumption.c.bucket, func.sum(key_consumption.c.amount))
+        .where(key_consumption.c.resource == resource)
+        .group_by(key_consumption.c.key_id, key_consumption.c.bucket)
+    )
+    for key_id, bucket, amount in spent:
+        if key_id in found and bucket >= windows[key_id]:
+            found[key_id][0] += int(amount)
     held = connection.execute(
-        select(func.coalesce(func.sum(key_allowances.c.held), 0)).where(
-            key_allowances.c.key_id == key_id, key_allowances.c.resource == resource
-        )
-    ).scalar_one()
-    return int(used), int(held)
+        select(key_allowances.c.key_id, func.sum(key_allowances.c.held))
+        .where(key_allowances.c.resource == resource)
+        .group_by(key_allowances.c.key_id)
+    )
+    for key_id, amount in held:
+        if key_id in found:
+            found[key_id][1] += int(amount or 0)
+    return {key_id: (used, reserved) for key_id, (used, reserved) in found.items()}
 
 
 def renewed_ms(connection: Connection, holder: str) -> int | None:

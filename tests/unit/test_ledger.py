@@ -108,3 +108,17 @@ def test_processes_are_counted_by_their_live_leases(database: Database) -> None:
     with database.transaction() as connection:
         ledger.release(connection, "b", 41_000)  # stopped: no longer counted
     assert run(database, "c", [], now_ms=42_000, lease_ms=30_000).processes == 1
+
+
+def test_the_statuses_of_many_keys_are_read_at_once_each_in_its_own_window(database: Database) -> None:
+    """GET /keys reads every budget together: each key's spending counts from its own window's bucket."""
+    other = "o" * 32
+    with database.transaction() as connection:
+        connection.execute(api_keys.insert().values(
+            id=other, digest="1" * 64, prefix="sk-gw-y", name="o", created_at=datetime.now(UTC)))  # fmt: skip
+    run(database, "a", [Plan(KEY, "tokens", 100, 7, 10, 0, {6: 5, 7: 30})])
+    spent_elsewhere = Plan(other, "tokens", 100, 2, 8, 0, {6: 9})
+    run(database, "b", [Plan(KEY, "tokens", 100, 7, 4, 0, {7: 1}), spent_elsewhere])
+    with database.transaction() as connection:
+        found = ledger.statuses(connection, "tokens", {KEY: 7, other: 3, "never-used": 7})
+    assert found == {KEY: (31, 14), other: (9, 8), "never-used": (0, 0)}

@@ -64,7 +64,8 @@ async def list_keys(
     """GET /keys: every key (never a secret), with its budget's numbers right now."""
     await tenants.exchange_soon(full=True)  # this process's latest spending first
     keys = [key for key in await tenants.stored_keys() if revoked or not key.revoked]
-    return {"object": "list", "data": [await _described(tenants, key) for key in keys]}
+    statuses = await tenants.budget_statuses([key for key in keys if not key.revoked])
+    return {"object": "list", "data": [_described(key, statuses.get(key.id)) for key in keys]}
 
 
 async def revoke(key: str, tenants: TenantsDep) -> dict[str, Any]:
@@ -137,10 +138,10 @@ async def _find(tenants: TenantsDep, key: str, revoked_too: bool = False) -> Sto
     raise KeyNotFound(key)
 
 
-async def _described(tenants: Tenants, key: StoredKey) -> dict[str, Any]:
+def _described(key: StoredKey, status: tuple[int, int] | None) -> dict[str, Any]:
+    """A key as GET /keys shows it: with its budget's (used, reserved) numbers, when it has a budget."""
     entry = key.describe()
     budget = key.policy.token_budget
-    status = await tenants.budget_status(key) if budget is not None and not key.revoked else None
     if budget is not None and status is not None:
         used, reserved = status
         resets = budget.resets_at(time.time())
