@@ -70,6 +70,15 @@ async def answered_within(
     return False
 
 
+async def learns_of_keys(http: httpx.AsyncClient) -> None:
+    """Wait until a gateway that held no key learns of one (until then it serves without a key, and
+    would charge no key), as its next look at the store does."""
+    deadline = time.monotonic() + 10
+    while (await http.get("/v1/models")).status_code != 401:
+        assert time.monotonic() < deadline, "the gateway never learnt of the store's keys"
+        await asyncio.sleep(0.02)
+
+
 async def test_the_operators_workflow(standin_url: str, tmp_path: Path) -> None:
     database = tmp_path / "gateway.db"
     async with gateways(standin_url, database, count=2) as (first, second):
@@ -82,7 +91,8 @@ async def test_the_operators_workflow(standin_url: str, tmp_path: Path) -> None:
         secret = body["key"]
         client = {"Authorization": f"Bearer {secret}"}
         assert (await first.post("/v1/chat/completions", json=chat(), headers=client)).status_code == 200
-        # The other process learns of the key at its next look.
+        # The other process learns of the key at its next look (until then it was open to all).
+        await learns_of_keys(second)
         assert await answered_within(second, client, 200, 5 * SYNC + 1)
         listed = (await second.get("/keys", headers=ADMIN)).json()["data"]
         assert [(k["id"], k["name"]) for k in listed] == [
@@ -174,7 +184,7 @@ async def test_a_budget_never_overshoots_under_concurrent_streams_in_two_gateway
     budget = 600
     async with gateways(standin_url, tmp_path / "gateway.db", count=2) as clients:
         key_id, headers = await new_key(clients[0], token_budget={"tokens": budget, "period": "day"})
-        await asyncio.sleep(3 * SYNC)  # the second gateway knows the key
+        await learns_of_keys(clients[1])
         body = {"model": "base", "prompt": "hi", "max_tokens": 20, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
         burst = await asyncio.gather(*(stream_tokens(clients[i % 2], headers, body) for i in range(60)))
@@ -236,7 +246,7 @@ async def test_requests_in_progress_are_capped_across_gateways(
     script.first_token_delay = 0.5
     async with gateways(standin_url, tmp_path / "gateway.db", count=2) as clients:
         _, headers = await new_key(clients[0], max_concurrent=2)
-        await asyncio.sleep(3 * SYNC)
+        await learns_of_keys(clients[1])
         body = chat(stream=False)
         answers = await asyncio.gather(
             *(clients[i % 2].post("/v1/chat/completions", json=body, headers=headers) for i in range(6))
