@@ -60,6 +60,16 @@ async def new_key(http: httpx.AsyncClient, **policy: Any) -> tuple[str, dict[str
     return answer.json()["id"], {"Authorization": f"Bearer {answer.json()['key']}"}
 
 
+async def knows(http: httpx.AsyncClient, *keys: dict[str, str]) -> None:
+    """Wait until a gateway knows these keys (its exchanges brought them in; a GET of /v1/models is
+    not counted in usage)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    for headers in keys:
+        while (await http.get("/v1/models", headers=headers)).status_code != 200:
+            assert asyncio.get_running_loop().time() < deadline, "the gateway never learnt of the key"
+            await asyncio.sleep(0.02)
+
+
 async def test_a_cut_off_gateway_serves_no_runtime_key_past_its_hold(
     standin_url: str, tmp_path: Path
 ) -> None:
@@ -67,7 +77,8 @@ async def test_a_cut_off_gateway_serves_no_runtime_key_past_its_hold(
     async with running_gateway(settings) as (app, first), running_gateway(settings) as (_, second):
         keys = [await new_key(second), await new_key(second, kinds=["base"]),
                 await new_key(second, rate_limit="100000/minute")]  # fmt: skip
-        await asyncio.sleep(0.5)  # the first gateway's next exchanges bring the keys (and shares) in
+        await knows(first, *(headers for _, headers in keys))
+        await asyncio.sleep(0.5)  # and its next exchanges their standby shares
         assert [(await status_of(first, headers))[0] for _, headers in keys] == [200] * 3
         with cut_off(app):
             await asyncio.sleep(0.3)  # an exchange already under way ends (it could see the revocations)
@@ -157,7 +168,7 @@ async def test_a_running_gateway_writes_a_spool_once_its_database_is_back(
         key_id, headers = await new_key(staying)
         with contextlib.ExitStack() as outage:
             async with running_gateway(settings) as (leaving_app, leaving):
-                await asyncio.sleep(0.3)  # the key is known to the second process
+                await knows(leaving, headers)
                 outage.enter_context(cut_off(staying_app))
                 outage.enter_context(cut_off(leaving_app))
                 served = [(await leaving.post("/v1/completions", json=BODY, headers=headers)).status_code
