@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.endpoint import PathSet
 from service.api.errors import reject
 from service.core.allowances import Allowance
-from service.core.keys import StoredKey
+from service.core.keys import KEY_PREFIX, RUNTIME_KEY_LENGTH, StoredKey
 from service.core.tenants import Tenants
 from service.errors import GatewayError, KeyUncheckable, RateLimited, TooManyFailedKeys, Unauthorized
 from service.ops.counters import Window, Windows
@@ -188,7 +188,7 @@ class ApiKeyMiddleware:
         accepted, stored = self._accepted(scope)
         if stored is not None and not stored.revoked:
             accepted = stored.id
-        refusal = self._refusal(accepted, stored)
+        refusal = self._refusal(accepted, stored, scope)
         if refusal is not None or accepted is None:  # (a key not accepted always has a refusal)
             refusal = refusal or Unauthorized()
             # A failed attempt, unless it is a key this process knows that it cannot check now (its
@@ -215,12 +215,13 @@ class ApiKeyMiddleware:
             if self.tenants is not None:  # the request counts in its key's usage
                 self.tenants.finish(accepted, slot, state.get("record"))
 
-    def _refusal(self, accepted: str | None, stored: StoredKey | None) -> GatewayError | None:
+    def _refusal(self, accepted: str | None, stored: StoredKey | None, scope: Scope) -> GatewayError | None:
         """Why the request's key is refused, if it is: unknown or revoked (401), or a key this process
         cannot check now (503: the store is away, and for a runtime key, for longer than the process's
         hold, after which what it knows of the keys, a revocation made elsewhere, may be stale)."""
         if accepted is None:
-            if stored is None and self.tenants is not None and not self.tenants.reachable:
+            unreachable = stored is None and self.tenants is not None and not self.tenants.reachable
+            if unreachable and _shaped_like_a_runtime_key(scope):
                 return KeyUncheckable()  # it may be a key created since this process last read them
             return Unauthorized(REVOKED if stored is not None else Unauthorized.DEFAULT)
         if stored is not None and self.tenants is not None and not self.tenants.holds_keys():
@@ -250,6 +251,14 @@ def _header(scope: Scope, name: bytes) -> bytes:
         if key == name:
             value = found
     return value
+
+
+def _shaped_like_a_runtime_key(scope: Scope) -> bool:
+    """Whether the request's bearer token could be a key created at runtime (`sk-gw-` and 43 characters):
+    any other is surely no key of the store's, checked or not (a mistyped static key gets its 401)."""
+    _, _, token = _header(scope, b"authorization").partition(b" ")
+    token = token.strip()
+    return token.startswith(KEY_PREFIX.encode()) and len(token) == RUNTIME_KEY_LENGTH
 
 
 def rate_window(rate_limit: str) -> Window:

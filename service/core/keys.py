@@ -20,6 +20,7 @@ from service.core.key_policy import KeyPolicy, Period, TokenBudget
 from service.core.tenancy import key_id
 
 KEY_PREFIX = "sk-gw-"
+RUNTIME_KEY_LENGTH = len(KEY_PREFIX) + 43  # token_urlsafe(32): 32 bytes in unpadded base64
 DISPLAY_CHARS = 12  # `sk-gw-` and six characters: enough to recognise a key, far too few to guess it
 
 

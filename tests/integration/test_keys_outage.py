@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError
 
 from service.core import tenants
+from service.core.keys import new_secret
 from tests.integration.conftest import running_gateway, standin_settings
 
 ADMIN = {"Authorization": "Bearer admin-1"}
@@ -102,17 +103,20 @@ async def test_a_known_key_it_cannot_check_is_no_failed_attempt_and_a_guess_stil
     as Retry-After invites locked its address out); then, fixed too far, no 503 was (guesses during an
     outage went unthrottled, and the answer told a known key from an unknown one)."""
     settings = settings_for(standin_url, tmp_path / "gateway.db", auth_failure_limit=3)
-    unknown = {"Authorization": "Bearer sk-gw-a-key-this-gateway-does-not-know"}
+    unknown = {"Authorization": f"Bearer {new_secret()}"}  # shaped like a runtime key: it may be a new one
     async with running_gateway(settings) as (app, http):
         _, known = await new_key(http)
         with cut_off(app):
             await asyncio.sleep(LEASE)  # past its hold: it cannot vouch for the keys it knows
             retried = [await status_of(http, known) for _ in range(6)]
             static = await status_of(http, STATIC)
-            guesses = [(await status_of(http, unknown))[:2] for _ in range(4)]
+            mistyped = await status_of(http, {"Authorization": "Bearer static-l"})
+            guesses = [(await status_of(http, unknown))[:2] for _ in range(3)]
     assert retried == [(503, "key_uncheckable", "1")] * 6
     assert static[0] == 200  # the same address's good key is not locked out by the retries
-    assert guesses == [(503, "key_uncheckable")] * 3 + [(429, "too_many_failed_attempts")]
+    # No key the store makes looks like a mistyped static key: it is refused as such, store or not.
+    assert mistyped[:2] == (401, "invalid_api_key")
+    assert guesses == [(503, "key_uncheckable")] * 2 + [(429, "too_many_failed_attempts")]
 
 
 async def usage_of(http: httpx.AsyncClient, key_id: str) -> dict[str, int]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from service.core.keys import new_secret
 from service.store.database import Database
 from service.store.ledger import status
 from service.store.usage import read_usage
@@ -89,7 +90,7 @@ async def test_a_database_stopped_mid_load_loses_and_doubles_nothing(
                 max_concurrent=2,
                 token_budget={"tokens": 3000, "period": "day"},
             )
-            unknown = {"Authorization": "Bearer sk-gw-not-a-key-this-gateway-knows"}
+            unknown = {"Authorization": f"Bearer {new_secret()}"}  # shaped like a runtime key
             assert (await ask(http, unknown))[0] == 401
             done = asyncio.Event()
             workers = [asyncio.create_task(load(http, headers, done, seen)) for _ in range(4)]
