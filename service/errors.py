@@ -327,6 +327,17 @@ class KeyUncheckable(GatewayError):
         self.headers = {"Retry-After": "1"}
 
 
+class KeysUnknowable(KeyUncheckable):
+    """A gateway that needed no key so far, cut off from its store past its hold: a first key may have
+    been created elsewhere, so it cannot tell whether the request needs one (no failed attempt)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This gateway process cannot reach its database, so it cannot tell whether API keys are required "
+            "now (one may have been created since it last read them); retry shortly."
+        )
+
+
 class NoHealthyWorker(GatewayError):
     status_code = 503
     error_type = "service_unavailable"

@@ -24,7 +24,14 @@ from service.api.errors import reject
 from service.core.allowances import Allowance
 from service.core.keys import KEY_PREFIX, RUNTIME_KEY_LENGTH, StoredKey
 from service.core.tenants import Tenants
-from service.errors import GatewayError, KeyUncheckable, RateLimited, TooManyFailedKeys, Unauthorized
+from service.errors import (
+    GatewayError,
+    KeysUnknowable,
+    KeyUncheckable,
+    RateLimited,
+    TooManyFailedKeys,
+    Unauthorized,
+)
 from service.ops.counters import Window, Windows
 from service.ops.host_counters import HostCounters
 from service.ops.metrics import Metrics
@@ -170,8 +177,11 @@ class ApiKeyMiddleware:
         return None, self.tenants.find(digest) if self.tenants is not None else None
 
     def _closed(self) -> bool:
-        """Whether keys are needed: some are configured, or the store has ever held one."""
-        return bool(self.digests) or (self.tenants is not None and self.tenants.closed)
+        """Whether keys are needed: some are configured, the store has ever held one, or this process
+        cannot tell (cut off from the store past its hold: a first key may have been created elsewhere)."""
+        if self.digests:
+            return True
+        return self.tenants is not None and (self.tenants.closed or not self.tenants.holds_keys())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._is_open(scope["path"]) or not self._closed():
@@ -193,8 +203,10 @@ class ApiKeyMiddleware:
             refusal = refusal or Unauthorized()
             # A failed attempt, unless it is a key this process knows that it cannot check now (its
             # client retrying as Retry-After invites must not lock out its address's good keys). An
-            # unknown key still counts while the store is away: else guesses would go unthrottled.
-            if isinstance(refusal, Unauthorized) or stored is None:
+            # unknown key still counts while the store is away: else guesses would go unthrottled. A
+            # gateway unsure whether it needs keys at all refuses no guess.
+            guess = stored is None and not isinstance(refusal, KeysUnknowable)
+            if isinstance(refusal, Unauthorized) or guess:
                 if self.failures is not None:
                     self.failures.hit(address)
                 self._count("auth_failures")
@@ -220,9 +232,11 @@ class ApiKeyMiddleware:
         cannot check now (503: the store is away, and for a runtime key, for longer than the process's
         hold, after which what it knows of the keys, a revocation made elsewhere, may be stale)."""
         if accepted is None:
-            unreachable = stored is None and self.tenants is not None and not self.tenants.reachable
-            if unreachable and _shaped_like_a_runtime_key(scope):
-                return KeyUncheckable()  # it may be a key created since this process last read them
+            if stored is None and self.tenants is not None:
+                if not self.digests and not self.tenants.closed:
+                    return KeysUnknowable()  # open so far, and now unsure: see `_closed`
+                if not self.tenants.reachable and _shaped_like_a_runtime_key(scope):
+                    return KeyUncheckable()  # it may be a key created since this process last read them
             return Unauthorized(REVOKED if stored is not None else Unauthorized.DEFAULT)
         if stored is not None and self.tenants is not None and not self.tenants.holds_keys():
             return KeyUncheckable(KeyUncheckable.STALE)

@@ -29,8 +29,9 @@ LEASE = 2.0  # the shortest allowed: this process holds what it knows for 0.8 x 
 
 def settings_for(url: str, database: Path, **overrides: Any) -> Any:
     return standin_settings(
-        url, admin_keys="admin-1", api_keys="static-1", database_url=f"sqlite:///{database}",
-        **{"keys_sync_interval": 0.1, "keys_lease_seconds": LEASE, "keys_store_wait": 0.3, **overrides},
+        url, admin_keys="admin-1", database_url=f"sqlite:///{database}",
+        **{"api_keys": "static-1", "keys_sync_interval": 0.1, "keys_lease_seconds": LEASE,
+           "keys_store_wait": 0.3, **overrides},
     )  # fmt: skip
 
 
@@ -117,6 +118,31 @@ async def test_a_known_key_it_cannot_check_is_no_failed_attempt_and_a_guess_stil
     # No key the store makes looks like a mistyped static key: it is refused as such, store or not.
     assert mistyped[:2] == (401, "invalid_api_key")
     assert guesses == [(503, "key_uncheckable")] * 2 + [(429, "too_many_failed_attempts")]
+
+
+async def test_a_gateway_open_so_far_cut_off_past_its_hold_cannot_tell_whether_keys_are_needed(
+    standin_url: str, tmp_path: Path
+) -> None:
+    """Review of issue 22: a gateway that needed no key stayed open for the whole of its outage, though a
+    first key created elsewhere meanwhile closes every gateway on the store. Within its hold it serves as
+    before; past it every client request gets 503 (no failed attempt: nobody guessed anything); once the
+    store answers it knows again."""
+    settings = settings_for(standin_url, tmp_path / "gateway.db", api_keys="", auth_failure_limit=3)
+    async with running_gateway(settings) as (app, http):
+        with cut_off(app):
+            within = await status_of(http, {})
+            await asyncio.sleep(LEASE)  # past its hold
+            unsure = [await status_of(http, headers) for headers in ({}, STATIC, {}, STATIC, {})]
+        await knows_no_key_is_needed(http)
+    assert within[0] == 200
+    assert unsure == [(503, "key_uncheckable", "1")] * 5  # never 429 too_many_failed_attempts
+
+
+async def knows_no_key_is_needed(http: httpx.AsyncClient) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await status_of(http, {}))[0] != 200:
+        assert asyncio.get_running_loop().time() < deadline, "the gateway never answered again"
+        await asyncio.sleep(0.05)
 
 
 async def usage_of(http: httpx.AsyncClient, key_id: str) -> dict[str, int]:
