@@ -7,11 +7,12 @@ ever written to the store it belongs to. Writing a spool again is harmless: usag
 process (`holder`) and hold absolute totals, so the same rows written twice leave the same totals. A file is
 deleted only after the store committed its rows.
 
-Those totals overwrite what the store has of the same process, so a spool is written only as its own
-process's rows (every row names the holder in its file name), and only while that process is gone: one
-whose lease was renewed after the file was last modified is running (a stopped process never renews
-again), and its file is set aside rather than allowed to overwrite its totals. A temporary file left by a
-process that died while writing its spool is deleted once it is an hour old.
+A spool is written only as its own process's rows (every row names the holder in its file name), and a
+write never lowers a stored total (`service.store.usage`): folded late, after its process wrote newer
+totals, or made up, a spool cannot take usage away. Only regular files are read (no link, pipe or device),
+at most the size a spool can have. A temporary file left by a process that died while writing its spool is
+deleted once it is an hour old. Spools of another store (the same database under another URL, say) are
+left alone, and logged once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from datetime import date
 from pathlib import Path
@@ -31,14 +33,12 @@ from typing import Any
 from sqlalchemy.exc import DataError, IntegrityError
 
 from service.store.database import Database, redacted
-from service.store.ledger import renewed_ms
 from service.store.usage import COUNTS, write_usage
 
 log = logging.getLogger(__name__)
 FOLDER = "usage-spool"
 ROW_BYTES = 1024  # a spooled row is far smaller: a larger file is no spool of ours, and is left alone
-HOLDER = re.compile(r"^[0-9a-f]{32}$")  # a process's holder id (uuid4 hex)
-RUNNING_SLACK_MS = 1000  # a lease renewed this long after the file was written: its process is running
+HOLDER = re.compile(r"[0-9a-f]{32}")  # a process's holder id (uuid4 hex), matched whole
 STALE_TEMPORARY_SECONDS = 3600.0  # a spool is written in milliseconds: an older temporary file is debris
 
 
@@ -49,6 +49,7 @@ class UsageSpool:
         self.folder = cache_dir / FOLDER
         self.store = hashlib.sha256(redacted(store_url).encode()).hexdigest()[:16]
         self.max_bytes = max(1, max_rows) * ROW_BYTES
+        self._told_of_others = False
 
     async def keep_unwritten(self, holder: str, rows: list[dict[str, Any]]) -> None:
         """Stopping with the database away: what it does not have goes to this process's spool (logged)."""
@@ -96,14 +97,13 @@ class UsageSpool:
         (blocking: run it on the store's threads)."""
         written = 0
         self._sweep_temporaries()
+        self._tell_of_others()
         for path in sorted(self.folder.glob(f"{self.store}-*.json")):
             rows = self._read(path)
             if rows is None:
                 continue
             try:
                 with database.transaction() as connection:
-                    if self._running(connection, path):
-                        continue
                     write_usage(connection, rows)
             except (DataError, IntegrityError, OverflowError) as exc:  # the rows, not the store: set aside
                 _set_aside(path, f"the store refused its rows: {type(exc).__name__}")
@@ -112,19 +112,6 @@ class UsageSpool:
                 path.unlink()
             written += len(rows)
         return written
-
-    def _running(self, connection: Any, path: Path) -> bool:
-        """Whether the spool's process renewed its lease after writing it (then it is set aside)."""
-        renewed = renewed_ms(connection, _holder_of(path, self.store))
-        try:
-            modified_ms = path.stat().st_mtime * 1000
-        except FileNotFoundError:
-            return True  # folded meanwhile by another process: nothing to write
-        if renewed is None or renewed <= modified_ms + RUNNING_SLACK_MS:
-            return False
-        _set_aside(path, "its process renewed its lease after writing it: it is running, and its rows "
-                         "would overwrite its newer totals")  # fmt: skip
-        return True
 
     def _sweep_temporaries(self) -> None:
         """Delete the temporary files of spools whose writer died before renaming them."""
@@ -135,15 +122,23 @@ class UsageSpool:
                     temporary.unlink()
                     log.info("deleted %s, a usage spool its process never finished writing", temporary)
 
+    def _tell_of_others(self) -> None:
+        """Log once that spools of another store wait here (a gateway started with that URL writes them)."""
+        if self._told_of_others:
+            return
+        others = [p for p in self.folder.glob("*.json") if not p.name.startswith(f"{self.store}-")]
+        if others:
+            self._told_of_others = True
+            log.warning("%d usage spool(s) in %s belong to another database URL: only a gateway started "
+                        "with that URL writes them", len(others), self.folder)  # fmt: skip
+
     def _read(self, path: Path) -> list[dict[str, Any]] | None:
         """A spool's rows, or None (logged) when it cannot be one."""
         try:
-            if path.stat().st_size > self.max_bytes:
-                raise ValueError(f"larger than {self.max_bytes} bytes")
             holder = _holder_of(path, self.store)
-            if not HOLDER.match(holder):
+            if not HOLDER.fullmatch(holder):
                 raise ValueError(f"its name does not end with a process's holder id: {holder[:64]!r}")
-            rows = [_row(found) for found in json.loads(path.read_text())["rows"]]
+            rows = [_row(found) for found in json.loads(self._contents(path))["rows"]]
             if any(found["holder"] != holder for found in rows):
                 raise ValueError("a row names another process than the file does")
         except FileNotFoundError:
@@ -152,6 +147,20 @@ class UsageSpool:
             _set_aside(path, f"it is not readable: {type(exc).__name__}: {str(exc)[:200]}")
             return None
         return rows
+
+    def _contents(self, path: Path) -> bytes:
+        """A regular file's bytes, at most `max_bytes` (a link, a pipe or a device is refused unread)."""
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise ValueError("not a regular file")
+            with os.fdopen(descriptor, "rb", closefd=False) as handle:
+                contents = handle.read(self.max_bytes + 1)
+        finally:
+            os.close(descriptor)
+        if len(contents) > self.max_bytes:
+            raise ValueError(f"larger than {self.max_bytes} bytes")
+        return contents
 
 
 def _holder_of(path: Path, store: str) -> str:

@@ -246,12 +246,6 @@ def statuses(connection: Connection, resource: str, windows: Mapping[str, int]) 
     return {key_id: (used, reserved) for key_id, (used, reserved) in found.items()}
 
 
-def renewed_ms(connection: Connection, holder: str) -> int | None:
-    """When a process last renewed its lease (ms since the epoch; None: never seen)."""
-    found = connection.execute(select(holders.c.renewed_ms).where(holders.c.holder == holder)).scalar()
-    return None if found is None else int(found)
-
-
 def release(connection: Connection, holder: str, now_ms: int) -> None:
     """A process stopping: it holds nothing any more and nobody needs to reclaim it."""
     connection.execute(update(key_allowances).where(key_allowances.c.holder == holder).values(held=0))

@@ -1,5 +1,9 @@
 """Usage per key, served model and day: each gateway process writes its own rows with absolute totals (a
-retried write counts nothing twice), and readers add the processes' rows up."""
+retried write counts nothing twice), and readers add the processes' rows up.
+
+A process's totals only grow, so a write keeps, count by count, the larger of the stored and the written
+value: a write older than one already stored (a slow transaction, a spool folded after its process wrote
+again) can never lower a total."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, case, func, select
 
 from service.store.rows import upsert
 from service.store.schema import api_keys, usage
@@ -16,8 +20,15 @@ COUNTS = ("requests", "errors", "tokens_in", "tokens_out")
 
 
 def write_usage(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Store a process's totals: rows of key_id, model, day, holder and the four counts."""
-    upsert(connection, usage, rows, ["key_id", "model", "day", "holder"])
+    """Store a process's totals: rows of key_id, model, day, holder and the four counts (never lowered)."""
+    upsert(connection, usage, rows, ["key_id", "model", "day", "holder"], _larger)
+
+
+def _larger(written: Any) -> dict[str, Any]:
+    """Each count's larger value, the stored one or the written one."""
+    return {
+        name: case((usage.c[name] > written[name], usage.c[name]), else_=written[name]) for name in COUNTS
+    }
 
 
 def read_usage(

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from service.core.usage_spool import STALE_TEMPORARY_SECONDS, UsageSpool
-from service.store import ledger
 from service.store.database import Database, default_url
 from service.store.usage import read_usage, write_usage
 
@@ -71,22 +70,51 @@ def test_a_file_that_cannot_be_written_is_set_aside_and_the_others_are_written(
     assert spool.fold(store) == 0
 
 
-def test_a_spool_is_only_its_own_stopped_process_s_rows(tmp_path: Path, store: Database) -> None:
-    """Spooled totals overwrite the store's rows of the same process: never those of another process named
-    inside the file, nor of a process that renewed its lease after the file was written (it is running)."""
+def test_a_spool_is_only_its_own_process_s_rows_and_never_lowers_a_total(
+    tmp_path: Path, store: Database
+) -> None:
+    """Review of issue 22: spooled totals overwrote the store's rows of the process they name, so a spool
+    naming another process inside, or folded after its process wrote newer totals, took usage away."""
     spool = UsageSpool(tmp_path / "cache", store.url, max_rows=10)
     running, stopped, other = "a" * 32, "b" * 32, "c" * 32
     with store.transaction() as connection:
-        write_usage(connection, [row(running, 40)])
-        ledger.exchange(connection, stopped, 1_000, [])  # its last lease renewal: long before its spool
-    stale = spool.keep(running, [row(running, 1)])
+        write_usage(connection, [row(running, 40)])  # written after the spool below was
+    spool.keep(running, [row(running, 1)])
     mixed = spool.keep(other, [row(other, 2), row(running, 1)])
     spool.keep(stopped, [row(stopped, 3)])
-    with store.transaction() as connection:  # the running process exchanges after its file was written
-        ledger.exchange(connection, running, int(stale.stat().st_mtime * 1000) + 5_000, [])
-    assert spool.fold(store) == 1 and requests_in(store) == 43  # the stopped process's 3 only
-    for path in (stale, mixed):
-        assert not path.exists() and path.with_name(path.name + ".bad").exists()
+    assert spool.fold(store) == 2 and requests_in(store) == 43  # 40 kept, the stopped process's 3 added
+    assert not mixed.exists() and mixed.with_name(mixed.name + ".bad").exists()
+
+
+def test_only_regular_files_are_read_and_none_of_them_holds_up_the_others(
+    tmp_path: Path, store: Database
+) -> None:
+    """Review of issue 22: a pipe named like a spool hung the fold (and the start), a link to /dev/zero
+    read until memory ran out and kept every later spool from being written."""
+    spool = UsageSpool(tmp_path / "cache", store.url, max_rows=10)
+    spool.keep("f" * 32, [row("f" * 32, 2)])  # sorted after the others
+    pipe = spool.folder / f"{spool.store}-{'0' * 32}.json"
+    os.mkfifo(pipe)
+    endless = spool.folder / f"{spool.store}-{'1' * 32}.json"
+    endless.symlink_to("/dev/zero")
+    folder = spool.folder / f"{spool.store}-{'2' * 32}.json"
+    folder.mkdir()
+    assert spool.fold(store) == 1 and requests_in(store) == 2
+    for path in (pipe, endless, folder):
+        assert path.with_name(path.name + ".bad").exists() and not os.path.lexists(path)
+
+
+def test_spools_of_another_url_are_left_alone_and_said_so(
+    tmp_path: Path, store: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    ours = UsageSpool(tmp_path / "cache", store.url, max_rows=10)
+    other = UsageSpool(tmp_path / "cache", store.url.replace("sqlite:///", "sqlite:////."), max_rows=10)
+    kept = other.keep("a" * 32, [row("a" * 32, 2)])
+    assert ours.fold(store) == 0 and ours.fold(store) == 0 and kept.exists()
+    assert [r.getMessage() for r in caplog.records].count(
+        f"1 usage spool(s) in {ours.folder} belong to another database URL: only a gateway started with "
+        "that URL writes them"
+    ) == 1  # once
 
 
 def test_temporary_files_of_spools_never_finished_are_swept(tmp_path: Path, store: Database) -> None:
