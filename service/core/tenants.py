@@ -115,8 +115,12 @@ class Tenants:
                 await self._loop
         deadline = time.monotonic() + STOP_RETRY_SECONDS
         while True:
-            if await self._exchange(full=True, final=True):
-                return
+            try:  # bounded: a database that stops answering without closing the connection never fails
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + STOP_RETRY_SECONDS):
+                    if await self._exchange(full=True, final=True):
+                        return
+            except TimeoutError:
+                log.warning("the database did not answer within %g s", STOP_RETRY_SECONDS)
             if time.monotonic() > deadline:
                 await self.spool.keep_unwritten(self.holder, self.usage.unwritten(self.holder))
                 return

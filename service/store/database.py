@@ -131,7 +131,9 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        """Let go of the engine; a query still hanging on a database that stopped answering is not waited
+        for (its thread ends with it)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()
 
 
