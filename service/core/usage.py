@@ -93,15 +93,26 @@ class UsageBook:
         self.clock = clock
         self.totals: dict[Row, list[int]] = {}
         self.written: dict[Row, tuple[int, ...]] = {}
+        # Today's rows by (key, model): two lookups per request without making the day's date. Rows of
+        # today are never forgotten (`stored` forgets past days'), so what this holds stays in `totals`.
+        self._day_number = -1
+        self._today: dict[tuple[str, str], list[int]] = {}
 
     def _row(self, key_id: str, model: str) -> list[int] | None:
-        row = (key_id, model, today(self.clock()))
+        number = int(self.clock() // 86_400)
+        if number != self._day_number:
+            self._day_number, self._today = number, {}
+        found = self._today.get((key_id, model))
+        if found is not None:
+            return found
+        row = (key_id, model, _day(number))
         found = self.totals.get(row)
         if found is None:
             if len(self.totals) >= self.max_rows:
                 self.dropped()
                 return None
             found = self.totals[row] = [0, 0, 0, 0]
+        self._today[(key_id, model)] = found
         return found
 
     def count(self, key_id: str, model: str, error: bool) -> None:

@@ -46,6 +46,7 @@ PROBES = 32
 HEADER_BYTES = 4096
 TABLE_HEADER = 8  # a table's lock byte, and its claims count (an int64 there); rows start after it
 CLAIMS = struct.Struct("<q")
+FITS = Verdict(True)
 WINDOW_WORDS = 2 + BUCKETS + 1  # last bucket, expiry (ns), ring
 LAYOUT = struct.Struct("<8s7q")  # magic, columns, then rows of the three tables
 HOLDING_ROWS = 1024  # workers (slots) and models (queue places): a few per model
@@ -374,6 +375,8 @@ class WindowCounter:
         window, table = self.window, self.table
         with self.counters._thread_lock:
             row = table.locate(key, self._idle, claim=count, weight=self.weight)
+            if row is None and cost <= window.limit:
+                return FITS  # nothing counted for it (nearly every request's address)
             now = self.counters.clock()
             bucket = int(now / window.bucket_seconds)
             if row is None:
