@@ -369,6 +369,9 @@ class WindowCounter:
 
     def check(self, key: str, cost: int = 1) -> Verdict:
         """Whether `cost` more would fit now (counting nothing)."""
+        table = self.table
+        if cost <= self.window.limit and table.absent.get(key, -1) == table.claims():
+            return FITS  # no row, and none claimed since (no lock needed: see the module docstring)
         return self._visit(key, cost, count=False)
 
     def _visit(self, key: str, cost: int, count: bool) -> Verdict:
