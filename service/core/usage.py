@@ -9,9 +9,9 @@ GATEWAY_USAGE_MAX_ROWS, a new row's counts are dropped and counted in `gateway_u
 Per-key Prometheus counters go with it; their series are one per key (and direction, reason) that this
 process has served since it started: bounded by the number of keys. A request's counts are added to
 plain lists on its path and reach the counters in one batch (`KeyMetrics.report`) at each of the
-process's exchanges (every GATEWAY_KEYS_SYNC_INTERVAL), at each scrape of this process, and when it
-stops: a scrape of this process is never behind; with several processes, another's counts are at most
-one sync interval behind.
+process's key syncs (every GATEWAY_KEYS_SYNC_INTERVAL) and when it stops, and with one process at each
+scrape (never behind then); with several processes (prometheus-client's multiprocess mode merges their
+files, not this registry) a scrape shows each process's counts at most one sync interval behind.
 """
 
 from __future__ import annotations
