@@ -5,6 +5,7 @@ alternating small batches so the machine's drifting load hits all three alike; C
 
     .venv/bin/python -m bench.tenants_overhead_profile --batches 20
     .venv/bin/python -m bench.tenants_overhead_profile --profile /tmp/keys-profile   # then pstats
+    .venv/bin/python -m bench.tenants_overhead_profile --concurrency 32   # as bench.tenants_overhead's c=32
 """
 
 from __future__ import annotations
@@ -63,17 +64,21 @@ async def open_client(stack: contextlib.AsyncExitStack, mode: str, direct: str) 
     return client, {"Authorization": f"Bearer {key}"} if key else {}
 
 
-async def send(client: Client, requests: int) -> None:
-    """`requests` unstreamed completions, one after another."""
+async def send(client: Client, requests: int, concurrency: int = 1) -> None:
+    """`requests` unstreamed completions, `concurrency` at a time (each sender one after another)."""
     http, headers = client
     body = {"model": "m", "prompt": PROMPT, "max_tokens": 1, "stream": False}
-    for _ in range(requests):
-        answer = await http.post("/v1/completions", json=body, headers=headers)
-        answer.raise_for_status()
+
+    async def sender(count: int) -> None:
+        for _ in range(count):
+            answer = await http.post("/v1/completions", json=body, headers=headers)
+            answer.raise_for_status()
+
+    await asyncio.gather(*(sender(requests // concurrency) for _ in range(concurrency)))
 
 
 async def measure(
-    direct: str, batches: int, batch: int, profile: bool
+    direct: str, batches: int, batch: int, profile: bool, concurrency: int = 1
 ) -> tuple[dict[str, list[float]], dict[str, cProfile.Profile]]:
     """Each mode's CPU microseconds per request, one value per batch; its profile (empty unless asked)."""
     for name in [name for name in os.environ if name.startswith("GATEWAY_")]:
@@ -89,8 +94,9 @@ async def measure(
             for mode in order[index % 3 :] + order[: index % 3]:
                 started = time.process_time()
                 with profiles[mode] if profile else contextlib.nullcontext():
-                    await send(clients[mode], batch)
-                cpu[mode].append((time.process_time() - started) / batch * 1e6)
+                    await send(clients[mode], batch, concurrency)
+                sent = batch // concurrency * concurrency
+                cpu[mode].append((time.process_time() - started) / sent * 1e6)
     return cpu, profiles
 
 
@@ -101,13 +107,17 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch", type=int, default=200, help="requests per batch")
     parser.add_argument("--profile", type=Path, help="write each app's cProfile stats in this folder")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
     args = parser.parse_args()
     port = free_port("127.0.0.1")
     upstream = subprocess.Popen([sys.executable, "-m", "bench.fast_upstream", "--port", str(port)], cwd=ROOT)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 60, upstream)
         direct = f"http://127.0.0.1:{port}"
-        cpu, profiles = asyncio.run(measure(direct, args.batches, args.batch, args.profile is not None))
+        profile = args.profile is not None
+        cpu, profiles = asyncio.run(
+            measure(direct, args.batches, args.batch, profile, max(1, min(args.concurrency, args.batch)))
+        )
     finally:
         upstream.terminate()
         upstream.wait()

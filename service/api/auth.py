@@ -21,7 +21,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.endpoint import PathSet
 from service.api.errors import reject
-from service.core.allowances import Allowance
 from service.core.keys import KEY_PREFIX, RUNTIME_KEY_LENGTH, StoredKey
 from service.core.tenants import Tenants
 from service.errors import (
@@ -218,7 +217,9 @@ class ApiKeyMiddleware:
         slot = None
         try:
             try:
-                slot = await self._limit(accepted, stored, counted)
+                self._rate(accepted, stored)
+                if stored is not None and stored.policy.limited and self.tenants is not None:
+                    slot = await self.tenants.admit(stored, counted)  # its own rate, its slot
             except GatewayError as refused:
                 await reject(scope, receive, send, refused)
                 return
@@ -242,16 +243,12 @@ class ApiKeyMiddleware:
             return KeyUncheckable(KeyUncheckable.STALE)
         return None
 
-    async def _limit(self, accepted: str, stored: StoredKey | None, counted: bool) -> Allowance | None:
-        """The key's rate (its own, else GATEWAY_RATE_LIMIT) and its requests in progress; the slot it
-        holds, if any (given back when the request ends)."""
+    def _rate(self, accepted: str, stored: StoredKey | None) -> None:
+        """GATEWAY_RATE_LIMIT, for a key without a rate of its own (429 past it)."""
         if (stored is None or not stored.policy.rate_limit) and self.rates is not None:
             rated = self.rates.hit(f"key/{accepted}")
             if not rated.allowed:
                 raise RateLimited(self.limit, int(rated.retry_after_header))
-        if stored is not None and stored.policy.limited and self.tenants is not None:
-            return await self.tenants.admit(stored, counted)
-        return None
 
     def _count(self, name: str) -> None:
         if self.metrics is not None:

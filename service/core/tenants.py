@@ -37,7 +37,7 @@ from service.core.key_limits import Charge, KeyLimits, most_tokens
 from service.core.key_policy import KeyPolicy
 from service.core.keys import KeyDirectory, StoredKey, as_row, from_row, new_key
 from service.core.tenancy import Caller
-from service.core.usage import KeyMetrics, UsageBook
+from service.core.usage import ERRORS, REQUESTS, TOKENS_IN, TOKENS_OUT, KeyMetrics, UsageBook
 from service.core.usage_spool import UsageSpool
 from service.errors import GatewayError, StoreUnavailable, TooManyKeys
 from service.ops.record import RequestRecord
@@ -113,6 +113,7 @@ class Tenants:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
+        self.metrics.report()  # the drain is over: every request's counts
         deadline = time.monotonic() + STOP_RETRY_SECONDS
         while True:
             try:  # bounded: a database that stops answering without closing the connection never fails
@@ -133,6 +134,7 @@ class Tenants:
     async def _follow(self) -> None:
         while True:
             await asyncio.sleep(self.settings.keys_sync_interval)
+            self.metrics.report()  # the per-key counters, at most a sync interval behind
             for allowance in list(self.limits.allowances.values()):
                 allowance.next_period()
             if await self.exchange_soon(full=True) and self._spool_due:
@@ -334,9 +336,9 @@ class Tenants:
             return
         error = record.error_type is not None
         self.usage.count(key_id, record.model, error)
-        self.metrics.child(self.metrics.requests, key_id).inc()
-        if error:
-            self.metrics.child(self.metrics.errors, key_id).inc()
+        counts = self.metrics.unreported(key_id)  # on the counters at the next report
+        counts[REQUESTS] += 1
+        counts[ERRORS] += error
 
     def charge(
         self, caller: Caller, model: str, prompts: Sequence[int] | None, max_tokens: int | None, n: int,
@@ -370,10 +372,9 @@ class Tenants:
                         charge.reserved)  # fmt: skip
         key_id = charge.caller.key_id
         self.usage.add_tokens(key_id, charge.model, tokens_in, tokens_out)
-        if tokens_in:
-            self.metrics.child(self.metrics.tokens, key_id, "in").inc(tokens_in)
-        if tokens_out:
-            self.metrics.child(self.metrics.tokens, key_id, "out").inc(tokens_out)
+        counts = self.metrics.unreported(key_id)
+        counts[TOKENS_IN] += tokens_in
+        counts[TOKENS_OUT] += tokens_out
 
     # ------------------------------------------------------------------ the operator's
 

@@ -7,7 +7,11 @@ absolute totals). Memory is bounded by the rows waiting (keys x models x days): 
 GATEWAY_USAGE_MAX_ROWS, a new row's counts are dropped and counted in `gateway_usage_dropped_total`.
 
 Per-key Prometheus counters go with it; their series are one per key (and direction, reason) that this
-process has served since it started: bounded by the number of keys.
+process has served since it started: bounded by the number of keys. A request's counts are added to
+plain lists on its path and reach the counters in one batch (`KeyMetrics.report`) at each of the
+process's key syncs (every GATEWAY_KEYS_SYNC_INTERVAL) and when it stops, and with one process at each
+scrape (never behind then); with several processes (prometheus-client's multiprocess mode merges their
+files, not this registry) a scrape shows each process's counts at most one sync interval behind.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import Metric
 
 Row = tuple[str, str, date]  # key id, served model, day
 REQUESTS, ERRORS, TOKENS_IN, TOKENS_OUT = range(4)
@@ -39,6 +44,11 @@ class KeyMetrics:
     """`gateway_key_*`: requests, errors, tokens and refusals per key id (and the keys' names)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # key id -> requests, errors, tokens in, out, counted since the last report (list additions on
+        # the request's path instead of counter increments, each a lock and two checks)
+        self._unreported: dict[str, list[int]] = {}
+        # Registered before the counters: a scrape collects in registration order, so it reports first.
+        registry.register(_Report(self.report))
         self.requests = Counter("gateway_key_requests", "Requests per API key", ["key"], registry=registry)
         self.errors = Counter(
             "gateway_key_errors", "Requests per API key answered with an error", ["key"], registry=registry
@@ -66,6 +76,26 @@ class KeyMetrics:
         )  # fmt: skip
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
+    def unreported(self, key_id: str) -> list[int]:
+        """The key's counts not on its counters yet, to add a request's to (`REQUESTS`, `ERRORS`...)."""
+        found = self._unreported.get(key_id)
+        if found is None:
+            found = self._unreported[key_id] = [0, 0, 0, 0]
+        return found
+
+    def report(self) -> None:
+        """Add the counts made since the last report to the counters."""
+        unreported, self._unreported = self._unreported, {}
+        for key_id, (requests, errors, tokens_in, tokens_out) in unreported.items():
+            if requests:
+                self.child(self.requests, key_id).inc(requests)
+            if errors:
+                self.child(self.errors, key_id).inc(errors)
+            if tokens_in:
+                self.child(self.tokens, key_id, "in").inc(tokens_in)
+            if tokens_out:
+                self.child(self.tokens, key_id, "out").inc(tokens_out)
+
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered (one lookup per request)."""
         key = (metric, labels)
@@ -76,10 +106,25 @@ class KeyMetrics:
 
     def forget(self, key_id: str) -> None:
         """A revoked key: its series go (new ones would come back only if it served again)."""
+        self._unreported.pop(key_id, None)
         for metric, labels in list(self._children):
             if labels and labels[0] == key_id:
                 del self._children[(metric, labels)]
                 metric.remove(*labels)
+
+
+class _Report:
+    """A collector that only reports a `KeyMetrics`' pending counts when the registry is scraped."""
+
+    def __init__(self, report: Callable[[], None]) -> None:
+        self.report = report
+
+    def describe(self) -> list[Metric]:
+        return []  # no series of its own (and registering it must not report)
+
+    def collect(self) -> list[Metric]:
+        self.report()
+        return []
 
 
 class UsageBook:
@@ -93,15 +138,26 @@ class UsageBook:
         self.clock = clock
         self.totals: dict[Row, list[int]] = {}
         self.written: dict[Row, tuple[int, ...]] = {}
+        # Today's rows by (key, model): two lookups per request without making the day's date. Rows of
+        # today are never forgotten (`stored` forgets past days'), so what this holds stays in `totals`.
+        self._day_number = -1
+        self._today: dict[tuple[str, str], list[int]] = {}
 
     def _row(self, key_id: str, model: str) -> list[int] | None:
-        row = (key_id, model, today(self.clock()))
+        number = int(self.clock() // 86_400)
+        if number != self._day_number:
+            self._day_number, self._today = number, {}
+        found = self._today.get((key_id, model))
+        if found is not None:
+            return found
+        row = (key_id, model, _day(number))
         found = self.totals.get(row)
         if found is None:
             if len(self.totals) >= self.max_rows:
                 self.dropped()
                 return None
             found = self.totals[row] = [0, 0, 0, 0]
+        self._today[(key_id, model)] = found
         return found
 
     def count(self, key_id: str, model: str, error: bool) -> None:

@@ -16,6 +16,11 @@ lock cannot wedge the others. A row that counts nothing any more (no units held,
 be claimed by another key; each operation checks under the row's lock that the row is still its key's.
 Probing is bounded: a key that finds no row within PROBES places is not counted (`take` and `hit`
 then allow, as a limit without a store would).
+
+A table's header counts the rows ever claimed in it (bumped under the table's lock). A key only ever
+gets a row by a claim, so a process that found no row for a key needs not look again while that count
+has not moved: nearly every request's check of its address's failed keys costs one read of it. A claim
+in any process moves it before the new row counts anything, so the memo never hides a count.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ KEY_BYTES = 16
 EMPTY = bytes(KEY_BYTES)
 PROBES = 32
 HEADER_BYTES = 4096
-TABLE_HEADER = 8  # a table's lock byte (rows start after it)
+TABLE_HEADER = 8  # a table's lock byte, and its claims count (an int64 there); rows start after it
+CLAIMS = struct.Struct("<q")
+FITS = Verdict(True)
 WINDOW_WORDS = 2 + BUCKETS + 1  # last bucket, expiry (ns), ring
 LAYOUT = struct.Struct("<8s7q")  # magic, columns, then rows of the three tables
 HOLDING_ROWS = 1024  # workers (slots) and models (queue places): a few per model
@@ -100,6 +107,7 @@ class _Table:
         self.row_bytes = KEY_BYTES + 8 * words
         self.codec = struct.Struct(f"<{words}q")
         self.cache: dict[str, tuple[bytes, int]] = {}  # key -> digest, row; checked under the row's lock
+        self.absent: dict[str, int] = {}  # key -> the claims count when it had no row
 
     def at(self, row: int) -> int:
         """Where a row starts in the memory."""
@@ -119,12 +127,21 @@ class _Table:
         """Release a row `locate` returned."""
         self.locks.unlock(self.at(row))
 
+    def claims(self) -> int:
+        """Rows claimed in this table so far, by every process (read without the lock: a claim under
+        way has not counted anything in its row yet)."""
+        count: int = CLAIMS.unpack_from(self.memory, self.offset)[0]
+        return count
+
     def locate(
         self, key: str, idle: Callable[[list[int]], bool], claim: bool, weight: Weight | None = None
     ) -> int | None:
         """The row of `key` (claimed if it has none and `claim`), locked: `unlock` it when done. None:
         it has no row (and none could be claimed). With `weight`, a key that finds no free row takes
         the lightest row it probed (a full table never leaves a key uncounted)."""
+        seen = -1 if claim else self.claims()
+        if seen >= 0 and self.absent.get(key) == seen:
+            return None  # it had no row, and no key got one since (in any process)
         cached = self.cache.get(key)
         digest = cached[0] if cached else hashlib.blake2b(key.encode(), digest_size=KEY_BYTES).digest()
         row = cached[1] if cached else None
@@ -132,6 +149,7 @@ class _Table:
             if row is None:
                 row = self._find(digest, idle, claim, weight)
                 if row is None:
+                    self._remember_absent(key, seen)
                     return None
             self.locks.lock(self.at(row))
             if self.key_at(row) == digest:
@@ -143,6 +161,15 @@ class _Table:
             self.cache.pop(key, None)
             row = None
         return None
+
+    def _remember_absent(self, key: str, seen: int) -> None:
+        """`key` had no row when the claims count was `seen` (read before looking: a claim since
+        then only makes the memo miss, never lie)."""
+        if seen < 0:
+            return
+        if len(self.absent) >= self.rows:
+            self.absent.clear()  # addresses come and go: keep the memo bounded
+        self.absent[key] = seen
 
     def _find(
         self, digest: bytes, idle: Callable[[list[int]], bool], claim: bool, weight: Weight | None = None
@@ -181,6 +208,9 @@ class _Table:
         try:
             if not evict and self.key_at(row) != EMPTY and not idle(self.read(row)):
                 return False  # used meanwhile by a process that holds its row from its memo
+            # Counted before the row is the key's: a process that reads the old count may take the key
+            # for rowless, which it still is (its row counts nothing until after this returns).
+            CLAIMS.pack_into(self.memory, self.offset, self.claims() + 1)
             self.write(row, [0] * self.words)
             start = self.at(row)
             self.memory[start : start + KEY_BYTES] = digest
@@ -339,12 +369,17 @@ class WindowCounter:
 
     def check(self, key: str, cost: int = 1) -> Verdict:
         """Whether `cost` more would fit now (counting nothing)."""
+        table = self.table
+        if cost <= self.window.limit and table.absent.get(key, -1) == table.claims():
+            return FITS  # no row, and none claimed since (no lock needed: see the module docstring)
         return self._visit(key, cost, count=False)
 
     def _visit(self, key: str, cost: int, count: bool) -> Verdict:
         window, table = self.window, self.table
         with self.counters._thread_lock:
             row = table.locate(key, self._idle, claim=count, weight=self.weight)
+            if row is None and cost <= window.limit:
+                return FITS  # nothing counted for it (nearly every request's address)
             now = self.counters.clock()
             bucket = int(now / window.bucket_seconds)
             if row is None:

@@ -185,3 +185,28 @@ def test_attaching_checks_the_file_and_the_column(tmp_path: Path) -> None:
     (tmp_path / "other").write_bytes(bytes(8192))
     with pytest.raises(ValueError):
         HostCounters.attach(tmp_path / "other", 0)
+
+
+def test_a_check_that_found_no_row_sees_another_process_s_new_count_at_once(tmp_path: Path) -> None:
+    """A process remembers the addresses that had no row; a failure counted by another process (which
+    claims the address a row) must still refuse there at once, not after the memo ages."""
+    path, _ = counters_file(tmp_path, columns=2)
+    here = HostCounters.attach(path, 0).windows("addresses", Window(1, 60))
+    there = HostCounters.attach(path, 1).windows("addresses", Window(1, 60))
+    assert here.check("address/x").allowed and here.check("address/x").allowed  # no row: remembered
+    assert there.hit("address/x").allowed  # the other process counts a failure
+    assert not here.check("address/x").allowed
+
+
+def test_a_check_of_an_address_without_a_row_does_not_look_again_until_a_row_is_claimed() -> None:
+    """The hot path: a keyed request's address that never failed costs one read, not a table search."""
+    counters = HostCounters.in_memory()
+    window = counters.windows("addresses", Window(1, 60))
+    assert window.check("address/x").allowed
+    table = counters.address_windows
+    searched: list[bytes] = []
+    find = table._find
+    table._find = lambda digest, *args: searched.append(digest) or find(digest, *args)  # type: ignore[method-assign]
+    assert window.check("address/x").allowed and not searched
+    assert window.hit("address/y").allowed  # a row claimed (for another address): look again
+    assert window.check("address/x").allowed and len(searched) == 2  # y's claim, then x's look

@@ -100,3 +100,18 @@ def test_usage_is_bounded_and_forgotten_only_once_stored() -> None:
     clock[0] += 2 * 86_400
     book.stored(rows[:1])  # two days later: what the store has whole goes, the rest waits
     assert list(book.totals) == [("k2", "m", date(2026, 12, 5))] and book.waiting == 1
+
+
+def test_usage_counted_across_midnight_starts_the_new_day_s_row() -> None:
+    """Today's rows are remembered per key and model; the next day's requests must not land in them."""
+    clock = [datetime(2026, 12, 5, 23, 59, 59, tzinfo=UTC).timestamp()]
+    book = UsageBook(10, lambda: None, clock=lambda: clock[0])
+    book.count("k", "m", error=False)
+    book.add_tokens("k", "m", 3, 4)
+    clock[0] += 2  # 00:00:01 the next day
+    book.count("k", "m", error=True)
+    book.add_tokens("k", "m", 5, 6)
+    assert book.totals == {
+        ("k", "m", date(2026, 12, 5)): [1, 0, 3, 4],
+        ("k", "m", date(2026, 12, 6)): [1, 1, 5, 6],
+    }

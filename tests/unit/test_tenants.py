@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from service.core.key_limits import Charge
 from service.core.key_policy import KeyPolicy, TokenBudget
@@ -154,3 +154,46 @@ async def test_an_exchange_with_nothing_to_tell_makes_no_database_call(pair: tup
     first.database.run = counted  # type: ignore[method-assign]
     assert await first.exchange_soon(slot)
     assert calls == 0
+
+
+async def test_per_key_counters_are_added_in_batches_and_a_scrape_is_never_behind(tmp_path: Path) -> None:
+    """The request path only adds to lists; the counters get them at a sync, at a scrape, and on stop."""
+    database = Database(default_url(tmp_path))
+    database.migrate()
+    registry = CollectorRegistry()
+    tenants = Tenants(Settings(keys_sync_interval=0.05), database, registry)
+    await tenants.start()
+    _, key = await tenants.create("app", BUDGET)
+
+    def counted() -> tuple[float, ...]:
+        """Requests, errors, tokens in, as the counters hold them (read without a scrape)."""
+        metrics = tenants.metrics
+        found = {
+            (sample.name, sample.labels.get("direction")): sample.value
+            for metric in (metrics.requests, metrics.errors, metrics.tokens)
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels["key"] == key.id
+        }
+        names = [("gateway_key_requests_total", None), ("gateway_key_errors_total", None),
+                 ("gateway_key_tokens_total", "in")]  # fmt: skip
+        return tuple(found.get(name, 0.0) for name in names)
+
+    def serve(prompt: int, completion: int, error: bool = False) -> None:
+        charge = Charge(caller_of(key), "m", prompt, 100)
+        record = answered(prompt, completion)
+        record.error_type = "server_error" if error else None
+        tenants.settle(charge, record)
+        tenants.finish(key.id, None, record)
+
+    serve(10, 5)
+    serve(4, 1, error=True)
+    assert counted() == (0.0, 0.0, 0.0)  # not on the request's path
+    assert f'gateway_key_requests_total{{key="{key.id}"}} 2.0' in generate_latest(registry).decode()
+    assert counted() == (2.0, 1.0, 14.0)  # the scrape reported them before reading them
+    serve(1, 1)
+    await until(lambda: counted() == (3.0, 1.0, 15.0), seconds=2.0)  # the next sync reports them
+    serve(2, 2)
+    await tenants.stop()
+    assert counted() == (4.0, 1.0, 17.0)
+    database.close()
