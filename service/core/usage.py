@@ -105,8 +105,10 @@ class KeyMetrics:
         return found
 
     def forget(self, key_id: str) -> None:
-        """A revoked key: its series go (new ones would come back only if it served again)."""
-        self._unreported.pop(key_id, None)
+        """A revoked key: its series go (new ones would come back only if it served again). Its counts
+        not reported yet are reported first: with several processes a series is never removed from the
+        files they write, so what it served before its revocation must be there."""
+        self.report()
         for metric, labels in list(self._children):
             if labels and labels[0] == key_id:
                 del self._children[(metric, labels)]

@@ -197,3 +197,28 @@ async def test_per_key_counters_are_added_in_batches_and_a_scrape_is_never_behin
     await tenants.stop()
     assert counted() == (4.0, 1.0, 17.0)
     database.close()
+
+
+async def test_a_revoked_key_s_counts_reach_its_counters_before_its_series_go(tmp_path: Path) -> None:
+    """Review of issue 22: a revocation dropped the counts not yet reported; with several processes the
+    series stay in their files, so the key's last requests vanished from /metrics."""
+    database = Database(default_url(tmp_path))
+    database.migrate()
+    registry = CollectorRegistry()
+    tenants = Tenants(Settings(keys_sync_interval=5), database, registry)
+    await tenants.start()
+    _, key = await tenants.create("app", BUDGET)
+    tenants.finish(key.id, None, answered(3, 4))
+    removed: dict[tuple[str, ...], float] = {}
+    requests = tenants.metrics.requests
+    original = requests.remove
+
+    def remove(*labels: str) -> None:  # what the series held when it went
+        removed[labels] = requests.labels(*labels)._value.get()
+        original(*labels)
+
+    requests.remove = remove  # type: ignore[method-assign]
+    await tenants.revoke(key.id)
+    assert removed == {(key.id,): 1.0}
+    await tenants.stop()
+    database.close()
