@@ -156,14 +156,20 @@ async def test_an_exchange_with_nothing_to_tell_makes_no_database_call(pair: tup
     assert calls == 0
 
 
-async def test_per_key_counters_are_added_in_batches_and_a_scrape_is_never_behind(tmp_path: Path) -> None:
-    """The request path only adds to lists; the counters get them at a sync, at a scrape, and on stop."""
+async def alone(tmp_path: Path, registry: CollectorRegistry, sync: float) -> tuple[Tenants, StoredKey]:
+    """One process's `Tenants` over a store of its own, started, with one key (stop it, close its store)."""
     database = Database(default_url(tmp_path))
     database.migrate()
-    registry = CollectorRegistry()
-    tenants = Tenants(Settings(keys_sync_interval=0.05), database, registry)
+    tenants = Tenants(Settings(keys_sync_interval=sync), database, registry)
     await tenants.start()
     _, key = await tenants.create("app", BUDGET)
+    return tenants, key
+
+
+async def test_per_key_counters_are_added_in_batches_and_a_scrape_is_never_behind(tmp_path: Path) -> None:
+    """The request path only adds to lists; the counters get them at a sync, at a scrape, and on stop."""
+    registry = CollectorRegistry()
+    tenants, key = await alone(tmp_path, registry, sync=0.05)
 
     def counted() -> tuple[float, ...]:
         """Requests, errors, tokens in, as the counters hold them (read without a scrape)."""
@@ -196,18 +202,13 @@ async def test_per_key_counters_are_added_in_batches_and_a_scrape_is_never_behin
     serve(2, 2)
     await tenants.stop()
     assert counted() == (4.0, 1.0, 17.0)
-    database.close()
+    tenants.database.close()
 
 
 async def test_a_revoked_key_s_counts_reach_its_counters_before_its_series_go(tmp_path: Path) -> None:
     """Review of issue 22: a revocation dropped the counts not yet reported; with several processes the
     series stay in their files, so the key's last requests vanished from /metrics."""
-    database = Database(default_url(tmp_path))
-    database.migrate()
-    registry = CollectorRegistry()
-    tenants = Tenants(Settings(keys_sync_interval=5), database, registry)
-    await tenants.start()
-    _, key = await tenants.create("app", BUDGET)
+    tenants, key = await alone(tmp_path, CollectorRegistry(), sync=5)  # no sync reports them meanwhile
     tenants.finish(key.id, None, answered(3, 4))
     removed: dict[tuple[str, ...], float] = {}
     requests = tenants.metrics.requests
@@ -221,4 +222,4 @@ async def test_a_revoked_key_s_counts_reach_its_counters_before_its_series_go(tm
     await tenants.revoke(key.id)
     assert removed == {(key.id,): 1.0}
     await tenants.stop()
-    database.close()
+    tenants.database.close()
