@@ -117,7 +117,7 @@ class Tenants:
         deadline = time.monotonic() + STOP_RETRY_SECONDS
         while True:
             try:  # bounded: a database that stops answering without closing the connection never fails
-                async with asyncio.timeout_at(asyncio.get_running_loop().time() + STOP_RETRY_SECONDS):
+                async with asyncio.timeout(STOP_RETRY_SECONDS):
                     if await self._exchange(full=True, final=True):
                         return
             except TimeoutError:

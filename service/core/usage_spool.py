@@ -150,14 +150,10 @@ class UsageSpool:
 
     def _contents(self, path: Path) -> bytes:
         """A regular file's bytes, at most `max_bytes` (a link, a pipe or a device is refused unread)."""
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        try:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise ValueError("not a regular file")
-            with os.fdopen(descriptor, "rb", closefd=False) as handle:
-                contents = handle.read(self.max_bytes + 1)
-        finally:
-            os.close(descriptor)
+            contents = handle.read(self.max_bytes + 1)
         if len(contents) > self.max_bytes:
             raise ValueError(f"larger than {self.max_bytes} bytes")
         return contents

@@ -133,6 +133,10 @@ class _Table:
         count: int = CLAIMS.unpack_from(self.memory, self.offset)[0]
         return count
 
+    def rowless(self, key: str) -> bool:
+        """Whether `key` surely has no row: it had none, and no key got one since (in any process)."""
+        return self.absent.get(key, -1) == self.claims()
+
     def locate(
         self, key: str, idle: Callable[[list[int]], bool], claim: bool, weight: Weight | None = None
     ) -> int | None:
@@ -141,7 +145,7 @@ class _Table:
         the lightest row it probed (a full table never leaves a key uncounted)."""
         seen = -1 if claim else self.claims()
         if seen >= 0 and self.absent.get(key) == seen:
-            return None  # it had no row, and no key got one since (in any process)
+            return None  # `rowless`, with the count read once for the memo below
         cached = self.cache.get(key)
         digest = cached[0] if cached else hashlib.blake2b(key.encode(), digest_size=KEY_BYTES).digest()
         row = cached[1] if cached else None
@@ -369,8 +373,7 @@ class WindowCounter:
 
     def check(self, key: str, cost: int = 1) -> Verdict:
         """Whether `cost` more would fit now (counting nothing)."""
-        table = self.table
-        if cost <= self.window.limit and table.absent.get(key, -1) == table.claims():
+        if cost <= self.window.limit and self.table.rowless(key):
             return FITS  # no row, and none claimed since (no lock needed: see the module docstring)
         return self._visit(key, cost, count=False)
 

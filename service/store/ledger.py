@@ -218,11 +218,6 @@ def _keep_a_refusal(new: Any) -> dict[str, Any]:
     return {"held": new.held, "wanted_ms": func.coalesce(new.wanted_ms, key_allowances.c.wanted_ms)}
 
 
-def status(connection: Connection, key_id: str, resource: str, window_start: int) -> tuple[int, int]:
-    """(spent within the window, held) by every process, for one key's resource."""
-    return statuses(connection, resource, {key_id: window_start}).get(key_id, (0, 0))
-
-
 def statuses(connection: Connection, resource: str, windows: Mapping[str, int]) -> dict[str, tuple[int, int]]:
     """(spent within its window, held) by every process, for a resource of each key of `windows` (key id
     -> the first bucket of its window): two grouped queries, whatever the number of keys."""

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 
 from service.core.keys import new_secret
+from service.store import ledger
 from service.store.database import Database
-from service.store.ledger import status
 from service.store.usage import read_usage
 from tests.integration.conftest import running_gateway, standin_settings
 from tests.integration.standin import Script
@@ -56,7 +56,8 @@ def written(url: str, key_id: str) -> tuple[dict[str, int], int, int]:
     try:
         with database.transaction() as connection:
             rows = read_usage(connection, key_id=key_id)
-            budget_used, held = status(connection, key_id, "tokens", int(time.time() // 86400))
+            today = int(time.time() // 86400)
+            budget_used, held = ledger.statuses(connection, "tokens", {key_id: today})[key_id]
     finally:
         database.close()
     names = ("requests", "errors", "tokens_in", "tokens_out")
