@@ -10,6 +10,8 @@ of them.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +48,15 @@ def fit_rank(rank: int) -> int:
 
 def read_capped(path: Path, limit: int) -> str:
     """A text file's content (UTF-8), refused when over `limit` bytes: at most `limit` + 1 bytes are read,
-    whatever size the file reports (files under /proc report none)."""
-    with path.open("rb") as handle:
+    whatever size the file reports (files under /proc report none). Only a regular file is read: a pipe
+    or a device named like one would hold the reader for ever."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise AdapterFolderError(f"{path} cannot be read ({exc.strerror})") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise AdapterFolderError(f"{path} is not a regular file")
         content = handle.read(limit + 1)
     if len(content) > limit:
         raise AdapterFolderError(f"{path} is over the {limit:,} bytes this gateway reads")
@@ -89,25 +98,34 @@ def read_lora(folder: Path) -> LoraFacts:
 def read_template(folder: Path, explicit: Path | None = None) -> str | None:
     """An adapter's chat template: the file given, else the folder's `chat_template.jinja`, else its
     `tokenizer_config.json`'s `chat_template` (as transformers reads a tokenizer folder); None if none.
-    A file given must lie in the adapter's folder: a template is shown to every client that renders a
-    chat with it, so it must never be any other file of the host."""
+    Every file read for it must lie in the adapter's folder, links resolved: a template is shown to every
+    client that renders a chat with it, so it must never be any other file of the host."""
     if explicit is not None:
-        if not explicit.resolve().is_relative_to(folder.resolve()):
-            raise AdapterFolderError(f"{explicit} is not in the adapter's folder {folder}")
-        return read_capped(explicit, MAX_TEMPLATE_BYTES)
+        return read_capped(_inside(folder, explicit), MAX_TEMPLATE_BYTES)
     template_file = folder / TEMPLATE_FILE
     if template_file.is_file():
-        return read_capped(template_file, MAX_TEMPLATE_BYTES)
+        return read_capped(_inside(folder, template_file), MAX_TEMPLATE_BYTES)
     config_file = folder / TOKENIZER_CONFIG
     if not config_file.is_file():
         return None
     try:
-        config = json.loads(read_capped(config_file, MAX_CONFIG_BYTES + MAX_TEMPLATE_BYTES))
+        config = json.loads(read_capped(_inside(folder, config_file), MAX_CONFIG_BYTES + MAX_TEMPLATE_BYTES))
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, AdapterFolderError):
             raise
         raise AdapterFolderError(f"{config_file} cannot be read as JSON ({exc})") from None
     return _named_default(config.get("chat_template")) if isinstance(config, dict) else None
+
+
+def _inside(folder: Path, path: Path) -> Path:
+    """`path` once its links are resolved, refused unless it still lies in the adapter's folder."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise AdapterFolderError(
+            f"{path} is not in the adapter's folder {folder} (links are followed: copy the file into the"
+            " folder rather than linking to it)"
+        )
+    return resolved
 
 
 def _named_default(value: Any) -> str | None:

@@ -4,6 +4,7 @@ field when they cannot be served, and LoRA limits that fit them by default."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,29 @@ def test_a_template_file_outside_the_adapters_folder_is_refused(tmp_path: Path, 
     (tmp_path / "outside.jinja").write_text("OUTSIDE")
     with pytest.raises(AdapterFolderError, match="not in the adapter's folder"):
         read_template(own, own / where if where.startswith("..") else Path(where))
+
+
+@pytest.mark.parametrize("default", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_folders_own_template_linking_out_of_it_is_refused(tmp_path: Path, default: str) -> None:
+    """The files found without being named obey the same rule: a folder whose chat_template.jinja linked to
+    /etc/passwd showed that file to every client as the adapter's template (review of issue 20, s27)."""
+    content = "SECRET" if default.endswith(".jinja") else json.dumps({"chat_template": "SECRET"})
+    (tmp_path / "secret").write_text(content)
+    own = adapter_folder(tmp_path, "own")
+    (own / default).symlink_to(tmp_path / "secret")
+    with pytest.raises(AdapterFolderError, match=r"not in the adapter's folder .*\(links are followed"):
+        read_template(own)
+    (own / "kept").write_text(content)
+    (own / default).unlink()
+    (own / default).symlink_to(own / "kept")  # a link that stays in the folder is read
+    assert read_template(own) == "SECRET"
+
+
+def test_a_template_that_is_no_regular_file_is_refused_without_waiting(tmp_path: Path) -> None:
+    own = adapter_folder(tmp_path, "own")
+    os.mkfifo(own / "chat.jinja")  # nobody writes: an open for reading would wait for ever
+    with pytest.raises(AdapterFolderError, match="not a regular file"):
+        read_template(own, own / "chat.jinja")
 
 
 def test_what_a_folder_holds_is_read_no_further_than_its_cap_and_as_text(tmp_path: Path) -> None:
