@@ -259,6 +259,9 @@ class WorkerProcess:
         finally:
             if not exited.done():
                 exited.cancel()
+        # The API server died on its own: vLLM's engine process outlives it in its group (a core and
+        # gigabytes each, so relaunches would soon fail for memory). Nothing of that life may stay.
+        _signal_group(self.process.pid, signal.SIGKILL)
         return f"exited with code {exited.result()}"
 
     async def stop(self) -> None:

@@ -67,6 +67,33 @@ async def test_a_crashed_worker_is_restarted_and_stopped_on_shutdown(
     assert "exited with code -9; restarting" in caplog.text
 
 
+def with_engine(launcher: Path, engine_pid: Path) -> None:
+    """The fake worker starts an "engine" child in its process group first, as vLLM's API server does."""
+    script = launcher.read_text().replace("shift 2\n", f"shift 2\nsleep 300 &\necho $! > {engine_pid}\n")
+    launcher.write_text(script)
+
+
+async def test_what_a_worker_leaves_in_its_group_when_it_dies_goes_with_it(tmp_path: Path) -> None:
+    """vLLM's engine runs in a process of its own in the worker's group: an API server that died by itself
+    (OOM-killed, crashed) left it running, 4.5 GB each, until relaunches failed for memory (review, s27)."""
+    settings = fake_engine_settings(tmp_path)
+    engine_pid = tmp_path / "engine.pid"
+    with_engine(Path(settings.engine_python), engine_pid)
+    app = create_app(settings)
+    async with serve_in_background(app):
+        supervised: WorkerProcess = app.state.processes[0]
+        await eventually(lambda: supervised.worker.healthy, seconds=30)
+        first = supervised.process
+        assert first is not None
+        orphan = psutil.Process(int(engine_pid.read_text()))
+        assert os.getpgid(orphan.pid) == first.pid  # the "engine" shares the worker's group
+        os.kill(first.pid, signal.SIGKILL)  # the API server alone dies
+        await eventually(lambda: supervised.restarts == 1, seconds=30)
+        await eventually(
+            lambda: not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE, seconds=10
+        )
+
+
 async def test_a_worker_that_never_gets_healthy_is_killed_and_retried(tmp_path: Path) -> None:
     settings = fake_engine_settings(tmp_path, engine_env={"STANDIN_HEALTHY": "0"})
     settings = settings.model_copy(update={"worker_start_timeout": 1.0})
