@@ -49,15 +49,15 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
             stop(second)
 
 
-def stream(url: str, headers: dict[str, str]) -> tuple[int, int]:
-    """(status, total tokens its usage reports) of one stream."""
+def stream(url: str, headers: dict[str, str]) -> tuple[int, int | str]:
+    """(status, total tokens its usage reports) of one stream; (status, error code) of a refusal."""
     body = {"model": "base", "prompt": "hi", "max_tokens": 20, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     with httpx.Client(timeout=30) as client, client.stream("POST", f"{url}/v1/completions", json=body,
                                                             headers=headers) as response:  # fmt: skip
         if response.status_code != 200:
             response.read()
-            return response.status_code, 0
+            return response.status_code, response.json()["error"]["code"]
         used = 0
         for line in response.iter_lines():
             if line.startswith("data: {") and '"usage": {' in line.replace('"usage":{', '"usage": {'):
@@ -89,7 +89,11 @@ def test_a_budget_holds_across_processes_and_gateways(gateways: tuple[Stack, Sta
     with ThreadPoolExecutor(24) as pool:
         burst: list[Any] = list(pool.map(lambda i: stream(urls[i % 2], headers), range(72)))
     served = [used for status, used in burst if status == 200]
-    assert {status for status, _ in burst} <= {200, 429} and 429 in {status for status, _ in burst}
+    # A process whose exchange with the store takes longer than its wait (seconds, on a starved machine)
+    # refuses with 503 limits_unavailable rather than serve unchecked: the safe side, never an overshoot.
+    refused = {(status, code) for status, code in burst if status != 200}
+    assert (429, "token_budget_exceeded") in refused, burst
+    assert refused <= {(429, "token_budget_exceeded"), (503, "limits_unavailable")}, burst
     for attempt in range(60):  # then one at a time, alternating gateways, until the budget is spent
         status, used = stream(urls[attempt % 2], headers)
         if status != 200:
