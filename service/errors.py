@@ -21,6 +21,7 @@
     ├── BudgetExceeded                429 rate_limit_error / token_budget_exceeded (the numbers; Retry-After)
     ├── LimitsUnavailable             503 service_unavailable / limits_unavailable, with Retry-After
     ├── StoreUnavailable              503 service_unavailable / store_unavailable, with Retry-After
+    ├── AdapterChanged                503 service_unavailable / adapter_changed (its files changed since)
     ├── KeyUncheckable                503 service_unavailable / key_uncheckable (store away: new/stale key)
     ├── NoHealthyWorker               503 service_unavailable
     │   └── WorkersRefuseKey          502 upstream_error / worker_auth_failed (each refused our key)
@@ -306,6 +307,23 @@ class StoreUnavailable(GatewayError):
     def __init__(self) -> None:
         super().__init__("The gateway's database is unreachable right now; retry shortly.")
         self.headers = {"Retry-After": "1"}
+
+
+class AdapterChanged(GatewayError):
+    """An adapter's files changed or went missing since it was checked and taken in: a worker that reads
+    them again (it dropped the adapter from memory) would fail, and vLLM's engine dies of such a read,
+    taking every model and adapter of the worker with it. Nothing is sent until an operator acts."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "adapter_changed"
+
+    def __init__(self, adapter: str) -> None:
+        super().__init__(
+            f"The adapter '{adapter}' is not served right now: its files changed or went missing after it "
+            "was registered. An operator must register it again (remove, then add; for an adapter of the "
+            "models file, restart the gateway)."
+        )
 
 
 class KeyUncheckable(GatewayError):

@@ -12,7 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.served import CONFIG, RUNTIME, Adapter, ServedModel
 from service.errors import GatewayError, InvalidRequest
-from service.ops.lora import AdapterFolderError, read_lora, read_template, same_base
+from service.ops.lora import (
+    AdapterFolderError,
+    FolderFiles,
+    folder_files,
+    read_lora,
+    read_template,
+    same_base,
+)
 from service.ops.settings import ModelKind, ServedName, Settings
 from service.store.adapters import AdapterRow
 
@@ -48,20 +55,21 @@ def configured(settings: Settings, models: dict[str, ServedModel]) -> list[Serve
             kind = spec.kind_of(item)
             template = read_template(item.path, item.chat_template) if kind is ModelKind.INSTRUCT else None
             adapter = Adapter(item.name, str(item.path), spec.name, CONFIG, item.rank, item.description,
-                              template)  # fmt: skip
+                              template, files=folder_files(item.path))  # fmt: skip
             found.append(served_adapter(parent, adapter, kind))
     return found
 
 
-def from_row(row: AdapterRow, parent: ServedModel) -> ServedModel:
-    """A registered adapter as stored, as a served model (its folder read again for its rank: call off
-    the event loop)."""
+def from_row(row: AdapterRow, parent: ServedModel, files: FolderFiles | None = None) -> ServedModel:
+    """A registered adapter as stored, as a served model (its folder read again for its rank, and for
+    its files unless given as checked: call off the event loop)."""
+    files = folder_files(Path(row.path)) if files is None else files
     try:
         rank = read_lora(Path(row.path)).rank
     except AdapterFolderError:
         rank = 0  # gone since: its loads fail and say why
     adapter = Adapter(row.name, row.path, row.model, RUNTIME, rank, row.description, row.chat_template,
-                      row.created_at)  # fmt: skip
+                      row.created_at, files=files)  # fmt: skip
     kind = ModelKind(row.kind)
     return served_adapter(parent, adapter, kind)
 
@@ -87,6 +95,7 @@ def checked(request: AdapterRequest, parent: ServedModel, settings: Settings) ->
     off the event loop); InvalidRequest naming the field otherwise."""
     spec = parent.spec
     folder = Path(request.path)
+    files = folder_files(folder)
     try:
         facts = read_lora(folder)
     except AdapterFolderError as exc:
@@ -118,7 +127,9 @@ def checked(request: AdapterRequest, parent: ServedModel, settings: Settings) ->
     if template:
         _renders(parent, template)
     description = request.description
-    return Adapter(request.name, str(folder), spec.name, RUNTIME, facts.rank, description, template), kind
+    adapter = Adapter(request.name, str(folder), spec.name, RUNTIME, facts.rank, description, template,
+                      files=files)  # fmt: skip
+    return adapter, kind
 
 
 def _renders(parent: ServedModel, template: str) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-from service.errors import UpstreamRejected
+from service.errors import AdapterChanged, UpstreamRejected
 from service.workers.lora import AdapterLoads, LoraTarget
 from service.workers.worker import Worker
 
@@ -31,7 +31,10 @@ class AdapterOnWorker:
         self, send: Callable[[], Awaitable[T]], span: Callable[[], AbstractContextManager[Any]]
     ) -> T:
         """`send()` once the worker holds the adapter (loaded first, under a `span()`, if need be); once
-        more after loading it again if the worker answers 404."""
+        more after loading it again if the worker answers 404. Nothing is sent for an adapter whose files
+        changed since it was taken in (a worker reading them again could die of it)."""
+        if not await self.loads.watch.unchanged(self.target):
+            raise AdapterChanged(self.target.name)
         await self._load(span)
         try:
             return await send()

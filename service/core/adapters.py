@@ -143,7 +143,7 @@ class AdapterRegistry:
             except BaseException:
                 await self._unload(worker, served)
                 raise
-            served = await asyncio.to_thread(from_row, row, parent)
+            served = await asyncio.to_thread(from_row, row, parent, adapter.files)
             self.models.add(served)
             log.info("adapter %s of %s registered (%s)", served.name, parent.name, adapter.path)
             return served

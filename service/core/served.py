@@ -16,6 +16,7 @@ from datetime import datetime
 
 from service.core.templates import ModelTokenizer
 from service.errors import ModelNotFound, NotAChatModel
+from service.ops.lora import FolderFiles
 from service.ops.settings import ModelKind, ModelSpec
 from service.workers.lora import LoraTarget
 from service.workers.pool import ModelPool
@@ -41,11 +42,12 @@ class Adapter:
     # Where its own template ends a turn, when its workers would not stop there (a base model's EOS is
     # not the end-of-turn token an instruct adapter learnt): sent as `stop_token_ids` with its chats.
     chat_stop_token_ids: tuple[int, ...] = ()
+    files: FolderFiles = ()  # its files as they were when checked (a worker must read no others)
 
     @property
     def target(self) -> LoraTarget:
         """What to load onto a worker."""
-        return LoraTarget(self.name, self.path, self.model)
+        return LoraTarget(self.name, self.path, self.model, self.files)
 
 
 @dataclass

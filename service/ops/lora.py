@@ -24,6 +24,11 @@ MAX_TEMPLATE_BYTES = 256 * 1024  # the longest chat templates published are ~20 
 CONFIG_FILE = "adapter_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+# The files vLLM reads of an adapter (vllm/lora/lora_model.py): its config and one of these weights.
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+
+# What identifies the files a worker reads of an adapter: (name, size, mtime in ns) of each present.
+FolderFiles = tuple[tuple[str, int, int], ...]
 
 
 class AdapterFolderError(ValueError):
@@ -93,6 +98,19 @@ def read_lora(folder: Path) -> LoraFacts:
         raise AdapterFolderError(f"{config_path} has no valid rank `r` (found {rank!r})")
     base = config.get("base_model_name_or_path")
     return LoraFacts(rank, base if isinstance(base, str) and base else None)
+
+
+def folder_files(folder: Path) -> FolderFiles:
+    """The files a worker reads of the adapter in `folder`, as they are now (links followed); () when
+    none can be read."""
+    found = []
+    for name in (CONFIG_FILE, *WEIGHT_FILES):
+        try:
+            info = (folder / name).stat()
+        except OSError:
+            continue
+        found.append((name, info.st_size, info.st_mtime_ns))
+    return tuple(found)
 
 
 def read_template(folder: Path, explicit: Path | None = None) -> str | None:

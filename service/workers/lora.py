@@ -12,6 +12,10 @@ the loads that fail, checks a folder before accepting it, and routes by what eac
   says this target is the name's current registration (the store knows): a request admitted before a
   removal must not put the old weights back under a name registered again since.
 - Every load is counted: `gateway_adapter_loads_total{model,adapter,outcome}` and its duration.
+- An adapter whose files changed since it was taken in is sent nowhere (`FolderWatch`): a worker that
+  dropped it from memory reads its folder again when a request needs it, and vLLM's engine dies of a
+  folder it cannot read then (gone, truncated, retrained to a larger rank), with every model and adapter
+  of that worker.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 from service.errors import AdapterLoadFailed
+from service.ops.lora import FolderFiles, folder_files
 from service.ops.metrics import Metrics
 from service.workers.facts import listed_adapters
 from service.workers.transport import Transport
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
 ALREADY_LOADED = "has already been loaded"  # vLLM's words for a name it holds
+WATCH_SECONDS = 1.0  # how long what was seen of an adapter's files holds before they are looked at again
 
 
 class Outcome(StrEnum):
@@ -52,6 +59,42 @@ class LoraTarget:
     name: str
     path: str
     model: str
+    files: FolderFiles = field(default=(), compare=False)  # its files as checked when it was taken in
+
+
+class FolderWatch:
+    """Whether each adapter's files are still the ones checked when it was taken in, looked at off the
+    event loop at most once every `every` seconds per adapter (one look at a time)."""
+
+    def __init__(self, every: float = WATCH_SECONDS) -> None:
+        self.every = every
+        self._seen: dict[str, tuple[LoraTarget, float, bool]] = {}  # name: (target, when, unchanged)
+        self._looking: dict[str, asyncio.Future[bool]] = {}
+
+    async def unchanged(self, target: LoraTarget) -> bool:
+        """Whether `target`'s files are as recorded (True when nothing was recorded)."""
+        if not target.files:
+            return True
+        seen = self._seen.get(target.name)
+        if seen is not None and seen[0] == target and time.monotonic() - seen[1] < self.every:
+            return seen[2]
+        looking = self._looking.get(target.name)
+        if looking is None:
+            looking = asyncio.ensure_future(self._look(target, seen))
+            self._looking[target.name] = looking
+            looking.add_done_callback(lambda _: self._looking.pop(target.name, None))
+        return await asyncio.shield(looking)
+
+    async def _look(self, target: LoraTarget, seen: tuple[LoraTarget, float, bool] | None) -> bool:
+        files = await asyncio.to_thread(folder_files, Path(target.path))
+        same = files == target.files
+        if not same and (seen is None or seen[2] or seen[0] != target):
+            log.warning(
+                "adapter %s: its files in %s changed since it was registered (now %s, then %s); its requests "
+                "are refused until it is registered again", target.name, target.path, files, target.files,
+            )  # fmt: skip
+        self._seen[target.name] = (target, time.monotonic(), same)
+        return same
 
 
 class AdapterLoads:
@@ -61,6 +104,7 @@ class AdapterLoads:
         self.transport = transport
         self.metrics = metrics
         self._pending: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
+        self.watch = FolderWatch()
         # Whether a target may replace the other folder a worker holds under its name (the registry says).
         self.may_replace: Callable[[LoraTarget], Awaitable[bool]] = _never
 

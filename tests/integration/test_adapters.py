@@ -255,11 +255,40 @@ async def test_a_load_that_fails_at_request_time_is_a_502_naming_no_folder(
     folder = adapter_folder(tmp_path, "vanishing")
     adapters = [{"name": "vanishing", "path": str(folder)}]
     async with running_gateway(lora_settings(standin_url, tmp_path, adapters)) as (_, http):
-        shutil.rmtree(folder)  # gone from the workers' disk after start-up
+        script.lora_runtime = False  # the worker cannot load adapters any more (restarted without it)
         failed = await http.post("/complete", json={"model": "vanishing", "prompt": "Hi"})
         assert failed.status_code == 502 and error_of(failed)["code"] == "adapter_load_failed"
         assert str(tmp_path) not in failed.text
         assert await loads(http, "vanishing", "failed") == 1
+
+
+@pytest.mark.parametrize("change", ["retrained", "deleted"])
+async def test_an_adapter_whose_files_changed_since_it_was_registered_is_sent_nowhere(
+    standin_url: str, script: Script, tmp_path: Path, change: str
+) -> None:
+    """A worker that dropped an adapter from memory reads its folder again for the next request, and vLLM's
+    engine dies of a folder it cannot read then (gone, or retrained to a rank over the workers' maximum),
+    with every model and adapter on it (review of issue 20, s27, on a real worker)."""
+    folder = adapter_folder(tmp_path, "qa")
+    async with running_gateway(lora_settings(standin_url, tmp_path)) as (app, http):
+        app.state.gateway.loads.watch.every = 0  # look at the files at every request
+        body = {"model": "base", "name": "qa", "path": str(folder)}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        assert (await http.post("/complete", json={"model": "qa", "prompt": "Hi"})).status_code == 200
+        sent = len(script.bodies)
+        if change == "deleted":
+            shutil.rmtree(folder)
+        else:
+            adapter_folder(tmp_path, "qa", rank=16)  # trained again, in place
+        refused = await http.post("/complete", json={"model": "qa", "prompt": "Hi"})
+        assert refused.status_code == 503 and error_of(refused)["code"] == "adapter_changed", refused.text
+        assert "register it again" in error_of(refused)["message"] and str(tmp_path) not in refused.text
+        assert len(script.bodies) == sent  # nothing reached the worker
+        assert (await http.post("/complete", json={"model": "base", "prompt": "Hi"})).status_code == 200
+        assert (await http.delete("/adapters/qa", headers=ADMIN)).status_code == 200
+        adapter_folder(tmp_path, "qa", rank=8)
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        assert (await http.post("/complete", json={"model": "qa", "prompt": "Hi"})).status_code == 200
 
 
 async def test_configured_adapters_cannot_be_removed_through_the_api(

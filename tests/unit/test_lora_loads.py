@@ -5,17 +5,21 @@ failures counted and explained, and what a worker lists and runs read from its o
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service.errors import AdapterLoadFailed
+from service.ops.lora import folder_files
 from service.ops.metrics import Metrics
 from service.workers.engine_metrics import parse_engine_load
 from service.workers.facts import read_model_entry
 from service.workers.fake import FakeTransport
-from service.workers.lora import LOAD_PATH, UNLOAD_PATH, AdapterLoads, LoraTarget, Outcome
+from service.workers.lora import LOAD_PATH, UNLOAD_PATH, AdapterLoads, FolderWatch, LoraTarget, Outcome
 from service.workers.worker import Worker
+from tests.adapters import adapter_folder
 from tests.promtext import parse, value
 
 QA = LoraTarget("qa", "/adapters/qa", "gemma")
@@ -173,3 +177,24 @@ def test_the_engines_running_and_waiting_adapters_are_its_newest_lora_sample() -
     worker.observe_engine(load)
     assert [worker.affinity(name) for name in ("qa", "sft", "x", "none")] == [2, 2, 1, 0]
     assert parse_engine_load("").lora_running == frozenset()
+
+
+async def test_an_adapters_files_are_looked_at_once_a_while_and_compared_with_what_was_checked(
+    tmp_path: Path,
+) -> None:
+    folder = adapter_folder(tmp_path, "qa")
+    target = LoraTarget("qa", str(folder), "gemma", folder_files(folder))
+    watch = FolderWatch(every=3600)
+    assert await watch.unchanged(target)
+    before = (folder / "adapter_model.safetensors").stat()
+    (folder / "adapter_model.safetensors").write_bytes(b"retrained")
+    assert await watch.unchanged(target)  # looked at within the hour: not again
+    watch.every = 0
+    looks = await asyncio.gather(*(watch.unchanged(target) for _ in range(50)))
+    assert looks == [False] * 50
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    os.utime(folder / "adapter_model.safetensors", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert await watch.unchanged(target)  # put back as it was: served again
+    assert await watch.unchanged(
+        LoraTarget("qa", str(folder), "gemma")
+    )  # nothing recorded: nothing to compare
