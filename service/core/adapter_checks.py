@@ -6,6 +6,7 @@ when it brings one for chat)."""
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -156,7 +157,7 @@ def _template(request: AdapterRequest, folder: Path) -> str | None:
         raise InvalidRequest(f"chat_template: {exc}.", param="chat_template") from None
 
 
-def row_of(adapter: Adapter, kind: ModelKind) -> AdapterRow:
+def row_of(adapter: Adapter, kind: ModelKind, created_at: datetime | None = None) -> AdapterRow:
     """What the store keeps of a registration."""
     return AdapterRow(adapter.name, adapter.model, adapter.path, kind.value, adapter.chat_template,
-                      adapter.description)  # fmt: skip
+                      adapter.description, created_at)  # fmt: skip

@@ -232,10 +232,24 @@ class AdapterRegistry:
             if served.adapter.source == CONFIG:
                 raise InvalidRequest(f"'{name}' is configured in the models file: remove it there (and "
                                      "restart the gateway).", param="name")  # fmt: skip
-            await self.database.run(store.remove, self.database, name)
+            known = row_of(served.adapter, served.kind, served.adapter.created_at)
+            if not await self.database.run(store.remove, self.database, name, known):
+                await self._removed_elsewhere(name)
             self._withdrawn(served)
             log.info("adapter %s removed", name)
             return served
+
+    async def _removed_elsewhere(self, name: str) -> None:
+        """The registration this process serves as `name` was removed in another process since it last
+        looked (and maybe registered again): catch up, and say so (never remove a newer registration)."""
+        await self.refresh()
+        if name in self.models:
+            raise InvalidRequest(
+                f"name: '{name}' was removed and registered again meanwhile; send the removal again to "
+                "remove the new registration.",
+                param="name",
+            )
+        raise AdapterNotFound(name, self.names())
 
     def _withdrawn(self, served: ServedModel) -> None:
         """No longer served by this process: unloaded in the background once nothing uses it."""
@@ -330,7 +344,7 @@ def describe_adapter(served: ServedModel) -> dict[str, Any]:
 
 def holders(served: ServedModel, affinity: int) -> list[str]:
     """The replicas of an adapter's pool that hold it (1) or run it now (2)."""
-    return [w.label for w in served.pool.workers if w.affinity(served.name) >= affinity]
+    return [w.label for w in served.pool.workers if w.healthy and w.affinity(served.name) >= affinity]
 
 
 def _same(current: ServedModel, row: store.AdapterRow) -> bool:

@@ -78,9 +78,15 @@ def add(database: Database, row: AdapterRow) -> AdapterRow:
     return stored
 
 
-def remove(database: Database, name: str) -> bool:
-    """Forget an adapter; whether it was there."""
+def remove(database: Database, name: str, known: AdapterRow | None = None) -> bool:
+    """Forget an adapter (only if it is still the registration `known`, when given: a removal decided
+    on a stale view must not take a registration made since); whether it was removed."""
     with database.transaction() as connection:
+        if known is not None:
+            row = connection.execute(select(adapters).where(adapters.c.name == name)).first()
+            found = _read(row._mapping) if row is not None else None
+            if found is None or (found.path, found.created_at) != (known.path, known.created_at):
+                return False
         removed = connection.execute(delete(adapters).where(adapters.c.name == name)).rowcount
         if removed:
             bump(connection, TOPIC)

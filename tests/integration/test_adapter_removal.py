@@ -150,3 +150,35 @@ async def test_a_removal_never_unloads_the_name_another_process_registered_again
         assert again.status_code == 200, again.text
         await asyncio.sleep(3.5)  # the first process's removal has run its course
         assert script.adapters.get("v") == str(new.resolve()), script.unloads
+
+
+async def test_a_removal_from_a_process_that_has_not_seen_the_last_change_removes_nothing_newer(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """A client's DELETE retried on another process (review of issue 20, s27): it answered 200 for an
+    adapter already removed, and would have removed a registration made since under the same name."""
+    old, new = adapter_folder(tmp_path, "old"), adapter_folder(tmp_path, "new")
+    settings = lora_settings(standin_url, tmp_path)
+    async with running_gateway(settings) as (_, first), running_gateway(settings) as (app, second):
+        for name in ("v", "w"):
+            body = {"model": "base", "name": name, "path": str(old)}
+            assert (await first.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        registry = registry_of(app.state.gateway)
+        for _ in range(100):  # the second process serves them, then stops following the store
+            if {"v", "w"} <= set(app.state.gateway.models):
+                break
+            await asyncio.sleep(0.05)
+        assert registry._follower is not None
+        registry._follower.cancel()
+        assert (await first.delete("/adapters/w", headers=ADMIN)).status_code == 200
+        gone = await second.delete("/adapters/w", headers=ADMIN)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "adapter_not_found", gone.text
+        assert (await first.delete("/adapters/v", headers=ADMIN)).status_code == 200
+        again = {"model": "base", "name": "v", "path": str(new)}
+        assert (await first.post("/adapters", json=again, headers=ADMIN)).status_code == 200
+        stale = await second.delete("/adapters/v", headers=ADMIN)  # decided on the old registration
+        assert stale.status_code == 400 and "registered again meanwhile" in stale.text, stale.text
+        listed = (await first.get("/adapters", headers=ADMIN)).json()["data"]
+        assert [(a["name"], a["path"]) for a in listed] == [("v", str(new))]
+        assert (await second.delete("/adapters/v", headers=ADMIN)).status_code == 200  # now it knows
+        assert (await second.delete("/adapters/v", headers=ADMIN)).status_code == 404

@@ -407,3 +407,24 @@ async def test_a_template_that_renders_no_chat_is_refused_at_registration(
         assert refused.status_code == 400 and error_of(refused)["param"] == "chat_template", refused.text
         assert "cannot render a one-message chat" in error_of(refused)["message"]
         assert (await http.get("/adapters", headers=ADMIN)).json()["data"] == []
+
+
+async def test_a_worker_that_is_down_holds_no_adapter_in_the_listings(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """/ready and GET /adapters listed adapters on a dead worker until it was relaunched (review, s27)."""
+    folder = adapter_folder(tmp_path, "qa")
+    async with running_gateway(lora_settings(standin_url, tmp_path)) as (app, http):
+        body = {"model": "base", "name": "qa", "path": str(folder)}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        listed = (await http.get("/adapters", headers=ADMIN)).json()["data"][0]
+        assert len(listed["loaded_on"]) == 1 and len((await http.get("/ready")).json()["adapters"]["qa"]) == 1
+        script.healthy = False
+        worker = app.state.gateway.pools["base"].workers[0]
+        for _ in range(100):
+            if not worker.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not worker.healthy
+        assert (await http.get("/adapters", headers=ADMIN)).json()["data"][0]["loaded_on"] == []
+        assert (await http.get("/ready")).json()["adapters"] == {"qa": []}

@@ -58,7 +58,7 @@ def loaded_on(model: ServedModel, hide_addresses: bool) -> list[str]:
     addresses are hidden)."""
     found = []
     for index, worker in enumerate(model.pool.workers):
-        if worker.affinity(model.name):
+        if worker.healthy and worker.affinity(model.name):  # a worker that is down holds nothing
             hidden = hide_addresses and worker.label == address_of(worker.url)
             found.append(f"{model.pool.name}-{index}" if hidden else worker.label)
     return found
