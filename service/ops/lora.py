@@ -51,15 +51,20 @@ def fit_rank(rank: int) -> int:
     raise AdapterFolderError(f"rank {rank} is over the largest vLLM serves ({VLLM_RANKS[-1]})")
 
 
-def read_capped(path: Path, limit: int) -> str:
+def read_capped(path: Path, limit: int, within: Path | None = None) -> str:
     """A text file's content (UTF-8), refused when over `limit` bytes: at most `limit` + 1 bytes are read,
     whatever size the file reports (files under /proc report none). Only a regular file is read: a pipe
-    or a device named like one would hold the reader for ever."""
+    or a device named like one would hold the reader for ever. `within`: the file opened must lie in that
+    folder, links resolved (checked on the open file, so a link swapped in meanwhile does not count)."""
+    if within is not None:
+        path = _inside(within, path)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if within else 0))
     except OSError as exc:
         raise AdapterFolderError(f"{path} cannot be read ({exc.strerror})") from None
     with os.fdopen(descriptor, "rb") as handle:
+        if within is not None:
+            _inside(within, _opened(handle.fileno(), path))
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             raise AdapterFolderError(f"{path} is not a regular file")
         content = handle.read(limit + 1)
@@ -119,15 +124,15 @@ def read_template(folder: Path, explicit: Path | None = None) -> str | None:
     Every file read for it must lie in the adapter's folder, links resolved: a template is shown to every
     client that renders a chat with it, so it must never be any other file of the host."""
     if explicit is not None:
-        return read_capped(_inside(folder, explicit), MAX_TEMPLATE_BYTES)
+        return read_capped(explicit, MAX_TEMPLATE_BYTES, folder)
     template_file = folder / TEMPLATE_FILE
     if template_file.is_file():
-        return read_capped(_inside(folder, template_file), MAX_TEMPLATE_BYTES)
+        return read_capped(template_file, MAX_TEMPLATE_BYTES, folder)
     config_file = folder / TOKENIZER_CONFIG
     if not config_file.is_file():
         return None
     try:
-        config = json.loads(read_capped(_inside(folder, config_file), MAX_CONFIG_BYTES + MAX_TEMPLATE_BYTES))
+        config = json.loads(read_capped(config_file, MAX_CONFIG_BYTES + MAX_TEMPLATE_BYTES, folder))
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, AdapterFolderError):
             raise
@@ -144,6 +149,14 @@ def _inside(folder: Path, path: Path) -> Path:
             " folder rather than linking to it)"
         )
     return resolved
+
+
+def _opened(descriptor: int, path: Path) -> Path:
+    """The path of the file open as `descriptor`, as the kernel has it (`path` where /proc cannot say)."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+    except OSError:
+        return path
 
 
 def _named_default(value: Any) -> str | None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from service.ops import lora
 from service.ops.lora import AdapterFolderError, fit_rank, read_lora, read_template, same_base
 from service.ops.settings import ModelKind, ModelSpec, Settings
 from tests.adapters import CHATML, adapter_folder
@@ -144,6 +145,27 @@ def test_a_folders_own_template_linking_out_of_it_is_refused(tmp_path: Path, def
     (own / default).unlink()
     (own / default).symlink_to(own / "kept")  # a link that stays in the folder is read
     assert read_template(own) == "SECRET"
+
+
+@pytest.mark.parametrize("swapped", ["file", "folder"])
+def test_a_link_swapped_in_after_the_check_is_refused_on_the_open_file(
+    tmp_path: Path, swapped: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of where a template lies holds for the file actually opened (review, s27: a check, then
+    an open by name, let a link swapped in between through)."""
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "chat.jinja").write_text("SECRET")
+    own = adapter_folder(tmp_path, "own")
+    if swapped == "file":
+        (own / "chat.jinja").symlink_to(tmp_path / "secret" / "chat.jinja")
+    else:
+        (own / "sub").symlink_to(tmp_path / "secret")
+    named = own / "chat.jinja" if swapped == "file" else own / "sub" / "chat.jinja"
+    checks = iter([lambda folder, path: path])  # the first check passes: the link came after it
+    real = lora._inside
+    monkeypatch.setattr(lora, "_inside", lambda folder, path: next(checks, real)(folder, path))
+    with pytest.raises(AdapterFolderError, match=r"cannot be read|not in the adapter's folder"):
+        read_template(own, named)
 
 
 def test_a_template_that_is_no_regular_file_is_refused_without_waiting(tmp_path: Path) -> None:
