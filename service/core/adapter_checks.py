@@ -84,7 +84,7 @@ def served_adapter(parent: ServedModel, adapter: Adapter, kind: ModelKind) -> Se
         template = None  # the same as the model's: the workers render it already
     stops: tuple[int, ...] = ()
     if template is not None:
-        tokenizer = tokenizer.with_chat_template(template)
+        tokenizer = tokenizer.with_chat_template(template, adapter.name)
         end = tokenizer.end_of_turn_id()
         stops = (end,) if end is not None and end != tokenizer.eos_id else ()
     own = dataclasses.replace(adapter, chat_template=template, chat_stop_token_ids=stops)
@@ -126,17 +126,19 @@ def checked(request: AdapterRequest, parent: ServedModel, settings: Settings) ->
             param="chat_template",
         )
     if template:
-        _renders(parent, template)
+        _renders(parent, template, request.name)
     description = request.description
     adapter = Adapter(request.name, str(folder), spec.name, RUNTIME, facts.rank, description, template,
                       files=files)  # fmt: skip
     return adapter, kind
 
 
-def _renders(parent: ServedModel, template: str) -> None:
+def _renders(parent: ServedModel, template: str, name: str) -> None:
     """A chat template that cannot render a one-message chat would fail every chat: refused now."""
     try:
-        parent.tokenizer.with_chat_template(template).render_chat([{"role": "user", "content": "Hello."}])
+        parent.tokenizer.with_chat_template(template, name).render_chat(
+            [{"role": "user", "content": "Hello."}]
+        )
     except GatewayError as exc:
         raise InvalidRequest(
             f"chat_template: the template cannot render a one-message chat ({exc.message})",

@@ -106,9 +106,13 @@ class ChatRenderer:
         encode: Callable[[str, bool], list[int]],
         token_text: Callable[[int], str | None],
         client: ClientTemplates | None,
+        own_budget: ClientTemplates | None = None,
     ) -> None:
         self.model = model
         self.template = template
+        # Set: its own template is not the model's trusted one (an adapter's, from its folder) and renders
+        # like a sent one, in the sandbox and under a time budget.
+        self.own_budget = own_budget
         self._special_tokens: dict[str, Any] = dict(special_tokens)
         self._rule = rule
         self._encode = encode
@@ -126,6 +130,8 @@ class ChatRenderer:
         if options.chat_template is None:
             if self.template is None:
                 raise InvalidRequest(f"model '{self.model}' has no chat template", param="model")
+            if self.own_budget is not None:
+                return self._budgeted(messages, options)
             return self._checked(messages, options, self.template, self._own(options))
         if self.client is None:
             raise InvalidRequest(
@@ -139,6 +145,22 @@ class ChatRenderer:
             raise InvalidRequest(
                 f"The request's chat template {exc.message}, so it was stopped.",
                 param="chat_template",
+                code="chat_template_budget_exceeded",
+            ) from None
+
+    def _budgeted(self, messages: Sequence[dict[str, Any]], options: ChatOptions) -> RenderedPrompt:
+        """Its own template in the sandbox, under a time budget (an adapter's: not the model's own)."""
+        assert self.own_budget is not None and self.template is not None
+        deadline = self.own_budget.deadline()
+        whose = f"The chat template of model '{self.model}'"
+        render = self._sandboxed(self.own_budget, self.template, options, deadline, whose, options.param)
+        try:
+            return self._checked(messages, options, self.template, render)
+        except TemplateBudgetExceeded as exc:
+            raise InvalidRequest(
+                f"The chat template of model '{self.model}' {exc.message} on these messages, so it was "
+                "stopped.",
+                param=options.param,
                 code="chat_template_budget_exceeded",
             ) from None
 
@@ -233,20 +255,39 @@ class ChatRenderer:
     def _sent(self, options: ChatOptions, deadline: Deadline) -> Render:
         """A template sent in the request: the sandbox, under the request's deadline."""
         assert self.client is not None and options.chat_template is not None
-        client, template, flags = self.client, options.chat_template, _flags(options)
+        return self._sandboxed(
+            self.client,
+            options.chat_template,
+            options,
+            deadline,
+            "The request's chat template",
+            "chat_template",
+        )
 
-        def sent(chat: list[dict[str, Any]], tools: Any, documents: Any, variables: dict[str, Any]) -> str:
+    @staticmethod
+    def _sandboxed(
+        runner: ClientTemplates,
+        template: str,
+        options: ChatOptions,
+        deadline: Deadline,
+        whose: str,
+        param: str,
+    ) -> Render:
+        """`template` rendered in the sandbox under `deadline`; what it raises is a 400 about `whose`."""
+        flags = _flags(options)
+
+        def sandboxed(
+            chat: list[dict[str, Any]], tools: Any, documents: Any, variables: dict[str, Any]
+        ) -> str:
             try:
                 rendered = deadline.run(
-                    lambda: client.render([chat], tools, documents, template, **flags, **variables)
+                    lambda: runner.render([chat], tools, documents, template, **flags, **variables)
                 )
                 return rendered[0][0]
-            except Exception as exc:  # anything a client's template raises is the client's to fix
-                raise InvalidRequest(
-                    f"The request's chat template failed on these messages: {exc}", param="chat_template"
-                ) from None
+            except Exception as exc:  # anything such a template raises is for its author to fix
+                raise InvalidRequest(f"{whose} failed on these messages: {exc}", param=param) from None
 
-        return sent
+        return sandboxed
 
 
 def _flags(options: ChatOptions) -> dict[str, bool]:

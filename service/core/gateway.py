@@ -223,8 +223,9 @@ class Gateway:
         with self.span(record, "gateway.render") as span:
             tokenizer = model.tokenizer
             job = functools.partial(tokenizer.render_chat, messages, options)
-            # A template sent in the request renders in its own executor, never in the shared pool.
-            client = tokenizer.client_templates if options.chat_template is not None else None
+            # A template sent in the request, or an adapter's, renders in its own executor, never in the
+            # shared pool.
+            client = tokenizer.budgeted_runner(options)
             rendered = await (client.run(model.name, job) if client is not None else asyncio.to_thread(job))
             if span is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", len(rendered.token_ids))

@@ -37,8 +37,11 @@ class ModelTokenizer:
         files: TokenizerFiles,
         chat_template: str | None,
         client_templates: ClientTemplates | None = None,
+        budgeted: bool = False,
+        name: str | None = None,
     ) -> None:
         self.spec = spec
+        shown = name or spec.name  # the served name its refusals name
         self._files = files
         self._client_templates = client_templates
         self._tokenizer = files.tokenizer
@@ -46,7 +49,7 @@ class ModelTokenizer:
         tokens = control_tokens(files.tokenizer, files.special_tokens)
         ids = [i for i in map(files.tokenizer.token_to_id, tokens) if i is not None]
         self._control_ids = frozenset(ids)
-        self._rule = ControlTokenRule(spec.name, tokens, ids, enforced=not spec.allow_control_tokens)
+        self._rule = ControlTokenRule(shown, tokens, ids, enforced=not spec.allow_control_tokens)
         self.config = files.config
         self.vocab_size = files.tokenizer.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
@@ -58,14 +61,16 @@ class ModelTokenizer:
         self.adds_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
         trusted = client_templates if spec.trust_request_chat_template else None
         self._chat = ChatRenderer(
-            spec.name, chat_template, self.special_tokens, self._rule, self.encode,
-            self._tokenizer.id_to_token, trusted,
+            shown, chat_template, self.special_tokens, self._rule, self.encode,
+            self._tokenizer.id_to_token, trusted, client_templates if budgeted else None,
         )  # fmt: skip
 
-    def with_chat_template(self, template: str) -> ModelTokenizer:
+    def with_chat_template(self, template: str, name: str) -> ModelTokenizer:
         """The same tokenizer rendering chats with another template (an instruct adapter's own): the
-        control-token rule's check on the result then compares with what that template writes."""
-        return ModelTokenizer(self.spec, self._files, template, self._client_templates)
+        control-token rule's check on the result then compares with what that template writes. Not the
+        model's own, it renders like one sent in a request: in the sandbox, under a time budget. `name`:
+        the served name its refusals name (the adapter's)."""
+        return ModelTokenizer(self.spec, self._files, template, self._client_templates, True, name)
 
     def end_of_turn_id(self) -> int | None:
         """The control token its chat template writes right after an assistant's turn (`<|im_end|>`,
@@ -83,6 +88,11 @@ class ModelTokenizer:
     def client_templates(self) -> ClientTemplates | None:
         """Where templates sent in requests run; None when this model refuses them."""
         return self._chat.client
+
+    def budgeted_runner(self, options: ChatOptions) -> ClientTemplates | None:
+        """The executor a render with `options` runs in, apart from the shared pool, when its template is
+        not the model's trusted own (sent in the request, or an adapter's); None: the shared pool."""
+        return self._chat.client if options.chat_template is not None else self._chat.own_budget
 
     def _token_id(self, name: str) -> int | None:
         token = self.special_tokens.get(name)

@@ -15,8 +15,8 @@ import pytest
 
 from service.ops.settings import ModelKind, ModelSpec, Settings
 from tests.adapters import CHATML, adapter_folder
-from tests.integration.conftest import TOKENIZER, running_gateway
-from tests.integration.standin import Script
+from tests.integration.conftest import TOKENIZER, running_gateway, serve_in_background
+from tests.integration.standin import Script, build_app
 from tests.promtext import parse, value
 
 ADMIN = {"Authorization": "Bearer admin-1"}
@@ -409,17 +409,18 @@ async def test_a_template_that_renders_no_chat_is_refused_at_registration(
         assert (await http.get("/adapters", headers=ADMIN)).json()["data"] == []
 
 
-async def test_a_worker_that_is_down_holds_no_adapter_in_the_listings(
-    standin_url: str, script: Script, tmp_path: Path
-) -> None:
+async def test_a_worker_that_is_down_holds_no_adapter_in_the_listings(tmp_path: Path) -> None:
     """/ready and GET /adapters listed adapters on a dead worker until it was relaunched (review, s27)."""
     folder = adapter_folder(tmp_path, "qa")
-    async with running_gateway(lora_settings(standin_url, tmp_path)) as (app, http):
+    own = Script(served={"base", "chat", "plain"})  # a worker of its own: this one goes down
+    async with serve_in_background(build_app(own)) as url, running_gateway(lora_settings(url, tmp_path)) as (
+        app, http,
+    ):  # fmt: skip
         body = {"model": "base", "name": "qa", "path": str(folder)}
         assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
         listed = (await http.get("/adapters", headers=ADMIN)).json()["data"][0]
         assert len(listed["loaded_on"]) == 1 and len((await http.get("/ready")).json()["adapters"]["qa"]) == 1
-        script.healthy = False
+        own.healthy = False
         worker = app.state.gateway.pools["base"].workers[0]
         for _ in range(100):
             if not worker.healthy:
@@ -428,3 +429,33 @@ async def test_a_worker_that_is_down_holds_no_adapter_in_the_listings(
         assert not worker.healthy
         assert (await http.get("/adapters", headers=ADMIN)).json()["data"][0]["loaded_on"] == []
         assert (await http.get("/ready")).json()["adapters"] == {"qa": []}
+
+
+async def test_an_adapters_own_template_renders_under_the_time_budget_of_a_sent_one(
+    standin_url: str, tmp_path: Path
+) -> None:
+    """An adapter's template is not the model's trusted one: one that looped on a word a client could send
+    held a rendering thread for ever, and six such requests stopped all rendering (review, s27)."""
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    when = "{% if 'boom' in messages[0]['content'] %}"
+    folder = adapter_folder(tmp_path, "slow", template=when + loop + "{% endif %}" + CHATML)
+    always = adapter_folder(tmp_path, "always", template=loop + CHATML)
+    settings = lora_settings(standin_url, tmp_path, client_template_timeout=0.3)
+    async with running_gateway(settings) as (_, http):
+        body = {"model": "base", "name": "slow", "path": str(folder), "kind": "instruct"}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        chat = {"model": "slow", "messages": [{"role": "user", "content": "boom"}]}
+        answers = await asyncio.gather(*(http.post("/chat/render", json=chat) for _ in range(8)))
+        for answer in answers:
+            assert answer.status_code == 400, answer.text
+            assert error_of(answer)["code"] == "chat_template_budget_exceeded"
+            assert (
+                "The chat template of model 'slow' ran longer than its budget" in error_of(answer)["message"]
+            )
+        calm = {"model": "slow", "messages": [{"role": "user", "content": "Hello"}]}
+        assert (await http.post("/chat/render", json=calm)).json()["prompt"].startswith("<|im_start|>user")
+        other = {"model": "chat", "messages": [{"role": "user", "content": "Hello"}]}
+        assert (await http.post("/chat/render", json=other)).status_code == 200
+        looping = {"model": "base", "name": "always", "path": str(always), "kind": "instruct"}
+        refused = await http.post("/adapters", json=looping, headers=ADMIN)
+        assert refused.status_code == 400 and error_of(refused)["param"] == "chat_template", refused.text
