@@ -22,6 +22,16 @@ class AdminError(Exception):
     """A refusal or a failure to reach the gateway, said in one line."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is not followed: it would carry the admin key to wherever it points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def call(
     url: str, admin_key: str, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None
 ) -> Any:
@@ -38,9 +48,14 @@ def call(
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(target, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
+        with _OPENER.open(request, timeout=TIMEOUT_SECONDS) as response:
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            raise AdminError(
+                f"{exc.code}: {url} redirects to {exc.headers.get('Location')}; the admin key is not sent "
+                "there: give the gateway's own address in --url or GATEWAY_URL"
+            ) from None
         raise AdminError(f"{exc.code}: {_message(exc.read())}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

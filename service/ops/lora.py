@@ -191,7 +191,9 @@ def _is_path(text: str) -> bool:
 
 
 def _same_folder(first: str, second: str) -> bool:
+    # A config's path can name an unknown user's home (`~nobody/..`: RuntimeError), hold a NUL
+    # (ValueError) or loop through links (OSError, RuntimeError): then compared as written.
     try:
         return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
-    except OSError:
+    except (OSError, RuntimeError, ValueError):
         return first.rstrip("/") == second.rstrip("/")

@@ -219,4 +219,6 @@ def test_base_models_compare_as_folders_or_as_hub_ids() -> None:
     assert same_base("meta/llama", ["google/gemma-3-270m"]) is False
     assert same_base("google/gemma-3-270m", ["/srv/gemma"]) is None
     assert same_base(None, ["/srv/gemma"]) is None
+    for odd in ("~nobody-here/../x", "/x\u0000y"):  # review, s27: a 500, and a traceback at start-up
+        assert same_base(odd, ["/srv/gemma"]) is False
     assert same_base("/srv/llama", ["/srv/gemma", "/srv/llama"]) is True  # as configured, or as reported
