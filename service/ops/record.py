@@ -11,9 +11,9 @@ from typing import Any
 
 from service.errors import ClientDisconnected, GatewayError
 from service.ops.metrics import Metrics, observe_many
+from service.ops.settings import UNKNOWN_MODEL
 
 log = logging.getLogger("gateway.access")
-UNKNOWN_MODEL = "unknown"
 
 
 @dataclass

@@ -46,11 +46,18 @@ SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._:-]*"
 SERVED_NAME = re.compile(rf"{SEGMENT}(/{SEGMENT})*")
 
 
+UNKNOWN_MODEL = "unknown"  # what metrics and usage call a request that names no served model
+
+
 def served_name(value: str) -> str:
     """`value` if it may be a served name; a message a person understands otherwise."""
     if not SERVED_NAME.fullmatch(value):
         raise ValueError("a served name holds letters, digits and . _ : -, in parts joined by single / "
                          "(org/model), each part starting with a letter or digit")  # fmt: skip
+    if value == UNKNOWN_MODEL:
+        raise ValueError(
+            f"'{UNKNOWN_MODEL}' is reserved: metrics and usage name requests for no served model so"
+        )
     return value
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from service.core.adapter_checks import AdapterRequest
 from service.ops import lora
 from service.ops.lora import AdapterFolderError, fit_rank, read_lora, read_template, same_base
 from service.ops.settings import ModelKind, ModelSpec, Settings
@@ -183,6 +184,15 @@ def test_what_a_folder_holds_is_read_no_further_than_its_cap_and_as_text(tmp_pat
     (own / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError to parse
     with pytest.raises(AdapterFolderError, match="cannot be read as JSON"):
         read_lora(own)
+
+
+def test_the_name_usage_gives_requests_for_no_model_is_reserved(tmp_path: Path) -> None:
+    """An adapter named `unknown` merged its usage with every refused request's (review, s27)."""
+    qa = adapter_folder(tmp_path, "qa")
+    with pytest.raises(ValidationError, match="'unknown' is reserved"):
+        Settings(models=[model(adapters=[{"name": "unknown", "path": str(qa)}])])
+    with pytest.raises(ValidationError, match="'unknown' is reserved"):
+        AdapterRequest(model="gemma", name="unknown", path=str(qa))
 
 
 def test_names_are_unique_across_models_and_adapters(tmp_path: Path) -> None:
