@@ -37,6 +37,7 @@ from service.errors import (
     ContextLengthExceeded,
     InvalidRequest,
     ModelNotFound,
+    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
     shown,
@@ -453,13 +454,20 @@ class Gateway:
             span = tracing.client_span(record.span, f"{_operation(record)} {model.name}", attributes)
             headers = tracing.headers_for(span)
         record.upstream_started()
+
+        async def generate() -> T:
+            record.sent = True  # past its adapter's load, if any: only now may the worker use anything
+            try:
+                return await send(lease.worker, headers)
+            except UpstreamRejected:
+                record.sent = False  # refused before it did anything (a 4xx: an adapter it lost, a field)
+                raise
+
         try:
             if model.adapter is None:
-                return await send(lease.worker, headers), span
+                return await generate(), span
             loading = AdapterOnWorker(self.loads, model.adapter.target, lease.worker)
-            return await loading.send(
-                lambda: send(lease.worker, headers), lambda: self.span(record, LOAD_SPAN)
-            ), span
+            return await loading.send(generate, lambda: self.span(record, LOAD_SPAN)), span
         except BaseException as exc:
             record.upstream_ended()
             if span is not None and tracing is not None:

@@ -443,8 +443,8 @@ def used_by(record: RequestRecord, charge: Charge) -> tuple[int, int]:
     gateway saw (its prompt count, one token per streamed event) if a worker was reached; else none."""
     if record.prompt_tokens or record.completion_tokens:
         return max(0, record.prompt_tokens), max(0, record.completion_tokens)
-    if record.upstream_seconds <= 0 and record.upstream_since is None:
-        return 0, 0  # never sent to a worker (refused, queued then cancelled)
+    if not record.sent:
+        return 0, 0  # never sent to a worker (refused, queued then cancelled, its adapter not loaded)
     if charge.prompt_tokens is None:
         return charge.most, 0  # nothing counted: the most it could have been
     return max(0, charge.prompt_tokens), record.token_events

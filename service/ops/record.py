@@ -35,6 +35,7 @@ class RequestRecord:
     admitted: bool = False
     upstream_seconds: float = 0.0  # time spent waiting on workers (send to last byte), attempts summed
     upstream_since: float | None = None  # when the worker call under way began
+    sent: bool = False  # the request itself went to a worker (not only a load of its adapter)
     span: Any = None  # the request's trace span, when tracing is on
     trace_id: str | None = None  # for the access log: the span's, else the caller's traceparent's
     finish_reasons: list[str] = field(default_factory=list)

@@ -459,3 +459,32 @@ async def test_an_adapters_own_template_renders_under_the_time_budget_of_a_sent_
         looping = {"model": "base", "name": "always", "path": str(always), "kind": "instruct"}
         refused = await http.post("/adapters", json=looping, headers=ADMIN)
         assert refused.status_code == 400 and error_of(refused)["param"] == "chat_template", refused.text
+
+
+async def test_a_request_whose_adapter_cannot_be_loaded_costs_its_key_nothing(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """A 502 adapter_load_failed generated nothing, yet its prompt was charged to the key's budget and usage
+    (the load had counted as reaching the worker; review, s27)."""
+    folder = adapter_folder(tmp_path, "fragile")
+    async with running_gateway(lora_settings(standin_url, tmp_path, keys_sync_interval=0.2)) as (_, http):
+        body = {"model": "base", "name": "fragile", "path": str(folder)}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        policy = {"name": "app", "token_budget": {"tokens": 1000, "period": "day"}}
+        created = (await http.post("/keys", json=policy, headers=ADMIN)).json()
+        key = {"Authorization": f"Bearer {created['key']}"}
+        script.forget_adapters()  # the worker restarted, and can no longer load adapters
+        script.lora_runtime = False
+        request = {"model": "fragile", "prompt": "Hello there", "max_tokens": 5}
+        for _ in range(2):
+            failed = await http.post("/v1/completions", json=request, headers=key)
+            assert failed.status_code == 502 and error_of(failed)["code"] == "adapter_load_failed"
+        script.lora_runtime = True
+        served = await http.post("/v1/completions", json=request, headers=key)
+        assert served.status_code == 200, served.text
+        spent = served.json()["usage"]["total_tokens"]
+        await asyncio.sleep(1.0)  # the usage is written at the next exchanges
+        budget = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
+        usage = (await http.get("/usage", params={"key": created["id"]}, headers=ADMIN)).json()["totals"]
+    assert budget["used"] == spent and usage["tokens_in"] + usage["tokens_out"] == spent, (budget, usage)
+    assert usage["requests"] == 3 and usage["errors"] == 2

@@ -125,6 +125,7 @@ async def test_a_request_cut_short_is_charged_what_the_gateway_saw(pair: tuple[T
     await first.reserve(charge)
     record = RequestRecord(Metrics(lambda: []), "r", "v1_completions")
     record.upstream_started()  # a stream that the client left: no usage from the worker
+    record.sent = True
     record.tokens_sent(7)
     record.upstream_ended()
     first.settle(charge, record)
