@@ -488,3 +488,22 @@ async def test_a_request_whose_adapter_cannot_be_loaded_costs_its_key_nothing(
         usage = (await http.get("/usage", params={"key": created["id"]}, headers=ADMIN)).json()["totals"]
     assert budget["used"] == spent and usage["tokens_in"] + usage["tokens_out"] == spent, (budget, usage)
     assert usage["requests"] == 3 and usage["errors"] == 2
+
+
+async def test_a_key_for_an_adapter_another_process_just_registered_is_made(
+    standin_url: str, tmp_path: Path
+) -> None:
+    """Register an adapter, then make a key for it: the key's request landing on another process, which had
+    not read the store since, was a 400 "No served model" 1 time in 4 (review, s27)."""
+    folder = adapter_folder(tmp_path, "fresh")
+    settings = lora_settings(standin_url, tmp_path)
+    async with running_gateway(settings) as (_, first), running_gateway(settings) as (app, second):
+        registry = app.state.gateway.registry
+        assert registry._follower is not None
+        registry._follower.cancel()  # the second process has not looked at the store since
+        body = {"model": "base", "name": "fresh", "path": str(folder)}
+        assert (await first.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        created = await second.post("/keys", json={"name": "app", "models": ["fresh"]}, headers=ADMIN)
+        assert created.status_code == 201, created.text
+        unknown = await second.post("/keys", json={"name": "app", "models": ["stale"]}, headers=ADMIN)
+        assert unknown.status_code == 400 and "No served model is named 'stale'" in unknown.text

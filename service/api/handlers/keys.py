@@ -4,6 +4,7 @@ POST /keys (a new key: its secret is in this answer and nowhere else), GET /keys
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from datetime import UTC, date, timedelta
@@ -38,6 +39,10 @@ async def create(gateway: Gateway, request: NewKey, ctx: RequestContext) -> Resp
     """POST /keys: a new key with its policy; the answer holds its secret, shown this once."""
     served = gateway.models
     unknown = [name for name in request.models or [] if name not in served]
+    if unknown and gateway.registry is not None:  # an adapter another process registered this second
+        with contextlib.suppress(Exception):  # the store away: the key cannot be created anyway
+            await gateway.registry.refresh()
+        unknown = [name for name in unknown if name not in served]
     if unknown:
         raise InvalidRequest(
             f"No served model is named {', '.join(repr(n) for n in unknown)}; served models: "
