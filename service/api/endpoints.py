@@ -64,6 +64,13 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              method="GET", handler=adapters.listing, admin=True),
     Endpoint("/adapters/{name:path}", "Stop serving a registered adapter (requests under way finish).",
              "operator", method="DELETE", handler=adapters.remove, admin=True),
+    Endpoint("/v1/load_lora_adapter", "vLLM's runtime LoRA API: registers the adapter as POST /adapters "
+             "does, for the one model that takes adapters or the one it was trained from.", "operator",
+             body=adapters.VllmLoadRequest, handler=adapters.vllm_load, metric="v1_load_lora_adapter",
+             admin=True),
+    Endpoint("/v1/unload_lora_adapter", "vLLM's runtime LoRA API: removes the adapter as DELETE "
+             "/adapters/{name} does.", "operator", body=adapters.VllmUnloadRequest,
+             handler=adapters.vllm_unload, metric="v1_unload_lora_adapter", admin=True),
     # Health, metrics, the playground.
     Endpoint("/health", "200 while the process serves; the gateway's version.", "health", method="GET",
              handler=health.health, open=True, drained=False),

@@ -107,10 +107,7 @@ def checked(request: AdapterRequest, parent: ServedModel, settings: Settings) ->
             f"'{spec.name}' take (its max_lora_rank).",
             param="path",
         )
-    sources = [settings.resolve_source(spec.source)] if spec.source else []
-    root = (parent.pool.fact("model_entry") or {}).get("root")
-    if isinstance(root, str) and root:
-        sources.append(root)  # what its workers say they loaded
+    sources = weights_of(parent, settings)
     if same_base(facts.base_model, sources) is False:
         raise InvalidRequest(
             f"path: the adapter was trained from {facts.base_model}, not from '{spec.name}' "
@@ -131,6 +128,37 @@ def checked(request: AdapterRequest, parent: ServedModel, settings: Settings) ->
     adapter = Adapter(request.name, str(folder), spec.name, RUNTIME, facts.rank, description, template,
                       files=files)  # fmt: skip
     return adapter, kind
+
+
+def weights_of(parent: ServedModel, settings: Settings) -> list[str]:
+    """Where a model's weights come from: its configured source, and what its workers say they loaded."""
+    spec = parent.spec
+    sources = [settings.resolve_source(spec.source)] if spec.source else []
+    root = (parent.pool.fact("model_entry") or {}).get("root")
+    if isinstance(root, str) and root:
+        sources.append(root)
+    return sources
+
+
+def model_for(path: str, models: list[ServedModel], settings: Settings) -> ServedModel:
+    """The model an adapter folder is for, when the request does not say (vLLM's load API names none):
+    the one model that takes adapters, else the one it was trained from (files read: call off the event
+    loop); InvalidRequest otherwise."""
+    if len(models) == 1:
+        return models[0]
+    try:
+        base = read_lora(Path(path)).base_model
+    except AdapterFolderError as exc:
+        raise InvalidRequest(f"lora_path: {exc}.", param="lora_path") from None
+    fits = [m for m in models if same_base(base, weights_of(m, settings))]
+    if len(fits) == 1:
+        return fits[0]
+    names = ", ".join(m.name for m in models) or "none"
+    raise InvalidRequest(
+        f"lora_path: cannot tell which model the adapter is for (models that take adapters: {names}); "
+        "register it with POST /adapters, which names its `model`.",
+        param="lora_path",
+    )
 
 
 def _renders(parent: ServedModel, template: str, name: str) -> None:

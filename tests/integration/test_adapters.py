@@ -507,3 +507,34 @@ async def test_a_key_for_an_adapter_another_process_just_registered_is_made(
         assert created.status_code == 201, created.text
         unknown = await second.post("/keys", json={"name": "app", "models": ["stale"]}, headers=ADMIN)
         assert unknown.status_code == 400 and "No served model is named 'stale'" in unknown.text
+
+
+async def test_vllms_own_runtime_lora_routes_register_and_remove_through_the_gateway(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """An operator's script written against vLLM (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) got a
+    bare "no such route" through the gateway (review, s27): now the same registration and removal, answered
+    as vLLM answers, with the admin key only."""
+    folder = adapter_folder(tmp_path, "sql")
+    settings = lora_settings(standin_url, tmp_path)
+    one = [settings.models[0], settings.models[2]]  # only `base` takes adapters
+    settings = settings.model_copy(update={"models": one})
+    async with running_gateway(settings) as (_, http):
+        body = {"lora_name": "sql", "lora_path": str(folder)}
+        assert (await http.post("/v1/load_lora_adapter", json=body, headers=CLIENT)).status_code == 401
+        loaded = await http.post("/v1/load_lora_adapter", json=body, headers=ADMIN)
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.text == "Success: LoRA adapter 'sql' added successfully."
+        listed = {m["id"]: m for m in (await http.get("/v1/models")).json()["data"]}
+        assert listed["sql"]["parent"] == "base" and listed["sql"]["kind"] == "base"
+        assert (await http.post("/complete", json={"model": "sql", "prompt": "Hi"})).status_code == 200
+        again = await http.post("/v1/load_lora_adapter", json={**body, "load_inplace": True}, headers=ADMIN)
+        assert again.status_code == 400 and error_of(again)["param"] == "load_inplace"
+        unloaded = await http.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}, headers=ADMIN)
+        assert unloaded.text == "Success: LoRA adapter 'sql' removed successfully."
+        gone = await http.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}, headers=ADMIN)
+        assert gone.status_code == 404 and error_of(gone)["code"] == "adapter_not_found"
+    (tmp_path / "two").mkdir()
+    async with running_gateway(lora_settings(standin_url, tmp_path / "two")) as (_, http):  # two take LoRA
+        refused = await http.post("/v1/load_lora_adapter", json=body, headers=ADMIN)
+        assert refused.status_code == 400 and "POST /adapters" in error_of(refused)["message"], refused.text

@@ -1,18 +1,43 @@
 """The operator's adapter routes (admin keys only, see api/admin_auth.py): register a LoRA adapter on a
-model's workers, list the adapters with where they are loaded, remove one."""
+model's workers, list the adapters with where they are loaded, remove one; and vLLM's own runtime LoRA
+routes (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) taken as the same registration and removal, so
+an operator's script written against vLLM works through the gateway."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import GatewayDep
-from service.core.adapter_checks import AdapterRequest
+from service.core.adapter_checks import AdapterRequest, model_for
 from service.core.adapters import AdapterRegistry, describe_adapter
 from service.core.context import RequestContext
 from service.core.gateway import Gateway
+from service.errors import InvalidRequest
+from service.ops.settings import ServedName
+
+
+class VllmLoadRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: ServedName = Field(min_length=1, max_length=128, description="Its served name.")
+    lora_path: str = Field(min_length=1, max_length=4096, description="Its folder (absolute).")
+    load_inplace: bool = Field(default=False, description="Not taken: remove, then load again.")
+    is_3d_lora_weight: bool = Field(default=False, description="Not taken through the gateway.")
+
+
+class VllmUnloadRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1, max_length=128, description="The adapter's served name.")
+    lora_int_id: int | None = Field(default=None, description="Ignored (vLLM's internal id).")
 
 
 def registry_of(gateway: Gateway) -> AdapterRegistry:
@@ -40,3 +65,24 @@ async def remove(name: str, gateway: GatewayDep) -> dict[str, Any]:
     unloaded from the workers after them."""
     served = await registry_of(gateway).remove(name)
     return {"name": served.name, "removed": True}
+
+
+async def vllm_load(gateway: Gateway, request: VllmLoadRequest, ctx: RequestContext) -> Response:
+    """POST /v1/load_lora_adapter: registered as POST /adapters registers it, for the one model that
+    takes adapters (or the one it was trained from); answered as vLLM answers."""
+    for field in ("load_inplace", "is_3d_lora_weight"):
+        if getattr(request, field):
+            raise InvalidRequest(f"{field} is not taken through the gateway: remove the adapter (POST "
+                                 "/v1/unload_lora_adapter), then load it again.", param=field)  # fmt: skip
+    registry = registry_of(gateway)
+    takers = [m for m in gateway.models.values() if m.adapter is None and m.spec.lora_enabled]
+    parent = await asyncio.to_thread(model_for, request.lora_path, takers, gateway.settings)
+    registration = AdapterRequest(model=parent.name, name=request.lora_name, path=request.lora_path)
+    served = await asyncio.shield(registry.register(registration))
+    return PlainTextResponse(f"Success: LoRA adapter '{served.name}' added successfully.")
+
+
+async def vllm_unload(gateway: Gateway, request: VllmUnloadRequest, ctx: RequestContext) -> Response:
+    """POST /v1/unload_lora_adapter: removed as DELETE /adapters/{name} removes it; answered as vLLM."""
+    served = await registry_of(gateway).remove(request.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{served.name}' removed successfully.")
