@@ -250,7 +250,8 @@ def create_app(settings: Settings, endpoints: Sequence[Endpoint] = ENDPOINTS) ->
     edge.append(
         Middleware(ApiKeyMiddleware, keys=keys, open_paths=exempt, rate_limit=settings.rate_limit,
                    failed_keys=failed, counters=app.state.counters, metrics=app.state.metrics,
-                   operator_paths=operator, tenants=app.state.tenants)
+                   operator_paths=operator, tenants=app.state.tenants,
+                   admin_keys=[key.get_secret_value() for key in settings.admin_keys])
     )  # fmt: skip
     edge.append(Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes))
     dispatch = Middleware(

@@ -40,6 +40,10 @@ IPV6_GROUP = 64  # one client usually holds a whole /64: count its failures toge
 MAX_ADDRESS_CHARS = 64
 GROUPED_MEMO = 4096  # addresses whose counting key is remembered (parsing one costs more than the rest)
 REVOKED = "This API key was revoked; ask the gateway's operator for a new one."
+ADMIN_IS_NO_CLIENT_KEY = (
+    "This is an admin key: it opens the operator's routes (/adapters, /keys, /usage) only. Client routes "
+    "need a client API key."
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -141,12 +145,15 @@ class ApiKeyMiddleware:
         metrics: Metrics | None = None,
         operator_paths: PathSet | None = None,
         tenants: Tenants | None = None,
+        admin_keys: Sequence[str] = (),
     ) -> None:
         self.app = app
         self.tenants = tenants  # keys managed at runtime (none: only the configured ones)
         self.operator_paths = operator_paths or PathSet([])  # the admin guard's, not client keys
         # Compare digests so the comparison time says nothing about a key's length or prefix.
         self.digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        # An operator's own key on a client route is no guess: refused, never counted as a failed attempt.
+        self.admin_digests = [hashlib.sha256(key.encode()).digest() for key in admin_keys]
         self.open_paths = open_paths
         counters = counters or HostCounters.in_memory(key_rows=2 * len(keys) + 16)
         self.limit = str(parse(rate_limit)) if rate_limit else ""
@@ -174,6 +181,17 @@ class ApiKeyMiddleware:
         if found:
             return key_id(digest), None
         return None, self.tenants.find(digest) if self.tenants is not None else None
+
+    def _is_admin_key(self, scope: Scope) -> bool:
+        """Whether the request's key is one of GATEWAY_ADMIN_KEYS (looked at on a refusal only)."""
+        if not self.admin_digests:
+            return False
+        _, _, token = _header(scope, b"authorization").partition(b" ")
+        digest = hashlib.sha256(token.strip()).digest()
+        found = False
+        for known in self.admin_digests:
+            found |= hmac.compare_digest(digest, known)
+        return found
 
     def _closed(self) -> bool:
         """Whether keys are needed: some are configured, the store has ever held one, or this process
@@ -205,7 +223,9 @@ class ApiKeyMiddleware:
             # unknown key still counts while the store is away: else guesses would go unthrottled. A
             # gateway unsure whether it needs keys at all refuses no guess.
             guess = stored is None and not isinstance(refusal, KeysUnknowable)
-            if isinstance(refusal, Unauthorized) or guess:
+            if isinstance(refusal, Unauthorized) and stored is None and self._is_admin_key(scope):
+                refusal = Unauthorized(ADMIN_IS_NO_CLIENT_KEY)  # the operator's own key: no guess
+            elif isinstance(refusal, Unauthorized) or guess:
                 if self.failures is not None:
                     self.failures.hit(address)
                 self._count("auth_failures")
