@@ -11,15 +11,14 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from service import __version__
+from service.api import admin_client
 from service.api.admin_client import AdminError, add_keys_command
 from service.ops.settings import ModelKind, Settings
 
@@ -109,27 +108,10 @@ def _operator(args: argparse.Namespace, method: str, path: str, body: dict[str, 
     key = args.admin_key or os.environ.get(ADMIN_KEY_ENV)
     if not key:
         raise CliError(f"the operator API needs an admin key: --admin-key or {ADMIN_KEY_ENV}")
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{args.url.rstrip('/')}{path}", data=data, method=method,
-                                     headers={"Authorization": f"Bearer {key}",
-                                              "Content-Type": "application/json"})  # fmt: skip
     try:
-        with urllib.request.urlopen(request, timeout=CLI_TIMEOUT) as answer:
-            return json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        raise CliError(_refusal(exc)) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach the gateway at {args.url} ({reason})") from None
-
-
-def _refusal(exc: urllib.error.HTTPError) -> str:
-    """The gateway's error message (its envelope), else the status."""
-    try:
-        message = json.loads(exc.read())["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = exc.reason
-    return f"{exc.code}: {message}"
+        return admin_client.call(args.url, key, method, path, body, timeout=CLI_TIMEOUT)
+    except AdminError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _adapters_add(args: argparse.Namespace) -> int:

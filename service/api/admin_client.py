@@ -33,8 +33,9 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def call(
-    url: str, admin_key: str, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None
-) -> Any:
+    url: str, admin_key: str, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
+    timeout: float = TIMEOUT_SECONDS,
+) -> Any:  # fmt: skip
     """One operator request; its JSON answer, or an AdminError with the gateway's own message."""
     if not admin_key:
         raise AdminError(
@@ -48,7 +49,7 @@ def call(
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(target, data=data, method=method, headers=headers)
     try:
-        with _OPENER.open(request, timeout=TIMEOUT_SECONDS) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         if 300 <= exc.code < 400:

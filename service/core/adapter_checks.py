@@ -5,6 +5,7 @@ when it brings one for chat)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from datetime import datetime
 from pathlib import Path
@@ -87,6 +88,8 @@ def served_adapter(parent: ServedModel, adapter: Adapter, kind: ModelKind) -> Se
         tokenizer = tokenizer.with_chat_template(template, adapter.name)
         end = tokenizer.end_of_turn_id()
         stops = (end,) if end is not None and end != tokenizer.eos_id else ()
+        with contextlib.suppress(GatewayError):  # rendered once here, off the event loop (its refusal kept)
+            tokenizer.empty_chat_tokens()
     own = dataclasses.replace(adapter, chat_template=template, chat_stop_token_ids=stops)
     return ServedModel(adapter.name, kind, tokenizer, parent.pool, own)
 

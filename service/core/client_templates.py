@@ -65,9 +65,14 @@ class ClientTemplates:
     """Where and how templates sent in requests run: the executor, the time budget, the cap on what
     they build (characters), compiled templates cached by their text."""
 
-    def __init__(self, seconds: float, threads: int, max_chars: int) -> None:
+    def __init__(
+        self, seconds: float, threads: int, max_chars: int,
+        waiting_per_thread: int | None = WAITING_PER_THREAD, name: str = "client-template",
+    ) -> None:  # fmt: skip
         self.seconds = seconds
         self.threads = threads
+        self.waiting_cap = None if waiting_per_thread is None else threads * waiting_per_thread
+        self.name = name
         self.max_chars = max_chars
         self._sandbox = BoundedSandbox(max_chars)
         self._compiled = functools.lru_cache(maxsize=16)(self._sandbox.from_string)
@@ -82,11 +87,11 @@ class ClientTemplates:
     async def run(self, model: str, render: Callable[[], T]) -> T:
         """`render()` in the client-template executor (a 503 when its queue is full)."""
         with self._lock:
-            if self._waiting >= self.threads * WAITING_PER_THREAD:
+            if self.waiting_cap is not None and self._waiting >= self.waiting_cap:
                 raise Overloaded(model, "too many chat templates sent in requests are waiting to render")
             self._waiting += 1
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="client-template")
+                self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name)
             executor = self._executor
         try:
             context = contextvars.copy_context()

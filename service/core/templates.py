@@ -20,7 +20,7 @@ from service.core.chat_render import RenderedPrompt as RenderedPrompt
 from service.core.client_templates import ClientTemplates
 from service.core.control_tokens import ControlTokenRule, control_tokens
 from service.core.tokenizer_files import TokenizerFiles, load_with_transformers, read_tokenizer_folder
-from service.errors import GatewayError
+from service.errors import GatewayError, InvalidRequest
 from service.ops.settings import ModelKind, ModelSpec, Settings
 
 # Prompts shorter than this are tokenized on the event loop: a thread hop costs more than the work.
@@ -37,12 +37,15 @@ class ModelTokenizer:
         files: TokenizerFiles,
         chat_template: str | None,
         client_templates: ClientTemplates | None = None,
-        budgeted: bool = False,
+        adapter_templates: ClientTemplates | None = None,
         name: str | None = None,
+        budgeted: bool = False,
     ) -> None:
         self.spec = spec
         shown = name or spec.name  # the served name its refusals name
         self._files = files
+        self._adapter_templates = adapter_templates  # where adapters' own templates render
+        self._empty_chat: int | InvalidRequest | None = None
         self._client_templates = client_templates
         self._tokenizer = files.tokenizer
         self.special_tokens = dict(files.special_tokens)
@@ -62,7 +65,7 @@ class ModelTokenizer:
         trusted = client_templates if spec.trust_request_chat_template else None
         self._chat = ChatRenderer(
             shown, chat_template, self.special_tokens, self._rule, self.encode,
-            self._tokenizer.id_to_token, trusted, client_templates if budgeted else None,
+            self._tokenizer.id_to_token, trusted, adapter_templates if budgeted else None,
         )  # fmt: skip
 
     def with_chat_template(self, template: str, name: str) -> ModelTokenizer:
@@ -70,7 +73,8 @@ class ModelTokenizer:
         control-token rule's check on the result then compares with what that template writes. Not the
         model's own, it renders like one sent in a request: in the sandbox, under a time budget. `name`:
         the served name its refusals name (the adapter's)."""
-        return ModelTokenizer(self.spec, self._files, template, self._client_templates, True, name)
+        runner = self._adapter_templates or self._client_templates
+        return ModelTokenizer(self.spec, self._files, template, self._client_templates, runner, name, True)
 
     def end_of_turn_id(self) -> int | None:
         """The control token its chat template writes right after an assistant's turn (`<|im_end|>`,
@@ -88,6 +92,23 @@ class ModelTokenizer:
     def client_templates(self) -> ClientTemplates | None:
         """Where templates sent in requests run; None when this model refuses them."""
         return self._chat.client
+
+    def empty_chat_tokens(self) -> int:
+        """The tokens its template writes for no message at all (its BOS and generation prompt), 0 if it
+        renders none; rendered once (an adapter's template is a client's to make slow: `served_adapter`
+        renders it off the event loop first). A template over its time budget for it is an InvalidRequest:
+        the worker, which renders it with no budget, must not be sent such a chat."""
+        if self._empty_chat is None:
+            try:
+                self._empty_chat = len(self.render_chat([]).token_ids)
+            except InvalidRequest as exc:
+                over = exc.code == "chat_template_budget_exceeded"
+                self._empty_chat = exc if over else 0
+            except GatewayError:
+                self._empty_chat = 0
+        if isinstance(self._empty_chat, InvalidRequest):
+            raise self._empty_chat
+        return self._empty_chat
 
     def budgeted_runner(self, options: ChatOptions) -> ClientTemplates | None:
         """The executor a render with `options` runs in, apart from the shared pool, when its template is
@@ -178,9 +199,19 @@ def client_templates(settings: Settings) -> ClientTemplates:
     )
 
 
+def adapter_templates(settings: Settings) -> ClientTemplates:
+    """The executor and budget of adapters' own chat templates (shared by every adapter, apart from the
+    shared pool and from templates sent in requests): no cap on renders waiting, as for a model's own."""
+    return ClientTemplates(
+        settings.client_template_timeout, settings.client_template_threads, settings.max_prompt_chars,
+        waiting_per_thread=None, name="adapter-template",
+    )  # fmt: skip
+
+
 def load_tokenizer(
-    spec: ModelSpec, settings: Settings, shared: ClientTemplates | None = None
-) -> ModelTokenizer:
+    spec: ModelSpec, settings: Settings, shared: ClientTemplates | None = None,
+    adapters: ClientTemplates | None = None,
+) -> ModelTokenizer:  # fmt: skip
     """Load a model's tokenizer from its folder (or the hub, where reachable) and its chat template."""
     source = settings.resolve_source(spec.tokenizer_source)
     folder = Path(source)
@@ -200,10 +231,12 @@ def load_tokenizer(
             f"model {spec.name!r} is `instruct` but its tokenizer has no chat template; "
             "set `chat_template` to a Jinja file"
         )
-    return ModelTokenizer(spec, files, template, shared or client_templates(settings))
+    return ModelTokenizer(
+        spec, files, template, shared or client_templates(settings), adapters or adapter_templates(settings)
+    )
 
 
 def load_tokenizers(settings: Settings) -> dict[str, ModelTokenizer]:
     """Tokenizers of every configured model, by served name."""
-    shared = client_templates(settings)
-    return {spec.name: load_tokenizer(spec, settings, shared) for spec in settings.models}
+    shared, adapters = client_templates(settings), adapter_templates(settings)
+    return {spec.name: load_tokenizer(spec, settings, shared, adapters) for spec in settings.models}

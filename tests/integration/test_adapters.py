@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -459,6 +460,52 @@ async def test_an_adapters_own_template_renders_under_the_time_budget_of_a_sent_
         looping = {"model": "base", "name": "always", "path": str(always), "kind": "instruct"}
         refused = await http.post("/adapters", json=looping, headers=ADMIN)
         assert refused.status_code == 400 and error_of(refused)["param"] == "chat_template", refused.text
+
+
+async def test_an_empty_chat_is_rendered_once_off_the_loop_and_never_sent_past_its_budget(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """The tokens of an empty conversation (what a key pays for one) were rendered on the event loop, a budget
+    per request (a batch of 8 froze every model 8 s), and a template over its budget was sent on to the
+    worker, which renders it without one (review, s27)."""
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    empty = adapter_folder(tmp_path, "empty", template=f"{{% if not messages %}}{loop}{{% endif %}}{CHATML}")
+    async with running_gateway(lora_settings(standin_url, tmp_path, client_template_timeout=0.3)) as (
+        _,
+        http,
+    ):
+        body = {"model": "base", "name": "empty", "path": str(empty), "kind": "instruct"}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        sent = len(script.bodies)
+        batch = {"model": "empty", "messages": [[]] * 8, "max_tokens": 2}
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            http.post("/v1/chat/completions", json={"model": "empty", "messages": [], "max_tokens": 2}),
+            http.post("/v1/chat/completions/batch", json=batch),
+            http.post("/complete", json={"model": "base", "prompt": "Hi"}),
+        )
+        assert time.monotonic() - started < 1.0  # rendered at registration, not per request
+        assert [a.status_code for a in answers] == [400, 400, 200], [a.text for a in answers]
+        assert {error_of(a)["code"] for a in answers[:2]} == {"chat_template_budget_exceeded"}
+        assert len(script.bodies) == sent + 1  # only /complete reached the worker
+
+
+async def test_a_burst_of_chats_on_adapters_with_their_own_template_waits_rather_than_refused(
+    standin_url: str, tmp_path: Path
+) -> None:
+    """Adapters' templates rendered in the executor of templates sent in requests, with its cap on renders
+    waiting: 44 of 100 concurrent chats of an adapter got 503 blaming "templates sent in requests" (s27)."""
+    folder = adapter_folder(tmp_path, "turns", template="{% for i in range(20000) %}{% endfor %}" + CHATML)
+    settings = lora_settings(standin_url, tmp_path, client_template_threads=1)  # 16 may wait for it
+    async with running_gateway(settings) as (_, http):
+        body = {"model": "base", "name": "turns", "path": str(folder), "kind": "instruct"}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        messages = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(241)
+        ]
+        chat = {"model": "turns", "messages": messages}
+        answers = await asyncio.gather(*(http.post("/chat/render", json=chat) for _ in range(100)))
+        assert [a.status_code for a in answers] == [200] * 100, {a.text for a in answers}
 
 
 async def test_a_request_whose_adapter_cannot_be_loaded_costs_its_key_nothing(

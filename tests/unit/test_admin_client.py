@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from service.api.admin_client import AdminError, call
+from service.cli import CliError, _operator
 
 
 @contextmanager
@@ -46,3 +48,14 @@ def test_a_redirect_is_not_followed_with_the_admin_key() -> None:
             call(url, "adm", "GET", "/adapters")
         assert first == ["Bearer adm"] and elsewhere == []
         assert call(target, "adm", "GET", "/adapters") == {}  # no redirect: answered as before
+
+
+def test_the_adapters_commands_follow_no_redirect_either() -> None:
+    """`adapters list|add|remove` had a client of their own that followed redirects (re-review, s27)."""
+    elsewhere: list[str | None] = []
+    first: list[str | None] = []
+    with serve((200, {}), elsewhere) as target, serve((307, {"Location": f"{target}/x"}), first) as url:
+        args = argparse.Namespace(url=url, admin_key="adm")
+        with pytest.raises(CliError, match=r"redirects to .* the admin key is not sent there"):
+            _operator(args, "GET", "/adapters")
+        assert first == ["Bearer adm"] and elsewhere == []

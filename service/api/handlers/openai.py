@@ -43,7 +43,7 @@ from service.core.tenancy import (
     with_salt,
     worker_salt,
 )
-from service.errors import GatewayError, InvalidRequest, VllmRefusal
+from service.errors import InvalidRequest, VllmRefusal
 from service.ops.record import RequestRecord
 from service.ops.settings import ModelKind, RoutingPolicy
 from service.workers.answer import Answer
@@ -231,10 +231,7 @@ def _sends_template(request: V1ChatRequest | V1BatchChatRequest) -> bool:
 
 def _empty_chat_tokens(model: ServedModel) -> int:
     """The tokens a template writes for no message at all (its BOS and generation prompt, if it renders)."""
-    try:
-        return len(model.tokenizer.render_chat([]).token_ids)
-    except GatewayError:
-        return 0
+    return model.tokenizer.empty_chat_tokens()
 
 
 async def _send(
