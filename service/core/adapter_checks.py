@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.core.served import CONFIG, RUNTIME, Adapter, ServedModel
 from service.errors import GatewayError, InvalidRequest
 from service.ops.lora import (
+    UNSERVABLE,
     AdapterFolderError,
     FolderFiles,
     folder_files,
@@ -24,6 +26,8 @@ from service.ops.lora import (
 )
 from service.ops.settings import ModelKind, ServedName, Settings
 from service.store.adapters import AdapterRow
+
+log = logging.getLogger(__name__)
 
 
 class AdapterRequest(BaseModel):
@@ -64,12 +68,21 @@ def configured(settings: Settings, models: dict[str, ServedModel]) -> list[Serve
 
 def from_row(row: AdapterRow, parent: ServedModel, files: FolderFiles | None = None) -> ServedModel:
     """A registered adapter as stored, as a served model (its folder read again for its rank, and for
-    its files unless given as checked: call off the event loop)."""
-    files = folder_files(Path(row.path)) if files is None else files
+    its files unless given as checked: call off the event loop). One whose folder is gone, or now holds
+    a rank over its workers' maximum, is served as unservable: its requests are refused (503
+    adapter_changed), never sent to a worker that would fail reading it."""
+    folder = Path(row.path)
     try:
-        rank = read_lora(Path(row.path)).rank
+        rank = read_lora(folder).rank
     except AdapterFolderError:
-        rank = 0  # gone since: its loads fail and say why
+        rank = 0
+    if files is None:
+        files = folder_files(folder)
+    if not rank or rank > parent.spec.lora_max_rank or not files:
+        log.warning("registered adapter %s cannot be served as its folder %s is now (rank %s, the workers "
+                    "take %s); its requests are refused until it is registered again", row.name, row.path,
+                    rank or "unreadable", parent.spec.lora_max_rank)  # fmt: skip
+        files = UNSERVABLE
     adapter = Adapter(row.name, row.path, row.model, RUNTIME, rank, row.description, row.chat_template,
                       row.created_at, files=files)  # fmt: skip
     kind = ModelKind(row.kind)

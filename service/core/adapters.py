@@ -37,6 +37,7 @@ from service.errors import (
     InvalidRequest,
     UpstreamRejected,
 )
+from service.ops.settings import served_name
 from service.store import adapters as store
 from service.store.database import Database
 from service.workers.engine_metrics import read_engine_load
@@ -95,6 +96,10 @@ class AdapterRegistry:
                 self._withdrawn(served)
                 log.info("adapter %s is no longer registered", name)
         for row in rows:
+            if not _servable_name(row.name):
+                log.warning("registered adapter %r is not served: its name is no longer one (remove it)",
+                            row.name)  # fmt: skip
+                continue
             current = self.models.get(row.name)
             parent = self.models.get(row.model)
             if current is not None and (current.adapter is None or current.adapter.source == CONFIG):
@@ -128,6 +133,8 @@ class AdapterRegistry:
         """Check, load on one replica, store, serve; a 400 saying why otherwise."""
         parent = self._parent_of(request)
         with self._claimed(request.name):
+            if request.name in self.models:
+                await self._catch_up()  # removed in another process this second?
             if request.name in self.models:
                 raise InvalidRequest(f"name: '{request.name}' is already served (a model or an adapter).",
                                      param="name")  # fmt: skip
@@ -226,6 +233,8 @@ class AdapterRegistry:
         """Stop serving a registered adapter (new requests get 404 at once); it is unloaded from the
         workers in the background once nobody uses it."""
         with self._claimed(name):
+            if name not in self.models:
+                await self._catch_up()  # registered in another process this second?
             served = self.models.get(name)
             if served is None or served.adapter is None:
                 raise AdapterNotFound(name, self.names())
@@ -238,6 +247,11 @@ class AdapterRegistry:
             self._withdrawn(served)
             log.info("adapter %s removed", name)
             return served
+
+    async def _catch_up(self) -> None:
+        """Read the registrations now rather than at the next poll (the store away: as last read)."""
+        with contextlib.suppress(Exception):
+            await self.refresh()
 
     async def _removed_elsewhere(self, name: str) -> None:
         """The registration this process serves as `name` was removed in another process since it last
@@ -310,7 +324,12 @@ class AdapterRegistry:
         workers = [w for pool in pools.values() for w in pool.workers if w.healthy]
         limit = self.gateway.settings.health_timeout
         await asyncio.gather(*(_reread(read_model_entry, self.gateway, w, limit) for w in workers))
-        return [describe_adapter(m) for m in self.models.values() if m.adapter is not None]
+        adapters = [m for m in self.models.values() if m.adapter is not None]
+        watch = self.gateway.loads.watch
+        kept = await asyncio.gather(*(watch.unchanged(m.adapter.target) for m in adapters if m.adapter))
+        return [
+            {**describe_adapter(m), "files_changed": not same} for m, same in zip(adapters, kept, strict=True)
+        ]
 
 
 async def _reread(
@@ -323,8 +342,8 @@ async def _reread(
             await read(gateway.transport, worker)
 
 
-def describe_adapter(served: ServedModel) -> dict[str, Any]:
-    """An adapter as GET /adapters shows it."""
+def describe_adapter(served: ServedModel, files_changed: bool = False) -> dict[str, Any]:
+    """An adapter as GET /adapters shows it (`files_changed`: its requests are refused, 503)."""
     adapter = served.adapter
     assert adapter is not None
     return {
@@ -339,12 +358,22 @@ def describe_adapter(served: ServedModel) -> dict[str, Any]:
         "created_at": adapter.created_at.isoformat() if adapter.created_at else None,
         "loaded_on": holders(served, 1),
         "running_on": holders(served, 2),
+        "files_changed": files_changed,
     }
 
 
 def holders(served: ServedModel, affinity: int) -> list[str]:
     """The replicas of an adapter's pool that hold it (1) or run it now (2)."""
     return [w.label for w in served.pool.workers if w.healthy and w.affinity(served.name) >= affinity]
+
+
+def _servable_name(name: str) -> bool:
+    """Whether a stored name is still a served name (the rules grew: `unknown` is usage's, for instance)."""
+    try:
+        served_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _same(current: ServedModel, row: store.AdapterRow) -> bool:

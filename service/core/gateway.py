@@ -462,6 +462,10 @@ class Gateway:
             except UpstreamRejected:
                 record.sent = False  # refused before it did anything (a 4xx: an adapter it lost, a field)
                 raise
+            except (UpstreamUnavailable, UpstreamTimeout) as exc:
+                if exc.retryable:  # failed before the worker could have produced anything
+                    record.sent = False
+                raise
 
         try:
             if model.adapter is None:

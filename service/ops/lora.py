@@ -9,6 +9,7 @@ of them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -27,8 +28,12 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 # The files vLLM reads of an adapter (vllm/lora/lora_model.py): its config and one of these weights.
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 
-# What identifies the files a worker reads of an adapter: (name, size, mtime in ns) of each present.
-FolderFiles = tuple[tuple[str, int, int], ...]
+# What identifies the files a worker reads of an adapter: (name, size, digest of its start) of each present.
+FolderFiles = tuple[tuple[str, int, str], ...]
+FolderStats = tuple[tuple[str, int, int, int], ...]  # (name, size, mtime in ns, inode) of each present
+CONTENT_BYTES = 1 << 20
+# Never the files of any folder: what an adapter that cannot be served as it is now is compared with.
+UNSERVABLE: FolderFiles = (("unservable", -1, ""),)
 
 
 class AdapterFolderError(ValueError):
@@ -105,16 +110,33 @@ def read_lora(folder: Path) -> LoraFacts:
     return LoraFacts(rank, base if isinstance(base, str) and base else None)
 
 
-def folder_files(folder: Path) -> FolderFiles:
-    """The files a worker reads of the adapter in `folder`, as they are now (links followed); () when
-    none can be read."""
+def folder_stats(folder: Path) -> FolderStats:
+    """What the file system says of the files a worker reads of the adapter in `folder` (name, size,
+    mtime, inode of each present, links followed): cheap, to tell when to read them again."""
     found = []
     for name in (CONFIG_FILE, *WEIGHT_FILES):
         try:
             info = (folder / name).stat()
         except OSError:
             continue
-        found.append((name, info.st_size, info.st_mtime_ns))
+        found.append((name, info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(found)
+
+
+def folder_files(folder: Path) -> FolderFiles:
+    """The files a worker reads of the adapter in `folder`, by content (name, size, SHA-256 of its first
+    MiB, which holds a config whole and a weights file's header and first tensors): the same after a
+    `touch` or a copy of the same bytes, not after a retrain, a truncation or another rank. () when none
+    can be read."""
+    found = []
+    for name in (CONFIG_FILE, *WEIGHT_FILES):
+        try:
+            with (folder / name).open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                digest = hashlib.sha256(handle.read(CONTENT_BYTES)).hexdigest()
+        except OSError:
+            continue
+        found.append((name, size, digest))
     return tuple(found)
 
 

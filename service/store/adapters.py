@@ -83,7 +83,9 @@ def remove(database: Database, name: str, known: AdapterRow | None = None) -> bo
     on a stale view must not take a registration made since); whether it was removed."""
     with database.transaction() as connection:
         if known is not None:
-            row = connection.execute(select(adapters).where(adapters.c.name == name)).first()
+            # Locked until the delete (PostgreSQL): a registration made meanwhile cannot be the one deleted.
+            query = select(adapters).where(adapters.c.name == name).with_for_update()
+            row = connection.execute(query).first()
             found = _read(row._mapping) if row is not None else None
             if found is None or (found.path, found.created_at) != (known.path, known.created_at):
                 return False

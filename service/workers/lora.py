@@ -30,7 +30,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from service.errors import AdapterLoadFailed
-from service.ops.lora import FolderFiles, folder_files
+from service.ops.lora import FolderFiles, FolderStats, folder_files, folder_stats
 from service.ops.metrics import Metrics
 from service.workers.facts import listed_adapters
 from service.workers.transport import Transport
@@ -42,6 +42,7 @@ LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
 ALREADY_LOADED = "has already been loaded"  # vLLM's words for a name it holds
 WATCH_SECONDS = 1.0  # how long what was seen of an adapter's files holds before they are looked at again
+LOOK_TIMEOUT = 2.0  # a look at an adapter's files that takes longer: they count as changed
 
 
 class Outcome(StrEnum):
@@ -64,11 +65,14 @@ class LoraTarget:
 
 class FolderWatch:
     """Whether each adapter's files are still the ones checked when it was taken in, looked at off the
-    event loop at most once every `every` seconds per adapter (one look at a time)."""
+    event loop at most once every `every` seconds per adapter (one look at a time): their sizes and
+    times first, their content only when those moved. A look that takes longer than `timeout` (a hung
+    mount) counts as changed: a worker reading them would hang too."""
 
-    def __init__(self, every: float = WATCH_SECONDS) -> None:
+    def __init__(self, every: float = WATCH_SECONDS, timeout: float = LOOK_TIMEOUT) -> None:
         self.every = every
-        self._seen: dict[str, tuple[LoraTarget, float, bool]] = {}  # name: (target, when, unchanged)
+        self.timeout = timeout
+        self._seen: dict[str, _Seen] = {}
         self._looking: dict[str, asyncio.Future[bool]] = {}
 
     async def unchanged(self, target: LoraTarget) -> bool:
@@ -76,25 +80,47 @@ class FolderWatch:
         if not target.files:
             return True
         seen = self._seen.get(target.name)
-        if seen is not None and seen[0] == target and time.monotonic() - seen[1] < self.every:
-            return seen[2]
+        current = seen is not None and seen.target == target and seen.target.files == target.files
+        if seen is not None and current and time.monotonic() - seen.when < self.every:
+            return seen.same
         looking = self._looking.get(target.name)
         if looking is None:
-            looking = asyncio.ensure_future(self._look(target, seen))
+            looking = asyncio.ensure_future(self._look(target, seen if current else None))
             self._looking[target.name] = looking
             looking.add_done_callback(lambda _: self._looking.pop(target.name, None))
         return await asyncio.shield(looking)
 
-    async def _look(self, target: LoraTarget, seen: tuple[LoraTarget, float, bool] | None) -> bool:
-        files = await asyncio.to_thread(folder_files, Path(target.path))
-        same = files == target.files
-        if not same and (seen is None or seen[2] or seen[0] != target):
+    async def _look(self, target: LoraTarget, seen: _Seen | None) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout):
+                stats, same = await asyncio.to_thread(_compare, target, seen)
+        except TimeoutError:
+            stats, same = (), False
+        if not same and (seen is None or seen.same):
             log.warning(
-                "adapter %s: its files in %s changed since it was registered (now %s, then %s); its requests "
-                "are refused until it is registered again", target.name, target.path, files, target.files,
+                "adapter %s: its files in %s changed since it was registered, or cannot be read; its "
+                "requests are refused until it is registered again", target.name, target.path,
             )  # fmt: skip
-        self._seen[target.name] = (target, time.monotonic(), same)
+        self._seen[target.name] = _Seen(target, time.monotonic(), stats, same)
         return same
+
+
+@dataclass(frozen=True)
+class _Seen:
+    target: LoraTarget
+    when: float
+    stats: FolderStats
+    same: bool
+
+
+def _compare(target: LoraTarget, seen: _Seen | None) -> tuple[FolderStats, bool]:
+    """The files' stats now, and whether their content is still the target's (read again only when the
+    stats moved since the last look)."""
+    folder = Path(target.path)
+    stats = folder_stats(folder)
+    if seen is not None and stats == seen.stats:
+        return stats, seen.same
+    return stats, folder_files(folder) == target.files
 
 
 class AdapterLoads:

@@ -182,3 +182,26 @@ async def test_a_removal_from_a_process_that_has_not_seen_the_last_change_remove
         assert [(a["name"], a["path"]) for a in listed] == [("v", str(new))]
         assert (await second.delete("/adapters/v", headers=ADMIN)).status_code == 200  # now it knows
         assert (await second.delete("/adapters/v", headers=ADMIN)).status_code == 404
+
+
+async def test_a_process_that_has_not_read_the_last_change_catches_up_before_answering(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """A DELETE right after a registration made in another process said 404 and left the adapter served;
+    an add right after a removal there said "already served" (re-review, s27)."""
+    folder = adapter_folder(tmp_path, "r1")
+    settings = lora_settings(standin_url, tmp_path)
+    async with running_gateway(settings) as (_, first), running_gateway(settings) as (app, second):
+        registry = registry_of(app.state.gateway)
+        assert registry._follower is not None
+        registry._follower.cancel()  # the second process reads the store only when it must
+        body = {"model": "base", "name": "r1", "path": str(folder)}
+        assert (await first.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        removed = await second.delete("/adapters/r1", headers=ADMIN)
+        assert removed.status_code == 200, removed.text
+        assert (await first.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+        assert "r1" not in app.state.gateway.models  # not read yet
+        await registry.refresh()  # read; then removed by the first process, which it has not read
+        assert (await first.delete("/adapters/r1", headers=ADMIN)).status_code == 200
+        added = await second.post("/adapters", json=body, headers=ADMIN)
+        assert added.status_code == 200, added.text

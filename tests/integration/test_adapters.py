@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,8 @@ async def test_an_adapter_whose_files_changed_since_it_was_registered_is_sent_no
         assert refused.status_code == 503 and error_of(refused)["code"] == "adapter_changed", refused.text
         assert "register it again" in error_of(refused)["message"] and str(tmp_path) not in refused.text
         assert len(script.bodies) == sent  # nothing reached the worker
+        listed = (await http.get("/adapters", headers=ADMIN)).json()["data"]
+        assert [(a["name"], a["files_changed"]) for a in listed] == [("qa", True)]
         assert (await http.post("/complete", json={"model": "base", "prompt": "Hi"})).status_code == 200
         assert (await http.delete("/adapters/qa", headers=ADMIN)).status_code == 200
         adapter_folder(tmp_path, "qa", rank=8)
@@ -537,6 +540,24 @@ async def test_a_request_whose_adapter_cannot_be_loaded_costs_its_key_nothing(
     assert usage["requests"] == 3 and usage["errors"] == 2
 
 
+async def test_a_worker_that_failed_before_producing_anything_costs_the_key_nothing(
+    standin_url: str, script: Script, tmp_path: Path
+) -> None:
+    """A worker refusing the connection, or answering 5xx before anything, still cost the key its prompt
+    (re-review, s27)."""
+    async with running_gateway(lora_settings(standin_url, tmp_path, keys_sync_interval=0.2)) as (_, http):
+        policy = {"name": "app", "token_budget": {"tokens": 1000, "period": "day"}}
+        created = (await http.post("/keys", json=policy, headers=ADMIN)).json()
+        key = {"Authorization": f"Bearer {created['key']}"}
+        script.mode = "fail"
+        request = {"model": "base", "prompt": "Hello there", "max_tokens": 5}
+        failed = await http.post("/v1/completions", json=request, headers=key)
+        assert failed.status_code == 502, failed.text
+        await asyncio.sleep(1.0)  # the usage is written at the next exchanges
+        budget = (await http.get("/keys", headers=ADMIN)).json()["data"][0]["token_budget"]
+    assert budget["used"] == 0, budget
+
+
 async def test_a_key_for_an_adapter_another_process_just_registered_is_made(
     standin_url: str, tmp_path: Path
 ) -> None:
@@ -585,3 +606,47 @@ async def test_vllms_own_runtime_lora_routes_register_and_remove_through_the_gat
     async with running_gateway(lora_settings(standin_url, tmp_path / "two")) as (_, http):  # two take LoRA
         refused = await http.post("/v1/load_lora_adapter", json=body, headers=ADMIN)
         assert refused.status_code == 400 and "POST /adapters" in error_of(refused)["message"], refused.text
+
+
+@pytest.mark.parametrize("change", ["larger rank", "gone"])
+async def test_a_restart_does_not_serve_a_folder_the_workers_could_not_read(
+    standin_url: str, script: Script, tmp_path: Path, change: str
+) -> None:
+    """A restart took the folder as it then was for the registration: retrained in place to a rank over
+    the workers' maximum, it was loaded onto them; gone, it was never watched again (re-review, s27)."""
+    folder = adapter_folder(tmp_path, "qa")
+    settings = lora_settings(standin_url, tmp_path)
+    async with running_gateway(settings) as (_, http):
+        body = {"model": "base", "name": "qa", "path": str(folder)}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+    if change == "gone":
+        shutil.rmtree(folder)
+    else:
+        adapter_folder(tmp_path, "qa", rank=64)
+    script.forget_adapters()  # the workers restarted with the gateway
+    async with running_gateway(settings) as (_, http):
+        sent = len(script.bodies)
+        refused = await http.post("/complete", json={"model": "qa", "prompt": "Hi"})
+        assert refused.status_code == 503 and error_of(refused)["code"] == "adapter_changed", refused.text
+        if change == "gone":
+            adapter_folder(tmp_path, "qa", rank=128)  # back, and still nothing a worker can take
+            assert (await http.post("/complete", json={"model": "qa", "prompt": "Hi"})).status_code == 503
+        assert len(script.bodies) == sent and "qa" not in script.adapters
+
+
+async def test_a_stored_registration_whose_name_is_no_longer_one_is_not_served(
+    standin_url: str, tmp_path: Path
+) -> None:
+    """`unknown` became usage's name for requests naming no model: a registration stored under it before
+    stayed served and merged its usage with every refusal (re-review, s27)."""
+    folder = adapter_folder(tmp_path, "old")
+    settings = lora_settings(standin_url, tmp_path)
+    async with running_gateway(settings) as (_, http):
+        body = {"model": "base", "name": "old", "path": str(folder)}
+        assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+    with sqlite3.connect(tmp_path / "gateway.db") as db:  # as a registration made before the rule
+        db.execute("UPDATE adapters SET name = 'unknown' WHERE name = 'old'")
+    async with running_gateway(settings) as (_, http):
+        listed = [m["id"] for m in (await http.get("/v1/models")).json()["data"]]
+        assert "unknown" not in listed
+        assert (await http.post("/complete", json={"model": "unknown", "prompt": "Hi"})).status_code == 404

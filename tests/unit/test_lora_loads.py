@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from service.errors import AdapterLoadFailed
 from service.ops.lora import folder_files
 from service.ops.metrics import Metrics
+from service.workers import lora as lora_loads
 from service.workers.engine_metrics import parse_engine_load
 from service.workers.facts import read_model_entry
 from service.workers.fake import FakeTransport
@@ -179,22 +181,41 @@ def test_the_engines_running_and_waiting_adapters_are_its_newest_lora_sample() -
     assert parse_engine_load("").lora_running == frozenset()
 
 
-async def test_an_adapters_files_are_looked_at_once_a_while_and_compared_with_what_was_checked(
-    tmp_path: Path,
-) -> None:
+async def test_an_adapters_files_are_looked_at_once_a_while_and_compared_by_content(tmp_path: Path) -> None:
     folder = adapter_folder(tmp_path, "qa")
+    weights = folder / "adapter_model.safetensors"
     target = LoraTarget("qa", str(folder), "gemma", folder_files(folder))
     watch = FolderWatch(every=3600)
     assert await watch.unchanged(target)
-    before = (folder / "adapter_model.safetensors").stat()
-    (folder / "adapter_model.safetensors").write_bytes(b"retrained")
+    weights.write_bytes(b"retrained")
     assert await watch.unchanged(target)  # looked at within the hour: not again
     watch.every = 0
     looks = await asyncio.gather(*(watch.unchanged(target) for _ in range(50)))
     assert looks == [False] * 50
-    (folder / "adapter_model.safetensors").write_bytes(b"")
-    os.utime(folder / "adapter_model.safetensors", ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert await watch.unchanged(target)  # put back as it was: served again
-    assert await watch.unchanged(
-        LoraTarget("qa", str(folder), "gemma")
-    )  # nothing recorded: nothing to compare
+    weights.write_bytes(b"")  # the same bytes again (a copy over it): served again
+    assert await watch.unchanged(target)
+    os.utime(weights, ns=(1, 1))  # touched: the same content (re-review, s27: a touch refused it for good)
+    assert await watch.unchanged(target)
+    assert await watch.unchanged(LoraTarget("qa", str(folder), "gemma"))  # nothing recorded to compare
+
+
+async def test_a_registration_again_is_never_judged_by_the_one_before(tmp_path: Path) -> None:
+    folder = adapter_folder(tmp_path, "qa")
+    old = LoraTarget("qa", str(folder), "gemma", folder_files(folder))
+    watch = FolderWatch(every=3600)
+    (folder / "adapter_model.safetensors").write_bytes(b"retrained")
+    watch.every = 0
+    assert not await watch.unchanged(old)
+    watch.every = 3600
+    again = LoraTarget("qa", str(folder), "gemma", folder_files(folder))  # removed, then added as it is now
+    assert await watch.unchanged(again) and not await watch.unchanged(old)
+
+
+async def test_files_that_cannot_be_looked_at_in_time_count_as_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung mount: a worker reading them would hang too (re-review, s27)."""
+    folder = adapter_folder(tmp_path, "qa")
+    target = LoraTarget("qa", str(folder), "gemma", folder_files(folder))
+    monkeypatch.setattr(lora_loads, "folder_stats", lambda _: time.sleep(1) or ())
+    assert not await FolderWatch(every=0, timeout=0.1).unchanged(target)
