@@ -50,7 +50,10 @@ def call(
     request = urllib.request.Request(target, data=data, method=method, headers=headers)
     try:
         with _OPENER.open(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"null")
+            answer = response.read()
+        return json.loads(answer or b"null")
+    except ValueError:
+        raise AdminError(f"{url} answered something other than JSON: is it the gateway?") from None
     except urllib.error.HTTPError as exc:
         if 300 <= exc.code < 400:
             raise AdminError(

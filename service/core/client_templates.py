@@ -80,6 +80,12 @@ class ClientTemplates:
         self._waiting = 0
         self._lock = threading.Lock()
 
+    def sibling(self) -> ClientTemplates:
+        """An executor like this one, of its own (each adapter's template renders in one: a slow one slows
+        only its own adapter's chats)."""
+        per_thread = None if self.waiting_cap is None else self.waiting_cap // self.threads
+        return ClientTemplates(self.seconds, self.threads, self.max_chars, per_thread, self.name)
+
     def deadline(self) -> Deadline:
         """A fresh budget for one request."""
         return Deadline(self.seconds)

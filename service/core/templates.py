@@ -73,7 +73,8 @@ class ModelTokenizer:
         control-token rule's check on the result then compares with what that template writes. Not the
         model's own, it renders like one sent in a request: in the sandbox, under a time budget. `name`:
         the served name its refusals name (the adapter's)."""
-        runner = self._adapter_templates or self._client_templates
+        shared = self._adapter_templates or self._client_templates
+        runner = shared.sibling() if shared is not None else None
         return ModelTokenizer(self.spec, self._files, template, self._client_templates, runner, name, True)
 
     def end_of_turn_id(self) -> int | None:
@@ -200,8 +201,9 @@ def client_templates(settings: Settings) -> ClientTemplates:
 
 
 def adapter_templates(settings: Settings) -> ClientTemplates:
-    """The executor and budget of adapters' own chat templates (shared by every adapter, apart from the
-    shared pool and from templates sent in requests): no cap on renders waiting, as for a model's own."""
+    """The executor and budget of adapters' own chat templates, apart from the shared pool and from
+    templates sent in requests (each adapter gets a `sibling` of its own): no cap on renders waiting, as
+    for a model's own."""
     return ClientTemplates(
         settings.client_template_timeout, settings.client_template_threads, settings.max_prompt_chars,
         waiting_per_thread=None, name="adapter-template",

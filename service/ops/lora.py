@@ -130,13 +130,15 @@ def folder_files(folder: Path) -> FolderFiles:
     can be read."""
     found = []
     for name in (CONFIG_FILE, *WEIGHT_FILES):
-        try:
-            with (folder / name).open("rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                digest = hashlib.sha256(handle.read(CONTENT_BYTES)).hexdigest()
+        try:  # not blocking: a pipe or a device named like one must not hold the reader
+            descriptor = os.open(folder / name, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             continue
-        found.append((name, size, digest))
+        with os.fdopen(descriptor, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return UNSERVABLE
+            found.append((name, info.st_size, hashlib.sha256(handle.read(CONTENT_BYTES)).hexdigest()))
     return tuple(found)
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -43,6 +44,7 @@ UNLOAD_PATH = "/v1/unload_lora_adapter"
 ALREADY_LOADED = "has already been loaded"  # vLLM's words for a name it holds
 WATCH_SECONDS = 1.0  # how long what was seen of an adapter's files holds before they are looked at again
 LOOK_TIMEOUT = 2.0  # a look at an adapter's files that takes longer: they count as changed
+LOOK_THREADS = 4  # threads looking at adapters' files (a hung look holds one until it returns)
 
 
 class Outcome(StrEnum):
@@ -74,6 +76,9 @@ class FolderWatch:
         self.timeout = timeout
         self._seen: dict[str, _Seen] = {}
         self._looking: dict[str, asyncio.Future[bool]] = {}
+        # Looks run here, never in the shared pool: a hung one holds one of these threads, nothing else.
+        self._executor = ThreadPoolExecutor(LOOK_THREADS, thread_name_prefix="adapter-files")
+        self._hung: dict[str, asyncio.Future[tuple[FolderStats, bool]]] = {}  # looks still under way
 
     async def unchanged(self, target: LoraTarget) -> bool:
         """Whether `target`'s files are as recorded (True when nothing was recorded)."""
@@ -91,11 +96,21 @@ class FolderWatch:
         return await asyncio.shield(looking)
 
     async def _look(self, target: LoraTarget, seen: _Seen | None) -> bool:
-        try:
-            async with asyncio.timeout(self.timeout):
-                stats, same = await asyncio.to_thread(_compare, target, seen)
-        except TimeoutError:
-            stats, same = (), False
+        stats: FolderStats = ()
+        same = False
+        hung = self._hung.get(target.name)
+        if hung is None or hung.done():  # else the last look never came back: still changed
+            loop = asyncio.get_running_loop()
+            look = loop.run_in_executor(self._executor, _compare, target, seen)
+            self._hung[target.name] = look
+            try:
+                stats, same = await asyncio.wait_for(asyncio.shield(look), self.timeout)
+                del self._hung[target.name]
+            except TimeoutError:  # a hung mount: a worker reading the files would hang too
+                pass
+            except Exception as exc:  # unreadable as a whole: as good as changed
+                self._hung.pop(target.name, None)
+                log.warning("adapter %s: its files cannot be looked at (%s)", target.name, exc)
         if not same and (seen is None or seen.same):
             log.warning(
                 "adapter %s: its files in %s changed since it was registered, or cannot be read; its "

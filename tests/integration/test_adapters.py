@@ -650,3 +650,33 @@ async def test_a_stored_registration_whose_name_is_no_longer_one_is_not_served(
         listed = [m["id"] for m in (await http.get("/v1/models")).json()["data"]]
         assert "unknown" not in listed
         assert (await http.post("/complete", json={"model": "unknown", "prompt": "Hi"})).status_code == 404
+
+
+async def test_a_slow_adapter_template_slows_no_other_adapters_chats(
+    standin_url: str, tmp_path: Path
+) -> None:
+    """Adapters' templates shared two rendering threads: 20 chats that each spent a slow template's budget
+    held another adapter's chat for 3.4 s (third review, s27). Each adapter renders in threads of its own."""
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    when = "{% if 'slow' in messages[0]['content'] %}"
+    slow = adapter_folder(tmp_path, "slow", template=when + loop + "{% endif %}" + CHATML)
+    fast = adapter_folder(tmp_path, "fast", template=CHATML)
+    settings = lora_settings(standin_url, tmp_path, client_template_timeout=0.5)
+    async with running_gateway(settings) as (_, http):
+        for name, folder in (("slow", slow), ("fast", fast)):
+            body = {"model": "base", "name": name, "path": str(folder), "kind": "instruct"}
+            assert (await http.post("/adapters", json=body, headers=ADMIN)).status_code == 200
+
+        def chat(model: str, content: str) -> Any:
+            return http.post(
+                "/chat/render", json={"model": model, "messages": [{"role": "user", "content": content}]}
+            )
+
+        flood = [asyncio.ensure_future(chat("slow", "slow")) for _ in range(20)]
+        await asyncio.sleep(0.2)  # the flood is queued
+        started = time.monotonic()
+        other = await chat("fast", "Hello")
+        waited = time.monotonic() - started
+        answers = await asyncio.gather(*flood)
+    assert other.status_code == 200 and waited < 1.5, waited  # behind the flood: 20 x 0.5 s / 2 threads = 5 s
+    assert {a.status_code for a in answers} == {400}

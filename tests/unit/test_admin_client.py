@@ -15,16 +15,16 @@ from service.cli import CliError, _operator
 
 
 @contextmanager
-def serve(answer: tuple[int, dict[str, str]], seen: list[str | None]) -> Iterator[str]:
+def serve(answer: tuple[int, dict[str, str]], seen: list[str | None], body: bytes = b"{}") -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append(self.headers.get("Authorization"))
             status, headers = answer
             self.send_response(status)
-            for name, value in {**headers, "Content-Length": "2"}.items():
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -59,3 +59,12 @@ def test_the_adapters_commands_follow_no_redirect_either() -> None:
         with pytest.raises(CliError, match=r"redirects to .* the admin key is not sent there"):
             _operator(args, "GET", "/adapters")
         assert first == ["Bearer adm"] and elsewhere == []
+
+
+def test_an_answer_that_is_not_json_is_one_line_not_a_traceback() -> None:
+    seen: list[str | None] = []
+    with (
+        serve((200, {}), seen, b"<html>not json</html>") as url,
+        pytest.raises(AdminError, match="answered something other than JSON"),
+    ):
+        call(url, "adm", "GET", "/adapters")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from service.errors import AdapterLoadFailed
-from service.ops.lora import folder_files
+from service.ops.lora import UNSERVABLE, folder_files
 from service.ops.metrics import Metrics
 from service.workers import lora as lora_loads
 from service.workers.engine_metrics import parse_engine_load
@@ -219,3 +220,36 @@ async def test_files_that_cannot_be_looked_at_in_time_count_as_changed(
     target = LoraTarget("qa", str(folder), "gemma", folder_files(folder))
     monkeypatch.setattr(lora_loads, "folder_stats", lambda _: time.sleep(1) or ())
     assert not await FolderWatch(every=0, timeout=0.1).unchanged(target)
+
+
+async def test_a_hung_look_holds_no_thread_of_the_shared_pool_and_is_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look stuck reading (a pipe, a hung mount) took a thread of the shared pool every second until
+    every render and registration of the process hung (third review, s27)."""
+    folder = adapter_folder(tmp_path, "qa")
+    target = LoraTarget("qa", str(folder), "gemma", folder_files(folder))
+    release = threading.Event()
+    started: list[str] = []
+
+    def stuck(_: Path) -> tuple[()]:
+        started.append(threading.current_thread().name)
+        release.wait(10)
+        return ()
+
+    monkeypatch.setattr(lora_loads, "folder_stats", stuck)
+    watch = FolderWatch(every=0, timeout=0.05)
+    try:
+        for _ in range(5):
+            assert not await watch.unchanged(target)
+        assert len(started) == 1 and started[0].startswith("adapter-files")  # one look, in its own pool
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 1) == "free"  # the shared pool is
+    finally:
+        release.set()
+
+
+def test_an_adapter_file_that_is_no_regular_file_is_read_without_waiting(tmp_path: Path) -> None:
+    folder = adapter_folder(tmp_path, "qa")
+    (folder / "adapter_model.safetensors").unlink()
+    os.mkfifo(folder / "adapter_model.safetensors")  # nobody writes: an open for reading would wait for ever
+    assert folder_files(folder) == UNSERVABLE
