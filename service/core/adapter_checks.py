@@ -5,9 +5,7 @@ when it brings one for chat)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -26,8 +24,6 @@ from service.ops.lora import (
 )
 from service.ops.settings import ModelKind, ServedName, Settings
 from service.store.adapters import AdapterRow
-
-log = logging.getLogger(__name__)
 
 
 class AdapterRequest(BaseModel):
@@ -79,9 +75,6 @@ def from_row(row: AdapterRow, parent: ServedModel, files: FolderFiles | None = N
     if files is None:
         files = folder_files(folder)
     if not rank or rank > parent.spec.lora_max_rank or not files:
-        log.warning("registered adapter %s cannot be served as its folder %s is now (rank %s, the workers "
-                    "take %s); its requests are refused until it is registered again", row.name, row.path,
-                    rank or "unreadable", parent.spec.lora_max_rank)  # fmt: skip
         files = UNSERVABLE
     adapter = Adapter(row.name, row.path, row.model, RUNTIME, rank, row.description, row.chat_template,
                       row.created_at, files=files)  # fmt: skip
@@ -101,8 +94,6 @@ def served_adapter(parent: ServedModel, adapter: Adapter, kind: ModelKind) -> Se
         tokenizer = tokenizer.with_chat_template(template, adapter.name)
         end = tokenizer.end_of_turn_id()
         stops = (end,) if end is not None and end != tokenizer.eos_id else ()
-        with contextlib.suppress(GatewayError):  # rendered once here, off the event loop (its refusal kept)
-            tokenizer.empty_chat_tokens()
     own = dataclasses.replace(adapter, chat_template=template, chat_stop_token_ids=stops)
     return ServedModel(adapter.name, kind, tokenizer, parent.pool, own)
 

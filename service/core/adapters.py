@@ -37,6 +37,7 @@ from service.errors import (
     InvalidRequest,
     UpstreamRejected,
 )
+from service.ops.lora import UNSERVABLE
 from service.ops.settings import served_name
 from service.store import adapters as store
 from service.store.database import Database
@@ -65,6 +66,7 @@ class AdapterRegistry:
         self._follower: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
         self._failing = False
+        self._warned: set[tuple[str, str]] = set()  # (name, why) a registration is not served, logged
 
     async def start(self) -> None:
         """Serve the configured adapters and the registered ones (before the first request), then follow
@@ -83,8 +85,13 @@ class AdapterRegistry:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def refresh(self) -> None:
-        """Bring the served set in line with the store, if its revision moved."""
-        revision, rows = await self.database.run(store.snapshot, self.database, self._revision)
+        """Bring the served set in line with the store, if its revision moved (or while an adapter is
+        unservable as its folder was when read: it is read again, in case it is back)."""
+        unservable = any(
+            m.adapter is not None and m.adapter.files == UNSERVABLE for m in self.models.values()
+        )
+        known = None if unservable else self._revision
+        revision, rows = await self.database.run(store.snapshot, self.database, known)
         if rows is not None:
             await self._apply(rows)
         self._revision = revision
@@ -96,23 +103,38 @@ class AdapterRegistry:
                 self._withdrawn(served)
                 log.info("adapter %s is no longer registered", name)
         for row in rows:
-            if not _servable_name(row.name):
-                log.warning("registered adapter %r is not served: its name is no longer one (remove it)",
-                            row.name)  # fmt: skip
+            parent = self._parent_for(row)
+            if parent is None:
                 continue
             current = self.models.get(row.name)
-            parent = self.models.get(row.model)
-            if current is not None and (current.adapter is None or current.adapter.source == CONFIG):
-                log.warning("registered adapter %s is not served: its name is configured", row.name)
+            if current is not None and _same(current, row) and not _unservable(current):
                 continue
-            if parent is None or parent.adapter is not None or not parent.spec.lora_enabled:
-                log.warning("registered adapter %s is not served: no model %s takes adapters", row.name,
-                            row.model)  # fmt: skip
-                continue
-            if current is not None and _same(current, row):
-                continue
-            self.models.add(await asyncio.to_thread(from_row, row, parent))
+            served = await asyncio.to_thread(from_row, row, parent)
+            if current is not None and _unservable(current) and _unservable(served):
+                continue  # its folder is still as it was (read again at each poll until it is back)
+            if _unservable(served):
+                log.warning("registered adapter %s cannot be served as its folder %s is now (gone, or a rank "
+                            "over %d): its requests are refused until it is back", row.name, row.path,
+                            parent.spec.lora_max_rank)  # fmt: skip
+            self.models.add(served)
             log.info("adapter %s of %s is served (registered)", row.name, row.model)
+
+    def _parent_for(self, row: store.AdapterRow) -> ServedModel | None:
+        """The model a stored registration is served on; None (said once in the log) if it cannot be."""
+        current = self.models.get(row.name)
+        parent = self.models.get(row.model)
+        if not _servable_name(row.name):
+            why = "its name is no longer one (remove it: DELETE /adapters/NAME)"
+        elif current is not None and (current.adapter is None or current.adapter.source == CONFIG):
+            why = "its name is configured"
+        elif parent is None or parent.adapter is not None or not parent.spec.lora_enabled:
+            why = f"no model {row.model} takes adapters"
+        else:
+            return parent
+        if (row.name, why) not in self._warned:
+            self._warned.add((row.name, why))
+            log.warning("registered adapter %r is not served: %s", row.name, why)
+        return None
 
     async def _follow(self) -> None:
         while True:
@@ -229,13 +251,15 @@ class AdapterRegistry:
                                  f"with it: {said}", param="path") from None  # fmt: skip
         return worker
 
-    async def remove(self, name: str) -> ServedModel:
+    async def remove(self, name: str) -> str:
         """Stop serving a registered adapter (new requests get 404 at once); it is unloaded from the
-        workers in the background once nobody uses it."""
+        workers in the background once nobody uses it. Its served name."""
         with self._claimed(name):
             if name not in self.models:
                 await self._catch_up()  # registered in another process this second?
             served = self.models.get(name)
+            if served is None and await self._unserved_removed(name):
+                return name
             if served is None or served.adapter is None:
                 raise AdapterNotFound(name, self.names())
             if served.adapter.source == CONFIG:
@@ -246,7 +270,16 @@ class AdapterRegistry:
                 await self._removed_elsewhere(name)
             self._withdrawn(served)
             log.info("adapter %s removed", name)
-            return served
+            return name
+
+    async def _unserved_removed(self, name: str) -> bool:
+        """Remove a stored registration this process does not serve (its name is no longer one, say)."""
+        if not any(warned == name for warned, _ in self._warned):
+            return False
+        removed: bool = await self.database.run(store.remove, self.database, name)
+        if removed:
+            log.info("registration %r (not served) removed", name)
+        return removed
 
     async def _catch_up(self) -> None:
         """Read the registrations now rather than at the next poll (the store away: as last read)."""
@@ -365,6 +398,11 @@ def describe_adapter(served: ServedModel, files_changed: bool = False) -> dict[s
 def holders(served: ServedModel, affinity: int) -> list[str]:
     """The replicas of an adapter's pool that hold it (1) or run it now (2)."""
     return [w.label for w in served.pool.workers if w.healthy and w.affinity(served.name) >= affinity]
+
+
+def _unservable(served: ServedModel) -> bool:
+    """Whether an adapter was read as unservable (its folder gone, or over its workers' rank)."""
+    return served.adapter is not None and served.adapter.files == UNSERVABLE
 
 
 def _servable_name(name: str) -> bool:

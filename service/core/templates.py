@@ -20,7 +20,7 @@ from service.core.chat_render import RenderedPrompt as RenderedPrompt
 from service.core.client_templates import ClientTemplates
 from service.core.control_tokens import ControlTokenRule, control_tokens
 from service.core.tokenizer_files import TokenizerFiles, load_with_transformers, read_tokenizer_folder
-from service.errors import GatewayError, InvalidRequest
+from service.errors import GatewayError
 from service.ops.settings import ModelKind, ModelSpec, Settings
 
 # Prompts shorter than this are tokenized on the event loop: a thread hop costs more than the work.
@@ -45,7 +45,7 @@ class ModelTokenizer:
         shown = name or spec.name  # the served name its refusals name
         self._files = files
         self._adapter_templates = adapter_templates  # where adapters' own templates render
-        self._empty_chat: int | InvalidRequest | None = None
+        self._empty_chat: int | None = None
         self._client_templates = client_templates
         self._tokenizer = files.tokenizer
         self.special_tokens = dict(files.special_tokens)
@@ -94,21 +94,20 @@ class ModelTokenizer:
         """Where templates sent in requests run; None when this model refuses them."""
         return self._chat.client
 
+    @property
+    def budgeted(self) -> bool:
+        """Whether its template is not the model's trusted own (an adapter's): rendered under a budget."""
+        return self._chat.own_budget is not None
+
     def empty_chat_tokens(self) -> int:
-        """The tokens its template writes for no message at all (its BOS and generation prompt), 0 if it
-        renders none; rendered once (an adapter's template is a client's to make slow: `served_adapter`
-        renders it off the event loop first). A template over its time budget for it is an InvalidRequest:
-        the worker, which renders it with no budget, must not be sent such a chat."""
+        """The tokens its trusted template writes for no message at all (its BOS and generation prompt), 0
+        if it renders none; rendered once. A budgeted template renders it per request (`Gateway`)."""
+        assert not self.budgeted, "an adapter's template renders in its executor, per request"
         if self._empty_chat is None:
             try:
                 self._empty_chat = len(self.render_chat([]).token_ids)
-            except InvalidRequest as exc:
-                over = exc.code == "chat_template_budget_exceeded"
-                self._empty_chat = exc if over else 0
             except GatewayError:
                 self._empty_chat = 0
-        if isinstance(self._empty_chat, InvalidRequest):
-            raise self._empty_chat
         return self._empty_chat
 
     def budgeted_runner(self, options: ChatOptions) -> ClientTemplates | None:

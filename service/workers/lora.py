@@ -75,7 +75,7 @@ class FolderWatch:
         self.every = every
         self.timeout = timeout
         self._seen: dict[str, _Seen] = {}
-        self._looking: dict[str, asyncio.Future[bool]] = {}
+        self._looking: dict[tuple[str, FolderFiles], asyncio.Future[bool]] = {}  # by registration
         # Looks run here, never in the shared pool: a hung one holds one of these threads, nothing else.
         self._executor = ThreadPoolExecutor(LOOK_THREADS, thread_name_prefix="adapter-files")
         self._hung: dict[str, asyncio.Future[tuple[FolderStats, bool]]] = {}  # looks still under way
@@ -88,11 +88,12 @@ class FolderWatch:
         current = seen is not None and seen.target == target and seen.target.files == target.files
         if seen is not None and current and time.monotonic() - seen.when < self.every:
             return seen.same
-        looking = self._looking.get(target.name)
+        key = (target.name, target.files)
+        looking = self._looking.get(key)
         if looking is None:
             looking = asyncio.ensure_future(self._look(target, seen if current else None))
-            self._looking[target.name] = looking
-            looking.add_done_callback(lambda _: self._looking.pop(target.name, None))
+            self._looking[key] = looking
+            looking.add_done_callback(lambda _: self._looking.pop(key, None))
         return await asyncio.shield(looking)
 
     async def _look(self, target: LoraTarget, seen: _Seen | None) -> bool:

@@ -63,8 +63,8 @@ async def listing(gateway: GatewayDep) -> dict[str, Any]:
 async def remove(name: str, gateway: GatewayDep) -> dict[str, Any]:
     """DELETE /adapters/{name}: new requests get 404 at once; requests under way finish; it is
     unloaded from the workers after them."""
-    served = await registry_of(gateway).remove(name)
-    return {"name": served.name, "removed": True}
+    removed = await registry_of(gateway).remove(name)
+    return {"name": removed, "removed": True}
 
 
 async def vllm_load(gateway: Gateway, request: VllmLoadRequest, ctx: RequestContext) -> Response:
@@ -84,5 +84,5 @@ async def vllm_load(gateway: Gateway, request: VllmLoadRequest, ctx: RequestCont
 
 async def vllm_unload(gateway: Gateway, request: VllmUnloadRequest, ctx: RequestContext) -> Response:
     """POST /v1/unload_lora_adapter: removed as DELETE /adapters/{name} removes it; answered as vLLM."""
-    served = await registry_of(gateway).remove(request.lora_name)
-    return PlainTextResponse(f"Success: LoRA adapter '{served.name}' removed successfully.")
+    removed = await registry_of(gateway).remove(request.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{removed}' removed successfully.")

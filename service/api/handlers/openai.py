@@ -99,8 +99,8 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     outputs, echo, continue_final_message... all vLLM's)."""
     model = _admit(gateway, request, ctx, ModelKind.INSTRUCT, "ChatCompletionRequest")
     if not request.messages:  # vLLM decides what an empty conversation is; a key's budget still pays
-        charge = gateway.charge(ctx.caller, model, [_empty_chat_tokens(model)], request.requested_max_tokens,
-                                request.choices)  # fmt: skip
+        empty = await gateway.empty_chat_tokens(model)
+        charge = gateway.charge(ctx.caller, model, [empty], request.requested_max_tokens, request.choices)
         return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, charge=charge)
     tokens = await _check_conversation(gateway, model, request, request.messages, ctx)
     gateway.check_scoring(model, request, len(tokens))
@@ -119,7 +119,8 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
         if conversation else None
         for index, conversation in enumerate(request.messages)
     ]  # fmt: skip
-    lengths = [len(tokens) if tokens is not None else _empty_chat_tokens(model) for tokens in rendered]
+    empty = await gateway.empty_chat_tokens(model) if None in rendered else 0  # once for them all
+    lengths = [len(tokens) if tokens is not None else empty for tokens in rendered]
     gateway.check_scoring(model, request, sum(lengths))  # they run together
     first = rendered[0] if rendered else None
     charge = gateway.charge(ctx.caller, model, lengths, request.requested_max_tokens, request.choices)
@@ -227,11 +228,6 @@ def _sends_template(request: V1ChatRequest | V1BatchChatRequest) -> bool:
     `chat_template_kwargs`)."""
     kwargs = request.chat_template_kwargs or {}
     return request.chat_template is not None or kwargs.get("chat_template") is not None
-
-
-def _empty_chat_tokens(model: ServedModel) -> int:
-    """The tokens a template writes for no message at all (its BOS and generation prompt, if it renders)."""
-    return model.tokenizer.empty_chat_tokens()
 
 
 async def _send(
