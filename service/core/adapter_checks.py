@@ -108,6 +108,12 @@ def checked(request: AdapterRequest, parent: ServedModel, settings: Settings) ->
         facts = read_lora(folder)
     except AdapterFolderError as exc:
         raise InvalidRequest(f"path: {exc}.", param="path") from None
+    if files == UNSERVABLE:
+        raise InvalidRequest(
+            f"path: {folder} holds an adapter file that is no regular file (a pipe or a device): a worker "
+            "would wait for ever reading it.",
+            param="path",
+        )
     if facts.rank > spec.lora_max_rank:
         raise InvalidRequest(
             f"path: the adapter's rank is {facts.rank}, over the {spec.lora_max_rank} the workers of "

@@ -234,14 +234,14 @@ class Gateway:
         self.metrics.child(self.metrics.render, model.name).observe(time.perf_counter() - started)
         return rendered
 
-    async def empty_chat_tokens(self, model: ServedModel) -> int:
+    async def empty_chat_tokens(self, model: ServedModel, options: ChatOptions = DEFAULT_CHAT) -> int:
         """The tokens `model`'s template writes for an empty conversation (what a key pays for one; 0 if it
         renders none). A budgeted template (an adapter's) renders it per request in its executor, and one
         over its budget is refused: the worker, which renders it with no budget, must not get it."""
         if not model.tokenizer.budgeted:
             return model.tokenizer.empty_chat_tokens()
         try:
-            return len((await self.render(model, [])).token_ids)
+            return len((await self.render(model, [], options)).token_ids)
         except InvalidRequest as exc:
             if exc.code == "chat_template_budget_exceeded":
                 raise

@@ -31,7 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from service.errors import AdapterLoadFailed
-from service.ops.lora import FolderFiles, FolderStats, folder_files, folder_stats
+from service.ops.lora import UNSERVABLE, FolderFiles, FolderStats, folder_files, folder_stats
 from service.ops.metrics import Metrics
 from service.workers.facts import listed_adapters
 from service.workers.transport import Transport
@@ -78,12 +78,15 @@ class FolderWatch:
         self._looking: dict[tuple[str, FolderFiles], asyncio.Future[bool]] = {}  # by registration
         # Looks run here, never in the shared pool: a hung one holds one of these threads, nothing else.
         self._executor = ThreadPoolExecutor(LOOK_THREADS, thread_name_prefix="adapter-files")
-        self._hung: dict[str, asyncio.Future[tuple[FolderStats, bool]]] = {}  # looks still under way
+        # Looks still under way, by registration (a new one is looked at afresh).
+        self._hung: dict[tuple[str, FolderFiles], asyncio.Future[tuple[FolderStats, bool]]] = {}
 
     async def unchanged(self, target: LoraTarget) -> bool:
         """Whether `target`'s files are as recorded (True when nothing was recorded)."""
         if not target.files:
             return True
+        if target.files == UNSERVABLE:  # read as nothing a worker can take (gone, a pipe, too large a rank)
+            return False
         seen = self._seen.get(target.name)
         current = seen is not None and seen.target == target and seen.target.files == target.files
         if seen is not None and current and time.monotonic() - seen.when < self.every:
@@ -99,18 +102,19 @@ class FolderWatch:
     async def _look(self, target: LoraTarget, seen: _Seen | None) -> bool:
         stats: FolderStats = ()
         same = False
-        hung = self._hung.get(target.name)
+        key = (target.name, target.files)
+        hung = self._hung.get(key)
         if hung is None or hung.done():  # else the last look never came back: still changed
             loop = asyncio.get_running_loop()
             look = loop.run_in_executor(self._executor, _compare, target, seen)
-            self._hung[target.name] = look
+            self._hung[key] = look
             try:
                 stats, same = await asyncio.wait_for(asyncio.shield(look), self.timeout)
-                del self._hung[target.name]
+                del self._hung[key]
             except TimeoutError:  # a hung mount: a worker reading the files would hang too
                 pass
             except Exception as exc:  # unreadable as a whole: as good as changed
-                self._hung.pop(target.name, None)
+                self._hung.pop(key, None)
                 log.warning("adapter %s: its files cannot be looked at (%s)", target.name, exc)
         if not same and (seen is None or seen.same):
             log.warning(

@@ -253,3 +253,25 @@ def test_an_adapter_file_that_is_no_regular_file_is_read_without_waiting(tmp_pat
     (folder / "adapter_model.safetensors").unlink()
     os.mkfifo(folder / "adapter_model.safetensors")  # nobody writes: an open for reading would wait for ever
     assert folder_files(folder) == UNSERVABLE
+
+
+async def test_a_registration_read_as_unservable_is_never_unchanged_and_a_new_one_is_looked_at_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UNSERVABLE compared equal to itself, so a pipe as the weights counted as unchanged; a hung look of an
+    old registration held a new one's verdict (last review, s27)."""
+    folder = adapter_folder(tmp_path, "qa")
+    assert not await FolderWatch().unchanged(LoraTarget("qa", str(folder), "gemma", UNSERVABLE))
+    old = LoraTarget("qa", str(folder / "old"), "gemma", (("adapter_config.json", 1, "x"),))
+    release = threading.Event()
+    real = lora_loads.folder_stats
+    monkeypatch.setattr(
+        lora_loads, "folder_stats", lambda f: release.wait(10) and () if "old" in str(f) else real(f)
+    )
+    watch = FolderWatch(every=0, timeout=0.05)
+    try:
+        assert not await watch.unchanged(old)
+        again = LoraTarget("qa", str(folder), "gemma", folder_files(folder))
+        assert await watch.unchanged(again)
+    finally:
+        release.set()

@@ -99,7 +99,7 @@ async def chat(gateway: Gateway, request: V1ChatRequest, ctx: RequestContext) ->
     outputs, echo, continue_final_message... all vLLM's)."""
     model = _admit(gateway, request, ctx, ModelKind.INSTRUCT, "ChatCompletionRequest")
     if not request.messages:  # vLLM decides what an empty conversation is; a key's budget still pays
-        empty = await gateway.empty_chat_tokens(model)
+        empty = await gateway.empty_chat_tokens(model, ChatOptions.of(request))
         charge = gateway.charge(ctx.caller, model, [empty], request.requested_max_tokens, request.choices)
         return await _send(gateway, model, request, ctx, CHAT_PATH, request.choices, charge=charge)
     tokens = await _check_conversation(gateway, model, request, request.messages, ctx)
@@ -119,7 +119,8 @@ async def batch_chat(gateway: Gateway, request: V1BatchChatRequest, ctx: Request
         if conversation else None
         for index, conversation in enumerate(request.messages)
     ]  # fmt: skip
-    empty = await gateway.empty_chat_tokens(model) if None in rendered else 0  # once for them all
+    options = ChatOptions.of(request)
+    empty = await gateway.empty_chat_tokens(model, options) if None in rendered else 0  # once for them all
     lengths = [len(tokens) if tokens is not None else empty for tokens in rendered]
     gateway.check_scoring(model, request, sum(lengths))  # they run together
     first = rendered[0] if rendered else None
